@@ -1,0 +1,21 @@
+"""cocos_kernels: memory-efficient dense correspondence (CoCosNet-style exemplar warping).
+
+    import cocos_kernels as ck
+    out = ck.correspondence_warp(query, key, value, temperature=0.01)
+"""
+from . import reference
+from .dispatch import BACKENDS, backend_names, select
+from .features import DEFAULT_EPS
+from .ops.correspondence_warp import CorrespondenceWarp, correspondence_warp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CorrespondenceWarp",
+    "DEFAULT_EPS",
+    "backend_names",
+    "correspondence_warp",
+    "reference",
+    "select",
+]

@@ -1,0 +1,254 @@
+"""`correspondence_warp`: softmax(<x_hat(u), y_hat(v)> / temperature) warp, as one torch.library op.
+
+The public function validates the input and picks a backend; fused backends run behind the
+custom op `cocos_kernels::correspondence_warp` (forward: out and the row logsumexp) with its
+backward op `cocos_kernels::correspondence_warp_backward`, so torch.compile / torch.export see
+two opaque ops. The prologue (unfold, centring, normalisation) runs inside the ops and is
+recomputed in backward: the op saves its inputs, output and logsumexp, never an Nq x Nk matrix.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..dispatch import BACKENDS, FLOAT_DTYPES, backend_names, select
+from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half inputs are prepared and accumulated in float32; float64 stays float64 (gradcheck).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _features(x: Tensor, center, normalize, patch_size, eps) -> Tensor:
+    """(B, C, H, W) -> prepared rows (B, N, D), contiguous, in the compute dtype."""
+    f = normalize_features(x.to(_compute_dtype(x.dtype)), center, normalize, patch_size, eps)
+    return f.transpose(1, 2).contiguous()
+
+
+def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1).to(dtype).contiguous()
+
+
+@torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
+def _correspondence_warp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    temperature: float,
+    center: Optional[str],
+    normalize: bool,
+    patch_size: int,
+    eps: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    kernels = BACKENDS[backend].kernels()
+    ct = _compute_dtype(query.dtype)
+    qf = _features(query, center, normalize, patch_size, eps)
+    kf = _features(key, center, normalize, patch_size, eps)
+    out, lse = kernels.correspondence_warp_forward(qf, kf, _flat(value, ct), 1.0 / temperature)
+    B, Cv, (_, _, Hq, Wq) = value.shape[0], value.shape[1], query.shape
+    return out.view(B, Cv, Hq, Wq).to(value.dtype), lse
+
+
+@_correspondence_warp.register_fake
+def _(query, key, value, temperature, center, normalize, patch_size, eps, backend):
+    B, _, Hq, Wq = query.shape
+    out = value.new_empty((B, value.shape[1], Hq, Wq))
+    return out, query.new_empty((B, Hq * Wq), dtype=_compute_dtype(query.dtype))
+
+
+@torch.library.custom_op("cocos_kernels::correspondence_warp_backward", mutates_args=())
+def _correspondence_warp_backward(
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    temperature: float,
+    center: Optional[str],
+    normalize: bool,
+    patch_size: int,
+    eps: float,
+    backend: str,
+    need_query: bool,
+    need_key: bool,
+    need_value: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = BACKENDS[backend].kernels()
+    ct = _compute_dtype(query.dtype)
+    prologue = (center, normalize, patch_size, eps)
+    qf = _features(query, *prologue)
+    kf = _features(key, *prologue)
+    dqf, dkf, dv = kernels.correspondence_warp_backward(
+        _flat(grad_out, ct), qf, kf, _flat(value, ct), _flat(out, ct), lse, 1.0 / temperature,
+        need_query, need_key, need_value,
+    )
+
+    def grad_input(g, x):  # (B, N, D) w.r.t. the prepared rows -> w.r.t. x
+        if g is None:
+            return x.new_empty(0)
+        return normalize_features_backward(g.transpose(1, 2), x.to(ct), *prologue).to(x.dtype)
+
+    dv = value.new_empty(0) if dv is None else dv.view(value.shape).to(value.dtype)
+    return grad_input(dqf, query), grad_input(dkf, key), dv
+
+
+@_correspondence_warp_backward.register_fake
+def _(grad_out, query, key, value, out, lse, temperature, center, normalize, patch_size, eps,
+      backend, need_query, need_key, need_value):
+    def like(x, needed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
+
+    return like(query, need_query), like(key, need_key), like(value, need_value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.params = params
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    grads = torch.ops.cocos_kernels.correspondence_warp_backward(
+        grad_out.contiguous(), query, key, value, out, lse, *ctx.params, *needs
+    )
+    return (*(g if need else None for g, need in zip(grads, needs)), *([None] * len(ctx.params)))
+
+
+_correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_map(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+
+
+def _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend):
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_map(name, x)
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    if not (query.shape[0] == key.shape[0] == value.shape[0]):
+        raise ValueError(f"query, key and value must have the same batch size: {shapes}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key must have the same number of channels: {shapes}")
+    if value.shape[2:] != key.shape[2:]:
+        raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if center not in CENTER_MODES:
+        raise ValueError(f"center must be one of {CENTER_MODES}, got {center!r}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be an odd integer >= 1, got {patch_size!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+
+
+_warned_materialised: set[str] = set()
+
+
+def correspondence_warp(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    temperature: float = 0.01,
+    *,
+    center: str | None = "channel",
+    normalize: bool = True,
+    patch_size: int = 1,
+    eps: float = DEFAULT_EPS,
+    backend: str = "auto",
+) -> Tensor:
+    """Warp `value` from the key grid to the query grid through the softmax of feature similarities.
+
+    out[b, :, u] = sum_v softmax_v(<q_hat(u), k_hat(v)> / temperature) value[b, :, v], where
+    q_hat/k_hat are the (patch-unfolded, centred, L2-normalised) query/key features, computed
+    without materialising the (Hq*Wq) x (Hk*Wk) matrix on the fused backends.
+
+    Args:
+        query: (B, C, Hq, Wq) features of the image being translated.
+        key: (B, C, Hk, Wk) features of the exemplar.
+        value: (B, Cv, Hk, Wk) what is warped (the exemplar image, one-hot labels, ...).
+        temperature: softmax temperature (> 0); CoCosNet uses 0.01.
+        center: "channel" (subtract each position's channel mean, CoCosNet's PONO_C),
+            "spatial" (subtract each channel's mean over positions) or None.
+        normalize: L2-normalise each position's feature (False with center=None and
+            temperature=1 gives plain softmax(Q^T K) V attention).
+        patch_size: odd k; each position's feature is its zero-padded k x k neighbourhood.
+        eps: added to the L2 norm, as the reference code does.
+        backend: "auto", or one of the registered backends ("reference", "cpu", ...).
+
+    Returns:
+        (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
+    """
+    _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend)
+    chosen = select(backend, query.device, query.dtype)
+    if not chosen.fused:
+        if backend == "auto" and query.device.type not in _warned_materialised:
+            _warned_materialised.add(query.device.type)
+            warnings.warn(
+                f"cocos_kernels: no fused backend for {query.device.type} tensors here; using the "
+                "materialised reference (memory grows with (H*W)^2)", stacklevel=2,
+            )
+        return reference.correspondence_warp(
+            query, key, value, temperature, center, normalize, patch_size, eps
+        )
+    out, _ = torch.ops.cocos_kernels.correspondence_warp(
+        query, key, value, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name
+    )
+    return out
+
+
+class CorrespondenceWarp(torch.nn.Module):
+    """`correspondence_warp` as a module: `CorrespondenceWarp(temperature=0.01)(query, key, value)`."""
+
+    def __init__(
+        self,
+        temperature: float = 0.01,
+        *,
+        center: str | None = "channel",
+        normalize: bool = True,
+        patch_size: int = 1,
+        eps: float = DEFAULT_EPS,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.temperature, self.center, self.normalize = temperature, center, normalize
+        self.patch_size, self.eps, self.backend = patch_size, eps, backend
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        return correspondence_warp(
+            query, key, value, self.temperature, center=self.center, normalize=self.normalize,
+            patch_size=self.patch_size, eps=self.eps, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, center={self.center!r}, normalize={self.normalize}, "
+                f"patch_size={self.patch_size}, backend={self.backend!r}")

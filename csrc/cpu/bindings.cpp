@@ -1,0 +1,9 @@
+// Python bindings of the CPU extension; the torch.library op lives in cocos_kernels/ops.
+#include "correspondence_warp.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("correspondence_warp_forward", &cocos_kernels::correspondence_warp_forward,
+        "fused correspondence warp forward (out, lse)");
+  m.def("correspondence_warp_backward", &cocos_kernels::correspondence_warp_backward,
+        "fused correspondence warp backward (dq, dk, dv)");
+}

@@ -1,0 +1,286 @@
+// Fused correspondence warp on the CPU: out = softmax(scale * Q K^T) V, blockwise with an
+// online softmax, never holding more than a BQ x BK tile of scores per thread.
+//
+// Layouts (all contiguous): q (B, Nq, D), k (B, Nk, D) -- normalised features, one row per
+// position, so every tile product is one BLAS call on strided views; v (B, Cv, Nk) and
+// out / grad_out (B, Cv, Nq) -- the caller's channel-first layout, read through BLAS
+// transposes instead of copies.
+#include "correspondence_warp.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace cocos_kernels {
+namespace {
+
+// 128 x 128 tiles: a Q/K block at C=256 is 128 KiB, the score tile 64 KiB -- L2-resident.
+constexpr int64_t BQ = 128;
+constexpr int64_t BK = 128;
+
+}  // namespace
+}  // namespace cocos_kernels
+
+// Fortran BLAS, which the torch CPU builds export (MKL or OpenBLAS). Weak, so that a torch
+// without them still loads us and falls back to ATen's addmm.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace cocos_kernels {
+namespace {
+
+template <typename T>
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+               const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
+               const T* beta, T* c, const int* ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+template <typename T>
+bool have_blas() {
+  if constexpr (std::is_same_v<T, float>) {
+    return sgemm_ != nullptr;
+  } else {
+    return dgemm_ != nullptr;
+  }
+}
+
+// Row-major C[m x n] = alpha * op(A) op(B) + beta * C. Column-major BLAS sees row-major C as
+// C^T = op(B)^T op(A)^T, so the operands swap.
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                 const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (have_blas<T>()) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    blas_gemm<T>(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
+    at::Tensor x = at::from_blob(const_cast<T*>(p), {t ? cols : rows, t ? rows : cols}, {ld, 1}, opts);
+    return t ? x.t() : x;
+  };
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
+}
+
+// exp(x) for float without libm calls, so the loop vectorises: Cody-Waite range reduction
+// x = n ln2 + r, |r| <= ln2/2, and the Cephes degree-6 polynomial (about 1 ulp). Returns 0
+// below the normal range, which also covers -inf.
+inline float exp_poly(float x) {
+  const float lo = -87.33654f;
+  const bool underflow = x < lo;
+  x = std::min(std::max(x, lo), 88.37626f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return underflow ? 0.0f : p * two_n;
+}
+
+inline float exp_fast(float x) { return exp_poly(x); }
+inline double exp_fast(double x) { return std::exp(x); }
+
+// row[j] = exp(row[j] - shift), returns the row sum.
+template <typename T>
+inline T exp_shifted_sum(T* row, int64_t n, T shift) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_fast(row[j] - shift);
+    row[j] = e;
+    sum += e;
+  }
+  return sum;
+}
+
+template <typename T>
+inline T row_max(const T* row, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
+template <typename T>
+void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B, int64_t Nq,
+                  int64_t Nk, int64_t D, int64_t Cv, T scale) {
+  const int64_t nqb = (Nq + BQ - 1) / BQ;
+  at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(BQ * BK), acc(BQ * Cv), m(BQ), l(BQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nqb, i0 = (task % nqb) * BQ, bq = std::min(BQ, Nq - i0);
+      const T* qb = q + (b * Nq + i0) * D;
+      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t j0 = 0; j0 < Nk; j0 += BK) {
+        const int64_t bk = std::min(BK, Nk - j0);
+        gemm<T>(false, true, bq, bk, D, scale, qb, D, k + (b * Nk + j0) * D, D, T(0), s.data(), bk);
+        for (int64_t r = 0; r < bq; ++r) {
+          T* row = s.data() + r * bk;
+          const T m_new = std::max(m[r], row_max(row, bk));
+          const T rescale = exp_fast(m[r] - m_new);  // 0 on the first block (m = -inf)
+          l[r] = l[r] * rescale + exp_shifted_sum(row, bk, m_new);
+          m[r] = m_new;
+          if (rescale != T(1)) {
+            T* a = acc.data() + r * Cv;
+            for (int64_t c = 0; c < Cv; ++c) a[c] *= rescale;
+          }
+        }
+        // acc (bq x Cv) += P (bq x bk) @ V_j^T, V_j being the (Cv x bk) slice of v.
+        gemm<T>(false, true, bq, Cv, bk, T(1), s.data(), bk, v + b * Cv * Nk + j0, Nk, T(1),
+                acc.data(), Cv);
+      }
+      T* ob = out + b * Cv * Nq + i0;
+      for (int64_t r = 0; r < bq; ++r) {
+        const T inv_l = T(1) / l[r];
+        for (int64_t c = 0; c < Cv; ++c) ob[c * Nq + r] = acc[r * Cv + c] * inv_l;
+        lse[b * Nq + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+// One pass over key blocks (each thread owns its key blocks' dK and dV rows); dQ goes to a
+// per-thread buffer summed afterwards in thread order, so results are deterministic for a
+// given thread count without atomics, and the scores are recomputed once, not twice.
+template <typename T>
+void backward_impl(const T* q, const T* k, const T* v, const T* dout, const T* lse,
+                   const T* delta, T* dq_partial, T* dk, T* dv, int64_t B, int64_t Nq,
+                   int64_t Nk, int64_t D, int64_t Cv, T scale) {
+  const int64_t nkb = (Nk + BK - 1) / BK;
+  at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
+    T* dq = dq_partial ? dq_partial + at::get_thread_num() * B * Nq * D : nullptr;
+    std::vector<T> p(BQ * BK), ds(BQ * BK);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nkb, j0 = (task % nkb) * BK, bk = std::min(BK, Nk - j0);
+      const T* kb = k + (b * Nk + j0) * D;
+      const T* vb = v + b * Cv * Nk + j0;
+      for (int64_t i0 = 0; i0 < Nq; i0 += BQ) {
+        const int64_t bq = std::min(BQ, Nq - i0);
+        const T* qb = q + (b * Nq + i0) * D;
+        const T* dob = dout + b * Cv * Nq + i0;  // (Cv x bq), ld Nq
+        gemm<T>(false, true, bq, bk, D, scale, qb, D, kb, D, T(0), p.data(), bk);
+        for (int64_t r = 0; r < bq; ++r) {
+          T* row = p.data() + r * bk;
+          const T shift = lse[b * Nq + i0 + r];
+#pragma omp simd
+          for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
+        }
+        if (dv) {  // dV_j^T (Cv x bk) += dO_i^T (Cv x bq) @ P (bq x bk)
+          gemm<T>(false, false, Cv, bk, bq, T(1), dob, Nq, p.data(), bk, T(1),
+                  dv + b * Cv * Nk + j0, Nk);
+        }
+        if (!dq && !dk) continue;
+        // dP = dO_i (bq x Cv) @ V_j (Cv x bk); dS = P * (dP - rowsum(dO * O)).
+        gemm<T>(true, false, bq, bk, Cv, T(1), dob, Nq, vb, Nk, T(0), ds.data(), bk);
+        for (int64_t r = 0; r < bq; ++r) {
+          const T d = delta[b * Nq + i0 + r];
+          T* dsr = ds.data() + r * bk;
+          const T* pr = p.data() + r * bk;
+#pragma omp simd
+          for (int64_t j = 0; j < bk; ++j) dsr[j] = pr[j] * (dsr[j] - d);
+        }
+        if (dk) {  // dK_j (bk x D) += scale * dS^T @ Q_i
+          gemm<T>(true, false, bk, D, bq, scale, ds.data(), bk, qb, D, T(1),
+                  dk + (b * Nk + j0) * D, D);
+        }
+        if (dq) {  // dQ_i (bq x D) += scale * dS @ K_j
+          gemm<T>(false, false, bq, D, bk, scale, ds.data(), bk, kb, D, T(1),
+                  dq + (b * Nq + i0) * D, D);
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "correspondence_warp (cpu): tensors must be on the CPU");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3,
+              "correspondence_warp (cpu): expected q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk)");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(0) == v.size(0) && q.size(2) == k.size(2) &&
+                  v.size(2) == k.size(1),
+              "correspondence_warp (cpu): inconsistent shapes q ", q.sizes(), " k ", k.sizes(),
+              " v ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              "correspondence_warp (cpu): q, k, v must all be float32 or all float64");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "correspondence_warp (cpu): inputs must be contiguous");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor& q,
+                                                               const at::Tensor& k,
+                                                               const at::Tensor& v, double scale) {
+  check_inputs(q, k, v);
+  const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
+  at::Tensor out = at::empty({B, Cv, Nq}, v.options());
+  at::Tensor lse = at::empty({B, Nq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
+    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>(), B, Nq, Nk, D, Cv,
+                           static_cast<scalar_t>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, double scale, bool need_dq, bool need_dk,
+    bool need_dv) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(1) == v.size(1) &&
+                  out.size(2) == q.size(1) && grad_out.is_contiguous() && out.is_contiguous() &&
+                  lse.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
+              "correspondence_warp (cpu): bad grad_out/out/lse");
+  const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
+  const at::Tensor delta = (grad_out * out).sum(1);  // (B, Nq): rowsum(dO * O)
+  const int64_t threads = at::get_num_threads();
+  at::Tensor dq_partial = need_dq ? at::zeros({threads, B, Nq, D}, q.options()) : at::Tensor();
+  at::Tensor dk = need_dk ? at::zeros_like(k) : at::Tensor();
+  at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
+                            ptr(dq_partial), ptr(dk), ptr(dv), B, Nq, Nk, D, Cv,
+                            static_cast<scalar_t>(scale));
+  });
+  at::Tensor dq = need_dq ? dq_partial.sum(0) : at::Tensor();
+  return {dq, dk, dv};
+}
+
+}  // namespace cocos_kernels
