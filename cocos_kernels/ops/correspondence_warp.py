@@ -174,6 +174,12 @@ def _check_arguments(query, key, value, temperature, center, normalize, patch_si
 _warned_materialised: set[str] = set()
 
 
+@torch.compiler.assume_constant_result
+def _backend_for(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Selection may build an extension: torch.compile must take its answer, not trace it.
+    return select(backend, device, dtype).name
+
+
 def correspondence_warp(
     query: Tensor,
     key: Tensor,
@@ -209,7 +215,7 @@ def correspondence_warp(
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
     _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend)
-    chosen = select(backend, query.device, query.dtype)
+    chosen = BACKENDS[_backend_for(backend, query.device, query.dtype)]
     if not chosen.fused:
         if backend == "auto" and query.device.type not in _warned_materialised:
             _warned_materialised.add(query.device.type)

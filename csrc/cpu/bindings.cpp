@@ -1,4 +1,6 @@
 // Python bindings of the CPU extension; the torch.library op lives in cocos_kernels/ops.
+#include <torch/extension.h>
+
 #include "correspondence_warp.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

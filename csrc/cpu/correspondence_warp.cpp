@@ -129,6 +129,69 @@ inline T row_max(const T* row, int64_t n) {
   return m;
 }
 
+// Up to this many value channels, plain loops beat a BLAS call per tile: BLAS handles
+// matrices 3 columns wide poorly, and the value products are a few percent of the work.
+constexpr int64_t kSmallCv = 16;
+
+// acc (bq x Cv) += P (bq x bk) @ V^T, V the (Cv x bk) value slice with row stride ldv.
+template <typename T>
+void accumulate_pv(const T* p, int64_t bq, int64_t bk, const T* vb, int64_t ldv, int64_t Cv,
+                   T* acc) {
+  if (Cv > kSmallCv) {
+    gemm<T>(false, true, bq, Cv, bk, T(1), p, bk, vb, ldv, T(1), acc, Cv);
+    return;
+  }
+  for (int64_t r = 0; r < bq; ++r) {
+    const T* pr = p + r * bk;
+    for (int64_t c = 0; c < Cv; ++c) {
+      const T* vc = vb + c * ldv;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < bk; ++j) sum += pr[j] * vc[j];
+      acc[r * Cv + c] += sum;
+    }
+  }
+}
+
+// dp (bq x bk) = dO_i (bq x Cv) @ V (Cv x bk); dO_i is stored as (Cv x bq), row stride ldo.
+template <typename T>
+void grad_scores(const T* dob, int64_t ldo, const T* vb, int64_t ldv, int64_t bq, int64_t bk,
+                 int64_t Cv, T* dp) {
+  if (Cv > kSmallCv) {
+    gemm<T>(true, false, bq, bk, Cv, T(1), dob, ldo, vb, ldv, T(0), dp, bk);
+    return;
+  }
+  for (int64_t r = 0; r < bq; ++r) {
+    T* row = dp + r * bk;
+    std::fill(row, row + bk, T(0));
+    for (int64_t c = 0; c < Cv; ++c) {
+      const T a = dob[c * ldo + r];
+      const T* vc = vb + c * ldv;
+#pragma omp simd
+      for (int64_t j = 0; j < bk; ++j) row[j] += a * vc[j];
+    }
+  }
+}
+
+// dv (Cv x bk, row stride ldv) += dO_i^T (Cv x bq, row stride ldo) @ P (bq x bk).
+template <typename T>
+void accumulate_dv(const T* dob, int64_t ldo, const T* p, int64_t bq, int64_t bk, int64_t Cv,
+                   T* dv, int64_t ldv) {
+  if (Cv > kSmallCv) {
+    gemm<T>(false, false, Cv, bk, bq, T(1), dob, ldo, p, bk, T(1), dv, ldv);
+    return;
+  }
+  for (int64_t c = 0; c < Cv; ++c) {
+    T* dvc = dv + c * ldv;
+    for (int64_t r = 0; r < bq; ++r) {
+      const T a = dob[c * ldo + r];
+      const T* pr = p + r * bk;
+#pragma omp simd
+      for (int64_t j = 0; j < bk; ++j) dvc[j] += a * pr[j];
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B, int64_t Nq,
                   int64_t Nk, int64_t D, int64_t Cv, T scale) {
@@ -155,9 +218,7 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B,
             for (int64_t c = 0; c < Cv; ++c) a[c] *= rescale;
           }
         }
-        // acc (bq x Cv) += P (bq x bk) @ V_j^T, V_j being the (Cv x bk) slice of v.
-        gemm<T>(false, true, bq, Cv, bk, T(1), s.data(), bk, v + b * Cv * Nk + j0, Nk, T(1),
-                acc.data(), Cv);
+        accumulate_pv(s.data(), bq, bk, v + b * Cv * Nk + j0, Nk, Cv, acc.data());
       }
       T* ob = out + b * Cv * Nq + i0;
       for (int64_t r = 0; r < bq; ++r) {
@@ -195,13 +256,10 @@ void backward_impl(const T* q, const T* k, const T* v, const T* dout, const T* l
 #pragma omp simd
           for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
         }
-        if (dv) {  // dV_j^T (Cv x bk) += dO_i^T (Cv x bq) @ P (bq x bk)
-          gemm<T>(false, false, Cv, bk, bq, T(1), dob, Nq, p.data(), bk, T(1),
-                  dv + b * Cv * Nk + j0, Nk);
-        }
+        if (dv) accumulate_dv(dob, Nq, p.data(), bq, bk, Cv, dv + b * Cv * Nk + j0, Nk);
         if (!dq && !dk) continue;
-        // dP = dO_i (bq x Cv) @ V_j (Cv x bk); dS = P * (dP - rowsum(dO * O)).
-        gemm<T>(true, false, bq, bk, Cv, T(1), dob, Nq, vb, Nk, T(0), ds.data(), bk);
+        // dS = P * (dP - rowsum(dO * O)), dP = dO_i V_j.
+        grad_scores(dob, Nq, vb, Nk, bq, bk, Cv, ds.data());
         for (int64_t r = 0; r < bq; ++r) {
           const T d = delta[b * Nq + i0 + r];
           T* dsr = ds.data() + r * bk;
