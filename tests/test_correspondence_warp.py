@@ -267,3 +267,21 @@ def test_bad_input_is_rejected_with_a_clear_message(case):
 # 128 MiB with allocator slack. The reference holds 1 GiB per 16384 x 16384 matrix and
 # needs several of them (scores, softmax, their gradients): over 2 GiB.
 CPU_PEAK_BOUND_MIB = 128
+
+
+def _peak_mib(impl: str) -> float:
+    from benchmarks.bench_correspondence_warp import measure
+
+    result = measure(dict(impl=impl, side=128, channels=64, value_channels=3, mode="forward+backward",
+                          repeats=1, warmup=0, memory_cap_gb=8.0))
+    assert result["status"] == "ok", result["error"]
+    return result["peak_bytes"] / 2**20
+
+
+def test_cpu_peak_memory_at_128x128():
+    assert _peak_mib("cpu") < CPU_PEAK_BOUND_MIB
+
+
+@pytest.mark.slow
+def test_reference_peak_memory_at_128x128_is_what_the_cpu_backend_saves():
+    assert _peak_mib("reference") > 2048
