@@ -35,16 +35,17 @@ TEMPERATURE = 0.01  # CoCosNet's
 CELEBA_PARTS = ("background", "skin", "hair", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear",
                 "nose", "u_lip", "mouth", "l_lip", "neck", "cloth", "hat", "eye_g", "ear_r", "neck_l")
 # The per-part masks overlap (skin lies under nose, eyes, ...): painting them in CelebAMask-HQ's own
-# order, small parts last, gives the merged maps. Used for the samples that only ship per-part masks.
+# order (its g_mask.py; later parts win) gives the merged maps, for samples with per-part masks only.
 CELEBA_PAINT_ORDER = ("skin", "nose", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth",
                       "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
 
-# Feature design (see `label_features`). With tau = 0.01 a cosine step of 0.01 is one nat of logit.
+# Feature design: see `label_features`.
 SMOOTH_SIGMA = 0.015  # label blur, as a fraction of the image side
-POS_FREQS = (1, 2, 4)
-POS_ENERGY = 1.0
-# Above this the reference backend's (Nq x Nk) float32 matrix (it holds several) is refused.
-REFERENCE_LIMIT_BYTES = 1 << 30
+BOX_FREQS, BOX_ENERGY = (1, 2, 4), 1.0  # position within the class's box, against the one-hot's 1
+ABSOLUTE_FREQS, ABSOLUTE_ENERGY = (1,), 0.25  # position in the image
+# Largest --size for the reference backend: its full-resolution warp holds several float32
+# (size^2 x size^2) matrices, 1 GiB each at 128.
+REFERENCE_MAX_SIZE = 128
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,9 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how many input/exemplar pairs to show, from the top of the pairing list "
                         "(default: %(default)s)")
     p.add_argument("--backend", choices=ck.backend_names(), default="auto",
-                   help="correspondence_warp backend; 'auto' takes the fastest fused one available "
-                        "('reference' materialises the matrix, so only small --size fits) "
-                        "(default: %(default)s)")
+                   help="correspondence_warp backend for the demo's CPU tensors; 'auto' picks the fused "
+                        "CPU kernel (built on first use) where it can, 'reference' materialises the "
+                        "matrix, so only --size 128 or less fits (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("outputs/demo.png"),
                    help="where to write the PNG grid, one row per pair (default: %(default)s)")
     args = p.parse_args(argv)
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_pairs(root: Path, dataset: str) -> list[tuple[str, str]]:
     """(input, exemplar) file names from the pairing list; extra exemplars on a line are ignored."""
-    lines = (root / "lists" / f"{dataset}_ref_test.txt").read_text().split()
-    return [tuple(line.split(",")[:2]) for line in lines]
+    lines = (root / "lists" / f"{dataset}_ref_test.txt").read_text().splitlines()
+    return [tuple(line.split(",")[:2]) for line in lines if line.strip()]
 
 
 def load_celebahq(root: Path, name: str) -> tuple[np.ndarray, Path]:
@@ -99,12 +100,10 @@ def load_celebahq(root: Path, name: str) -> tuple[np.ndarray, Path]:
             return np.array(Image.open(merged).convert("L")), folder / "CelebA-HQ-img" / name
         parts = {p: masks / str(idx // 2000) / f"{idx:05d}_{p}.png" for p in CELEBA_PAINT_ORDER}
         if parts["skin"].is_file():
-            label = None
+            label = np.zeros(Image.open(parts["skin"]).size[::-1], np.uint8)
             for part, path in parts.items():
                 if path.is_file():
-                    mask = np.array(Image.open(path).convert("L")) > 127
-                    label = np.zeros(mask.shape, np.uint8) if label is None else label
-                    label[mask] = CELEBA_PARTS.index(part)
+                    label[np.array(Image.open(path).convert("L")) > 127] = CELEBA_PARTS.index(part)
             return label, folder / "CelebA-HQ-img" / name
     raise FileNotFoundError(f"no CelebAMask-HQ masks for {name} under {root}")
 
@@ -145,47 +144,65 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def region_coordinates(label: torch.Tensor) -> torch.Tensor:
     """(2, H, W): each pixel's x and y in [0, 1] across the bounding box of its own class."""
-    H, W = label.shape
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32),
-                            indexing="ij")
-    coords = torch.zeros(2, H, W)
+    ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in label.shape), indexing="ij")
+    coords = torch.zeros(2, *label.shape)
     for k in label.unique():
         mask = label == k
-        for c, grid in enumerate((xs, ys)):
-            lo, hi = grid[mask].min(), grid[mask].max()
-            coords[c][mask] = (grid[mask] - lo) / (hi - lo).clamp(min=1)
+        for c, axis in enumerate((xs, ys)):
+            lo, hi = axis[mask].min(), axis[mask].max()
+            coords[c][mask] = (axis[mask] - lo) / (hi - lo).clamp(min=1)
     return coords
 
 
-def label_features(label: torch.Tensor, classes: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, len(classes) + 8, grid, grid) features of a full-size label map, made by hand.
+def fourier(coords: torch.Tensor, freqs: tuple[int, ...], energy: float) -> torch.Tensor:
+    """cos/sin of pi * f * coords: distinct positions get distinct features of one norm, sqrt(energy).
 
-    - One-hot of the classes present in either image of the pair, area-pooled to the grid and
-      blurred: same class is cosine ~1, different classes ~0, i.e. ~100 logits apart at tau = 0.01,
-      so colours only ever come from the matching region. The blur makes pixels near a border
-      prefer exemplar pixels near the same kind of border (skin by the hairline, not mid-cheek).
-    - Where each pixel sits within its class's bounding box, as sin/cos of pi * [0, 1], so that
-      distinct positions have distinct features at equal norm: without it every pixel of a
-      region ties with every other and gets the region's flat mean colour; with it the warp
-      stretches the exemplar's region onto the input's, keeping shading and layout (left hair
-      stays left). Box-relative rather than absolute, because regions differ in place and size
-      between the two images. POS_WEIGHT = 0.5 makes it weak: for two same-class pixels it costs
-      about (d / 0.064)^2 / 2 logits at box-relative distance d, a soft window a few percent of
-      the region wide, and even opposite corners (~100 logits) never beat a class mismatch.
-      Each channel also appears negated, so the channel sum is zero and the op's channel
-      centring (CoCosNet's PONO_C) leaves this part alone.
+    Each channel also appears negated, so the channel sum is zero and the op's channel centring
+    (CoCosNet's PONO_C) leaves the positional part alone.
+    """
+    angles = torch.cat([coords * math.pi * f for f in freqs])
+    enc = torch.cat([angles.cos(), angles.sin()])
+    return torch.cat([enc, -enc]) * math.sqrt(energy / (4 * len(freqs)))
+
+
+def label_features(label: torch.Tensor, classes: torch.Tensor, shared: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, D, grid, grid) features of a full-size label map, made by hand.
+
+    At tau = 0.01 a cosine step of 0.01 is one logit, so the wanted matches must be tens of 0.01
+    steps more similar than the rest. Costs below are in logits, measured on these features.
+    - One-hot of the classes present in either image, area-pooled to the grid and blurred: a
+      class mismatch costs ~50, so colours come from the matching region. The blur makes pixels
+      near a border prefer exemplar pixels near the same kind of border (skin by the hairline).
+    - Where a pixel sits within its class's bounding box, for the classes both images have
+      (`shared`): without it every pixel of a region ties with every other and gets the region's
+      flat mean colour; with it the warp stretches the exemplar's region onto the input's,
+      keeping its shading and layout (left hair stays left). Box-relative rather than absolute,
+      as regions differ in place and size between the images. Frequencies 1, 2, 4 give a
+      Gaussian-like window of sigma ~2.5% of the box (one frequency: ~7%, visibly blurrier; more
+      frequencies copy exemplar details such as make-up into odd places), and a same-class pixel
+      30% of the box away (~27) still beats every other class.
+    - A weak absolute position: a class the exemplar lacks (ADE20K's "field" against "grass") has
+      no box to match, and takes the colours found at the same place in the exemplar instead of
+      a mix of every region. For matched pixels it costs only ~3 at a third of the image.
     """
     size = label.shape[-1]
     onehot = (label[None] == classes[:, None, None]).float()[None]
     onehot = F.adaptive_avg_pool2d(onehot, grid)
     onehot = gaussian_blur(onehot, SMOOTH_SIGMA * grid)
 
-    angles = torch.cat([region_coordinates(label) * math.pi * f for f in POS_FREQS])
-    pos = torch.cat([angles.cos(), angles.sin()])[None]
-    # Nearest-in-box coordinates at the grid: pooling them would mix boxes of different classes.
+    in_box = fourier(region_coordinates(label), BOX_FREQS, BOX_ENERGY) * torch.isin(label, shared)
+    xy = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, size)] * 2, indexing="xy"))
+    pos = torch.cat([in_box, fourier(xy, ABSOLUTE_FREQS, ABSOLUTE_ENERGY)])[None]
+    # Nearest, not pooled, to the grid: pooling would mix the boxes of neighbouring classes.
     pos = F.interpolate(pos, size=(grid, grid), mode="nearest") if grid != size else pos
-    pos = torch.cat([pos, -pos], dim=1) * math.sqrt(POS_ENERGY / pos.shape[1])
     return torch.cat([onehot, pos], dim=1)
+
+
+def pair_features(input_label: torch.Tensor, exemplar_label: torch.Tensor, grid: int):
+    """Query and key features of a pair, on one channel layout."""
+    classes = torch.cat([input_label.unique(), exemplar_label.unique()]).unique()
+    shared = input_label.unique()[torch.isin(input_label.unique(), exemplar_label.unique())]
+    return tuple(label_features(label, classes, shared, grid) for label in (input_label, exemplar_label))
 
 
 # ------------------------------------------------------------------------------------- drawing
@@ -210,8 +227,9 @@ def to_image(x: torch.Tensor) -> Image.Image:
 
 def draw_grid(rows: list[list[Image.Image]], titles: list[str], size: int) -> Image.Image:
     """Tiles in rows under a header of column titles."""
-    font = ImageFont.load_default(size=max(8, size // 16))
-    pad, header = max(2, size // 64), max(12, size // 6)
+    font_size = max(8, size // 16)
+    font = ImageFont.load_default(size=font_size)
+    pad, header = max(2, size // 64), 3 * font_size  # two-line titles
     width = len(titles) * (size + pad) + pad
     sheet = Image.new("RGB", (width, header + len(rows) * (size + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -229,12 +247,15 @@ def draw_grid(rows: list[list[Image.Image]], titles: list[str], size: int) -> Im
 def main(argv=None) -> Path:
     args = parse_args(argv)
     size, grid = args.size, args.size // 4
-    backend = ck.select(args.backend, torch.device("cpu"), torch.float32)
+    try:
+        backend = ck.select(args.backend, torch.device("cpu"), torch.float32)
+    except ValueError as e:
+        sys.exit(str(e))
     matrix_bytes = 4 * size**4
-    if not backend.fused and matrix_bytes > REFERENCE_LIMIT_BYTES:
+    if not backend.fused and size > REFERENCE_MAX_SIZE:
         sys.exit(f"backend {backend.name!r} materialises the {size * size} x {size * size} matrix "
                  f"({matrix_bytes / 2**30:.0f} GiB) for the full-resolution warp: use a fused backend "
-                 f"or --size {int((REFERENCE_LIMIT_BYTES / 4) ** 0.25) // 4 * 4} or less")
+                 f"or --size {REFERENCE_MAX_SIZE} or less")
     pairs = read_pairs(args.data, args.dataset)[: args.pairs]
     load = LOADERS[args.dataset]
     colours = palette(256)
@@ -245,16 +266,14 @@ def main(argv=None) -> Path:
         exemplar_label, exemplar_photo = load(args.data, exemplar_name)
         input_label, exemplar_label = resize_label(input_label, size), resize_label(exemplar_label, size)
         exemplar = load_photo(exemplar_photo, size)
-        classes = torch.cat([input_label.unique(), exemplar_label.unique()]).unique()
 
         # CoCosNet's warp: features on a size/4 grid, the exemplar average-pooled to that grid.
-        warped_grid = ck.correspondence_warp(
-            label_features(input_label, classes, grid), label_features(exemplar_label, classes, grid),
-            F.avg_pool2d(exemplar, 4), TEMPERATURE, backend=args.backend,
-        )
+        query, key = pair_features(input_label, exemplar_label, grid)
+        warped_grid = ck.correspondence_warp(query, key, F.avg_pool2d(exemplar, 4), TEMPERATURE,
+                                             backend=args.backend)
         warped_grid = F.interpolate(warped_grid, size=(size, size), mode="bilinear", align_corners=False)
 
-        query, key = label_features(input_label, classes, size), label_features(exemplar_label, classes, size)
+        query, key = pair_features(input_label, exemplar_label, size)
         start = time.perf_counter()
         warped_full = ck.correspondence_warp(query, key, exemplar, TEMPERATURE, backend=args.backend)
         full_times.append(time.perf_counter() - start)
