@@ -53,9 +53,11 @@ def normalize_features_backward(
         n = c.norm(dim=1, keepdim=True)
         s = n + eps
         xhat = c / s
+        del c  # at most three (B, D, N) temporaries alive: this runs at the op's memory peak
         # d(c/(|c|+eps))/dc = I/s - xhat c^T/(s |c|); at |c| == 0 autograd's norm backward is 0.
-        radial = (grad * xhat).sum(dim=1, keepdim=True) / torch.where(n > 0, n, torch.ones_like(n))
-        grad = grad / s - xhat * torch.where(n > 0, radial, torch.zeros_like(radial))
+        radial = (grad * xhat).sum(dim=1, keepdim=True) / n
+        grad = (grad / s).sub_(xhat.mul_(torch.where(n > 0, radial, 0.0)))
+        del xhat
     if center == "channel":
         grad = grad - grad.mean(dim=1, keepdim=True)
     elif center == "spatial":

@@ -230,16 +230,17 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B,
   });
 }
 
-// One pass over key blocks (each thread owns its key blocks' dK and dV rows); dQ goes to a
-// per-thread buffer summed afterwards in thread order, so results are deterministic for a
-// given thread count without atomics, and the scores are recomputed once, not twice.
+// One pass over key blocks (each thread owns its key blocks' dK and dV rows); thread t
+// accumulates dQ into dq_buffers[t] (thread 0's is dQ itself), summed afterwards in thread
+// order: deterministic for a given thread count without atomics, and each score tile is
+// recomputed once, not twice as with separate dQ and dK/dV passes.
 template <typename T>
 void backward_impl(const T* q, const T* k, const T* v, const T* dout, const T* lse,
-                   const T* delta, T* dq_partial, T* dk, T* dv, int64_t B, int64_t Nq,
+                   const T* delta, T* const* dq_buffers, T* dk, T* dv, int64_t B, int64_t Nq,
                    int64_t Nk, int64_t D, int64_t Cv, T scale) {
   const int64_t nkb = (Nk + BK - 1) / BK;
   at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
-    T* dq = dq_partial ? dq_partial + at::get_thread_num() * B * Nq * D : nullptr;
+    T* dq = dq_buffers ? dq_buffers[at::get_thread_num()] : nullptr;
     std::vector<T> p(BQ * BK), ds(BQ * BK);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nkb, j0 = (task % nkb) * BK, bk = std::min(BK, Nk - j0);
@@ -326,18 +327,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
   const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
   const at::Tensor delta = (grad_out * out).sum(1);  // (B, Nq): rowsum(dO * O)
   const int64_t threads = at::get_num_threads();
-  at::Tensor dq_partial = need_dq ? at::zeros({threads, B, Nq, D}, q.options()) : at::Tensor();
+  at::Tensor dq = need_dq ? at::zeros_like(q) : at::Tensor();
+  at::Tensor dq_extra = need_dq && threads > 1 ? at::zeros({threads - 1, B, Nq, D}, q.options())
+                                               : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+    std::vector<scalar_t*> dq_buffers;
+    if (need_dq) {
+      dq_buffers.push_back(ptr(dq));
+      for (int64_t t = 1; t < threads; ++t) dq_buffers.push_back(ptr(dq_extra) + (t - 1) * B * Nq * D);
+    }
     backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                             lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                            ptr(dq_partial), ptr(dk), ptr(dv), B, Nq, Nk, D, Cv,
-                            static_cast<scalar_t>(scale));
+                            need_dq ? dq_buffers.data() : nullptr, ptr(dk), ptr(dv), B, Nq, Nk, D,
+                            Cv, static_cast<scalar_t>(scale));
   });
-  at::Tensor dq = need_dq ? dq_partial.sum(0) : at::Tensor();
+  for (int64_t t = 1; t < threads && need_dq; ++t) dq.add_(dq_extra[t - 1]);
   return {dq, dk, dv};
 }
 
