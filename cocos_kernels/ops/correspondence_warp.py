@@ -21,15 +21,48 @@ from ..dispatch import BACKENDS, FLOAT_DTYPES, backend_names, select
 from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+# torch.get_float32_matmul_precision() -> the float32 tile-product precision it asks for.
+_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Half inputs are prepared and accumulated in float32; float64 stays float64 (gradcheck).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _features(x: Tensor, center, normalize, patch_size, eps) -> Tensor:
-    """(B, C, H, W) -> prepared rows (B, N, D), contiguous, in the compute dtype."""
+def _input_dtype(kernels, dtype: torch.dtype) -> torch.dtype:
+    # What the kernels take the prepared tensors in: a backend with tensor-core products
+    # (triton) keeps half inputs half; the others take the compute dtype.
+    return kernels.input_dtype(dtype) if hasattr(kernels, "input_dtype") else _compute_dtype(dtype)
+
+
+def _precision_kwargs(backend: str, precision: str) -> dict:
+    return {"precision": precision} if BACKENDS[backend].precision_arg else {}
+
+
+def _features(kernels, x: Tensor, center, normalize, patch_size, eps, dtype) -> Tensor:
+    """(B, C, H, W) -> prepared rows (B, N, D), contiguous, in `dtype` (prepared in the compute dtype).
+
+    A backend's own prologue (`kernels.prepare_features`) runs where it offers one and takes
+    these options (it returns None otherwise); the PyTorch prologue of features.py elsewhere.
+    """
+    if hasattr(kernels, "prepare_features"):
+        rows = kernels.prepare_features(x, center, normalize, patch_size, eps, dtype)
+        if rows is not None:
+            return rows
     f = normalize_features(x.to(_compute_dtype(x.dtype)), center, normalize, patch_size, eps)
-    return f.transpose(1, 2).contiguous()
+    return f.transpose(1, 2).contiguous().to(dtype)
+
+
+def _features_backward(kernels, grad: Tensor, x: Tensor, center, normalize, patch_size, eps) -> Tensor:
+    """Gradient w.r.t. x (in the compute dtype) of `_features` given `grad` (B, N, D) w.r.t. its rows."""
+    ct = _compute_dtype(x.dtype)
+    if hasattr(kernels, "prepare_features_backward"):
+        dx = kernels.prepare_features_backward(grad, x, center, normalize, patch_size, eps)
+        if dx is not None:
+            return dx
+    return normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), center, normalize, patch_size, eps)
 
 
 def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -47,18 +80,21 @@ def _correspondence_warp(
     patch_size: int,
     eps: float,
     backend: str,
+    precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    ct = _compute_dtype(query.dtype)
-    qf = _features(query, center, normalize, patch_size, eps)
-    kf = _features(key, center, normalize, patch_size, eps)
-    out, lse = kernels.correspondence_warp_forward(qf, kf, _flat(value, ct), 1.0 / temperature)
+    it = _input_dtype(kernels, query.dtype)
+    qf = _features(kernels, query, center, normalize, patch_size, eps, it)
+    kf = _features(kernels, key, center, normalize, patch_size, eps, it)
+    out, lse = kernels.correspondence_warp_forward(
+        qf, kf, _flat(value, it), 1.0 / temperature, **_precision_kwargs(backend, precision)
+    )
     B, Cv, (_, _, Hq, Wq) = value.shape[0], value.shape[1], query.shape
     return out.view(B, Cv, Hq, Wq).to(value.dtype), lse
 
 
 @_correspondence_warp.register_fake
-def _(query, key, value, temperature, center, normalize, patch_size, eps, backend):
+def _(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision="ieee"):
     B, _, Hq, Wq = query.shape
     out = value.new_empty((B, value.shape[1], Hq, Wq))
     return out, query.new_empty((B, Hq * Wq), dtype=_compute_dtype(query.dtype))
@@ -78,24 +114,26 @@ def _correspondence_warp_backward(
     patch_size: int,
     eps: float,
     backend: str,
+    precision: str,
     need_query: bool,
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    ct = _compute_dtype(query.dtype)
+    it = _input_dtype(kernels, query.dtype)
     prologue = (center, normalize, patch_size, eps)
-    qf = _features(query, *prologue)
-    kf = _features(key, *prologue)
+    qf = _features(kernels, query, *prologue, it)
+    kf = _features(kernels, key, *prologue, it)
     dqf, dkf, dv = kernels.correspondence_warp_backward(
-        _flat(grad_out, ct), qf, kf, _flat(value, ct), _flat(out, ct), lse, 1.0 / temperature,
-        need_query, need_key, need_value,
+        _flat(grad_out, it), qf, kf, _flat(value, it), _flat(out, it), lse, 1.0 / temperature,
+        need_query, need_key, need_value, **_precision_kwargs(backend, precision),
     )
+    del qf, kf  # the prologue's backward below is the op's memory peak
 
     def grad_input(g, x):  # (B, N, D) w.r.t. the prepared rows -> w.r.t. x
         if g is None:
             return x.new_empty(0)
-        return normalize_features_backward(g.transpose(1, 2), x.to(ct), *prologue).to(x.dtype)
+        return _features_backward(kernels, g, x, *prologue).to(x.dtype)
 
     dv = value.new_empty(0) if dv is None else dv.view(value.shape).to(value.dtype)
     return grad_input(dqf, query), grad_input(dkf, key), dv
@@ -103,7 +141,7 @@ def _correspondence_warp_backward(
 
 @_correspondence_warp_backward.register_fake
 def _(grad_out, query, key, value, out, lse, temperature, center, normalize, patch_size, eps,
-      backend, need_query, need_key, need_value):
+      backend, precision, need_query, need_key, need_value):
     def like(x, needed):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
 
@@ -141,7 +179,7 @@ def _check_map(name: str, x) -> None:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
 
 
-def _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend):
+def _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision):
     for name, x in (("query", query), ("key", key), ("value", value)):
         _check_map(name, x)
     shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
@@ -169,6 +207,8 @@ def _check_arguments(query, key, value, temperature, center, normalize, patch_si
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
 
 _warned_materialised: set[str] = set()
@@ -178,6 +218,11 @@ _warned_materialised: set[str] = set()
 def _backend_for(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     # Selection may build an extension: torch.compile must take its answer, not trace it.
     return select(backend, device, dtype).name
+
+
+@torch.compiler.assume_constant_result
+def _default_precision() -> str:
+    return _MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def correspondence_warp(
@@ -191,6 +236,7 @@ def correspondence_warp(
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
     backend: str = "auto",
+    precision: str | None = None,
 ) -> Tensor:
     """Warp `value` from the key grid to the query grid through the softmax of feature similarities.
 
@@ -209,12 +255,16 @@ def correspondence_warp(
             temperature=1 gives plain softmax(Q^T K) V attention).
         patch_size: odd k; each position's feature is its zero-padded k x k neighbourhood.
         eps: added to the L2 norm, as the reference code does.
-        backend: "auto", or one of the registered backends ("reference", "cpu", ...).
+        backend: "auto", or one of the registered backends ("reference", "cpu", "triton", ...).
+        precision: how float32 tile products use tensor cores where a backend has them (triton):
+            "ieee" (full float32), "tf32x3" (split tf32, near float32) or "tf32"; None follows
+            torch.get_float32_matmul_precision() (highest -> "ieee", high -> "tf32x3",
+            medium -> "tf32"). The cpu and reference backends and half inputs ignore it.
 
     Returns:
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
-    _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend)
+    _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision)
     chosen = BACKENDS[_backend_for(backend, query.device, query.dtype)]
     if not chosen.fused:
         if backend == "auto" and query.device.type not in _warned_materialised:
@@ -227,7 +277,8 @@ def correspondence_warp(
             query, key, value, temperature, center, normalize, patch_size, eps
         )
     out, _ = torch.ops.cocos_kernels.correspondence_warp(
-        query, key, value, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name
+        query, key, value, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
+        _default_precision() if precision is None else precision,
     )
     return out
 
@@ -244,17 +295,18 @@ class CorrespondenceWarp(torch.nn.Module):
         patch_size: int = 1,
         eps: float = DEFAULT_EPS,
         backend: str = "auto",
+        precision: str | None = None,
     ):
         super().__init__()
         self.temperature, self.center, self.normalize = temperature, center, normalize
-        self.patch_size, self.eps, self.backend = patch_size, eps, backend
+        self.patch_size, self.eps, self.backend, self.precision = patch_size, eps, backend, precision
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         return correspondence_warp(
             query, key, value, self.temperature, center=self.center, normalize=self.normalize,
-            patch_size=self.patch_size, eps=self.eps, backend=self.backend,
+            patch_size=self.patch_size, eps=self.eps, backend=self.backend, precision=self.precision,
         )
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, center={self.center!r}, normalize={self.normalize}, "
-                f"patch_size={self.patch_size}, backend={self.backend!r}")
+                f"patch_size={self.patch_size}, backend={self.backend!r}, precision={self.precision!r}")

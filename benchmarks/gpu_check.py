@@ -1,0 +1,494 @@
+"""GPU check of the Triton backend of correspondence_warp: tests, accuracy per precision, timings.
+
+    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, < 6 min on an H100
+    python benchmarks/gpu_check.py --dry-run    # CPU smoke run of the same code (Triton interpreter)
+
+Three phases, each in its own process so that each sets up Triton as it needs:
+  1. tests:    `pytest tests --device cuda` (Triton autotuning off: the suite sweeps dozens of
+               shapes, and every new (D, Cv, dtype) would compile and time every config);
+  2. accuracy: forward and gradients of the triton backend against the float64 reference at
+               16^2..128^2 grids, temperature 0.01, for every precision (float32 with ieee,
+               tf32x3 and tf32 products; float16; bfloat16). A mode passes when its error is at
+               most 2x (3x for gradients) the error of the materialised PyTorch path at the same
+               precision, plus an absolute floor of 1e-5 (FlashAttention's criterion);
+  3. timing:   forward and forward+backward of the materialised reference, scaled_dot_product_
+               attention on pre-normalised features (each SDPA backend that accepts the input) and
+               the triton backend, at 64^2, 128^2, 256^2 grids, C=256, Cv=3 and 48, batch 4, in
+               float32 and bfloat16: median time (triton.testing.do_bench), peak memory beyond the
+               inputs (torch.cuda.max_memory_allocated), TFLOP/s and the ratio to the reference.
+Writes benchmarks/results/gpu_check_<card>.md and .json, and exits non-zero if a test fails, an
+accuracy bound is broken or a timed triton output is wrong (non-finite, or off the float32 reference).
+
+FLOPs: a forward counts 2 * Nq * Nk * (C + Cv) per batch element (scores and value product);
+forward+backward counts 3.5x that (the backward recomputes the scores and does four products).
+The timing phase stops starting new measurements after --budget-s seconds of the whole run, so
+a slow card still finishes (the rows it skipped say so); the most important rows go first.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPERATURE = 0.01
+ACCURACY_MODES = {  # name: (dtype, precision= of the triton backend, torch float32 matmul precision)
+    "float32-ieee": ("float32", "ieee", "highest"),
+    "float32-tf32x3": ("float32", "tf32x3", "high"),
+    "float32-tf32": ("float32", "tf32", "medium"),
+    "float16": ("float16", None, "highest"),
+    "bfloat16": ("bfloat16", None, "highest"),
+}
+ERROR_FACTOR = {"out": 2.0, "grad query": 3.0, "grad key": 3.0, "grad value": 3.0}
+ERROR_FLOOR = 1e-5
+# The triton backend's timed output against the float32 reference, relative to its largest magnitude.
+TIMING_RTOL = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run on CPU tensors through the Triton interpreter at tiny shapes, without pytest: "
+                        "checks the measuring and table code, not the GPU")
+    p.add_argument("--skip-tests", action="store_true", help="skip phase 1 (pytest)")
+    p.add_argument("--test-paths", nargs="+", default=["tests"], help="what phase 1 runs (default: %(default)s)")
+    # Defaults: (GPU run, --dry-run); see DEFAULTS.
+    p.add_argument("--sides", type=int, nargs="+", help="timing grid sides (64 128 256; dry run: 4 6)")
+    p.add_argument("--accuracy-sides", type=int, nargs="+", help="accuracy grid sides (16 32 64 128; dry run: 4)")
+    p.add_argument("--channels", type=int, help="feature channels C (256; dry run: 8)")
+    p.add_argument("--value-channels", type=int, nargs="+", help="timing value channels Cv (3 48; dry run: 3)")
+    p.add_argument("--batch", type=int, help="timing batch size (4; dry run: 1)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"],
+                   help="timing dtypes")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="start no timing measurement after this many seconds of the whole run")
+    p.add_argument("--test-timeout-s", type=float, default=200.0, help="limit of phase 1")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--phase", choices=["accuracy", "timing"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
+    p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+DEFAULTS = {  # option: (GPU run, dry run)
+    "sides": ([64, 128, 256], [4, 6]),
+    "accuracy_sides": ([16, 32, 64, 128], [4]),
+    "channels": (256, 8),
+    "value_channels": ([3, 48], [3]),
+    "batch": (4, 1),
+}
+
+
+def _environment(dry_run: bool, autotune: bool) -> dict:
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1" if dry_run else "0"
+    env["COCOS_KERNELS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+# ----------------------------------------------------------------------------- phase processes
+
+def _setup(dry_run: bool):
+    import torch
+
+    import cocos_kernels as ck
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (use --dry-run for the CPU smoke run)")
+    return torch, ck, device
+
+
+def _rel_err(actual, expected) -> float:
+    import torch
+
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+def _warp_and_grads(ck, q, k, v, grad, **kwargs):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = ck.correspondence_warp(q, k, v, TEMPERATURE, **kwargs)
+    out.backward(grad.to(out.dtype))
+    return {"out": out, "grad query": q.grad, "grad key": k.grad, "grad value": v.grad}
+
+
+def accuracy_phase(args) -> list[dict]:
+    torch, ck, device = _setup(args.dry_run)
+    rows = []
+    cv = 48
+    for side in args.accuracy_sides:
+        g = torch.Generator().manual_seed(side)
+        q, k = (torch.randn(1, args.channels, side, side, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
+        grad = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
+        q, k, v, grad = (t.to(device) for t in (q, k, v, grad))
+        exact = _warp_and_grads(ck, q, k, v, grad, backend="reference")
+        for mode, (dtype_name, precision, matmul_precision) in ACCURACY_MODES.items():
+            dtype = getattr(torch, dtype_name)
+            row = {"mode": mode, "side": side, "channels": args.channels, "value_channels": cv}
+            reason = ck.BACKENDS["triton"].refusal(device, dtype)
+            if reason is not None:
+                rows.append(row | {"status": f"skipped: {reason}"})
+                continue
+            inputs = [t.to(dtype) for t in (q, k, v, grad)]
+            previous = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision(matmul_precision)
+            try:
+                mine = _warp_and_grads(ck, *inputs, backend="triton", precision=precision)
+                theirs = _warp_and_grads(ck, *inputs, backend="reference")
+            finally:
+                torch.set_float32_matmul_precision(previous)
+            errors = {name: (_rel_err(mine[name], exact[name]), _rel_err(theirs[name], exact[name])) for name in exact}
+            broken = [name for name, (e_mine, e_ref) in errors.items()
+                      if not e_mine <= ERROR_FACTOR[name] * e_ref + ERROR_FLOOR]
+            rows.append(row | {"status": "ok" if not broken else "FAILED: " + ", ".join(broken),
+                               "errors": {name: {"triton": a, "materialised": b} for name, (a, b) in errors.items()}})
+            del mine, theirs, inputs
+        del exact
+        gc.collect()
+    return rows
+
+
+def _flops(B, n, c, cv, mode) -> float:
+    forward = 2.0 * n * n * (c + cv) * B
+    return forward if mode == "forward" else 3.5 * forward
+
+
+def _timer(torch, device):
+    if device.type == "cuda":
+        import triton.testing
+
+        def bench(fn, grads):
+            return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
+        return bench
+
+    def bench(fn, grads):  # the dry run: a few perf_counter calls
+        times = []
+        for _ in range(3):
+            for t in grads:
+                t.grad = None
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        return [times[1], times[0], times[-1]]
+    return bench
+
+
+def _impls(torch, ck, dtype_name):
+    """name -> callable(q, k, v) giving out (B, Cv, H, W); SDPA gets features normalised beforehand."""
+    import torch.nn.functional as F
+
+    impls = {
+        "reference": lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend="reference"),
+        "triton": lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend="triton"),
+    }
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return impls
+
+    def sdpa(which):
+        def run(qh, kh, v):
+            B, Cv, H, W = v.shape
+            vh = v.reshape(B, 1, Cv, -1).transpose(2, 3)
+            with sdpa_kernel([which]):
+                out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0 / TEMPERATURE)
+            return out.transpose(2, 3).reshape(B, Cv, H, W)
+        run.prenormalised = True
+        return run
+
+    for which in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+        if hasattr(SDPBackend, which):
+            impls[f"sdpa-{which.lower().removesuffix('_attention')}"] = sdpa(getattr(SDPBackend, which))
+    return impls
+
+
+def _prenormalise(ck, x):
+    """(B, C, H, W) -> (B, 1, N, C): the prologue done once, outside SDPA's timing."""
+    from cocos_kernels.features import normalize_features
+
+    f = normalize_features(x.detach(), "channel", True, 1, ck.DEFAULT_EPS)
+    return f.transpose(1, 2).unsqueeze(1).contiguous().requires_grad_(x.requires_grad)
+
+
+def _truth(torch, ck, q, k, v):
+    """The float32 reference ("highest" precision) of these inputs, in blocks of query rows and
+    one batch element at a time, so that it fits where the whole materialised call does not
+    (exact for channel centring, which is per position)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    rows = max(1, (1 << 28) // (k.shape[2] * k.shape[3] * q.shape[3] * 4))  # ~1 GiB of scores a block
+    try:
+        with torch.no_grad():
+            return torch.cat([
+                torch.cat([ck.reference.correspondence_warp(q[b:b + 1, :, r:r + rows].float(), k[b:b + 1].float(),
+                                                            v[b:b + 1].float(), TEMPERATURE)
+                           for r in range(0, q.shape[2], rows)], dim=2)
+                for b in range(q.shape[0])])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def timing_phase(args) -> list[dict]:
+    torch, ck, device = _setup(args.dry_run)
+    bench = _timer(torch, device)
+    started = args.started or time.time()
+    rows, truths = [], {}
+    # The targets' rows first: 128^2 float32 and 256^2 bfloat16 forward+backward.
+    order = sorted(
+        ((d, cv, side, mode) for d in args.dtypes for cv in args.value_channels for side in args.sides
+         for mode in ("forward+backward", "forward")),
+        key=lambda c: (c[3] != "forward+backward", c[1] != args.value_channels[0], c[2] not in (128, 256), c[0]),
+    )
+    for dtype_name, cv, side, mode in order:
+        dtype = getattr(torch, dtype_name)
+        g = torch.Generator().manual_seed(0)
+        B, C = args.batch, args.channels
+        q, k = (torch.randn(B, C, side, side, generator=g).to(device, dtype) for _ in range(2))
+        v = torch.rand(B, cv, side, side, generator=g).to(device, dtype)
+        grad = torch.randn(B, cv, side, side, generator=g).to(device, dtype)
+        if (dtype_name, cv, side) not in truths and time.time() - started <= args.budget_s:
+            truths[dtype_name, cv, side] = _truth(torch, ck, q, k, v)  # same seed: same inputs in both modes
+        expected = truths.get((dtype_name, cv, side))
+        for name, impl in _impls(torch, ck, dtype_name).items():
+            row = {"impl": name, "dtype": dtype_name, "side": side, "value_channels": cv, "mode": mode,
+                   "batch": B, "channels": C}
+            rows.append(row)
+            if time.time() - started > args.budget_s:
+                row["status"] = "skipped: time budget"
+                continue
+            if name == "triton" and (reason := ck.BACKENDS["triton"].refusal(device, dtype)) is not None:
+                row["status"] = f"skipped: {reason}"
+                continue
+            backward = mode == "forward+backward"
+            if getattr(impl, "prenormalised", False):
+                inputs = [_prenormalise(ck, t.requires_grad_(backward)) for t in (q, k)] + [v.detach().requires_grad_(backward)]
+            else:
+                inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+            def step():
+                if backward:
+                    impl(*inputs).backward(grad)
+                else:
+                    with torch.no_grad():
+                        return impl(*inputs)
+            out = None
+            try:
+                with torch.no_grad():
+                    out = impl(*inputs)  # compiles/autotunes outside the memory measurement
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+                median, low, high = bench(step, [t for t in inputs if t.requires_grad])
+            except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
+                message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+                    row["status"] = "OOM"
+                elif name.startswith("sdpa") and isinstance(e, RuntimeError):  # a backend refusing the input
+                    row["status"] = "unsupported"
+                else:
+                    row["status"] = f"FAILED: {type(e).__name__}: {message}"
+                row["error"] = message
+            else:
+                row.update(status="ok", time_ms=median, time_ms_p20=low, time_ms_p80=high,
+                           tflops=_flops(B, side * side, C, cv, mode) / (median * 1e-3) / 1e12)
+                if expected is not None:
+                    row["error_vs_float32"] = _rel_err(out, expected)
+                # Only the backend under test fails the check; the others' errors are information.
+                if name == "triton" and not torch.isfinite(out).all():
+                    row["status"] = "FAILED: non-finite output"
+                elif name == "triton" and row.get("error_vs_float32", 0.0) > TIMING_RTOL[dtype_name]:
+                    row["status"] = f"FAILED: output off the float32 reference by {row['error_vs_float32']:.3g}"
+            finally:
+                inputs = out = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def matmul_rate(args) -> float | None:
+    """The card's measured bfloat16 matmul TFLOP/s (8192^3), the yardstick of the bf16 target."""
+    if args.dry_run:
+        return None
+    import torch
+    import triton.testing
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100)
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+# ----------------------------------------------------------------------------- driver and report
+
+def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(started)]
+    for flag in ("sides", "accuracy_sides", "value_channels", "dtypes"):
+        cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
+    cmd += ["--channels", str(args.channels), "--batch", str(args.batch), "--budget-s", str(args.budget_s)]
+    if args.dry_run:
+        cmd.append("--dry-run")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True)
+    sys.stderr.write(proc.stderr[-4000:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return [], f"phase {phase} exited with {proc.returncode}: {proc.stderr.strip()[-800:]}"
+    return json.loads(lines[-1])["rows"], ""
+
+
+def _card(dry_run: bool) -> str:
+    if dry_run:
+        return "cpu-dry-run"
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list) -> str:
+    lines = [f"# correspondence_warp GPU check: {meta['card']}", "",
+             f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · "
+             f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", "",
+             f"## Tests\n\n`{tests['command']}`: **{tests['status']}**", ""]
+    if tests.get("tail"):
+        lines += ["```", tests["tail"], "```", ""]
+    lines += ["## Accuracy against float64 (temperature 0.01, C=%s, Cv=48, batch 1)" % meta["channels"], "",
+              "Max |error| / max(1, max |float64|); triton vs the materialised PyTorch path at the same precision. "
+              "Bound: triton <= 2x (3x for gradients) materialised + 1e-5.", "",
+              "| mode | grid | out triton | out materialised | dq triton | dq mat. | dk triton | dk mat. "
+              "| dv triton | dv mat. | status |", "|" + "---|" * 11]
+    for r in accuracy:
+        e = r.get("errors", {})
+        cells = []
+        for name in ("out", "grad query", "grad key", "grad value"):
+            pair = e.get(name, {})
+            cells += [_fmt(pair.get("triton"), ".2e"), _fmt(pair.get("materialised"), ".2e")]
+        lines.append(f"| {r['mode']} | {r['side']}^2 | " + " | ".join(cells) + f" | {r['status']} |")
+    lines += ["", "## Timing (C=%s, batch %s)" % (meta["channels"], meta["batch"]), "",
+              "Median of triton.testing.do_bench; peak = max_memory_allocated beyond the inputs; TFLOP/s counts "
+              "2*Nq*Nk*(C+Cv) per forward, 3.5x that per forward+backward; SDPA runs on features normalised "
+              "beforehand (its prologue is not timed); error: max |out - float32 reference| / max(1, max |ref|).", "",
+              "| dtype | Cv | grid | mode | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | error vs fp32 | status |",
+              "|" + "---|" * 11]
+    ref = {(r["dtype"], r["value_channels"], r["side"], r["mode"]): r for r in timing
+           if r["impl"] == "reference" and r.get("status") == "ok"}
+    for r in sorted(timing, key=lambda r: (r["dtype"], r["value_channels"], r["side"], r["mode"])):
+        base = ref.get((r["dtype"], r["value_channels"], r["side"], r["mode"]))
+        ratio = f"{base['time_ms'] / r['time_ms']:.2f}x" if base and r.get("time_ms") else ""
+        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else ""
+        lines.append(f"| {r['dtype']} | {r['value_channels']} | {r['side']}^2 | {r['mode']} | {r['impl']} | "
+                     f"{_fmt(r.get('time_ms'), '.3f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
+                     f"{_fmt(r.get('error_vs_float32'), '.1e')} | {r.get('status', '')} |")
+    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets] + [""]
+    return "\n".join(lines)
+
+
+def _targets(timing: list, bf16_rate: float | None) -> list[str]:
+    def row(impl, dtype, side, mode="forward+backward", cv=3):
+        for r in timing:
+            if (r["impl"], r["dtype"], r["side"], r["mode"], r["value_channels"]) == (impl, dtype, side, mode, cv):
+                return r
+        return None
+
+    out = []
+    ref, tri = row("reference", "float32", 128), row("triton", "float32", 128)
+    if ref and tri and ref.get("status") == "ok" and tri.get("status") == "ok":
+        mem = tri["peak_bytes"] / max(ref["peak_bytes"], 1)
+        speed = ref["time_ms"] / tri["time_ms"]
+        out.append(f"128^2 float32 fwd+bwd: triton peak memory {mem:.3f}x the reference's (target <= 0.05): "
+                   f"{'met' if mem <= 0.05 else 'NOT met'}")
+        out.append(f"128^2 float32 fwd+bwd: triton {speed:.2f}x faster than the reference (target >= 2): "
+                   f"{'met' if speed >= 2 else 'NOT met'}")
+    ref256 = [r for r in timing if r["impl"] == "reference" and r["side"] == 256]
+    if ref256:
+        out.append("256^2 reference: " + ", ".join(sorted({r.get("status", "") for r in ref256})))
+    bf = row("triton", "bfloat16", 256, mode="forward")
+    if bf and bf.get("status") == "ok" and bf16_rate:
+        share = bf["tflops"] / bf16_rate
+        out.append(f"256^2 bfloat16 forward: {bf['tflops']:.0f} TFLOP/s = {share:.0%} of the card's bf16 matmul "
+                   f"rate (target >= 40%): {'met' if share >= 0.4 else 'NOT met'}")
+    return out or ["(not measured)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name, defaults in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.dry_run])
+    if args.phase:  # inside a phase process: print the rows as one JSON line
+        rows = accuracy_phase(args) if args.phase == "accuracy" else timing_phase(args)
+        print(json.dumps({"rows": rows}))
+        return 0
+
+    started = time.time()
+    failures = []
+    tests = {"command": f"pytest {' '.join(args.test_paths)} --device cuda -q", "status": "skipped"}
+    if not (args.skip_tests or args.dry_run):
+        cmd = [sys.executable, "-m", "pytest", *args.test_paths, "--device", "cuda", "-q", "-p", "no:cacheprovider"]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=_environment(False, autotune=False), capture_output=True,
+                                  text=True, timeout=args.test_timeout_s)
+            tests.update(status="passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})",
+                         tail="\n".join(proc.stdout.strip().splitlines()[-15:]))
+        except subprocess.TimeoutExpired:
+            tests.update(status=f"FAILED (over {args.test_timeout_s:.0f} s)")
+        print(f"gpu_check: tests {tests['status']} ({time.time() - started:.0f} s)", flush=True)
+        if tests["status"] != "passed":
+            failures.append("tests")
+
+    # Accuracy with one fixed config (no autotuning: it would time configs per precision for nothing).
+    accuracy, problem = _run_phase(args, "accuracy", autotune=False, started=started)
+    failures += [problem] if problem else []
+    failures += [f"accuracy {r['mode']} {r['side']}^2: {r['status']}" for r in accuracy if r["status"].startswith("FAILED")]
+    print(f"gpu_check: accuracy done ({time.time() - started:.0f} s)", flush=True)
+    timing, problem = _run_phase(args, "timing", autotune=True, started=started)
+    failures += [problem] if problem else []
+    failures += [f"timing {r['impl']} {r['dtype']} {r['side']}^2 {r['mode']}: {r['status']}" for r in timing
+                 if r.get("status", "").startswith("FAILED")]
+
+    import torch
+    import triton
+
+    card = _card(args.dry_run)
+    bf16_rate = matmul_rate(args)
+    meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
+            "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started, "failures": failures}
+    targets = _targets(timing, bf16_rate)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "tests": tests, "accuracy": accuracy, "timing": timing, "targets": targets}, indent=1))
+    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets))
+    print(f"gpu_check: wrote {args.out_dir / stem}.md and .json ({meta['wall_s']:.0f} s)")
+    for t in targets:
+        print("  target:", t)
+    if failures:
+        print("gpu_check: FAILED\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    print("gpu_check: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Triton kernels for `correspondence_warp` on prepared features (the fused backend "triton").
+
+Entry points (the contract every fused backend implements, see `cocos_kernels/dispatch.py`):
+  correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
+  correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv) -> (dq, dk, dv)
+plus `precision=` ("ieee", "tf32x3", "tf32": how float32 tile products use the tensor cores) and
+`input_dtype`, which tells the op layer to hand half-precision features over as they are.
+
+Forward: one program per (query block, batch[, key split]); it loops over key blocks, builds the
+score tile from D in chunks of BLOCK_D (D reaches 2304 with 3x3 patches), keeps an online softmax
+with a running max (logits reach 1/temperature = 100: exp overflows float32 above ~88.7 without
+it) and accumulates the value tile. Cv is padded to BLOCK_CV (a power of two >= 16, the smallest
+tl.dot size) inside the kernel only, through masks. When the query blocks alone are too few to
+fill the GPU, the key axis is split across programs and the partial results are combined
+through their logsumexps.
+
+Backward (FlashAttention-2): delta = rowsum(dOut * Out), then a dQ kernel over query blocks and a
+dK/dV kernel over key blocks, each recomputing P from the saved logsumexp; no atomics, so the
+result is deterministic. When D fits one chunk the dQ (dK) rows stay in registers; otherwise
+each program accumulates its own rows in global memory chunk by chunk (no other program writes
+them, so this too is race-free).
+
+Accumulation and the softmax are float32 for every input dtype; float16/bfloat16 features and
+values stay half in the tile products (tensor cores), as P and dS are cast to half for theirs.
+
+Prologue (`prepare_features`, `prepare_features_backward`): centring over channels and L2
+normalisation per position for patch_size=1, in float32, writing the rows in the input dtype;
+the op layer falls back to its PyTorch prologue for patches and spatial centring.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# Autotuning compiles and times every config for each new (D, Cv, dtype): worth it for a
+# training run, not for a test suite sweeping dozens of shapes (`COCOS_KERNELS_TRITON_AUTOTUNE=0`).
+AUTOTUNE = not INTERPRETED and os.environ.get("COCOS_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+# Every BLOCK_N of the configs divides this, so a key split of a multiple of it never leaves a
+# program a partial block in the middle of the key axis.
+_KEY_SPLIT_GRANULE = 128
+
+_LOG2E = 1.4426950408889634  # the kernels work in base 2 (exp2, log2): scores are scaled by it
+
+
+def input_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype these kernels take features, value and grad_out in, for inputs of `dtype`."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _config(block_m, block_n, block_d, warps, stages):
+    return triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d), num_warps=warps, num_stages=stages)
+
+
+def _configs() -> tuple[list, list]:
+    """(float32 configs, half configs)."""
+    if INTERPRETED:
+        # One small config: big enough that the suite's shapes take few (slow, Python-level)
+        # interpreter steps, small enough that they still span several, partly filled blocks.
+        config = _config(32, 32, 128, 4, 1)
+        return [config], [config]
+    if not AUTOTUNE:
+        config = _config(64, 64, 64, 4, 2)
+        return [config], [config]
+    # Shared memory per stage: (BLOCK_M + BLOCK_N) * BLOCK_D feature elements plus BLOCK_N * BLOCK_CV
+    # values: at most 128 KiB at float32 (BLOCK_CV = 256, 2 stages) and 160 KiB at half precision,
+    # inside an H100's 227 KiB (a config that does not compile for a card is dropped by the
+    # autotuner: OutOfResources). D only sets the number of chunks, so the same configs serve
+    # D=2304; at half precision BLOCK_D=256 keeps a D=256 query tile resident (ONE_CHUNK). Few
+    # configs per dtype class: each one is compiled and timed per (D, Cv).
+    float32 = [_config(32, 32, 64, 4, 2), _config(64, 64, 64, 4, 2), _config(64, 32, 128, 4, 2)]
+    half = [_config(64, 64, 64, 4, 2), _config(128, 64, 64, 8, 2), _config(64, 64, 256, 4, 2),
+            _config(128, 64, 256, 8, 2)]
+    return float32, half
+
+
+_FLOAT32_CONFIGS, _HALF_CONFIGS = _configs()
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    wanted = _FLOAT32_CONFIGS if named_args["Q"].dtype == torch.float32 else _HALF_CONFIGS
+    return [c for c in configs if any(c is w for w in wanted)]
+
+
+def _tune(fn):
+    # The key is (D, Cv); the autotuner adds the dtypes of the tensor arguments itself.
+    heuristics = triton.heuristics({"ONE_CHUNK": lambda a: a["D"] <= a["BLOCK_D"]})
+    configs = _FLOAT32_CONFIGS + [c for c in _HALF_CONFIGS if not any(c is f for f in _FLOAT32_CONFIGS)]
+    return triton.autotune(configs=configs, key=["D", "CV"],
+                           prune_configs_by={"early_config_prune": _configs_for_dtype})(heuristics(fn))
+
+
+@triton.jit
+def _scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b,
+            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> over the D feature columns, chunk by chunk."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        a = tl.load(a_rows + offs_a[:, None] * D + offs_d[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(b_rows + offs_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b, accumulate,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[a, :] (+)= weights (A x B) @ src[b, :] over D in chunks, in global memory (float32).
+
+    The program's first block (accumulate false) overwrites instead of adding, so the buffer needs no
+    zeroing and a re-run (the autotuner times each config on the real buffers) leaves it right.
+    """
+    # The previous block's stores of these rows may have come from other threads of the program
+    # (the store and load layouts are the compiler's choice): make them visible before reading.
+    tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        src = tl.load(src_rows + offs_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        ptrs = acc_rows + offs_a[:, None] * D + offs_d[None, :]
+        mask = mask_a[:, None] & mask_d[None, :]
+        old = tl.load(ptrs, mask=mask & accumulate, other=0.0)
+        tl.store(ptrs, tl.dot(weights.to(src.dtype), src, old, input_precision=PRECISION), mask=mask)
+
+
+@_tune
+@triton.jit
+def _forward_kernel(Q, K, V, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
+                    D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    pid_m, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch = pid_b.to(tl.int64)
+    q_rows = Q + batch * Nq * D
+    k_rows = K + batch * Nk * D
+    v_cols = V + batch * CV * Nk
+    n_lo = pid_s * keys_per_split
+    n_hi = tl.minimum(n_lo + keys_per_split, Nk)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < Nq
+    offs_c = tl.arange(0, BLOCK_CV)
+    mask_c = offs_c < CV
+    offs_d = tl.arange(0, BLOCK_D)
+    if ONE_CHUNK:  # the query tile stays in registers across the key loop
+        q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_CV), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        if ONE_CHUNK:
+            k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cols + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    # Out/Lse are (splits, B, CV, Nq) / (splits, B, Nq); splits == 1 writes the final result.
+    part = pid_s.to(tl.int64) * tl.num_programs(1) + batch
+    out = acc / l_i[:, None]
+    tl.store(Out + part * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], out, mask=mask_m[:, None] & mask_c[None, :])
+    tl.store(Lse + part * Nq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+
+
+@_tune
+@triton.jit
+def _backward_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
+                        D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    pid_m, pid_b = tl.program_id(0), tl.program_id(1)
+    batch = pid_b.to(tl.int64)
+    q_rows = Q + batch * Nq * D
+    k_rows = K + batch * Nk * D
+    dq_rows = DQ + batch * Nq * D
+    v_cols = V + batch * CV * Nk
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < Nq
+    offs_c = tl.arange(0, BLOCK_CV)
+    mask_c = offs_c < CV
+    offs_d = tl.arange(0, BLOCK_D)
+    lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + batch * Nq + offs_m, mask=mask_m, other=0.0)
+    do = tl.load(DO + batch * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+    if ONE_CHUNK:
+        q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    for n0 in range(0, Nk, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < Nk
+        if ONE_CHUNK:
+            k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        else:
+            s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        # Masked before exp2: a padded key's score of 0 can sit far above a row's logsumexp.
+        p = tl.exp2(tl.where(mask_n[None, :], s * scale_log2 - lse2[:, None], float("-inf")))
+        v = tl.load(v_cols + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None]) * scale
+        if ONE_CHUNK:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        else:
+            _accumulate_rows(dq_rows, ds, k_rows, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION)
+    if ONE_CHUNK:
+        tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
+
+
+@_tune
+@triton.jit
+def _backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq, Nk,
+                          D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                          NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1)
+    batch = pid_b.to(tl.int64)
+    q_rows = Q + batch * Nq * D
+    k_rows = K + batch * Nk * D
+    dk_rows = DK + batch * Nk * D
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < Nk
+    offs_c = tl.arange(0, BLOCK_CV)
+    mask_c = offs_c < CV
+    offs_d = tl.arange(0, BLOCK_D)
+    v = tl.load(V + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+    if ONE_CHUNK:
+        k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_CV), dtype=tl.float32)
+
+    for m0 in range(0, Nq, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < Nq
+        if ONE_CHUNK:
+            q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        else:
+            st = _scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
+        lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        pt = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], st * scale_log2 - lse2[None, :], float("-inf")))
+        do = tl.load(DO + batch * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+        if NEED_DV:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        if NEED_DK:
+            delta = tl.load(Delta + batch * Nq + offs_m, mask=mask_m, other=0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :]) * scale
+            if ONE_CHUNK:
+                dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+            else:
+                _accumulate_rows(dk_rows, dst, q_rows, offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION)
+    if NEED_DV:
+        tl.store(DV + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], dv, mask=mask_n[:, None] & mask_c[None, :])
+    if NEED_DK and ONE_CHUNK:
+        tl.store(dk_rows + offs_n[:, None] * D + offs_d[None, :], dk, mask=mask_n[:, None] & (offs_d[None, :] < D))
+
+
+def _block_cv(cv: int) -> int:
+    return max(16, triton.next_power_of_2(cv))
+
+
+def _dot_precision(dtype: torch.dtype, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    # input_precision only concerns float32 x float32 products; half products take the default.
+    return precision if dtype == torch.float32 else "tf32"
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("the Triton correspondence_warp kernels take contiguous tensors")
+
+
+def _num_key_splits(batch: int, nq: int, nk: int, device: torch.device) -> int:
+    """How many programs share each query block's keys: enough for ~2 programs per SM."""
+    if INTERPRETED or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * triton.cdiv(nq, 128)  # the largest BLOCK_M: the fewest query programs
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(nk, 2 * _KEY_SPLIT_GRANULE)))
+
+
+def correspondence_warp_forward(q, k, v, scale, precision="ieee", num_splits=None):
+    """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T.
+
+    num_splits: how many programs share one query block's keys (None: as the grid needs).
+    """
+    _check(q, k, v)
+    B, Nq, D = q.shape
+    Nk, Cv = k.shape[1], v.shape[1]
+    splits = _num_key_splits(B, Nq, Nk, q.device) if num_splits is None else int(num_splits)
+    keys_per_split = triton.cdiv(triton.cdiv(Nk, max(1, splits)), _KEY_SPLIT_GRANULE) * _KEY_SPLIT_GRANULE
+    splits = triton.cdiv(Nk, keys_per_split)  # no split is left without keys
+    if splits == 1:
+        out = torch.empty((1, B, Cv, Nq), device=q.device, dtype=v.dtype)
+    else:
+        out = torch.empty((splits, B, Cv, Nq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((splits, B, Nq), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B, splits)
+
+    _forward_kernel[grid](
+        q, k, v, out, lse, float(scale) * _LOG2E, Nq, Nk, keys_per_split,
+        D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision),
+    )
+    if splits == 1:
+        return out[0], lse[0]
+    # Each split holds its keys' softmax-weighted mean and logsumexp: reweight by exp(lse_s - lse).
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total)
+    return (out * weights[:, :, None, :]).sum(0).to(v.dtype), total
+
+
+def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, precision="ieee"):
+    """(dq, dk, dv) in float32, None where not requested."""
+    _check(grad_out, q, k, v, out, lse)
+    B, Nq, D = q.shape
+    Nk, Cv = k.shape[1], v.shape[1]
+    delta = (grad_out.float() * out.float()).sum(1)  # (B, Nq)
+    lse = lse.float()
+    common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision))
+    dq = dk = dv = None
+    if need_dq:
+        dq = torch.empty((B, Nq, D), device=q.device, dtype=torch.float32)
+        _backward_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
+            q, k, v, grad_out, lse, delta, dq, float(scale) * _LOG2E, float(scale), Nq, Nk, **common,
+        )
+    if need_dk or need_dv:
+        dk_buf = torch.empty((B, Nk, D) if need_dk else (1,), device=q.device, dtype=torch.float32)
+        dv_buf = torch.empty((B, Cv, Nk) if need_dv else (1,), device=q.device, dtype=torch.float32)
+        _backward_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
+            q, k, v, grad_out, lse, delta, dk_buf, dv_buf, float(scale) * _LOG2E, float(scale), Nq, Nk,
+            NEED_DK=bool(need_dk), NEED_DV=bool(need_dv), **common,
+        )
+        dk = dk_buf if need_dk else None
+        dv = dv_buf if need_dv else None
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- prologue
+
+@triton.jit
+def _center_and_norm(x_cols, offs_n, mask_n, N, C: tl.constexpr, CENTER: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per position (column of the (C, N) map): the channel mean (0 without CENTER) and |x - mean|.
+    Two passes rather than sum(x^2) - C mean^2, which cancels when the mean dwarfs the spread."""
+    mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if CENTER:
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=(offs_c[:, None] < C) & mask_n[None, :], other=0.0)
+            mean += tl.sum(x.to(tl.float32), 0)
+        mean = mean / C
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        c = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+        sq += tl.sum(c * c, 0)
+    return mean, tl.sqrt(sq)
+
+
+@triton.jit
+def _prologue_kernel(X, Rows, N, eps, C: tl.constexpr, CENTER: tl.constexpr, NORMALIZE: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1)
+    batch = pid_b.to(tl.int64)
+    x_cols = X + batch * C * N
+    rows = Rows + batch * N * C
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mean, norm = _center_and_norm(x_cols, offs_n, mask_n, N, C, CENTER, BLOCK_C, BLOCK_N)
+    if NORMALIZE:
+        inv = 1.0 / (norm + eps)
+    else:
+        inv = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        f = tl.where(mask, (x.to(tl.float32) - mean[None, :]) * inv[None, :], 0.0)
+        tl.store(rows + offs_n[None, :] * C + offs_c[:, None], f, mask=mask)
+
+
+@triton.jit
+def _prologue_backward_kernel(X, G, DX, N, eps, C: tl.constexpr, CENTER: tl.constexpr, NORMALIZE: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_b = tl.program_id(0), tl.program_id(1)
+    batch = pid_b.to(tl.int64)
+    x_cols = X + batch * C * N
+    g_rows = G + batch * N * C
+    dx_cols = DX + batch * C * N
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mean, norm = _center_and_norm(x_cols, offs_n, mask_n, N, C, CENTER, BLOCK_C, BLOCK_N)
+    g_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    g_dot_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        g = tl.load(g_rows + offs_n[None, :] * C + offs_c[:, None], mask=mask, other=0.0)
+        g_sum += tl.sum(g, 0)
+        g_dot_c += tl.sum(g * tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0), 0)
+    # f = c / s with s = |c| + eps: df/dc = I/s - c c^T / (s^2 |c|), and 0 radially where |c| = 0
+    # (autograd's norm backward); centring then subtracts the channel mean of the gradient,
+    # whose radial part has mean 0 because c does.
+    if NORMALIZE:
+        inv = 1.0 / (norm + eps)
+        radial = tl.where(norm > 0, g_dot_c * inv * inv / tl.where(norm > 0, norm, 1.0), 0.0)
+    else:
+        inv = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+        radial = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if CENTER:
+        g_mean = g_sum / C
+    else:
+        g_mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        g = tl.load(g_rows + offs_n[None, :] * C + offs_c[:, None], mask=mask, other=0.0)
+        dx = (g - g_mean[None, :]) * inv[None, :] - (x.to(tl.float32) - mean[None, :]) * radial[None, :]
+        tl.store(dx_cols + offs_c[:, None] * N + offs_n[None, :], dx, mask=mask)
+
+
+_PROLOGUE_BLOCKS = dict(BLOCK_C=32, BLOCK_N=64)
+
+
+def _prologue_supported(center, patch_size) -> bool:
+    # Patch unfolding and spatial centring (a mean across positions) stay in PyTorch.
+    return patch_size == 1 and center in ("channel", None)
+
+
+def prepare_features(x, center, normalize, patch_size, eps, dtype):
+    """(B, C, H, W) -> rows (B, N, C) in `dtype`, centred/normalised in float32; None where the
+    op layer's PyTorch prologue must do it (patches, spatial centring)."""
+    if not _prologue_supported(center, patch_size):
+        return None
+    B, C = x.shape[:2]
+    xs = x.reshape(B, C, -1).contiguous()
+    N = xs.shape[2]
+    rows = torch.empty((B, N, C), device=x.device, dtype=dtype)
+    _prologue_kernel[(triton.cdiv(N, _PROLOGUE_BLOCKS["BLOCK_N"]), B)](
+        xs, rows, N, float(eps), C=C, CENTER=center == "channel", NORMALIZE=bool(normalize), **_PROLOGUE_BLOCKS)
+    return rows
+
+
+def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
+    """Gradient w.r.t. x (float32, x's shape) of `prepare_features` given float32 `grad_rows`;
+    None where `prepare_features` is None."""
+    if not _prologue_supported(center, patch_size):
+        return None
+    B, C = x.shape[:2]
+    xs = x.reshape(B, C, -1).contiguous()
+    N = xs.shape[2]
+    dx = torch.empty((B, C, N), device=x.device, dtype=torch.float32)
+    _prologue_backward_kernel[(triton.cdiv(N, _PROLOGUE_BLOCKS["BLOCK_N"]), B)](
+        xs, grad_rows.float().contiguous(), dx, N, float(eps), C=C, CENTER=center == "channel",
+        NORMALIZE=bool(normalize), **_PROLOGUE_BLOCKS)
+    return dx.view(x.shape)
+
+
+__all__ = ["PRECISIONS", "correspondence_warp_backward", "correspondence_warp_forward", "input_dtype",
+           "prepare_features", "prepare_features_backward"]

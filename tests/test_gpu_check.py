@@ -1,0 +1,38 @@
+"""The CPU-checkable parts of benchmarks/gpu_check.py: options, the report and the targets.
+
+(The whole script on CPU, `python benchmarks/gpu_check.py --dry-run`, takes ~30 s: not run here.)
+"""
+from benchmarks import gpu_check
+
+
+def _timing_row(impl, dtype="float32", side=128, mode="forward+backward", **fields):
+    return dict(impl=impl, dtype=dtype, side=side, mode=mode, value_channels=3, batch=4, channels=256, **fields)
+
+
+def test_defaults_depend_on_the_dry_run():
+    args = gpu_check._parser().parse_args([])
+    assert args.sides is None and not args.dry_run and args.budget_s == 300.0
+    assert gpu_check.DEFAULTS["sides"] == ([64, 128, 256], [4, 6])
+
+
+def test_targets_and_markdown():
+    timing = [
+        _timing_row("reference", status="ok", time_ms=40.0, peak_bytes=40 * 2**30, tflops=1.0),
+        _timing_row("triton", status="ok", time_ms=10.0, peak_bytes=2**30, tflops=4.0, error_vs_float32=1e-6),
+        _timing_row("reference", side=256, status="OOM"),
+        _timing_row("triton", dtype="bfloat16", side=256, mode="forward", status="ok", time_ms=5.0, tflops=450.0),
+    ]
+    targets = gpu_check._targets(timing, bf16_rate=900.0)
+    assert any("peak memory 0.025x" in t and "met" in t for t in targets)
+    assert any("4.00x faster" in t and ": met" in t for t in targets)
+    assert any("256^2 reference: OOM" in t for t in targets)
+    assert any("50% of the card's bf16 matmul rate" in t and ": met" in t for t in targets)
+    meta = dict(card="NVIDIA H100 80GB HBM3", date="today", torch="2", triton="3", bf16_matmul_tflops=900.0,
+                channels=256, batch=4, wall_s=300.0)
+    accuracy = [dict(mode="float16", side=16, status="ok",
+                     errors={n: {"triton": 1e-3, "materialised": 2e-3} for n in gpu_check.ERROR_FACTOR}),
+                dict(mode="bfloat16", side=16, status="skipped: reason")]
+    text = gpu_check.markdown(meta, {"command": "pytest", "status": "passed"}, accuracy, timing, targets)
+    assert "# correspondence_warp GPU check: NVIDIA H100 80GB HBM3" in text
+    assert "| float32 | 3 | 128^2 | forward+backward | triton | 10.000 | 1024 | 4.0 | 4.00x | 1.0e-06 | ok |" in text
+    assert "| float16 | 16^2 | 1.00e-03 | 2.00e-03 |" in text and "skipped: reason" in text
