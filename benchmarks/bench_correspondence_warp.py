@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -56,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the directory holding the bench
 
 # What `measure` fills in for keys its config leaves out.
 DEFAULT_CONFIG = {
+    "op": "correspondence_warp",  # the op whose benchmark module's `_make_step` the worker runs
     "impl": "cpu",
     "side": 64,
     "mode": "forward",
@@ -68,7 +70,7 @@ DEFAULT_CONFIG = {
     "memory_cap_gb": 20.0,
     "timeout_s": 3600.0,
 }
-_CONFIG_KEYS = ("impl", "side", "mode", "channels", "value_channels", "batch")
+_CONFIG_KEYS = ("op", "impl", "side", "mode", "channels", "value_channels", "batch")
 _RESULT_KEYS = ("status", "error", "time_median_s", "time_min_s", "time_max_s", "times_s",
                 "peak_bytes", "peak_exact", "baseline_rss_bytes", "threads", "torch_version")
 
@@ -145,8 +147,11 @@ def _run_worker(config: dict) -> dict:
     # positions) the fused kernels already split their work across threads. It stays smaller
     # than the measured call, so that what the allocator keeps from it is negligible and cannot
     # stand in for the measured call's own allocations.
-    _make_step(config, min(WARM_SIDE, max(1, config["side"] // 2)))()
-    step = _make_step(config, config["side"])
+    make_step = _make_step
+    if config["op"] != "correspondence_warp":  # another op's benchmark reusing this plumbing
+        make_step = importlib.import_module(f"benchmarks.bench_{config['op']}")._make_step
+    make_step(config, min(WARM_SIDE, max(1, config["side"] // 2)))()
+    step = make_step(config, config["side"])
     gc.collect()
     result["peak_exact"] = _reset_peak_rss()
     baseline = _proc_status_bytes("VmRSS")
@@ -185,7 +190,7 @@ def worker_main(config_json: str) -> None:
 def measure(config: dict) -> dict:
     """Run one config (keys of DEFAULT_CONFIG; missing ones take its values) in a fresh process.
 
-    Returns a dict with the config's impl, side, n, mode, channels, value_channels, batch and
+    Returns a dict with the config's op, impl, side, n, mode, channels, value_channels, batch and
     status ("ok", "OOM" or "error"), error (message or None), time_median_s, time_min_s,
     time_max_s, times_s, peak_bytes, peak_exact, baseline_rss_bytes, threads, torch_version
     (None where the run did not get that far).
@@ -245,33 +250,31 @@ def _ratio(num: dict, den: dict, key: str) -> str:
     return f"{num[key] / den[key]:.2f}x"
 
 
-def markdown(meta: dict, results: list[dict]) -> str:
+def comparison_markdown(meta: dict, title: str, setup: list[str], key_columns: list[str],
+                        groups: list[tuple[list[str], dict]], label) -> str:
+    """The results page: a header (machine, `setup` lines, method) and one table row per group.
+
+    groups: (the row's key cells, {impl: result}); label(result) names a failed config's group.
+    """
     impls, base = meta["impls"], meta["impls"][0]
     others = impls[1:]
-    by_key = {(r["impl"], r["side"], r["mode"]): r for r in results}
-    header = (["side", "N", "mode"] + [f"{i} time" for i in impls]
+    header = (key_columns + [f"{i} time" for i in impls]
               + [f"speed-up ({base}/{i})" for i in others]
               + [f"{i} peak MiB" for i in impls]
               + [f"memory ratio ({base}/{i})" for i in others])
-    rows = []
-    for side in meta["sides"]:
-        for mode in meta["modes"]:
-            rs = {i: by_key[(i, side, mode)] for i in impls}
-            rows.append([str(side), str(side * side), mode]
-                        + [_fmt_time(rs[i]) for i in impls]
-                        + [_ratio(rs[base], rs[i], "time_median_s") for i in others]
-                        + [_fmt_mib(rs[i]) for i in impls]
-                        + [_ratio(rs[base], rs[i], "peak_bytes") for i in others])
-    failures = [r for r in results if r["status"] != "ok"]
+    rows = [keys + [_fmt_time(rs[i]) for i in impls]
+            + [_ratio(rs[base], rs[i], "time_median_s") for i in others]
+            + [_fmt_mib(rs[i]) for i in impls]
+            + [_ratio(rs[base], rs[i], "peak_bytes") for i in others]
+            for keys, rs in groups]
+    failures = [r for _, rs in groups for r in rs.values() if r["status"] != "ok"]
     lines = [
-        f"# correspondence_warp: {', '.join(impls)} on {meta['cpu_model']}",
+        f"# {title}: {', '.join(impls)} on {meta['cpu_model']}",
         "",
         f"- Date: {meta['date']}",
         f"- Machine: {meta['cpu_model']}, {meta['logical_cpus']} logical CPUs, "
         f"{meta['mem_total_gib']:.1f} GiB RAM, {meta['platform']}",
-        f"- torch {meta['torch_version']}, {meta['threads']} threads, float32",
-        f"- Shapes: batch {meta['batch']}, C={meta['channels']}, Cv={meta['value_channels']}, "
-        f"query and key grids side x side (N = side^2 positions each), temperature {TEMPERATURE}",
+        *setup,
         f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up calls "
         "(min and max are in the JSON)",
         "- Peak MiB: resident memory one call adds over its baseline (inputs created, extension "
@@ -281,13 +284,26 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"- Command: `{meta['command']}`",
         "",
         "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|",
+        "|" + "|".join("---" if i < len(key_columns) else "---:" for i in range(len(header))) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
     if failures:
         lines += ["", "Failures:", ""]
-        lines += [f"- {r['impl']} side {r['side']} {r['mode']}: {r['status']}: {r['error']}" for r in failures]
+        lines += [f"- {r['impl']} {label(r)}: {r['status']}: {r['error']}" for r in failures]
     return "\n".join(lines) + "\n"
+
+
+def markdown(meta: dict, results: list[dict]) -> str:
+    by_key = {(r["impl"], r["side"], r["mode"]): r for r in results}
+    groups = [([str(side), str(side * side), mode], {i: by_key[(i, side, mode)] for i in meta["impls"]})
+              for side in meta["sides"] for mode in meta["modes"]]
+    setup = [
+        f"- torch {meta['torch_version']}, {meta['threads']} threads, float32",
+        f"- Shapes: batch {meta['batch']}, C={meta['channels']}, Cv={meta['value_channels']}, "
+        f"query and key grids side x side (N = side^2 positions each), temperature {TEMPERATURE}",
+    ]
+    return comparison_markdown(meta, "correspondence_warp", setup, ["side", "N", "mode"], groups,
+                               lambda r: f"side {r['side']} {r['mode']}")
 
 
 def plot(meta: dict, results: list[dict], path: Path) -> None:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-_SOURCES = ("correspondence_warp.cpp", "bindings.cpp")
+_SOURCES = ("correspondence_warp.cpp", "contextual_loss.cpp", "bindings.cpp")
 
 
 def _csrc_dir() -> Path | None:

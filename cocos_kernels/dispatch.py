@@ -5,10 +5,22 @@ fused backend implements on prepared features (see `cocos_kernels/ops/correspond
   correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
   correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)
       -> (dq, dk, dv), None where not requested
+A backend declaring `precision_arg` takes `precision=` ("ieee", "tf32x3", "tf32") in both, for its
+float32 tile products; a kernels object with `input_dtype(dtype)` takes the prepared features,
+value and grad_out in that dtype (otherwise float32 for half inputs), and returns float32 gradients;
+one with `prepare_features` / `prepare_features_backward` runs the prologue itself where they
+return a tensor (None: the op layer's PyTorch prologue runs).
+
+A backend implementing `contextual_loss` has two more (see `cocos_kernels/ops/contextual_loss.py`
+and `csrc/cpu/contextual_loss.h`); `select(..., op=...)` skips or refuses one without them:
+  contextual_loss_forward(x (B,Nx,C), y (B,Ny,C), bandwidth, dist_eps) -> (m, argmin, s, t), each (B, Nx)
+  contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy)
+      -> (dx, dy), None where not requested
 """
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +37,12 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     fused: bool  # False: plain differentiable PyTorch (the reference)
     load: Callable[[], object] | None = field(default=None, compare=False)
+    # Devices "auto" may pick it for (None: all of `devices`); a backend can run somewhere
+    # without being the right choice there (Triton's interpreter on CPU tensors: tests only).
+    auto_devices: frozenset[str] | None = None
+    # Further refusals beyond device and dtype: (device, dtype) -> reason or None.
+    check: Callable[[torch.device, torch.dtype], str | None] | None = field(default=None, compare=False)
+    precision_arg: bool = False  # its kernels take precision= for float32 tile products
 
     def kernels(self):
         return _load(self.name)
@@ -45,7 +63,24 @@ class Backend:
             return f"it runs on {sorted(self.devices)} tensors, not {device.type}"
         if dtype not in self.dtypes:
             return f"it takes {sorted(str(d) for d in self.dtypes)}, not {dtype}"
+        if self.check is not None and (reason := self.check(device, dtype)) is not None:
+            return reason
         return self.unavailable()
+
+    def op_refusal(self, op: str) -> str | None:
+        """Why this backend does not implement `op` ("correspondence_warp", "contextual_loss"), or
+        None: a fused backend's kernels have `<op>_forward` and `<op>_backward`; the reference has all."""
+        if not self.fused:
+            return None
+        kernels = self.kernels()
+        missing = [f"{op}_{part}" for part in ("forward", "backward") if not hasattr(kernels, f"{op}_{part}")]
+        return f"it does not implement {op} (its kernels have no {', '.join(missing)})" if missing else None
+
+    def auto_refusal(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why backend="auto" does not pick this backend for these tensors, or None."""
+        if self.auto_devices is not None and device.type not in self.auto_devices:
+            return f"auto picks it only for {sorted(self.auto_devices)} tensors"
+        return self.refusal(device, dtype)
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -67,25 +102,69 @@ def _load_cpu():
     return extension()
 
 
+class _OpKernels:
+    """A backend's kernels kept in one module per op: each attribute comes from the first module
+    that has it, so the op layers see one kernels object."""
+
+    def __init__(self, *modules):
+        self._modules = modules
+
+    def __getattr__(self, name: str):
+        for module in self._modules:
+            if hasattr(module, name):
+                return getattr(module, name)
+        raise AttributeError(f"no kernel module has {name!r}")
+
+
+def _load_triton():
+    from .triton import contextual_loss, correspondence_warp
+
+    return _OpKernels(correspondence_warp, contextual_loss)
+
+
+# With TRITON_INTERPRET=1 (set before triton is imported) Triton kernels run on CPU tensors,
+# slowly: that is how CI tests the Triton backend, never what "auto" should choose.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    if TRITON_INTERPRETED and dtype == torch.bfloat16:
+        return "the Triton interpreter computes bfloat16 tl.dot wrongly (triton-lang/triton#11584)"
+    return None
+
+
 register(Backend("reference", 0, frozenset({"cpu", "cuda"}), FLOAT_DTYPES, fused=False))
 register(Backend("cpu", 10, frozenset({"cpu"}), FLOAT_DTYPES, fused=True, load=_load_cpu))
+# float64 is refused: the kernels accumulate in float32, and tl.dot on float64 is not available
+# on every GPU triton 3.6 targets. float64 runs on the cpu backend or the reference.
+register(Backend(
+    "triton", 20, frozenset({"cuda", "cpu"} if TRITON_INTERPRETED else {"cuda"}),
+    frozenset({torch.float16, torch.bfloat16, torch.float32}), fused=True, load=_load_triton,
+    auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True,
+))
 
 
 def backend_names() -> tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
-def select(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The backend `name` ("auto" or a registered name) for these tensors, or a ValueError saying why not."""
+def select(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None) -> Backend:
+    """The backend `name` ("auto" or a registered name) for these tensors, or a ValueError saying why not.
+
+    With `op`, only a backend implementing that op qualifies (see `Backend.op_refusal`).
+    """
     if name == "auto":
         for backend in sorted(BACKENDS.values(), key=lambda b: -b.priority):
-            if backend.refusal(device, dtype) is None:
+            if backend.auto_refusal(device, dtype) is None and (op is None or backend.op_refusal(op) is None):
                 return backend
-        raise ValueError(f"backend='auto': no backend accepts {device.type} {dtype} tensors")
+        wanted = "" if op is None else f" for {op}"
+        raise ValueError(f"backend='auto': no backend accepts {device.type} {dtype} tensors{wanted}")
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is unknown; choose one of {backend_names()}")
     backend = BACKENDS[name]
     reason = backend.refusal(device, dtype)
+    if reason is None and op is not None:
+        reason = backend.op_refusal(op)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this input: {reason}")
     return backend

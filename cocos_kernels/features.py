@@ -39,6 +39,17 @@ def normalize_features(
     return f
 
 
+def _l2_normalize_backward(grad: torch.Tensor, c: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gradient w.r.t. c of c / (|c| + eps) (norms over dim 1) given `grad` w.r.t. its output."""
+    n = c.norm(dim=1, keepdim=True)
+    s = n + eps
+    xhat = c / s
+    del c  # at most three (B, D, N) temporaries alive: this runs at the op's memory peak
+    # d(c/(|c|+eps))/dc = I/s - xhat c^T/(s |c|); at |c| == 0 autograd's norm backward is 0.
+    radial = (grad * xhat).sum(dim=1, keepdim=True) / n
+    return (grad / s).sub_(xhat.mul_(torch.where(n > 0, radial, 0.0)))
+
+
 def normalize_features_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -49,15 +60,7 @@ def normalize_features_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. x of `normalize_features(x, ...)` given `grad` (B, D, N) w.r.t. its output."""
     if normalize:
-        c = _center(_unfold(x, patch_size), center)
-        n = c.norm(dim=1, keepdim=True)
-        s = n + eps
-        xhat = c / s
-        del c  # at most three (B, D, N) temporaries alive: this runs at the op's memory peak
-        # d(c/(|c|+eps))/dc = I/s - xhat c^T/(s |c|); at |c| == 0 autograd's norm backward is 0.
-        radial = (grad * xhat).sum(dim=1, keepdim=True) / n
-        grad = (grad / s).sub_(xhat.mul_(torch.where(n > 0, radial, 0.0)))
-        del xhat
+        grad = _l2_normalize_backward(grad, _center(_unfold(x, patch_size), center), eps)
     if center == "channel":
         grad = grad - grad.mean(dim=1, keepdim=True)
     elif center == "spatial":
@@ -66,3 +69,50 @@ def normalize_features_backward(
     if patch_size == 1:
         return grad.reshape(B, C, H, W)
     return F.fold(grad, (H, W), patch_size, padding=patch_size // 2)
+
+
+# --- contextual loss prologue ------------------------------------------------------------------
+# The contextual loss centres BOTH maps with the second map's (the exemplar's) statistics, so
+# its prologue differs from the correlation's, where each map is centred with its own.
+
+def _exemplar_mean(y: torch.Tensor, center: str) -> torch.Tensor:
+    # "channel": Y's channel mean at each position (CoCosNet's --PONO); "spatial": Y's
+    # per-channel mean over positions.
+    return y.mean(dim=1 if center == "channel" else 2, keepdim=True)
+
+
+def contextual_features(
+    x: torch.Tensor, y: torch.Tensor, center: str, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, H, W) x 2 -> (B, C, N) x 2: both maps centred with y's statistics, L2-normalised."""
+    xf, yf = _unfold(x, 1), _unfold(y, 1)
+    mu = _exemplar_mean(yf, center)
+    xc, yc = xf - mu, yf - mu
+    return xc / (xc.norm(dim=1, keepdim=True) + eps), yc / (yc.norm(dim=1, keepdim=True) + eps)
+
+
+def contextual_features_backward(
+    grad_x: torch.Tensor | None,
+    grad_y: torch.Tensor | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    center: str,
+    eps: float,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients w.r.t. x and y of `contextual_features(x, y, ...)` given those w.r.t. its two
+    outputs (None: no gradient). y's gradient takes x's output gradient too, through the mean."""
+    B, C, H, W = x.shape
+    yf = _unfold(y, 1)
+    mu = _exemplar_mean(yf, center)
+    gxc = None if grad_x is None else _l2_normalize_backward(grad_x, _unfold(x, 1) - mu, eps)
+    gyc = None if grad_y is None else _l2_normalize_backward(grad_y, yf - mu, eps)
+    del mu
+    # x~ = x - mu(y), y~ = y - mu(y): d/dy gets -(sum of both over the mean's axis) / its length.
+    axis = 1 if center == "channel" else 2
+    total = gxc if gyc is None else (gyc if gxc is None else gxc + gyc)
+    gy = None
+    if total is not None:
+        gy = -total.mean(dim=axis, keepdim=True)
+        gy = gy + gyc if gyc is not None else gy.expand_as(total).clone()
+    return (None if gxc is None else gxc.reshape(B, C, H, W),
+            None if gy is None else gy.reshape(B, C, H, W))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .features import DEFAULT_EPS, normalize_features
+from .features import DEFAULT_EPS, contextual_features, normalize_features
 
 
 def correspondence_warp(
@@ -28,3 +28,24 @@ def correspondence_warp(
     v = value.reshape(B, value.shape[1], -1).transpose(1, 2)  # (B, Nk, Cv)
     out = torch.matmul(torch.softmax(f, dim=-1), v)  # (B, Nq, Cv)
     return out.transpose(1, 2).reshape(B, value.shape[1], Hq, Wq)
+
+
+# Added to the row's minimum distance before dividing by it (CoCosNet's ContextualLoss_forward).
+CONTEXTUAL_LOSS_DIST_EPS = 1e-3
+
+
+def contextual_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    bandwidth: float = 0.1,
+    center: str = "channel",
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """Per-sample contextual loss (B,), materialised. Shapes as `cocos_kernels.contextual_loss`."""
+    xh, yh = contextual_features(x, y, center, eps)  # (B, C, N) each, centred with y's statistics
+    d = 1 - torch.matmul(xh.transpose(1, 2), yh)  # (B, N, N) cosine distances
+    d_norm = d / (torch.min(d, dim=-1, keepdim=True)[0] + CONTEXTUAL_LOSS_DIST_EPS)
+    w = torch.exp((1 - d_norm) / bandwidth)
+    a = w / torch.sum(w, dim=-1, keepdim=True)
+    cx = torch.mean(torch.max(a, dim=-1)[0], dim=1)
+    return -torch.log(cx)

@@ -1,6 +1,7 @@
-// Python bindings of the CPU extension; the torch.library op lives in cocos_kernels/ops.
+// Python bindings of the CPU extension; the torch.library ops live in cocos_kernels/ops.
 #include <torch/extension.h>
 
+#include "contextual_loss.h"
 #include "correspondence_warp.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -8,4 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused correspondence warp forward (out, lse)");
   m.def("correspondence_warp_backward", &cocos_kernels::correspondence_warp_backward,
         "fused correspondence warp backward (dq, dk, dv)");
+  m.def("contextual_loss_forward", &cocos_kernels::contextual_loss_forward,
+        "fused contextual loss forward: per-row (m, argmin, s, t)");
+  m.def("contextual_loss_backward", &cocos_kernels::contextual_loss_backward,
+        "fused contextual loss backward (dx, dy)");
 }
