@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-from cocos_kernels.ops.contextual_loss import DIST_EPS
 from conftest import assert_close, skip_unless_runs
 
 OP = "contextual_loss"

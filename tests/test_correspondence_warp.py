@@ -1,7 +1,5 @@
 """correspondence_warp: every backend against a float64 evaluation of the reference."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch

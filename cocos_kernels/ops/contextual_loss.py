@@ -13,17 +13,23 @@ materialised reference).
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, backend_names, select
+from ..dispatch import BACKENDS, select
 from ..features import DEFAULT_EPS, contextual_features, contextual_features_backward
-from .correspondence_warp import _check_map, _compute_dtype
+from ..validation import (
+    check_backend,
+    check_choice,
+    check_eps,
+    check_feature_map,
+    check_positive,
+    check_same_dtype_and_device,
+)
+from .correspondence_warp import _compute_dtype
 
 OP = "contextual_loss"
 CENTER_MODES = ("channel", "spatial")
@@ -118,24 +124,15 @@ _contextual_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_arguments(x, y, bandwidth, center, eps, backend) -> None:
-    _check_map("x", x)
-    _check_map("y", y)
+    check_feature_map("x", x)
+    check_feature_map("y", y)
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape (B, C, H, W), got x {tuple(x.shape)}, y {tuple(y.shape)}")
-    if x.dtype != y.dtype:
-        raise TypeError(f"x and y must share one dtype, got {x.dtype}, {y.dtype}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on one device, got {x.device}, {y.device}")
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real):
-        raise TypeError(f"bandwidth must be a real number, got {type(bandwidth).__name__}")
-    if not (math.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
-    if center not in CENTER_MODES:
-        raise ValueError(f"center must be one of {CENTER_MODES}, got {center!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if backend not in backend_names():
-        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    check_same_dtype_and_device({"x": x, "y": y})
+    check_positive("bandwidth", bandwidth)
+    check_choice("center", center, CENTER_MODES)
+    check_eps(eps)
+    check_backend(backend)
 
 
 _warned_materialised: set[str] = set()

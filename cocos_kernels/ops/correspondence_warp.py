@@ -8,7 +8,6 @@ recomputed in backward: the op saves its inputs, output and logsumexp, never an 
 """
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from typing import Optional
@@ -17,7 +16,15 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, FLOAT_DTYPES, backend_names, select
+from ..dispatch import BACKENDS, select
+from ..validation import (
+    check_backend,
+    check_choice,
+    check_eps,
+    check_feature_map,
+    check_positive,
+    check_same_dtype_and_device,
+)
 from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
 
 
@@ -168,45 +175,26 @@ def _backward(ctx, grad_out, _grad_lse):
 _correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_map(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
-
-
 def _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision):
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _check_map(name, x)
+    maps = {"query": query, "key": key, "value": value}
+    for name, x in maps.items():
+        check_feature_map(name, x)
+    check_same_dtype_and_device(maps)
     shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
     if not (query.shape[0] == key.shape[0] == value.shape[0]):
         raise ValueError(f"query, key and value must have the same batch size: {shapes}")
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key must have the same number of channels: {shapes}")
     if value.shape[2:] != key.shape[2:]:
         raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if center not in CENTER_MODES:
-        raise ValueError(f"center must be one of {CENTER_MODES}, got {center!r}")
+    check_positive("temperature", temperature)
+    check_choice("center", center, CENTER_MODES)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1 or patch_size % 2 == 0:
         raise ValueError(f"patch_size must be an odd integer >= 1, got {patch_size!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if backend not in backend_names():
-        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    check_eps(eps)
+    check_backend(backend)
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 

@@ -1,0 +1,53 @@
+"""Argument checks shared by the public ops: each error names the argument, what it got and
+what is allowed."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from .dispatch import FLOAT_DTYPES, backend_names
+
+
+def check_feature_map(name: str, x) -> None:
+    """A non-empty 4-D (B, C, H, W) floating tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+
+
+def check_same_dtype_and_device(tensors: dict[str, torch.Tensor]) -> None:
+    names = ", ".join(tensors)
+    dtypes, devices = [t.dtype for t in tensors.values()], [t.device for t in tensors.values()]
+    if len(set(dtypes)) > 1:
+        raise TypeError(f"{names} must share one dtype, got {', '.join(map(str, dtypes))}")
+    if len(set(devices)) > 1:
+        raise ValueError(f"{names} must be on one device, got {', '.join(map(str, devices))}")
+
+
+def check_positive(name: str, value) -> None:
+    """A finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_backend(backend) -> None:
+    check_choice("backend", backend, backend_names())
