@@ -29,19 +29,37 @@ def _center(f: torch.Tensor, center: str | None) -> torch.Tensor:
     return f
 
 
+def _norm(f: torch.Tensor) -> torch.Tensor:
+    """|f| over dim 1 (keepdim), without overflow or underflow in the sum of squares.
+
+    Each position is divided by a power of two s (just below its max-abs entry) before the norm
+    and the norm multiplied back: exact scalings, so the result is bit-identical to `f.norm(dim=1)`
+    wherever that one neither overflows nor underflows, and finite where it would (float32
+    features of magnitude 1e20 square to 1e40; 1e-23 squares to 0). s is a constant to autograd,
+    so the gradient is autograd's norm gradient f/|f| (0 where |f| == 0). Where the max is 0, NaN
+    or Inf, s = 1: the plain formula, so NaN/Inf propagate exactly as they do there.
+    """
+    with torch.no_grad():
+        m = torch.linalg.vector_norm(f.detach(), float("inf"), dim=1, keepdim=True)  # max |f|, NaN-propagating
+        ok = torch.isfinite(m) & (m > 0)
+        # m = mantissa * 2**e with mantissa in [0.5, 1): 2**(e-1) <= m, so s never overflows.
+        s = torch.where(ok, torch.ldexp(torch.ones_like(m), torch.frexp(m)[1] - 1), 1.0)
+    return (f / s).norm(dim=1, keepdim=True) * s
+
+
 def normalize_features(
     x: torch.Tensor, center: str | None, normalize: bool, patch_size: int, eps: float
 ) -> torch.Tensor:
     """(B, C, H, W) -> (B, D, N) with D = C * patch_size**2, as the reference builds theta/phi."""
     f = _center(_unfold(x, patch_size), center)
     if normalize:
-        f = f / (f.norm(dim=1, keepdim=True) + eps)
+        f = f / (_norm(f) + eps)
     return f
 
 
 def _l2_normalize_backward(grad: torch.Tensor, c: torch.Tensor, eps: float) -> torch.Tensor:
     """Gradient w.r.t. c of c / (|c| + eps) (norms over dim 1) given `grad` w.r.t. its output."""
-    n = c.norm(dim=1, keepdim=True)
+    n = _norm(c)
     s = n + eps
     xhat = c / s
     del c  # at most three (B, D, N) temporaries alive: this runs at the op's memory peak
@@ -88,7 +106,7 @@ def contextual_features(
     xf, yf = _unfold(x, 1), _unfold(y, 1)
     mu = _exemplar_mean(yf, center)
     xc, yc = xf - mu, yf - mu
-    return xc / (xc.norm(dim=1, keepdim=True) + eps), yc / (yc.norm(dim=1, keepdim=True) + eps)
+    return xc / (_norm(xc) + eps), yc / (_norm(yc) + eps)
 
 
 def contextual_features_backward(

@@ -46,7 +46,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
     if worst > rtol * scale:
         idx = torch.topk(err.flatten(), min(5, err.numel())).indices
         rows = "\n".join(
-            f"  at {tuple(torch.unravel_index(i, err.shape))}: got {actual.flatten()[i]:.8g}, "
+            f"  at {tuple(torch.unravel_index(torch.tensor(i), err.shape))}: got {actual.flatten()[i]:.8g}, "
             f"expected {expected.flatten()[i]:.8g}" for i in idx.tolist()
         )
         raise AssertionError(f"{name}: max error {worst:.3g} > {rtol:g} * {scale:.3g}\n{rows}")

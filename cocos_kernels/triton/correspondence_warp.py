@@ -366,7 +366,9 @@ def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, ne
 def _center_and_norm(x_cols, offs_n, mask_n, N, C: tl.constexpr, CENTER: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per position (column of the (C, N) map): the channel mean (0 without CENTER) and |x - mean|.
-    Two passes rather than sum(x^2) - C mean^2, which cancels when the mean dwarfs the spread."""
+    Two passes rather than sum(x^2) - C mean^2, which cancels when the mean dwarfs the spread;
+    the squares are taken of (x - mean) / max|x - mean|, so float32 features of magnitude 1e20
+    (squares 1e40) or 1e-30 (squares 0) still get their norm."""
     mean = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if CENTER:
         for c0 in range(0, C, BLOCK_C):
@@ -374,14 +376,22 @@ def _center_and_norm(x_cols, offs_n, mask_n, N, C: tl.constexpr, CENTER: tl.cons
             x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=(offs_c[:, None] < C) & mask_n[None, :], other=0.0)
             mean += tl.sum(x.to(tl.float32), 0)
         mean = mean / C
-    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    big = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask = (offs_c[:, None] < C) & mask_n[None, :]
         x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
         c = tl.where(mask, x.to(tl.float32) - mean[None, :], 0.0)
+        big = tl.maximum(big, tl.max(tl.abs(c), 0))
+    scale = tl.where(big > 0, big, 1.0)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c[:, None] < C) & mask_n[None, :]
+        x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        c = tl.where(mask, (x.to(tl.float32) - mean[None, :]) / scale[None, :], 0.0)
         sq += tl.sum(c * c, 0)
-    return mean, tl.sqrt(sq)
+    return mean, tl.sqrt(sq) * scale
 
 
 @triton.jit
@@ -429,9 +439,12 @@ def _prologue_backward_kernel(X, G, DX, N, eps, C: tl.constexpr, CENTER: tl.cons
     # f = c / s with s = |c| + eps: df/dc = I/s - c c^T / (s^2 |c|), and 0 radially where |c| = 0
     # (autograd's norm backward); centring then subtracts the channel mean of the gradient,
     # whose radial part has mean 0 because c does.
+    # Evaluated as inv * (g - (c/|c|) (g . c/|c|) |c|/s): every factor stays in float32's range
+    # even for |c| ~ 1e30 or 1e-30 (inv^2 / |c| would not).
+    safe_norm = tl.where(norm > 0, norm, 1.0)
     if NORMALIZE:
         inv = 1.0 / (norm + eps)
-        radial = tl.where(norm > 0, g_dot_c * inv * inv / tl.where(norm > 0, norm, 1.0), 0.0)
+        radial = tl.where(norm > 0, g_dot_c / safe_norm, 0.0) * (norm * inv)
     else:
         inv = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
         radial = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -444,7 +457,8 @@ def _prologue_backward_kernel(X, G, DX, N, eps, C: tl.constexpr, CENTER: tl.cons
         mask = (offs_c[:, None] < C) & mask_n[None, :]
         x = tl.load(x_cols + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
         g = tl.load(g_rows + offs_n[None, :] * C + offs_c[:, None], mask=mask, other=0.0)
-        dx = (g - g_mean[None, :]) * inv[None, :] - (x.to(tl.float32) - mean[None, :]) * radial[None, :]
+        direction = (x.to(tl.float32) - mean[None, :]) / safe_norm[None, :]
+        dx = ((g - g_mean[None, :]) - direction * radial[None, :]) * inv[None, :]
         tl.store(dx_cols + offs_c[:, None] * N + offs_n[None, :], dx, mask=mask)
 
 
