@@ -2,6 +2,8 @@
 
 They hold the full (Nq x Nk) matrix: the judge of every backend (evaluated in float64 by the
 tests), the baseline of every benchmark, and a user's escape hatch (plain autograd, any device).
+One deliberate difference: L2 norms are taken overflow-safe (features.py `_norm`), bit-identical
+to the reference code's wherever its float32 sum of squares neither overflows nor underflows.
 """
 from __future__ import annotations
 
