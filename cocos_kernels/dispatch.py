@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -167,4 +168,26 @@ def select(name: str, device: torch.device, dtype: torch.dtype, op: str | None =
         reason = backend.op_refusal(op)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this input: {reason}")
+    return backend
+
+
+@torch.compiler.assume_constant_result
+def _selected_name(op: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Selection may build an extension: torch.compile must take its answer, not trace it.
+    return select(name, device, dtype, op).name
+
+
+_warned_materialised: set[tuple[str, str]] = set()
+
+
+def choose(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """`select` for a call of the public op `op`; says once per (op, device type) when "auto" had
+    to fall back to the materialised reference."""
+    backend = BACKENDS[_selected_name(op, name, device, dtype)]
+    if not backend.fused and name == "auto" and (op, device.type) not in _warned_materialised:
+        _warned_materialised.add((op, device.type))
+        warnings.warn(
+            f"cocos_kernels: no fused {op} for {device.type} tensors here; using the materialised "
+            "reference (memory grows with (H*W)^2)", stacklevel=3,
+        )
     return backend

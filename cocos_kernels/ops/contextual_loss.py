@@ -13,13 +13,12 @@ materialised reference).
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, select
+from ..dispatch import BACKENDS, choose
 from ..features import DEFAULT_EPS, contextual_features, contextual_features_backward
 from ..validation import (
     check_backend,
@@ -135,15 +134,6 @@ def _check_arguments(x, y, bandwidth, center, eps, backend) -> None:
     check_backend(backend)
 
 
-_warned_materialised: set[str] = set()
-
-
-@torch.compiler.assume_constant_result
-def _backend_for(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    # Selection may build an extension: torch.compile must take its answer, not trace it.
-    return select(backend, device, dtype, OP).name
-
-
 def contextual_loss(
     x: Tensor,
     y: Tensor,
@@ -174,14 +164,8 @@ def contextual_loss(
         (B,) losses in x's dtype; differentiable w.r.t. x and y.
     """
     _check_arguments(x, y, bandwidth, center, eps, backend)
-    chosen = BACKENDS[_backend_for(backend, x.device, x.dtype)]
+    chosen = choose(OP, backend, x.device, x.dtype)
     if not chosen.fused:
-        if backend == "auto" and x.device.type not in _warned_materialised:
-            _warned_materialised.add(x.device.type)
-            warnings.warn(
-                f"cocos_kernels: no fused contextual_loss for {x.device.type} tensors here; using the "
-                "materialised reference (memory grows with (H*W)^2)", stacklevel=2,
-            )
         return reference.contextual_loss(x, y, bandwidth, center, eps)
     loss, *_ = torch.ops.cocos_kernels.contextual_loss(x, y, float(bandwidth), center, float(eps), chosen.name)
     return loss

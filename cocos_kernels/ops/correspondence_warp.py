@@ -9,14 +9,13 @@ recomputed in backward: the op saves its inputs, output and logsumexp, never an 
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, select
+from ..dispatch import BACKENDS, choose
 from ..validation import (
     check_backend,
     check_choice,
@@ -199,15 +198,6 @@ def _check_arguments(query, key, value, temperature, center, normalize, patch_si
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
 
 
-_warned_materialised: set[str] = set()
-
-
-@torch.compiler.assume_constant_result
-def _backend_for(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    # Selection may build an extension: torch.compile must take its answer, not trace it.
-    return select(backend, device, dtype).name
-
-
 @torch.compiler.assume_constant_result
 def _default_precision() -> str:
     return _MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
@@ -253,14 +243,8 @@ def correspondence_warp(
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
     _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision)
-    chosen = BACKENDS[_backend_for(backend, query.device, query.dtype)]
+    chosen = choose("correspondence_warp", backend, query.device, query.dtype)
     if not chosen.fused:
-        if backend == "auto" and query.device.type not in _warned_materialised:
-            _warned_materialised.add(query.device.type)
-            warnings.warn(
-                f"cocos_kernels: no fused backend for {query.device.type} tensors here; using the "
-                "materialised reference (memory grows with (H*W)^2)", stacklevel=2,
-            )
         return reference.correspondence_warp(
             query, key, value, temperature, center, normalize, patch_size, eps
         )
