@@ -5,7 +5,7 @@ fused backend implements on prepared features (see `cocos_kernels/ops/correspond
   correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
   correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)
       -> (dq, dk, dv), None where not requested
-A backend declaring `precision_arg` takes `precision=` ("ieee", "tf32x3", "tf32") in both, for its
+A backend declaring `precision_arg` takes `precision=` (one of PRECISIONS) in both, for its
 float32 tile products; a kernels object with `input_dtype(dtype)` takes the prepared features,
 value and grad_out in that dtype (otherwise float32 for half inputs), and returns float32 gradients;
 one with `prepare_features` / `prepare_features_backward` runs the prologue itself where they
@@ -27,6 +27,8 @@ from typing import Callable
 
 import torch
 
+# How float32 tile products may use tensor cores: full float32, split tf32 (near float32), tf32.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, choose
+from ..dispatch import BACKENDS, PRECISIONS, choose
 from ..validation import (
     check_backend,
     check_choice,
@@ -27,7 +27,6 @@ from ..validation import (
 from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
 
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 # torch.get_float32_matmul_precision() -> the float32 tile-product precision it asks for.
 _MATMUL_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 

@@ -35,12 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import PRECISIONS
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuning compiles and times every config for each new (D, Cv, dtype): worth it for a
 # training run, not for a test suite sweeping dozens of shapes (`COCOS_KERNELS_TRITON_AUTOTUNE=0`).
 AUTOTUNE = not INTERPRETED and os.environ.get("COCOS_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 # Every BLOCK_N of the configs divides this, so a key split of a multiple of it never leaves a
 # program a partial block in the middle of the key axis.
 _KEY_SPLIT_GRANULE = 128
