@@ -5,6 +5,7 @@ fused backend implements on prepared features (see `cocos_kernels/ops/correspond
   correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
   correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)
       -> (dq, dk, dv), None where not requested
+A backend declaring the feature "key_mask" takes `key_mask=` ((B, Nk) bool or None) in both.
 A backend declaring `precision_arg` takes `precision=` (one of PRECISIONS) in both, for its
 float32 tile products; a kernels object with `input_dtype(dtype)` takes the prepared features,
 value and grad_out in that dtype (otherwise float32 for half inputs), and returns float32 gradients;
@@ -29,6 +30,9 @@ import torch
 
 # How float32 tile products may use tensor cores: full float32, split tf32 (near float32), tf32.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
+# Optional arguments of correspondence_warp a fused backend may implement (Backend.features):
+# "key_mask": its kernels take key_mask= ((B, Nk) bool) in forward and backward.
+OPTIONAL_FEATURES = frozenset({"key_mask"})
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
@@ -46,6 +50,9 @@ class Backend:
     # Further refusals beyond device and dtype: (device, dtype) -> reason or None.
     check: Callable[[torch.device, torch.dtype], str | None] | None = field(default=None, compare=False)
     precision_arg: bool = False  # its kernels take precision= for float32 tile products
+    # Optional op arguments its kernels implement (see OPTIONAL_FEATURES); select() refuses a
+    # backend for a call that uses one it lacks.
+    features: frozenset[str] = frozenset()
 
     def kernels(self):
         return _load(self.name)
@@ -78,6 +85,12 @@ class Backend:
         kernels = self.kernels()
         missing = [f"{op}_{part}" for part in ("forward", "backward") if not hasattr(kernels, f"{op}_{part}")]
         return f"it does not implement {op} (its kernels have no {', '.join(missing)})" if missing else None
+
+    def feature_refusal(self, features) -> str | None:
+        """Why this backend cannot take a call using these optional arguments, or None. The
+        reference does everything in plain PyTorch."""
+        missing = sorted(set(features) - self.features) if self.fused else []
+        return f"it does not implement {', '.join(missing)}" if missing else None
 
     def auto_refusal(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why backend="auto" does not pick this backend for these tensors, or None."""
@@ -137,13 +150,14 @@ def _triton_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 register(Backend("reference", 0, frozenset({"cpu", "cuda"}), FLOAT_DTYPES, fused=False))
-register(Backend("cpu", 10, frozenset({"cpu"}), FLOAT_DTYPES, fused=True, load=_load_cpu))
+register(Backend("cpu", 10, frozenset({"cpu"}), FLOAT_DTYPES, fused=True, load=_load_cpu,
+                 features=frozenset({"key_mask"})))
 # float64 is refused: the kernels accumulate in float32, and tl.dot on float64 is not available
 # on every GPU triton 3.6 targets. float64 runs on the cpu backend or the reference.
 register(Backend(
     "triton", 20, frozenset({"cuda", "cpu"} if TRITON_INTERPRETED else {"cuda"}),
     frozenset({torch.float16, torch.bfloat16, torch.float32}), fused=True, load=_load_triton,
-    auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True,
+    auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True, features=frozenset({"key_mask"}),
 ))
 
 
@@ -151,14 +165,17 @@ def backend_names() -> tuple[str, ...]:
     return ("auto", *BACKENDS)
 
 
-def select(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None) -> Backend:
+def select(name: str, device: torch.device, dtype: torch.dtype, op: str | None = None,
+           features: tuple[str, ...] = ()) -> Backend:
     """The backend `name` ("auto" or a registered name) for these tensors, or a ValueError saying why not.
 
-    With `op`, only a backend implementing that op qualifies (see `Backend.op_refusal`).
+    With `op`, only a backend implementing that op qualifies (see `Backend.op_refusal`); with
+    `features`, only one implementing those optional arguments (see `Backend.feature_refusal`).
     """
     if name == "auto":
         for backend in sorted(BACKENDS.values(), key=lambda b: -b.priority):
-            if backend.auto_refusal(device, dtype) is None and (op is None or backend.op_refusal(op) is None):
+            if (backend.auto_refusal(device, dtype) is None and (op is None or backend.op_refusal(op) is None)
+                    and backend.feature_refusal(features) is None):
                 return backend
         wanted = "" if op is None else f" for {op}"
         raise ValueError(f"backend='auto': no backend accepts {device.type} {dtype} tensors{wanted}")
@@ -168,24 +185,26 @@ def select(name: str, device: torch.device, dtype: torch.dtype, op: str | None =
     reason = backend.refusal(device, dtype)
     if reason is None and op is not None:
         reason = backend.op_refusal(op)
+    if reason is None:
+        reason = backend.feature_refusal(features)
     if reason is not None:
         raise ValueError(f"backend={name!r} cannot run this input: {reason}")
     return backend
 
 
 @torch.compiler.assume_constant_result
-def _selected_name(op: str, name: str, device: torch.device, dtype: torch.dtype) -> str:
+def _selected_name(op: str, name: str, device: torch.device, dtype: torch.dtype, features: tuple[str, ...]) -> str:
     # Selection may build an extension: torch.compile must take its answer, not trace it.
-    return select(name, device, dtype, op).name
+    return select(name, device, dtype, op, features).name
 
 
 _warned_materialised: set[tuple[str, str]] = set()
 
 
-def choose(op: str, name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+def choose(op: str, name: str, device: torch.device, dtype: torch.dtype, features: tuple[str, ...] = ()) -> Backend:
     """`select` for a call of the public op `op`; says once per (op, device type) when "auto" had
     to fall back to the materialised reference."""
-    backend = BACKENDS[_selected_name(op, name, device, dtype)]
+    backend = BACKENDS[_selected_name(op, name, device, dtype, tuple(features))]
     if not backend.fused and name == "auto" and (op, device.type) not in _warned_materialised:
         _warned_materialised.add((op, device.type))
         warnings.warn(

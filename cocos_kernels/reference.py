@@ -21,6 +21,8 @@ def correspondence_warp(
     normalize: bool = True,
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
+    key_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
 ) -> torch.Tensor:
     """softmax(theta^T phi / temperature) @ value, materialised. Shapes as `cocos_kernels.correspondence_warp`."""
     B, _, Hq, Wq = query.shape
@@ -28,7 +30,17 @@ def correspondence_warp(
     phi = normalize_features(key, center, normalize, patch_size, eps)  # (B, D, Nk)
     f = torch.matmul(theta.transpose(1, 2), phi) / temperature  # (B, Nq, Nk)
     v = value.reshape(B, value.shape[1], -1).transpose(1, 2)  # (B, Nk, Cv)
-    out = torch.matmul(torch.softmax(f, dim=-1), v)  # (B, Nq, Cv)
+    if key_mask is not None:
+        f = f.masked_fill(~key_mask.reshape(B, 1, -1), float("-inf"))
+    if top_k is not None:  # only each row's top_k scores take part
+        f = f.masked_fill(f < f.topk(top_k, dim=-1).values[..., -1:], float("-inf"))
+    if key_mask is None:
+        a = torch.softmax(f, dim=-1)
+    else:
+        # A sample with every key masked would softmax a row of -inf (NaN): its rows are 0.
+        any_kept = key_mask.reshape(B, 1, -1).any(dim=-1, keepdim=True)
+        a = torch.softmax(f.masked_fill(~any_kept, 0.0), dim=-1) * any_kept
+    out = torch.matmul(a, v)  # (B, Nq, Cv)
     return out.transpose(1, 2).reshape(B, value.shape[1], Hq, Wq)
 
 

@@ -51,3 +51,35 @@ def check_choice(name: str, value, choices: tuple) -> None:
 
 def check_backend(backend) -> None:
     check_choice("backend", backend, backend_names())
+
+
+def check_patch_size(patch_size) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be an odd integer >= 1, got {patch_size!r}")
+
+
+def check_normalize(normalize) -> None:
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+
+
+def check_top_k(name: str, k, key: torch.Tensor) -> None:
+    """An integer in [1, Hk * Wk]."""
+    nk = key.shape[2] * key.shape[3]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= nk:
+        raise ValueError(f"{name} must be an integer in [1, {nk}] (the key grid's Hk*Wk), got {k!r}")
+
+
+def check_key_mask(key_mask, key) -> None:
+    """None, or a bool (B, Hk, Wk) tensor on key's device."""
+    if key_mask is None:
+        return
+    if not isinstance(key_mask, torch.Tensor):
+        raise TypeError(f"key_mask must be None or a torch.Tensor, got {type(key_mask).__name__}")
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a bool tensor (True = may be matched), got dtype {key_mask.dtype}")
+    B, _, Hk, Wk = key.shape
+    if tuple(key_mask.shape) != (B, Hk, Wk):
+        raise ValueError(f"key_mask must have shape (B, Hk, Wk) = {(B, Hk, Wk)} of the key, got {tuple(key_mask.shape)}")
+    if key_mask.device != key.device:
+        raise ValueError(f"key_mask is on {key_mask.device} but key is on {key.device}")

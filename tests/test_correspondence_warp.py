@@ -194,7 +194,8 @@ def test_explicit_backend_that_cannot_run_says_why():
 def test_opcheck(backend, device):
     skip_unless_runs(backend, device, torch.float64)
     q, k, v = (t.requires_grad_() for t in make_inputs((2, 5, 3, (3, 4), (4, 3)), torch.float64, device))
-    for args in ((q, k, v, 0.1, "channel", True, 3, 1e-12, backend), (q, k, v, 1.0, None, False, 1, 0.0, backend)):
+    mask = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(0)).to(device) > 0.3
+    for args in ((q, k, v, None, 0.1, "channel", True, 3, 1e-12, backend), (q, k, v, mask, 1.0, None, False, 1, 0.0, backend)):
         torch.library.opcheck(torch.ops.cocos_kernels.correspondence_warp.default, args)
 
 

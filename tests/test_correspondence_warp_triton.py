@@ -164,7 +164,8 @@ def test_opcheck_float32(device):
     # The shared opcheck runs in float64, which the triton backend refuses.
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 5, 3, 4, generator=g).to(device).requires_grad_() for _ in range(3))
-    for args in ((q, k, v, 0.1, "channel", True, 3, 1e-12, "triton", "tf32"), (q, k, v, 1.0, None, False, 1, 0.0, "triton")):
+    mask = torch.rand(2, 3, 4, generator=g).to(device) > 0.3
+    for args in ((q, k, v, None, 0.1, "channel", True, 3, 1e-12, "triton", "tf32"), (q, k, v, mask, 1.0, None, False, 1, 0.0, "triton")):
         torch.library.opcheck(torch.ops.cocos_kernels.correspondence_warp.default, args)
 
 
@@ -205,3 +206,23 @@ def test_prologue_leaves_patches_and_spatial_centring_to_pytorch(kernels, center
     x = torch.randn(1, 3, 4, 4, device=device)
     assert kernels.prepare_features(x, center, True, patch_size, 1e-12, torch.float32) is None
     assert kernels.prepare_features_backward(x.new_zeros(1, 16, 3 * patch_size**2), x, center, True, patch_size, 1e-12) is None
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["one-split", "3-splits"])
+def test_key_mask_with_splits_and_a_fully_masked_sample(kernels, num_splits, device):
+    # Sample 0 keeps only keys in the last split; sample 1 keeps none (out 0, lse -inf, grads 0).
+    B, Nq, Nk, D, Cv, scale = 2, 9, 300, 12, 5, 100.0
+    q, k, v, grad_out = prepared(B, Nq, Nk, D, Cv, torch.float32, device)
+    mask = torch.zeros(B, Nk, dtype=torch.bool, device=device)
+    mask[0, 260:] = True
+    out, lse = kernels.correspondence_warp_forward(q, k, v, scale, key_mask=mask, num_splits=num_splits)
+    expected = reference(q[:1], k[:1, 260:], v[:1, :, 260:], grad_out[:1], scale)
+    assert_close(out[:1], expected[0], 2e-5, "out")
+    assert_close(lse[:1], expected[1], 2e-5, "lse")
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isneginf(lse[1]).all()
+    dq, dk, dv = kernels.correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, True, True, True, key_mask=mask)
+    assert_close(dq[:1], expected[2], 2e-5, "dq")
+    assert_close(dk[:1, 260:], expected[3], 2e-5, "dk")
+    assert_close(dv[:1, :, 260:], expected[4], 2e-5, "dv")
+    for g in (dk[:1, :260], dv[:1, :, :260], dq[1], dk[1], dv[1]):
+        assert torch.equal(g, torch.zeros_like(g))

@@ -8,7 +8,6 @@ recomputed in backward: the op saves its inputs, output and logsumexp, never an 
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
@@ -16,15 +15,20 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import BACKENDS, PRECISIONS, choose
+from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
 from ..validation import (
     check_backend,
     check_choice,
     check_eps,
     check_feature_map,
+    check_key_mask,
+    check_normalize,
+    check_patch_size,
     check_positive,
     check_same_dtype_and_device,
+    check_top_k,
 )
-from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
+from .correspondence_topk import topk_warp
 
 
 # torch.get_float32_matmul_precision() -> the float32 tile-product precision it asks for.
@@ -74,11 +78,17 @@ def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1).to(dtype).contiguous()
 
 
+def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
+    # Only a call with a mask passes it: backends without the "key_mask" feature never see one.
+    return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
+
+
 @torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
 def _correspondence_warp(
     query: Tensor,
     key: Tensor,
     value: Tensor,
+    key_mask: Optional[Tensor],
     temperature: float,
     center: Optional[str],
     normalize: bool,
@@ -92,14 +102,14 @@ def _correspondence_warp(
     qf = _features(kernels, query, center, normalize, patch_size, eps, it)
     kf = _features(kernels, key, center, normalize, patch_size, eps, it)
     out, lse = kernels.correspondence_warp_forward(
-        qf, kf, _flat(value, it), 1.0 / temperature, **_precision_kwargs(backend, precision)
+        qf, kf, _flat(value, it), 1.0 / temperature, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision)
     )
     B, Cv, (_, _, Hq, Wq) = value.shape[0], value.shape[1], query.shape
     return out.view(B, Cv, Hq, Wq).to(value.dtype), lse
 
 
 @_correspondence_warp.register_fake
-def _(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision="ieee"):
+def _(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision="ieee"):
     B, _, Hq, Wq = query.shape
     out = value.new_empty((B, value.shape[1], Hq, Wq))
     return out, query.new_empty((B, Hq * Wq), dtype=_compute_dtype(query.dtype))
@@ -111,6 +121,7 @@ def _correspondence_warp_backward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
+    key_mask: Optional[Tensor],
     out: Tensor,
     lse: Tensor,
     temperature: float,
@@ -131,7 +142,7 @@ def _correspondence_warp_backward(
     kf = _features(kernels, key, *prologue, it)
     dqf, dkf, dv = kernels.correspondence_warp_backward(
         _flat(grad_out, it), qf, kf, _flat(value, it), _flat(out, it), lse, 1.0 / temperature,
-        need_query, need_key, need_value, **_precision_kwargs(backend, precision),
+        need_query, need_key, need_value, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision),
     )
     del qf, kf  # the prologue's backward below is the op's memory peak
 
@@ -145,7 +156,7 @@ def _correspondence_warp_backward(
 
 
 @_correspondence_warp_backward.register_fake
-def _(grad_out, query, key, value, out, lse, temperature, center, normalize, patch_size, eps,
+def _(grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize, patch_size, eps,
       backend, precision, need_query, need_key, need_value):
     def like(x, needed):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
@@ -154,26 +165,26 @@ def _(grad_out, query, key, value, out, lse, temperature, center, normalize, pat
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, *params = inputs
+    query, key, value, key_mask, *params = inputs
     out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse)
+    ctx.save_for_backward(query, key, value, key_mask, out, lse)
     ctx.params = params
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, out, lse = ctx.saved_tensors
+    query, key, value, key_mask, out, lse = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     grads = torch.ops.cocos_kernels.correspondence_warp_backward(
-        grad_out.contiguous(), query, key, value, out, lse, *ctx.params, *needs
+        grad_out.contiguous(), query, key, value, key_mask, out, lse, *ctx.params, *needs
     )
-    return (*(g if need else None for g, need in zip(grads, needs)), *([None] * len(ctx.params)))
+    return (*(g if need else None for g, need in zip(grads, needs)), None, *([None] * len(ctx.params)))
 
 
 _correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision):
+def _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
     maps = {"query": query, "key": key, "value": value}
     for name, x in maps.items():
         check_feature_map(name, x)
@@ -185,12 +196,11 @@ def _check_arguments(query, key, value, temperature, center, normalize, patch_si
         raise ValueError(f"query and key must have the same number of channels: {shapes}")
     if value.shape[2:] != key.shape[2:]:
         raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
+    check_key_mask(key_mask, key)
     check_positive("temperature", temperature)
     check_choice("center", center, CENTER_MODES)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1 or patch_size % 2 == 0:
-        raise ValueError(f"patch_size must be an odd integer >= 1, got {patch_size!r}")
+    check_normalize(normalize)
+    check_patch_size(patch_size)
     check_eps(eps)
     check_backend(backend)
     if precision is not None and precision not in PRECISIONS:
@@ -212,6 +222,8 @@ def correspondence_warp(
     normalize: bool = True,
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
+    key_mask: Tensor | None = None,
+    top_k: int | None = None,
     backend: str = "auto",
     precision: str | None = None,
 ) -> Tensor:
@@ -232,6 +244,11 @@ def correspondence_warp(
             temperature=1 gives plain softmax(Q^T K) V attention).
         patch_size: odd k; each position's feature is its zero-padded k x k neighbourhood.
         eps: added to the L2 norm, as the reference code does.
+        key_mask: None, or (B, Hk, Wk) bool, False at exemplar positions that must not be
+            matched (padding, occlusions): they get softmax weight 0. A query whose keys are all
+            masked warps to zeros, with zero gradients (never NaN).
+        top_k: None, or k in [1, Hk*Wk]: each query softmaxes over its k most similar keys only
+            (sparse correspondence); blockwise PyTorch on every backend, see `correspondence_topk`.
         backend: "auto", or one of the registered backends ("reference", "cpu", "triton", ...).
         precision: how float32 tile products use tensor cores where a backend has them (triton):
             "ieee" (full float32), "tf32x3" (split tf32, near float32) or "tf32"; None follows
@@ -241,14 +258,19 @@ def correspondence_warp(
     Returns:
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
-    _check_arguments(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision)
-    chosen = choose("correspondence_warp", backend, query.device, query.dtype)
+    _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
+    if top_k is not None:
+        check_top_k("top_k", top_k, key)
+    features = () if key_mask is None else ("key_mask",)
+    chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
         return reference.correspondence_warp(
-            query, key, value, temperature, center, normalize, patch_size, eps
+            query, key, value, temperature, center, normalize, patch_size, eps, key_mask, top_k
         )
+    if top_k is not None:
+        return topk_warp(query, key, value, top_k, temperature, center, normalize, patch_size, eps, key_mask)
     out, _ = torch.ops.cocos_kernels.correspondence_warp(
-        query, key, value, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
+        query, key, value, key_mask, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
         _default_precision() if precision is None else precision,
     )
     return out
@@ -265,19 +287,22 @@ class CorrespondenceWarp(torch.nn.Module):
         normalize: bool = True,
         patch_size: int = 1,
         eps: float = DEFAULT_EPS,
+        top_k: int | None = None,
         backend: str = "auto",
         precision: str | None = None,
     ):
         super().__init__()
         self.temperature, self.center, self.normalize = temperature, center, normalize
-        self.patch_size, self.eps, self.backend, self.precision = patch_size, eps, backend, precision
+        self.patch_size, self.eps, self.top_k = patch_size, eps, top_k
+        self.backend, self.precision = backend, precision
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
         return correspondence_warp(
             query, key, value, self.temperature, center=self.center, normalize=self.normalize,
-            patch_size=self.patch_size, eps=self.eps, backend=self.backend, precision=self.precision,
+            patch_size=self.patch_size, eps=self.eps, key_mask=key_mask, top_k=self.top_k, backend=self.backend,
+            precision=self.precision,
         )
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, center={self.center!r}, normalize={self.normalize}, "
-                f"patch_size={self.patch_size}, backend={self.backend!r}, precision={self.precision!r}")
+                f"patch_size={self.patch_size}, top_k={self.top_k}, backend={self.backend!r}, precision={self.precision!r}")

@@ -132,10 +132,19 @@ def _accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b
         tl.store(ptrs, tl.dot(weights.to(src.dtype), src, old, input_precision=PRECISION), mask=mask)
 
 
+@triton.jit
+def _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK: tl.constexpr):
+    """Which keys of the block take part: in range and, with a key mask, not masked out."""
+    if HAS_MASK:
+        return mask_n & (tl.load(KeyMask + batch * Nk + offs_n, mask=mask_n, other=0) != 0)
+    return mask_n
+
+
 @_tune
 @triton.jit
-def _forward_kernel(Q, K, V, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
+def _forward_kernel(Q, K, V, KeyMask, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
                     D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                    HAS_MASK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
     pid_m, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = pid_b.to(tl.int64)
@@ -164,10 +173,12 @@ def _forward_kernel(Q, K, V, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         else:
             s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-        s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one key
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        s = tl.where(_keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)[None, :], s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # -inf while every key so far is masked out: shift by 0 so the exps are 0, not NaN.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m_i - shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cols + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -175,15 +186,16 @@ def _forward_kernel(Q, K, V, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
 
     # Out/Lse are (splits, B, CV, Nq) / (splits, B, Nq); splits == 1 writes the final result.
     part = pid_s.to(tl.int64) * tl.num_programs(1) + batch
-    out = acc / l_i[:, None]
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l = 0 (every key masked out): acc is 0
     tl.store(Out + part * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], out, mask=mask_m[:, None] & mask_c[None, :])
     tl.store(Lse + part * Nq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
 @_tune
 @triton.jit
-def _backward_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
+def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
                         D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                        HAS_MASK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
     pid_m, pid_b = tl.program_id(0), tl.program_id(1)
     batch = pid_b.to(tl.int64)
@@ -213,7 +225,8 @@ def _backward_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
         else:
             s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
         # Masked before exp2: a padded key's score of 0 can sit far above a row's logsumexp.
-        p = tl.exp2(tl.where(mask_n[None, :], s * scale_log2 - lse2[:, None], float("-inf")))
+        keep = _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)
+        p = tl.exp2(tl.where(keep[None, :], s * scale_log2 - lse2[:, None], float("-inf")))
         v = tl.load(v_cols + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None]) * scale
@@ -227,8 +240,9 @@ def _backward_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
 
 @_tune
 @triton.jit
-def _backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq, Nk,
+def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq, Nk,
                           D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
+                          HAS_MASK: tl.constexpr,
                           NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
     pid_n, pid_b = tl.program_id(0), tl.program_id(1)
@@ -239,6 +253,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < Nk
+    keep = _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)
     offs_c = tl.arange(0, BLOCK_CV)
     mask_c = offs_c < CV
     offs_d = tl.arange(0, BLOCK_D)
@@ -257,7 +272,7 @@ def _backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq
         else:
             st = _scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
         lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        pt = tl.exp2(tl.where(mask_n[:, None] & mask_m[None, :], st * scale_log2 - lse2[None, :], float("-inf")))
+        pt = tl.exp2(tl.where(keep[:, None] & mask_m[None, :], st * scale_log2 - lse2[None, :], float("-inf")))
         do = tl.load(DO + batch * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         if NEED_DV:
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -292,6 +307,14 @@ def _check(*tensors: torch.Tensor) -> None:
             raise ValueError("the Triton correspondence_warp kernels take contiguous tensors")
 
 
+def _mask_args(key_mask, q):
+    """(tensor for the KeyMask pointer, HAS_MASK): without a mask the kernels never read it."""
+    if key_mask is None:
+        return q, False
+    _check(key_mask)
+    return key_mask.view(torch.uint8), True
+
+
 def _num_key_splits(batch: int, nq: int, nk: int, device: torch.device) -> int:
     """How many programs share each query block's keys: enough for ~2 programs per SM."""
     if INTERPRETED or device.type != "cuda":
@@ -303,12 +326,15 @@ def _num_key_splits(batch: int, nq: int, nk: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(nk, 2 * _KEY_SPLIT_GRANULE)))
 
 
-def correspondence_warp_forward(q, k, v, scale, precision="ieee", num_splits=None):
+def correspondence_warp_forward(q, k, v, scale, key_mask=None, precision="ieee", num_splits=None):
     """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T.
 
-    num_splits: how many programs share one query block's keys (None: as the grid needs).
+    key_mask: None or (B, Nk) bool, False for keys that get no weight (a row with none left
+    gets out 0 and lse -inf). num_splits: how many programs share one query block's keys (None:
+    as the grid needs).
     """
     _check(q, k, v)
+    mask_args = _mask_args(key_mask, q)
     B, Nq, D = q.shape
     Nk, Cv = k.shape[1], v.shape[1]
     splits = _num_key_splits(B, Nq, Nk, q.device) if num_splits is None else int(num_splits)
@@ -324,36 +350,38 @@ def correspondence_warp_forward(q, k, v, scale, precision="ieee", num_splits=Non
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B, splits)
 
     _forward_kernel[grid](
-        q, k, v, out, lse, float(scale) * _LOG2E, Nq, Nk, keys_per_split,
-        D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision),
+        q, k, v, mask_args[0], out, lse, float(scale) * _LOG2E, Nq, Nk, keys_per_split,
+        D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=mask_args[1],
     )
     if splits == 1:
         return out[0], lse[0]
     # Each split holds its keys' softmax-weighted mean and logsumexp: reweight by exp(lse_s - lse).
     total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total)
+    weights = torch.where(total == float("-inf"), 0.0, torch.exp(lse - total))  # -inf: all keys masked
     return (out * weights[:, :, None, :]).sum(0).to(v.dtype), total
 
 
-def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, precision="ieee"):
+def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None,
+                                 precision="ieee"):
     """(dq, dk, dv) in float32, None where not requested."""
     _check(grad_out, q, k, v, out, lse)
+    mask_ptr, has_mask = _mask_args(key_mask, q)
     B, Nq, D = q.shape
     Nk, Cv = k.shape[1], v.shape[1]
     delta = (grad_out.float() * out.float()).sum(1)  # (B, Nq)
     lse = lse.float()
-    common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision))
+    common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=has_mask)
     dq = dk = dv = None
     if need_dq:
         dq = torch.empty((B, Nq, D), device=q.device, dtype=torch.float32)
         _backward_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
-            q, k, v, grad_out, lse, delta, dq, float(scale) * _LOG2E, float(scale), Nq, Nk, **common,
+            q, k, v, mask_ptr, grad_out, lse, delta, dq, float(scale) * _LOG2E, float(scale), Nq, Nk, **common,
         )
     if need_dk or need_dv:
         dk_buf = torch.empty((B, Nk, D) if need_dk else (1,), device=q.device, dtype=torch.float32)
         dv_buf = torch.empty((B, Cv, Nk) if need_dv else (1,), device=q.device, dtype=torch.float32)
         _backward_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-            q, k, v, grad_out, lse, delta, dk_buf, dv_buf, float(scale) * _LOG2E, float(scale), Nq, Nk,
+            q, k, v, mask_ptr, grad_out, lse, delta, dk_buf, dv_buf, float(scale) * _LOG2E, float(scale), Nq, Nk,
             NEED_DK=bool(need_dk), NEED_DV=bool(need_dv), **common,
         )
         dk = dk_buf if need_dk else None

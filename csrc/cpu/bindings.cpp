@@ -5,10 +5,15 @@
 #include "correspondence_warp.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.def("correspondence_warp_forward", &cocos_kernels::correspondence_warp_forward,
-        "fused correspondence warp forward (out, lse)");
+        "fused correspondence warp forward (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("scale"), py::arg("key_mask") = py::none());
   m.def("correspondence_warp_backward", &cocos_kernels::correspondence_warp_backward,
-        "fused correspondence warp backward (dq, dk, dv)");
+        "fused correspondence warp backward (dq, dk, dv)", py::arg("grad_out"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+        py::arg("need_dq"), py::arg("need_dk"), py::arg("need_dv"),
+        py::arg("key_mask") = py::none());
   m.def("contextual_loss_forward", &cocos_kernels::contextual_loss_forward,
         "fused contextual loss forward: per-row (m, argmin, s, t)");
   m.def("contextual_loss_backward", &cocos_kernels::contextual_loss_backward,

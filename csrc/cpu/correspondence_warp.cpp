@@ -107,9 +107,19 @@ void accumulate_dv(const T* dob, int64_t ldo, const T* p, int64_t bq, int64_t bk
   }
 }
 
+// Scores of masked-out keys (key_mask[j] false) become -inf: they get softmax weight 0.
 template <typename T>
-void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B, int64_t Nq,
-                  int64_t Nk, int64_t D, int64_t Cv, T scale) {
+void mask_keys(T* s, int64_t bq, int64_t bk, const bool* key_mask) {
+  for (int64_t j = 0; j < bk; ++j) {
+    if (key_mask[j]) continue;
+    for (int64_t r = 0; r < bq; ++r) s[r * bk + j] = -std::numeric_limits<T>::infinity();
+  }
+}
+
+template <typename T>
+void forward_impl(const T* q, const T* k, const T* v, const bool* key_mask, T* out, T* lse,
+                  int64_t B, int64_t Nq, int64_t Nk, int64_t D, int64_t Cv, T scale) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t nqb = (Nq + BQ - 1) / BQ;
   at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(BQ * BK), acc(BQ * Cv), m(BQ), l(BQ);
@@ -122,11 +132,14 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B,
       for (int64_t j0 = 0; j0 < Nk; j0 += BK) {
         const int64_t bk = std::min(BK, Nk - j0);
         gemm<T>(false, true, bq, bk, D, scale, qb, D, k + (b * Nk + j0) * D, D, T(0), s.data(), bk);
+        if (key_mask) mask_keys(s.data(), bq, bk, key_mask + b * Nk + j0);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = s.data() + r * bk;
           const T m_new = std::max(m[r], row_max(row, bk));
-          const T rescale = exp_fast(m[r] - m_new);  // 0 on the first block (m = -inf)
-          l[r] = l[r] * rescale + exp_shifted_sum(row, bk, m_new);
+          // -inf while every key so far is masked: shift by 0 so the exps are 0, not NaN.
+          const T shift = m_new == kNegInf ? T(0) : m_new;
+          const T rescale = exp_fast(m[r] - shift);  // 0 on the first block (m = -inf)
+          l[r] = l[r] * rescale + exp_shifted_sum(row, bk, shift);
           m[r] = m_new;
           if (rescale != T(1)) {
             T* a = acc.data() + r * Cv;
@@ -137,7 +150,8 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B,
       }
       T* ob = out + b * Cv * Nq + i0;
       for (int64_t r = 0; r < bq; ++r) {
-        const T inv_l = T(1) / l[r];
+        // l == 0 only where every key is masked: the row warps to zeros (lse = -inf).
+        const T inv_l = l[r] == T(0) ? T(0) : T(1) / l[r];
         for (int64_t c = 0; c < Cv; ++c) ob[c * Nq + r] = acc[r * Cv + c] * inv_l;
         lse[b * Nq + i0 + r] = m[r] + std::log(l[r]);
       }
@@ -150,7 +164,7 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, T* lse, int64_t B,
 // order: deterministic for a given thread count without atomics, and each score tile is
 // recomputed once, not twice as with separate dQ and dK/dV passes.
 template <typename T>
-void backward_impl(const T* q, const T* k, const T* v, const T* dout, const T* lse,
+void backward_impl(const T* q, const T* k, const T* v, const bool* key_mask, const T* dout, const T* lse,
                    const T* delta, T* const* dq_buffers, T* dk, T* dv, int64_t B, int64_t Nq,
                    int64_t Nk, int64_t D, int64_t Cv, T scale) {
   const int64_t nkb = (Nk + BK - 1) / BK;
@@ -166,9 +180,14 @@ void backward_impl(const T* q, const T* k, const T* v, const T* dout, const T* l
         const T* qb = q + (b * Nq + i0) * D;
         const T* dob = dout + b * Cv * Nq + i0;  // (Cv x bq), ld Nq
         gemm<T>(false, true, bq, bk, D, scale, qb, D, kb, D, T(0), p.data(), bk);
+        if (key_mask) mask_keys(p.data(), bq, bk, key_mask + b * Nk + j0);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = p.data() + r * bk;
           const T shift = lse[b * Nq + i0 + r];
+          if (shift == -std::numeric_limits<T>::infinity()) {  // every key masked: P row is 0
+            std::fill(row, row + bk, T(0));
+            continue;
+          }
 #pragma omp simd
           for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
         }
@@ -212,18 +231,31 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "correspondence_warp (cpu): inputs must be contiguous");
 }
 
+// key_mask: undefined, or (B, Nk) bool, contiguous, on the CPU.
+const bool* key_mask_ptr(const at::Tensor& key_mask, const at::Tensor& k) {
+  if (!key_mask.defined()) return nullptr;
+  TORCH_CHECK(key_mask.scalar_type() == at::kBool && key_mask.dim() == 2 &&
+                  key_mask.size(0) == k.size(0) && key_mask.size(1) == k.size(1) &&
+                  key_mask.is_contiguous() && key_mask.device().is_cpu(),
+              "correspondence_warp (cpu): key_mask must be a contiguous (B, Nk) bool CPU tensor, got ",
+              key_mask.sizes(), " ", key_mask.scalar_type());
+  return key_mask.data_ptr<bool>();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor& q,
                                                                const at::Tensor& k,
-                                                               const at::Tensor& v, double scale) {
+                                                               const at::Tensor& v, double scale,
+                                                               const c10::optional<at::Tensor>& key_mask) {
   check_inputs(q, k, v);
+  const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), k);
   const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
     forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                           v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>(), B, Nq, Nk, D, Cv,
                            static_cast<scalar_t>(scale));
   });
@@ -233,8 +265,9 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool need_dq, bool need_dk,
-    bool need_dv) {
+    bool need_dv, const c10::optional<at::Tensor>& key_mask) {
   check_inputs(q, k, v);
+  const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), k);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(1) == v.size(1) &&
                   out.size(2) == q.size(1) && grad_out.is_contiguous() && out.is_contiguous() &&
                   lse.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
@@ -255,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
       for (int64_t t = 1; t < threads; ++t) dq_buffers.push_back(ptr(dq_extra) + (t - 1) * B * Nq * D);
     }
     backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                            v.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), mask, grad_out.data_ptr<scalar_t>(),
                             lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
                             need_dq ? dq_buffers.data() : nullptr, ptr(dk), ptr(dv), B, Nq, Nk, D,
                             Cv, static_cast<scalar_t>(scale));

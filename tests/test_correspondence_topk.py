@@ -1,0 +1,99 @@
+"""correspondence_topk / correspondence_argmax and correspondence_warp(top_k=...) against float64."""
+import pytest
+import torch
+
+import cocos_kernels as ck
+from conftest import assert_close, skip_unless_runs
+from test_correspondence_warp import ALL, OPTIONS, RTOL, SHAPES, make_inputs
+from cocos_kernels.features import normalize_features
+
+
+def _scores64(q, k, center="channel", normalize=True, patch_size=1):
+    qf = normalize_features(q.double(), center, normalize, patch_size, ck.DEFAULT_EPS)
+    kf = normalize_features(k.double(), center, normalize, patch_size, ck.DEFAULT_EPS)
+    return qf.transpose(1, 2) @ kf  # (B, Nq, Nk)
+
+
+@pytest.mark.parametrize("patch_size", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_topk_finds_the_float64_best_matches(dtype, patch_size, device):
+    q, k, _ = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device)
+    idx, sim = ck.correspondence_topk(q, k, 5, patch_size=patch_size)
+    B, _, Hq, Wq = q.shape
+    assert idx.shape == sim.shape == (B, Hq, Wq, 5) and idx.dtype == torch.long
+    s = _scores64(q, k, patch_size=patch_size)
+    ref = s.topk(5, dim=-1)
+    assert_close(sim.reshape(B, -1, 5), ref.values, RTOL[dtype], "similarity")
+    # Indices agree wherever the float64 gap to the next candidate exceeds float32 rounding.
+    chosen = s.gather(-1, idx.reshape(B, -1, 5).cpu())
+    assert_close(chosen, ref.values, RTOL[dtype], "similarity at the returned indices")
+
+
+def test_argmax_and_blocks(monkeypatch, device):
+    # Small blocks force several query blocks; the answer must not depend on them.
+    import cocos_kernels.ops.correspondence_topk as topk
+
+    q, k, _ = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device)
+    idx, sim = ck.correspondence_argmax(q, k)
+    monkeypatch.setattr(topk, "_BLOCK_SCORES", 7)
+    idx2, sim2 = ck.correspondence_argmax(q, k)
+    assert torch.equal(idx, idx2)
+    assert_close(sim2, sim, 1e-12, "similarity")  # BLAS may sum a different block in another order
+    s = _scores64(q, k)
+    assert torch.equal(idx.reshape(2, -1), s.argmax(-1))
+
+
+def test_topk_respects_the_key_mask(device):
+    q, k, _ = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device)
+    mask = torch.zeros(2, 9, 11, dtype=torch.bool, device=device)
+    mask[:, 2, 3:6] = True  # 3 allowed keys per sample
+    idx, sim = ck.correspondence_topk(q, k, 4, key_mask=mask)
+    allowed = {2 * 11 + 3, 2 * 11 + 4, 2 * 11 + 5}
+    assert set(idx[..., :3].flatten().tolist()) <= allowed
+    assert torch.isneginf(sim[..., 3]).all() and torch.isfinite(sim[..., :3]).all()
+
+
+@pytest.mark.parametrize("top_k", [1, 4, 99], ids=["k1", "k4", "k-all"])
+@pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["channel-p3-t0.01"], OPTIONS["attention-t1"]],
+                         ids=["channel", "channel-p3", "attention"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_warp_matches_float64_reference(backend, dtype, opts, top_k, device):
+    skip_unless_runs(backend, device, dtype)
+    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device))
+    out = ck.correspondence_warp(q, k, v, top_k=top_k, backend=backend, **opts)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ck.reference.correspondence_warp(q64, k64, v64, top_k=top_k, **opts)
+    assert_close(out, ref, RTOL[dtype], "out")
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad.to(device, dtype))
+    ref.backward(grad)
+    for name, mine, theirs in (("query", q, q64), ("key", k, k64), ("value", v, v64)):
+        assert_close(mine.grad, theirs.grad, RTOL[dtype], f"grad {name}")
+    if top_k == 99:  # every key: the plain warp
+        assert_close(out, ck.reference.correspondence_warp(q64, k64, v64, **opts), RTOL[dtype], "all keys")
+
+
+def test_topk_warp_with_mask_and_fully_masked_sample(device):
+    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device))
+    mask = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.7
+    mask[0] = False
+    out = ck.correspondence_warp(q, k, v, top_k=6, key_mask=mask, backend="cpu")
+    ref = ck.reference.correspondence_warp(q, k, v, top_k=6, key_mask=mask)
+    assert_close(out, ref, 1e-9, "out")
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda q, k, v: ck.correspondence_topk(q, k, 0), ValueError, r"k must be an integer in \[1, 99\] .* got 0"),
+    (lambda q, k, v: ck.correspondence_topk(q, k, 100), ValueError, r"k must be an integer in \[1, 99\] .* got 100"),
+    (lambda q, k, v: ck.correspondence_topk(q, k, 2.5), ValueError, "got 2.5"),
+    (lambda q, k, v: ck.correspondence_warp(q, k, v, top_k=True), ValueError, "top_k must be an integer .* got True"),
+    (lambda q, k, v: ck.correspondence_argmax(q, k[:, :3]), ValueError, "same batch size and channels"),
+    (lambda q, k, v: ck.correspondence_argmax(q, k, patch_size=2), ValueError, "patch_size must be an odd integer"),
+], ids=["k0", "k-too-big", "k-float", "top_k-bool", "channels", "patch-even"])
+def test_bad_input(call, error, message):
+    with pytest.raises(error, match=message):
+        call(*make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float32, "cpu"))
