@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import cocos_kernels as ck
+from cocos_kernels.visualize import plot_matches
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "cocosnet-samples"
 DATASETS = ("celebahq", "ade20k")
@@ -261,7 +262,8 @@ def main(argv=None) -> Path:
     colours = palette(256)
 
     rows, full_times = [], []
-    for input_name, exemplar_name in tqdm(pairs, desc=f"warping {args.dataset} pairs", unit="pair"):
+    matches_out = args.out.with_name(f"{args.out.stem}_matches.png")
+    for i, (input_name, exemplar_name) in enumerate(tqdm(pairs, desc=f"warping {args.dataset} pairs", unit="pair")):
         input_label, input_photo = load(args.data, input_name)
         exemplar_label, exemplar_photo = load(args.data, exemplar_name)
         input_label, exemplar_label = resize_label(input_label, size), resize_label(exemplar_label, size)
@@ -272,6 +274,11 @@ def main(argv=None) -> Path:
         warped_grid = ck.correspondence_warp(query, key, F.avg_pool2d(exemplar, 4), TEMPERATURE,
                                              backend=args.backend)
         warped_grid = F.interpolate(warped_grid, size=(size, size), mode="bilinear", align_corners=False)
+
+        if i == 0:  # where a few input positions match in the exemplar, for the first pair
+            input_image = torch.from_numpy(colours[input_label.numpy()]).permute(2, 0, 1).float() / 255
+            plot_matches(input_image, exemplar[0], query, key, temperature=TEMPERATURE, out=matches_out,
+                         title=f"{args.dataset}: {input_name} -> {exemplar_name}, {grid}x{grid} feature grid")
 
         query, key = pair_features(input_label, exemplar_label, size)
         start = time.perf_counter()
@@ -292,7 +299,7 @@ def main(argv=None) -> Path:
     print(f"backend: {backend.name} ({'fused' if backend.fused else 'materialised'})")
     print(f"full-resolution warp, {n:,} x {n:,} positions: {np.mean(full_times):.2f} s per pair "
           f"(the materialised float32 similarity matrix alone would take {matrix_bytes / 2**30:.2f} GiB)")
-    print(f"wrote {args.out} ({len(rows)} pairs)")
+    print(f"wrote {args.out} ({len(rows)} pairs) and {matches_out} (best matches of a few points)")
     return args.out
 
 

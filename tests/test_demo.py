@@ -20,6 +20,8 @@ def test_demo_writes_png_grid(tmp_path, capsys):
     with Image.open(out) as img:
         # Five 64 px tiles with 2 px gaps across; a 24 px title band and one row down.
         assert (img.format, img.mode, img.size) == ("PNG", "RGB", (5 * 66 + 2, 24 + 66 + 2))
+    with Image.open(tmp_path / "grid_matches.png") as img:
+        assert img.format == "PNG" and img.size[0] > 400
     printed = capsys.readouterr().out
     assert "backend: reference" in printed and f"wrote {out}" in printed
 
@@ -30,3 +32,20 @@ def test_help_documents_every_option():
     assert result.returncode == 0, result.stderr
     for option in ("--data", "--dataset", "--size", "--pairs", "--backend", "--out"):
         assert option in result.stdout
+
+
+def test_plot_matches_marks_the_argmax_and_rejects_bad_points(tmp_path):
+    import pytest
+    import torch
+
+    from cocos_kernels.visualize import plot_matches
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 8, 6, 7, generator=g), torch.randn(1, 8, 5, 4, generator=g)
+    image = torch.rand(3, 24, 28, generator=g)
+    fig = plot_matches(image, image[:, :20, :16], q, k, n_points=6, out=tmp_path / "m.png")
+    assert len(fig.axes) == 2 + 6 and (tmp_path / "m.png").stat().st_size > 0
+    with pytest.raises(ValueError, match=r"point \(6, 0\) lies outside the query grid \(6, 7\)"):
+        plot_matches(image, image, q, k, points=[(6, 0)])
+    with pytest.raises(ValueError, match="query_image must be a"):
+        plot_matches(image[0], image, q, k)
