@@ -38,13 +38,14 @@ not handled (such a triton fails the compile, it is not skipped). The NVIDIA bac
 ptxas and cuobjdump are located through `triton.knobs.nvidia` (triton >= 3.4).
 
 Runtime, 2 cores, cold cache (a fresh TRITON_CACHE_DIR per pytest run): the default subset
-(`in_default`, 32 compiles) ~21 s; the full matrix (1212 compiles, both targets, every flag
-combination, behind `-m slow`) ~28 min (773 s for sm_90, 902 s for sm_80).
+(`in_default`, 32 compiles) ~21 s; the full matrix (2424 compiles, both targets, every flag
+combination, behind `-m slow`) about twice the ~28 min measured before key masks doubled it.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ KERNELS = AUTOTUNED + PROLOGUE
 POINTER_TYPES = {
     "Q": "dt", "K": "dt", "V": "dt", "DO": "dt", "Out": "out", "Lse": "fp32", "Delta": "fp32",
     "DQ": "fp32", "DK": "fp32", "DV": "fp32",
-    "X": "dt", "Rows": "dt", "G": "fp32", "DX": "fp32",
+    "X": "dt", "Rows": "dt", "G": "fp32", "DX": "fp32", "KeyMask": "u8",
 }
 SCALAR_TYPES = {"scale_log2": "fp32", "scale": "fp32", "eps": "fp32",
                 "Nq": "i32", "Nk": "i32", "keys_per_split": "i32", "N": "i32"}
@@ -80,7 +81,7 @@ TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # The full matrix: everything the launchers can pass on a GPU, on sm_90 and sm_80.
 FULL = dict(archs=(90, 80), dtypes=("float32", "float16", "bfloat16"), precisions=("ieee", "tf32x3", "tf32"),
             dims=(256, 2304), cvs=(3, 48, 151), out_fp32=(False, True),
-            need=((True, True), (True, False), (False, True)), channels=(64, 256),
+            need=((True, True), (True, False), (False, True)), key_mask=(False, True), channels=(64, 256),
             center_normalize=((True, True), (True, False), (False, True), (False, False)))
 
 
@@ -95,6 +96,8 @@ def in_default(key: dict, config_index: int) -> bool:
     (the float32 output of a key split, dK or dV alone), and sm_80 for the forward kernel.
     """
     kernel, arch, dtype = key["kernel"], key["arch"], key["dtype"]
+    if kernel not in PROLOGUE and key["key_mask"] != (dtype == "bfloat16"):  # the masked path at bfloat16
+        return False
     if kernel in PROLOGUE:
         return arch == 90 and key["C"] == 256 and (key["center"] == key["normalize"]) and (
             key["center"] or dtype == "float32")
@@ -174,38 +177,37 @@ def _cases(module, matrix, archs=None):
                     for precision in precisions:
                         for D in m["dims"]:
                             for cv in m["cvs"]:
-                                for out in outs:
-                                    for need in needs:
-                                        key = dict(kernel=name, arch=arch, dtype=dtype, D=D, CV=cv)
-                                        consts = dict(D=D, CV=cv, BLOCK_CV=block_cv(cv),
-                                                      PRECISION=module._dot_precision(getattr(torch, dtype), precision))
-                                        if dtype == "float32":
-                                            key["precision"] = precision
-                                        if name == "_forward_kernel":
-                                            key["out"] = out
-                                        if need is not None:
-                                            key["need_dk"], key["need_dv"] = need
-                                            consts.update(NEED_DK=need[0], NEED_DV=need[1])
-                                        # The module's own pruning picks the configs for the dtype.
-                                        nargs = {a: types.SimpleNamespace(dtype=getattr(torch, dtype))
-                                                 for a in ("Q", "K", "V")}
-                                        configs = tuner.configs
-                                        if tuner.early_config_prune is not None:
-                                            configs = tuner.early_config_prune(tuner.configs, nargs, **consts)
-                                        for index, config in enumerate(configs):
-                                            c = dict(consts, **config.kwargs)
-                                            for values in heuristics:
-                                                for k, f in values.items():
-                                                    c[k] = f(c)
-                                            options = dict(num_warps=config.num_warps, num_stages=config.num_stages,
-                                                           num_ctas=getattr(config, "num_ctas", 1))
-                                            if getattr(config, "maxnreg", None) is not None:
-                                                options["maxnreg"] = config.maxnreg
-                                            label = ("M{BLOCK_M} N{BLOCK_N} D{BLOCK_D}".format(**config.kwargs)
-                                                     + f" w{config.num_warps} s{config.num_stages}"
-                                                     + (" one_chunk" if c.get("ONE_CHUNK") else ""))
-                                            if matrix == "full" or in_default(key, index):
-                                                yield key, label, jit, _signature(jit, dt, out, c), c, options
+                                for out, need, has_mask in itertools.product(outs, needs, m["key_mask"]):
+                                    key = dict(kernel=name, arch=arch, dtype=dtype, D=D, CV=cv, key_mask=has_mask)
+                                    consts = dict(D=D, CV=cv, BLOCK_CV=block_cv(cv), HAS_MASK=has_mask,
+                                                  PRECISION=module._dot_precision(getattr(torch, dtype), precision))
+                                    if dtype == "float32":
+                                        key["precision"] = precision
+                                    if name == "_forward_kernel":
+                                        key["out"] = out
+                                    if need is not None:
+                                        key["need_dk"], key["need_dv"] = need
+                                        consts.update(NEED_DK=need[0], NEED_DV=need[1])
+                                    # The module's own pruning picks the configs for the dtype.
+                                    nargs = {a: types.SimpleNamespace(dtype=getattr(torch, dtype))
+                                             for a in ("Q", "K", "V")}
+                                    configs = tuner.configs
+                                    if tuner.early_config_prune is not None:
+                                        configs = tuner.early_config_prune(tuner.configs, nargs, **consts)
+                                    for index, config in enumerate(configs):
+                                        c = dict(consts, **config.kwargs)
+                                        for values in heuristics:
+                                            for k, f in values.items():
+                                                c[k] = f(c)
+                                        options = dict(num_warps=config.num_warps, num_stages=config.num_stages,
+                                                       num_ctas=getattr(config, "num_ctas", 1))
+                                        if getattr(config, "maxnreg", None) is not None:
+                                            options["maxnreg"] = config.maxnreg
+                                        label = ("M{BLOCK_M} N{BLOCK_N} D{BLOCK_D}".format(**config.kwargs)
+                                                 + f" w{config.num_warps} s{config.num_stages}"
+                                                 + (" one_chunk" if c.get("ONE_CHUNK") else ""))
+                                        if matrix == "full" or in_default(key, index):
+                                            yield key, label, jit, _signature(jit, dt, out, c), c, options
                 else:
                     for C in m["channels"]:
                         for center, normalize in m["center_normalize"]:

@@ -28,6 +28,7 @@ from ..validation import (
     check_same_dtype_and_device,
     check_top_k,
 )
+from ..windows import WINDOW_CENTERS, from_centres, to_centres, window_features, window_features_backward
 from .correspondence_topk import topk_warp
 
 
@@ -83,6 +84,49 @@ def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
     return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
 
 
+def _use_windows(kernels, center, patch_size) -> bool:
+    # Patches without the unfold where the backend has window kernels (see windows.py).
+    return patch_size > 1 and center in WINDOW_CENTERS and hasattr(kernels, "correspondence_warp_windows_forward")
+
+
+def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -> Tensor:
+    """(B, N) on the key's centre range: False at padding centres and masked keys."""
+    keep = torch.ones_like(key[:, :1], dtype=torch.bool) if key_mask is None else key_mask[:, None]
+    return to_centres(keep, patch_size, fill=False)[:, 0].contiguous()
+
+
+def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps):
+    ct = _compute_dtype(query.dtype)
+    wq = window_features(query, center, normalize, patch_size, eps, ct)
+    wk = window_features(key, center, normalize, patch_size, eps, ct)
+    out, lse = kernels.correspondence_warp_windows_forward(
+        wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv, to_centres(value.to(ct), patch_size), patch_size,
+        wq.width, wk.width, 1.0 / temperature, key_mask=_window_key_mask(key, key_mask, patch_size))
+    Hq, Wq = query.shape[2:]
+    lse = from_centres(lse[:, None], Hq, Wq, patch_size).reshape(lse.shape[0], -1)
+    return from_centres(out, Hq, Wq, patch_size).to(value.dtype).contiguous(), lse
+
+
+def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize,
+                      patch_size, eps, need_query, need_key, need_value):
+    ct = _compute_dtype(query.dtype)
+    wq = window_features(query, center, normalize, patch_size, eps, ct)
+    wk = window_features(key, center, normalize, patch_size, eps, ct)
+    B, _, Hq, Wq = query.shape
+    dxq, dxk, dv, rows, cols = kernels.correspondence_warp_windows_backward(
+        to_centres(grad_out.to(ct), patch_size), wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv,
+        to_centres(value.to(ct), patch_size), to_centres(out.to(ct), patch_size),
+        # +inf at the padding centres: their P rows are 0 (their grad_out is 0 too)
+        to_centres(lse.view(B, 1, Hq, Wq), patch_size, fill=float("inf"))[:, 0].contiguous(),
+        patch_size, wq.width, wk.width, 1.0 / temperature, need_query, need_key, need_value,
+        key_mask=_window_key_mask(key, key_mask, patch_size))
+    prologue = (center, normalize, patch_size)
+    dq = window_features_backward(wq, dxq, rows, query.shape, *prologue).to(query.dtype) if need_query else query.new_empty(0)
+    dk = window_features_backward(wk, dxk, cols, key.shape, *prologue).to(key.dtype) if need_key else key.new_empty(0)
+    dv = from_centres(dv, *key.shape[2:], patch_size).to(value.dtype).contiguous() if need_value else value.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv
+
+
 @torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
 def _correspondence_warp(
     query: Tensor,
@@ -98,6 +142,8 @@ def _correspondence_warp(
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
+    if _use_windows(kernels, center, patch_size):
+        return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps)
     it = _input_dtype(kernels, query.dtype)
     qf = _features(kernels, query, center, normalize, patch_size, eps, it)
     kf = _features(kernels, key, center, normalize, patch_size, eps, it)
@@ -136,6 +182,9 @@ def _correspondence_warp_backward(
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
+    if _use_windows(kernels, center, patch_size):
+        return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
+                                 normalize, patch_size, eps, need_query, need_key, need_value)
     it = _input_dtype(kernels, query.dtype)
     prologue = (center, normalize, patch_size, eps)
     qf = _features(kernels, query, *prologue, it)

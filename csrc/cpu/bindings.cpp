@@ -14,6 +14,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
         py::arg("need_dq"), py::arg("need_dk"), py::arg("need_dv"),
         py::arg("key_mask") = py::none());
+  m.def("correspondence_warp_windows_forward", &cocos_kernels::correspondence_warp_windows_forward,
+        "fused correspondence warp on k x k windows, forward (out, lse)", py::arg("xq"), py::arg("mq"),
+        py::arg("aq"), py::arg("xk"), py::arg("mk"), py::arg("ak"), py::arg("v"), py::arg("patch"),
+        py::arg("width_q"), py::arg("width_k"), py::arg("scale"), py::arg("key_mask") = py::none());
+  m.def("correspondence_warp_windows_backward", &cocos_kernels::correspondence_warp_windows_backward,
+        "fused correspondence warp on k x k windows, backward [dxq, dxk, dv, rows, cols]",
+        py::arg("grad_out"), py::arg("xq"), py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"),
+        py::arg("ak"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("patch"), py::arg("width_q"),
+        py::arg("width_k"), py::arg("scale"), py::arg("need_dq"), py::arg("need_dk"), py::arg("need_dv"),
+        py::arg("key_mask") = py::none());
   m.def("contextual_loss_forward", &cocos_kernels::contextual_loss_forward,
         "fused contextual loss forward: per-row (m, argmin, s, t)");
   m.def("contextual_loss_backward", &cocos_kernels::contextual_loss_backward,

@@ -116,22 +116,24 @@ void mask_keys(T* s, int64_t bq, int64_t bk, const bool* key_mask) {
   }
 }
 
-template <typename T>
-void forward_impl(const T* q, const T* k, const T* v, const bool* key_mask, T* out, T* lse,
-                  int64_t B, int64_t Nq, int64_t Nk, int64_t D, int64_t Cv, T scale) {
+// The online softmax and the value products over score tiles that `score_tile(b, i0, bq, j0,
+// bk, s)` writes (scaled logits, bq x bk, row-major): shared by the prepared-row scores and the
+// k x k window scores.
+template <typename T, typename ScoreTile>
+void forward_impl(const ScoreTile& score_tile, const T* v, const bool* key_mask, T* out, T* lse,
+                  int64_t B, int64_t Nq, int64_t Nk, int64_t Cv) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t nqb = (Nq + BQ - 1) / BQ;
   at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s(BQ * BK), acc(BQ * Cv), m(BQ), l(BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nqb, i0 = (task % nqb) * BQ, bq = std::min(BQ, Nq - i0);
-      const T* qb = q + (b * Nq + i0) * D;
-      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t j0 = 0; j0 < Nk; j0 += BK) {
         const int64_t bk = std::min(BK, Nk - j0);
-        gemm<T>(false, true, bq, bk, D, scale, qb, D, k + (b * Nk + j0) * D, D, T(0), s.data(), bk);
+        score_tile(b, i0, bq, j0, bk, s.data());
         if (key_mask) mask_keys(s.data(), bq, bk, key_mask + b * Nk + j0);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = s.data() + r * bk;
@@ -159,27 +161,29 @@ void forward_impl(const T* q, const T* k, const T* v, const bool* key_mask, T* o
   });
 }
 
-// One pass over key blocks (each thread owns its key blocks' dK and dV rows); thread t
-// accumulates dQ into dq_buffers[t] (thread 0's is dQ itself), summed afterwards in thread
-// order: deterministic for a given thread count without atomics, and each score tile is
-// recomputed once, not twice as with separate dQ and dK/dV passes.
-template <typename T>
-void backward_impl(const T* q, const T* k, const T* v, const bool* key_mask, const T* dout, const T* lse,
-                   const T* delta, T* const* dq_buffers, T* dk, T* dv, int64_t B, int64_t Nq,
-                   int64_t Nk, int64_t D, int64_t Cv, T scale) {
+// One pass over key blocks, each score tile recomputed once (not twice as with separate dQ and
+// dK/dV passes); a thread owns its key blocks' dV columns. For each tile it hands
+// `grad_tile(thread, b, i0, bq, j0, bk, ds, logits)` dS = P * (dP - rowsum(dO * O)) and, with
+// keep_logits, the scaled logits before the exp; the feature gradients are grad_tile's, kept
+// per thread where tiles of several threads meet and summed in thread order afterwards:
+// deterministic for a given thread count, without atomics.
+template <typename T, typename ScoreTile, typename GradTile>
+void backward_impl(const ScoreTile& score_tile, const GradTile& grad_tile, bool need_features,
+                   bool keep_logits, const T* v, const bool* key_mask, const T* dout, const T* lse,
+                   const T* delta, T* dv, int64_t B, int64_t Nq, int64_t Nk, int64_t Cv) {
   const int64_t nkb = (Nk + BK - 1) / BK;
   at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
-    T* dq = dq_buffers ? dq_buffers[at::get_thread_num()] : nullptr;
-    std::vector<T> p(BQ * BK), ds(BQ * BK);
+    const int thread = at::get_thread_num();
+    std::vector<T> p(BQ * BK), ds(BQ * BK), logits(keep_logits ? BQ * BK : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nkb, j0 = (task % nkb) * BK, bk = std::min(BK, Nk - j0);
-      const T* kb = k + (b * Nk + j0) * D;
       const T* vb = v + b * Cv * Nk + j0;
       for (int64_t i0 = 0; i0 < Nq; i0 += BQ) {
         const int64_t bq = std::min(BQ, Nq - i0);
-        const T* qb = q + (b * Nq + i0) * D;
         const T* dob = dout + b * Cv * Nq + i0;  // (Cv x bq), ld Nq
-        gemm<T>(false, true, bq, bk, D, scale, qb, D, kb, D, T(0), p.data(), bk);
+        score_tile(b, i0, bq, j0, bk, p.data());
+        // Copied before masking: a masked key's dS is 0, and 0 * -inf would be NaN.
+        if (keep_logits) std::copy(p.begin(), p.begin() + bq * bk, logits.begin());
         if (key_mask) mask_keys(p.data(), bq, bk, key_mask + b * Nk + j0);
         for (int64_t r = 0; r < bq; ++r) {
           T* row = p.data() + r * bk;
@@ -192,7 +196,7 @@ void backward_impl(const T* q, const T* k, const T* v, const bool* key_mask, con
           for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
         }
         if (dv) accumulate_dv(dob, Nq, p.data(), bq, bk, Cv, dv + b * Cv * Nk + j0, Nk);
-        if (!dq && !dk) continue;
+        if (!need_features) continue;
         // dS = P * (dP - rowsum(dO * O)), dP = dO_i V_j.
         grad_scores(dob, Nq, vb, Nk, bq, bk, Cv, ds.data());
         for (int64_t r = 0; r < bq; ++r) {
@@ -202,17 +206,40 @@ void backward_impl(const T* q, const T* k, const T* v, const bool* key_mask, con
 #pragma omp simd
           for (int64_t j = 0; j < bk; ++j) dsr[j] = pr[j] * (dsr[j] - d);
         }
-        if (dk) {  // dK_j (bk x D) += scale * dS^T @ Q_i
-          gemm<T>(true, false, bk, D, bq, scale, ds.data(), bk, qb, D, T(1),
-                  dk + (b * Nk + j0) * D, D);
-        }
-        if (dq) {  // dQ_i (bq x D) += scale * dS @ K_j
-          gemm<T>(false, false, bq, D, bk, scale, ds.data(), bk, kb, D, T(1),
-                  dq + (b * Nq + i0) * D, D);
-        }
+        grad_tile(thread, b, i0, bq, j0, bk, ds.data(), keep_logits ? logits.data() : nullptr);
       }
     }
   });
+}
+
+// --- k x k window scores without the unfold -----------------------------------------------
+// Each centre's feature is its k x k window of C-channel rows on a padded grid (row-major, row
+// width W, so tap (dy, dx) is a fixed row offset dy * W + dx), centred by its mean m and scaled
+// by a = 1 / (|window - m| + eps) (both per centre, computed by the caller):
+//   s(u, v) = (sum_taps <x(u + t), y(v + t)> - D m_u m_v) a_u a_v,   D = k * k * C,
+// k*k GEMMs of width C per tile instead of one of width D, and no D-wide copy of the features.
+template <typename T>
+struct Windows {
+  const T* x;  // (B, L, C) padded grid rows
+  const T* m;  // (B, N) per centre
+  const T* a;  // (B, N)
+  int64_t L, N, lo;  // centre i sits at row lo + i
+  int64_t C;
+  std::vector<int64_t> taps;  // row offset of each tap
+  // Row of tap t of centre i (batch b): a BLAS operand of consecutive centres is a row range.
+  const T* rows(int64_t b, int64_t i, size_t t) const { return x + (b * L + lo + i + taps[t]) * C; }
+};
+
+template <typename T>
+Windows<T> windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a, int64_t patch,
+                   int64_t width) {
+  const int64_t r = patch / 2;
+  Windows<T> w{x.data_ptr<T>(), m.data_ptr<T>(), a.data_ptr<T>(), x.size(1), m.size(1), r * width + r, x.size(2), {}};
+  for (int64_t dy = -r; dy <= r; ++dy)
+    for (int64_t dx = -r; dx <= r; ++dx) w.taps.push_back(dy * width + dx);
+  TORCH_CHECK(w.lo + w.N + r * width + r <= w.L,
+              "correspondence_warp (cpu): the padded grid is too short for its centres");
+  return w;
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -254,13 +281,31 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
-    forward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                           v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
-                           lse.data_ptr<scalar_t>(), B, Nq, Nk, D, Cv,
-                           static_cast<scalar_t>(scale));
+    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
+    const auto sc = static_cast<scalar_t>(scale);
+    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, scalar_t* s) {
+      gemm<scalar_t>(false, true, bq, bk, D, sc, qp + (b * Nq + i0) * D, D, kp + (b * Nk + j0) * D, D,
+                     scalar_t(0), s, bk);
+    };
+    forward_impl<scalar_t>(score_tile, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
+                           lse.data_ptr<scalar_t>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
 }
+
+namespace {
+
+// (B, Nq) rowsum(dO * O), and the backward's shared checks.
+at::Tensor delta_of(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                    int64_t Cv, int64_t Nq, at::ScalarType dtype) {
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(1) == Cv && out.size(2) == Nq &&
+                  grad_out.is_contiguous() && out.is_contiguous() && lse.is_contiguous() &&
+                  grad_out.scalar_type() == dtype && out.scalar_type() == dtype,
+              "correspondence_warp (cpu): bad grad_out/out/lse");
+  return (grad_out * out).sum(1);
+}
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -268,33 +313,183 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     bool need_dv, const c10::optional<at::Tensor>& key_mask) {
   check_inputs(q, k, v);
   const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), k);
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(1) == v.size(1) &&
-                  out.size(2) == q.size(1) && grad_out.is_contiguous() && out.is_contiguous() &&
-                  lse.is_contiguous() && grad_out.scalar_type() == q.scalar_type(),
-              "correspondence_warp (cpu): bad grad_out/out/lse");
   const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
-  const at::Tensor delta = (grad_out * out).sum(1);  // (B, Nq): rowsum(dO * O)
+  const at::Tensor delta = delta_of(grad_out, out, lse, Cv, Nq, q.scalar_type());
   const int64_t threads = at::get_num_threads();
+  // dQ rows are written by every thread: thread 0 into dq itself, the others into their own
+  // buffers, summed afterwards. dK rows belong to the thread that owns the key block.
   at::Tensor dq = need_dq ? at::zeros_like(q) : at::Tensor();
   at::Tensor dq_extra = need_dq && threads > 1 ? at::zeros({threads - 1, B, Nq, D}, q.options())
                                                : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    std::vector<scalar_t*> dq_buffers;
-    if (need_dq) {
-      dq_buffers.push_back(ptr(dq));
-      for (int64_t t = 1; t < threads; ++t) dq_buffers.push_back(ptr(dq_extra) + (t - 1) * B * Nq * D);
-    }
-    backward_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                            v.data_ptr<scalar_t>(), mask, grad_out.data_ptr<scalar_t>(),
-                            lse.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(),
-                            need_dq ? dq_buffers.data() : nullptr, ptr(dk), ptr(dv), B, Nq, Nk, D,
-                            Cv, static_cast<scalar_t>(scale));
+    using T = scalar_t;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
+    T *dkp = ptr(dk), *dqp = ptr(dq), *dq_extra_p = ptr(dq_extra);
+    const auto sc = static_cast<T>(scale);
+    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
+      gemm<T>(false, true, bq, bk, D, sc, qp + (b * Nq + i0) * D, D, kp + (b * Nk + j0) * D, D, T(0), s, bk);
+    };
+    auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
+                         const T* ds, const T*) {
+      const T* qb = qp + (b * Nq + i0) * D;
+      if (dkp) gemm<T>(true, false, bk, D, bq, sc, ds, bk, qb, D, T(1), dkp + (b * Nk + j0) * D, D);
+      if (dqp) {
+        T* dq_rows = thread == 0 ? dqp : dq_extra_p + (thread - 1) * B * Nq * D;
+        gemm<T>(false, false, bq, D, bk, sc, ds, bk, kp + (b * Nk + j0) * D, D, T(1),
+                dq_rows + (b * Nq + i0) * D, D);
+      }
+    };
+    backward_impl<T>(score_tile, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
+                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv), B,
+                     Nq, Nk, Cv);
   });
   for (int64_t t = 1; t < threads && need_dq; ++t) dq.add_(dq_extra[t - 1]);
   return {dq, dk, dv};
+}
+
+namespace {
+
+void check_windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && m.dim() == 2 && a.sizes() == m.sizes() && x.size(0) == m.size(0) &&
+                  x.is_contiguous() && m.is_contiguous() && a.is_contiguous() && x.device().is_cpu() &&
+                  m.scalar_type() == x.scalar_type() && a.scalar_type() == x.scalar_type(),
+              "correspondence_warp (cpu): bad ", name, " windows: rows ", x.sizes(), ", means ",
+              m.sizes(), ", scales ", a.sizes());
+}
+
+template <typename T>
+struct WindowTiles {
+  Windows<T> q, k;
+  T D, scale;
+  // s = scale * (sum_taps Xq_i Xk_j^T - D m_i m_j) a_i a_j
+  void scores(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
+    for (size_t t = 0; t < q.taps.size(); ++t) {
+      gemm<T>(false, true, bq, bk, q.C, T(1), q.rows(b, i0, t), q.C, k.rows(b, j0, t), k.C,
+              t ? T(1) : T(0), s, bk);
+    }
+    const T *mq = q.m + b * q.N + i0, *aq = q.a + b * q.N + i0;
+    const T *mk = k.m + b * k.N + j0, *ak = k.a + b * k.N + j0;
+    for (int64_t r = 0; r < bq; ++r) {
+      T* row = s + r * bk;
+      const T dm = D * mq[r], sa = scale * aq[r];
+#pragma omp simd
+      for (int64_t j = 0; j < bk; ++j) row[j] = (row[j] - dm * mk[j]) * sa * ak[j];
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
+    const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq, const at::Tensor& xk,
+    const at::Tensor& mk, const at::Tensor& ak, const at::Tensor& v, int64_t patch, int64_t width_q,
+    int64_t width_k, double scale, const c10::optional<at::Tensor>& key_mask) {
+  check_windows(xq, mq, aq, "query");
+  check_windows(xk, mk, ak, "key");
+  const int64_t B = xq.size(0), Nq = mq.size(1), Nk = mk.size(1), Cv = v.size(1);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == B && v.size(2) == Nk && v.is_contiguous() &&
+                  v.scalar_type() == xq.scalar_type() && xk.scalar_type() == xq.scalar_type() &&
+                  xk.size(2) == xq.size(2) && (xq.scalar_type() == at::kFloat || xq.scalar_type() == at::kDouble),
+              "correspondence_warp (cpu): bad windows value ", v.sizes());
+  const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), mk.unsqueeze(2));
+  at::Tensor out = at::empty({B, Cv, Nq}, v.options());
+  at::Tensor lse = at::empty({B, Nq}, xq.options());
+  AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_forward", [&] {
+    using T = scalar_t;
+    const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
+                               static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale)};
+    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
+      tiles.scores(b, i0, bq, j0, bk, s);
+    };
+    forward_impl<T>(score_tile, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> correspondence_warp_windows_backward(
+    const at::Tensor& grad_out, const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq,
+    const at::Tensor& xk, const at::Tensor& mk, const at::Tensor& ak, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, int64_t patch, int64_t width_q, int64_t width_k,
+    double scale, bool need_dq, bool need_dk, bool need_dv, const c10::optional<at::Tensor>& key_mask) {
+  check_windows(xq, mq, aq, "query");
+  check_windows(xk, mk, ak, "key");
+  const int64_t B = xq.size(0), Nq = mq.size(1), Nk = mk.size(1), Cv = v.size(1), C = xq.size(2);
+  const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), mk.unsqueeze(2));
+  const at::Tensor delta = delta_of(grad_out, out, lse, Cv, Nq, xq.scalar_type());
+  const int64_t threads = at::get_num_threads();
+  // Shifted taps of one tile reach rows of neighbouring tiles: every feature gradient is kept
+  // per thread ([thread] + shape) and summed in thread order at the end.
+  auto per_thread = [&](bool need, at::IntArrayRef shape) {
+    std::vector<int64_t> full{threads};
+    full.insert(full.end(), shape.begin(), shape.end());
+    return need ? at::zeros(full, xq.options()) : at::Tensor();
+  };
+  at::Tensor dxq = per_thread(need_dq, xq.sizes()), dxk = per_thread(need_dk, xk.sizes());
+  // Per centre: sum_j H_ij m_j and sum_j dS_ij * logit_ij (and the same over i for keys), the
+  // gradients that reach the means and the norms (see ops/correspondence_warp.py).
+  at::Tensor rows = per_thread(need_dq, {2, B, Nq}), cols = per_thread(need_dk, {2, B, Nk});
+  at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_backward", [&] {
+    using T = scalar_t;
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+    const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
+                               static_cast<T>(patch * patch * C), static_cast<T>(scale)};
+    T *dxq_p = ptr(dxq), *dxk_p = ptr(dxk), *rows_p = ptr(rows), *cols_p = ptr(cols);
+    const int64_t Lq = xq.size(1), Lk = xk.size(1);
+    std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));
+    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
+      tiles.scores(b, i0, bq, j0, bk, s);
+    };
+    auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
+                         const T* ds, const T* logits) {
+      // dL/dscore = scale * dS; H = its part through the raw window products.
+      T* h = h_tiles[thread].data();
+      const T *mq_b = tiles.q.m + b * Nq + i0, *aq_b = tiles.q.a + b * Nq + i0;
+      const T *mk_b = tiles.k.m + b * Nk + j0, *ak_b = tiles.k.a + b * Nk + j0;
+      T* row_m = rows_p ? rows_p + ((thread * 2 + 0) * B + b) * Nq + i0 : nullptr;
+      T* row_s = rows_p ? rows_p + ((thread * 2 + 1) * B + b) * Nq + i0 : nullptr;
+      T* col_m = cols_p ? cols_p + ((thread * 2 + 0) * B + b) * Nk + j0 : nullptr;
+      T* col_s = cols_p ? cols_p + ((thread * 2 + 1) * B + b) * Nk + j0 : nullptr;
+      for (int64_t r = 0; r < bq; ++r) {
+        const T sa = scale * aq_b[r];
+        T hm = 0, es = 0;
+        for (int64_t j = 0; j < bk; ++j) {
+          const T d = ds[r * bk + j];
+          const T hv = d * sa * ak_b[j];
+          h[r * bk + j] = hv;
+          const T e = d * logits[r * bk + j];  // (scale dS) * score, the score being logit / scale
+          hm += hv * mk_b[j];
+          es += e;
+          if (col_m) {
+            col_m[j] += hv * mq_b[r];
+            col_s[j] += e;
+          }
+        }
+        if (row_m) {
+          row_m[r] += hm;
+          row_s[r] += es;
+        }
+      }
+      for (size_t t = 0; t < tiles.q.taps.size(); ++t) {
+        if (dxq_p) {
+          T* dst = dxq_p + (thread * B * Lq) * C + (tiles.q.rows(b, i0, t) - tiles.q.x);
+          gemm<T>(false, false, bq, C, bk, T(1), h, bk, tiles.k.rows(b, j0, t), C, T(1), dst, C);
+        }
+        if (dxk_p) {
+          T* dst = dxk_p + (thread * B * Lk) * C + (tiles.k.rows(b, j0, t) - tiles.k.x);
+          gemm<T>(true, false, bk, C, bq, T(1), h, bk, tiles.q.rows(b, i0, t), C, T(1), dst, C);
+        }
+      }
+    };
+    backward_impl<T>(score_tile, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
+                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv),
+                     B, Nq, Nk, Cv);
+  });
+  auto total = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : at::Tensor(); };
+  return {total(dxq), total(dxk), dv, total(rows), total(cols)};
 }
 
 }  // namespace cocos_kernels
