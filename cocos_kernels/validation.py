@@ -83,3 +83,19 @@ def check_key_mask(key_mask, key) -> None:
         raise ValueError(f"key_mask must have shape (B, Hk, Wk) = {(B, Hk, Wk)} of the key, got {tuple(key_mask.shape)}")
     if key_mask.device != key.device:
         raise ValueError(f"key_mask is on {key_mask.device} but key is on {key.device}")
+
+
+def check_finite_values(maps: dict, check_finite: bool) -> None:
+    """With check_finite=True, every tensor in `maps` must be free of NaN and Inf (one reduction
+    per tensor; by default they are not checked and propagate exactly as in the reference)."""
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+    if not check_finite:
+        return
+    for name, t in maps.items():
+        bad = ~torch.isfinite(t.detach())
+        if bad.any():
+            first = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(f"{name} has {int(bad.sum())} non-finite (NaN/Inf) entries, the first at index "
+                             f"{first}: {t.detach()[first].item()}; check_finite=True rejects them "
+                             "(check_finite=False lets them propagate as in the reference)")

@@ -25,6 +25,7 @@ from ..validation import (
     check_choice,
     check_eps,
     check_feature_map,
+    check_finite_values,
     check_positive,
     check_same_dtype_and_device,
 )
@@ -141,6 +142,7 @@ def contextual_loss(
     *,
     center: str = "channel",
     eps: float = DEFAULT_EPS,
+    check_finite: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """Per-sample contextual loss between feature maps x (generated) and y (exemplar).
@@ -158,12 +160,15 @@ def contextual_loss(
         center: "channel" (subtract y's channel mean at each position, CoCosNet's --PONO) or
             "spatial" (subtract y's per-channel mean over positions).
         eps: added to the L2 norm, as the reference code does.
+        check_finite: raise ValueError if x or y hold NaN/Inf (by default they propagate as in
+            the reference).
         backend: "auto", or one of the registered backends implementing this op ("reference", "cpu", ...).
 
     Returns:
         (B,) losses in x's dtype; differentiable w.r.t. x and y.
     """
     _check_arguments(x, y, bandwidth, center, eps, backend)
+    check_finite_values({"x": x, "y": y}, check_finite)
     chosen = choose(OP, backend, x.device, x.dtype)
     if not chosen.fused:
         return reference.contextual_loss(x, y, bandwidth, center, eps)

@@ -20,6 +20,7 @@ from ..validation import (
     check_choice,
     check_eps,
     check_feature_map,
+    check_finite_values,
     check_key_mask,
     check_normalize,
     check_patch_size,
@@ -82,6 +83,7 @@ def correspondence_topk(
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
     key_mask: Tensor | None = None,
+    check_finite: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """The k best exemplar matches of every query position, computed blockwise.
@@ -97,6 +99,7 @@ def correspondence_topk(
     """
     _check_pair(query, key, center, normalize, patch_size, eps, key_mask, backend)
     check_top_k("k", k, key)
+    check_finite_values({"query": query, "key": key}, check_finite)
     B, _, Hq, Wq = query.shape
     with torch.no_grad():
         prologue = (center, normalize, patch_size, eps)
@@ -113,12 +116,13 @@ def correspondence_argmax(
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
     key_mask: Tensor | None = None,
+    check_finite: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Each query position's best exemplar match: (indices (B, Hq, Wq) int64 flat key positions,
     similarity (B, Hq, Wq)). `correspondence_topk` with k = 1; arguments as there."""
     indices, values = correspondence_topk(query, key, 1, center=center, normalize=normalize, patch_size=patch_size,
-                                          eps=eps, key_mask=key_mask, backend=backend)
+                                          eps=eps, key_mask=key_mask, check_finite=check_finite, backend=backend)
     return indices[..., 0], values[..., 0]
 
 

@@ -21,6 +21,7 @@ from ..validation import (
     check_choice,
     check_eps,
     check_feature_map,
+    check_finite_values,
     check_key_mask,
     check_normalize,
     check_patch_size,
@@ -273,6 +274,7 @@ def correspondence_warp(
     eps: float = DEFAULT_EPS,
     key_mask: Tensor | None = None,
     top_k: int | None = None,
+    check_finite: bool = False,
     backend: str = "auto",
     precision: str | None = None,
 ) -> Tensor:
@@ -298,6 +300,10 @@ def correspondence_warp(
             masked warps to zeros, with zero gradients (never NaN).
         top_k: None, or k in [1, Hk*Wk]: each query softmaxes over its k most similar keys only
             (sparse correspondence); blockwise PyTorch on every backend, see `correspondence_topk`.
+        check_finite: raise ValueError if query, key or value hold NaN/Inf (costs one pass over
+            each). By default they are not checked and propagate as in the reference: a bad query
+            entry spoils its position's output (its neighbourhood's with patches), a bad key or
+            value entry its whole sample.
         backend: "auto", or one of the registered backends ("reference", "cpu", "triton", ...).
         precision: how float32 tile products use tensor cores where a backend has them (triton):
             "ieee" (full float32), "tf32x3" (split tf32, near float32) or "tf32"; None follows
@@ -310,6 +316,7 @@ def correspondence_warp(
     _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
     if top_k is not None:
         check_top_k("top_k", top_k, key)
+    check_finite_values({"query": query, "key": key, "value": value}, check_finite)
     features = () if key_mask is None else ("key_mask",)
     chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
@@ -337,18 +344,20 @@ class CorrespondenceWarp(torch.nn.Module):
         patch_size: int = 1,
         eps: float = DEFAULT_EPS,
         top_k: int | None = None,
+        check_finite: bool = False,
         backend: str = "auto",
         precision: str | None = None,
     ):
         super().__init__()
         self.temperature, self.center, self.normalize = temperature, center, normalize
-        self.patch_size, self.eps, self.top_k = patch_size, eps, top_k
+        self.patch_size, self.eps, self.top_k, self.check_finite = patch_size, eps, top_k, check_finite
         self.backend, self.precision = backend, precision
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
         return correspondence_warp(
             query, key, value, self.temperature, center=self.center, normalize=self.normalize,
-            patch_size=self.patch_size, eps=self.eps, key_mask=key_mask, top_k=self.top_k, backend=self.backend,
+            patch_size=self.patch_size, eps=self.eps, key_mask=key_mask, top_k=self.top_k,
+            check_finite=self.check_finite, backend=self.backend,
             precision=self.precision,
         )
 

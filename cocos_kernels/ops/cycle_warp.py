@@ -16,6 +16,7 @@ from torch import Tensor
 from .. import reference
 from ..dispatch import BACKENDS, choose
 from ..features import DEFAULT_EPS
+from ..validation import check_finite_values
 from .correspondence_warp import (
     _check_arguments,
     _compute_dtype,
@@ -151,6 +152,7 @@ def cycle_warp(
     normalize: bool = True,
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
+    check_finite: bool = False,
     backend: str = "auto",
     precision: str | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -158,10 +160,11 @@ def cycle_warp(
     to the key grid through the same similarities, softmaxed over the query axis, as CoCosNet's
     correspondence (cycle) regularisation does (it penalises |warped_back - value|).
 
-    Arguments as `correspondence_warp` (no key_mask). Returns (B, Cv, Hq, Wq) and (B, Cv, Hk, Wk),
+    Arguments as `correspondence_warp` (no key_mask or top_k). Returns (B, Cv, Hq, Wq) and (B, Cv, Hk, Wk),
     both differentiable w.r.t. query, key and value; each map's features are prepared once.
     """
     _check_arguments(query, key, value, None, temperature, center, normalize, patch_size, eps, backend, precision)
+    check_finite_values({"query": query, "key": key, "value": value}, check_finite)
     chosen = choose("correspondence_warp", backend, query.device, query.dtype)
     if not chosen.fused:
         args = (temperature, center, normalize, patch_size, eps)

@@ -38,6 +38,7 @@ def warp_image(
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
     key_mask: Tensor | None = None,
+    check_finite: bool = False,
     backend: str = "auto",
     precision: str | None = None,
 ) -> Tensor:
@@ -66,7 +67,7 @@ def warp_image(
     Hk, Wk = key.shape[2:]
     Hq, Wq = query.shape[2:]
     options = dict(center=center, normalize=normalize, patch_size=patch_size, eps=eps, key_mask=key_mask,
-                   backend=backend, precision=precision)
+                   check_finite=check_finite, backend=backend, precision=precision)
     if mode == "patch":
         patches = F.unfold(exemplar, stride, stride=stride).view(B, Ce * stride * stride, Hk, Wk)
         warped = correspondence_warp(query, key, patches, temperature, **options)
