@@ -78,8 +78,9 @@ def _padded(t: torch.Tensor, H: int, W: int, r: int) -> torch.Tensor:
 
 
 def window_features(x: torch.Tensor, center, normalize: bool, patch_size: int, eps: float,
-                    dtype: torch.dtype) -> Windows:
-    """The window form of `normalize_features(x, center, normalize, patch_size, eps)`."""
+                    dtype: torch.dtype, scalar_dtype: torch.dtype | None = None) -> Windows:
+    """The window form of `normalize_features(x, center, normalize, patch_size, eps)`: rows in
+    `dtype`, per-centre scalars in `scalar_dtype` (default `dtype`)."""
     B, C, H, W = x.shape
     r, D = patch_size // 2, C * patch_size * patch_size
     x64 = x.detach().double()
@@ -105,7 +106,8 @@ def window_features(x: torch.Tensor, center, normalize: bool, patch_size: int, e
     interior[:, r:r + H, r:r + W] = True
     mean, inv = mean * interior, inv * interior
     rows = X.permute(0, 2, 3, 1).reshape(B, -1, C).to(dtype).contiguous()
-    return Windows(rows, _centres(mean, H, W, r).to(dtype).contiguous(), _centres(inv, H, W, r).to(dtype).contiguous(),
+    sd = dtype if scalar_dtype is None else scalar_dtype
+    return Windows(rows, _centres(mean, H, W, r).to(sd).contiguous(), _centres(inv, H, W, r).to(sd).contiguous(),
                    W + 2 * r, (X, u, norm, mean, inv))
 
 

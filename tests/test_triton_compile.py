@@ -38,7 +38,7 @@ not handled (such a triton fails the compile, it is not skipped). The NVIDIA bac
 ptxas and cuobjdump are located through `triton.knobs.nvidia` (triton >= 3.4).
 
 Runtime, 2 cores, cold cache (a fresh TRITON_CACHE_DIR per pytest run): the default subset
-(`in_default`, 32 compiles) ~21 s; the full matrix (2424 compiles, both targets, every flag
+(`in_default`, 33 compiles) ~21 s; the full matrix (about 3000 compiles, both targets, every flag
 combination, behind `-m slow`) about twice the ~28 min measured before key masks doubled it.
 """
 from __future__ import annotations
@@ -71,22 +71,23 @@ KERNELS = AUTOTUNED + PROLOGUE
 # value, grad_out: `input_dtype(dtype)`), everything the kernels accumulate or save is float32.
 POINTER_TYPES = {
     "Q": "dt", "K": "dt", "V": "dt", "DO": "dt", "Out": "out", "Lse": "fp32", "Delta": "fp32",
-    "DQ": "fp32", "DK": "fp32", "DV": "fp32",
+    "DQ": "fp32", "DK": "fp32", "DV": "fp32", "MQ": "fp32", "AQ": "fp32", "MK": "fp32", "AK": "fp32",
     "X": "dt", "Rows": "dt", "G": "fp32", "DX": "fp32", "KeyMask": "u8",
 }
-SCALAR_TYPES = {"scale_log2": "fp32", "scale": "fp32", "eps": "fp32",
-                "Nq": "i32", "Nk": "i32", "keys_per_split": "i32", "N": "i32"}
+SCALAR_TYPES = {"scale_log2": "fp32", "scale": "fp32", "eps": "fp32", "dwin": "fp32",
+                "Nq": "i32", "Nk": "i32", "keys_per_split": "i32", "N": "i32", "Lq": "i32", "Lk": "i32",
+                "lo_q": "i32", "lo_k": "i32", "width_q": "i32", "width_k": "i32"}
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 # The full matrix: everything the launchers can pass on a GPU, on sm_90 and sm_80.
 FULL = dict(archs=(90, 80), dtypes=("float32", "float16", "bfloat16"), precisions=("ieee", "tf32x3", "tf32"),
             dims=(256, 2304), cvs=(3, 48, 151), out_fp32=(False, True),
-            need=((True, True), (True, False), (False, True)), key_mask=(False, True), channels=(64, 256),
+            need=((True, True), (True, False), (False, True)), key_mask=(False, True), patch=(1, 3), channels=(64, 256),
             center_normalize=((True, True), (True, False), (False, True), (False, False)))
 
 
 def in_default(key: dict, config_index: int) -> bool:
-    """The default (fast) subset of FULL: 32 compiles, ~21 s on 2 cores.
+    """The default (fast) subset of FULL: 33 compiles, ~21 s on 2 cores.
 
     float32 tile products at precision "ieee" lower to unrolled FMA loops that take ptxas 5-50 s
     per config (the tensor-core paths of half precision take ~1-3 s), so the default takes every
@@ -98,6 +99,8 @@ def in_default(key: dict, config_index: int) -> bool:
     kernel, arch, dtype = key["kernel"], key["arch"], key["dtype"]
     if kernel not in PROLOGUE and key["key_mask"] != (dtype == "bfloat16"):  # the masked path at bfloat16
         return False
+    if key.get("patch", 1) == 3:  # the window forward: its first config, bfloat16, the largest tiles
+        return arch == 90 and dtype == "bfloat16" and config_index == 0 and key["D"] == 256 and key["CV"] == 151
     if kernel in PROLOGUE:
         return arch == 90 and key["C"] == 256 and (key["center"] == key["normalize"]) and (
             key["center"] or dtype == "float32")
@@ -174,13 +177,16 @@ def _cases(module, matrix, archs=None):
                     precisions = m["precisions"] if dtype == "float32" else ("ieee",)
                     outs = sorted({"fp32" if f else dt for f in m["out_fp32"]}) if name == "_forward_kernel" else [dt]
                     needs = m["need"] if name == "_backward_dkdv_kernel" else [None]
+                    patches = m["patch"] if name == "_forward_kernel" else [None]
                     for precision in precisions:
                         for D in m["dims"]:
                             for cv in m["cvs"]:
-                                for out, need, has_mask in itertools.product(outs, needs, m["key_mask"]):
+                                for out, need, has_mask, patch in itertools.product(outs, needs, m["key_mask"], patches):
                                     key = dict(kernel=name, arch=arch, dtype=dtype, D=D, CV=cv, key_mask=has_mask)
                                     consts = dict(D=D, CV=cv, BLOCK_CV=block_cv(cv), HAS_MASK=has_mask,
                                                   PRECISION=module._dot_precision(getattr(torch, dtype), precision))
+                                    if patch is not None:
+                                        key["patch"] = consts["PATCH"] = patch
                                     if dtype == "float32":
                                         key["precision"] = precision
                                     if name == "_forward_kernel":

@@ -85,9 +85,12 @@ def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
     return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
 
 
-def _use_windows(kernels, center, patch_size) -> bool:
-    # Patches without the unfold where the backend has window kernels (see windows.py).
-    return patch_size > 1 and center in WINDOW_CENTERS and hasattr(kernels, "correspondence_warp_windows_forward")
+def _use_windows(kernels, center, patch_size, part: str) -> bool:
+    # Patches without the unfold where the backend has that window kernel (see windows.py); a
+    # backend may have the forward only (the backward then takes the unfolded features: the
+    # same function, so the saved logsumexp serves either).
+    return (patch_size > 1 and center in WINDOW_CENTERS
+            and hasattr(kernels, f"correspondence_warp_windows_{part}"))
 
 
 def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -> Tensor:
@@ -96,15 +99,17 @@ def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -
     return to_centres(keep, patch_size, fill=False)[:, 0].contiguous()
 
 
-def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps):
-    ct = _compute_dtype(query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, ct)
+def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
+                     backend, precision):
+    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
+    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
+    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
     out, lse = kernels.correspondence_warp_windows_forward(
-        wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv, to_centres(value.to(ct), patch_size), patch_size,
-        wq.width, wk.width, 1.0 / temperature, key_mask=_window_key_mask(key, key_mask, patch_size))
+        wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv, to_centres(value.to(it), patch_size), patch_size,
+        wq.width, wk.width, 1.0 / temperature, key_mask=_window_key_mask(key, key_mask, patch_size),
+        **_precision_kwargs(backend, precision))
     Hq, Wq = query.shape[2:]
-    lse = from_centres(lse[:, None], Hq, Wq, patch_size).reshape(lse.shape[0], -1)
+    lse = from_centres(lse[:, None], Hq, Wq, patch_size).reshape(lse.shape[0], -1).contiguous()
     return from_centres(out, Hq, Wq, patch_size).to(value.dtype).contiguous(), lse
 
 
@@ -143,8 +148,9 @@ def _correspondence_warp(
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    if _use_windows(kernels, center, patch_size):
-        return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps)
+    if _use_windows(kernels, center, patch_size, "forward"):
+        return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
+                                backend, precision)
     it = _input_dtype(kernels, query.dtype)
     qf = _features(kernels, query, center, normalize, patch_size, eps, it)
     kf = _features(kernels, key, center, normalize, patch_size, eps, it)
@@ -183,7 +189,7 @@ def _correspondence_warp_backward(
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    if _use_windows(kernels, center, patch_size):
+    if _use_windows(kernels, center, patch_size, "backward"):
         return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
                                  normalize, patch_size, eps, need_query, need_key, need_value)
     it = _input_dtype(kernels, query.dtype)

@@ -88,12 +88,16 @@ def _configs_for_dtype(configs, named_args, **kwargs):
     return [c for c in configs if any(c is w for w in wanted)]
 
 
-def _tune(fn):
-    # The key is (D, Cv); the autotuner adds the dtypes of the tensor arguments itself.
-    heuristics = triton.heuristics({"ONE_CHUNK": lambda a: a["D"] <= a["BLOCK_D"]})
+def _tune(key=("D", "CV")):
+    # The autotuner adds the dtypes of the tensor arguments to the key itself. A query tile stays
+    # resident (ONE_CHUNK) when it is one chunk wide and, for windows, one tap.
+    heuristics = triton.heuristics({"ONE_CHUNK": lambda a: a["D"] <= a["BLOCK_D"] and a.get("PATCH", 1) == 1})
     configs = _FLOAT32_CONFIGS + [c for c in _HALF_CONFIGS if not any(c is f for f in _FLOAT32_CONFIGS)]
-    return triton.autotune(configs=configs, key=["D", "CV"],
-                           prune_configs_by={"early_config_prune": _configs_for_dtype})(heuristics(fn))
+
+    def wrap(fn):
+        return triton.autotune(configs=configs, key=list(key),
+                               prune_configs_by={"early_config_prune": _configs_for_dtype})(heuristics(fn))
+    return wrap
 
 
 @triton.jit
@@ -140,16 +144,35 @@ def _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK: tl.constexpr):
     return mask_n
 
 
-@_tune
 @triton.jit
-def _forward_kernel(Q, K, V, KeyMask, Out, Lse, scale_log2, Nq, Nk, keys_per_split,
+def _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PRECISION: tl.constexpr, PATCH: tl.constexpr):
+    """Sum over the PATCH x PATCH taps of the score tiles of shifted rows: on a padded grid of row
+    width `width`, tap (dy, dx) of every centre is the row offset dy * width + dx (windows.py)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in tl.static_range(PATCH * PATCH):
+        dy = t // PATCH - PATCH // 2
+        dx = t % PATCH - PATCH // 2
+        acc += _scores(q_rows + (dy * width_q + dx) * D, k_rows + (dy * width_k + dx) * D, offs_m, offs_n,
+                       mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+    return acc
+
+
+@_tune(("D", "CV", "PATCH"))
+@triton.jit
+def _forward_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, Out, Lse, scale_log2, dwin, Nq, Nk, Lq, Lk, lo_q, lo_k,
+                    width_q, width_k, keys_per_split,
                     D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
-                    HAS_MASK: tl.constexpr,
+                    HAS_MASK: tl.constexpr, PATCH: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # PATCH == 1: rows are prepared features (Lq = Nq, lo = 0). PATCH > 1: rows are a padded grid
+    # of Lq rows per sample, centre i at row lo_q + i, with per-centre window means M and score
+    # factors A (windows.py): s = (sum over taps - dwin * m_q m_k) * a_q * a_k.
     pid_m, pid_b, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     batch = pid_b.to(tl.int64)
-    q_rows = Q + batch * Nq * D
-    k_rows = K + batch * Nk * D
+    q_rows = Q + (batch * Lq + lo_q) * D
+    k_rows = K + (batch * Lk + lo_k) * D
     v_cols = V + batch * CV * Nk
     n_lo = pid_s * keys_per_split
     n_hi = tl.minimum(n_lo + keys_per_split, Nk)
@@ -161,6 +184,9 @@ def _forward_kernel(Q, K, V, KeyMask, Out, Lse, scale_log2, Nq, Nk, keys_per_spl
     offs_d = tl.arange(0, BLOCK_D)
     if ONE_CHUNK:  # the query tile stays in registers across the key loop
         q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
+    if PATCH > 1:
+        mq = tl.load(MQ + batch * Nq + offs_m, mask=mask_m, other=0.0)
+        aq = tl.load(AQ + batch * Nq + offs_m, mask=mask_m, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, log2 units
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -171,8 +197,14 @@ def _forward_kernel(Q, K, V, KeyMask, Out, Lse, scale_log2, Nq, Nk, keys_per_spl
         if ONE_CHUNK:
             k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        else:
+        elif PATCH == 1:
             s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        else:
+            s = _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
+                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+            mk = tl.load(MK + batch * Nk + offs_n, mask=mask_n, other=0.0)
+            ak = tl.load(AK + batch * Nk + offs_n, mask=mask_n, other=0.0)
+            s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
         s = tl.where(_keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # -inf while every key so far is masked out: shift by 0 so the exps are 0, not NaN.
@@ -191,7 +223,7 @@ def _forward_kernel(Q, K, V, KeyMask, Out, Lse, scale_log2, Nq, Nk, keys_per_spl
     tl.store(Lse + part * Nq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
-@_tune
+@_tune()
 @triton.jit
 def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
                         D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
@@ -238,7 +270,7 @@ def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale,
         tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
 
 
-@_tune
+@_tune()
 @triton.jit
 def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq, Nk,
                           D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
@@ -334,9 +366,29 @@ def correspondence_warp_forward(q, k, v, scale, key_mask=None, precision="ieee",
     as the grid needs).
     """
     _check(q, k, v)
+    return _forward(q, k, v, scale, key_mask, precision, num_splits, q.shape[1], k.shape[1], None)
+
+
+def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None,
+                                        precision="ieee", num_splits=None):
+    """The forward on k x k windows without the unfold (see windows.py and the cpu backend's
+    csrc/cpu/correspondence_warp.h): xq (B, Lq, C) / xk padded grids of rows, mq / aq and mk / ak
+    (B, N) float32 per-centre means and score factors, v (B, Cv, Nk) on the key centres.
+    Returns out (B, Cv, Nq) and lse (B, Nq) on the query centres."""
+    _check(xq, mq, aq, xk, mk, ak, v)
+    r = patch // 2
+    windows = (mq, aq, mk, ak, float(patch * patch * xq.shape[2]), xq.shape[1], xk.shape[1],
+               r * width_q + r, r * width_k + r, width_q, width_k, patch)
+    return _forward(xq, xk, v, scale, key_mask, precision, num_splits, mq.shape[1], mk.shape[1], windows)
+
+
+def _forward(q, k, v, scale, key_mask, precision, num_splits, Nq, Nk, windows):
     mask_args = _mask_args(key_mask, q)
-    B, Nq, D = q.shape
-    Nk, Cv = k.shape[1], v.shape[1]
+    B, D = q.shape[0], q.shape[2]
+    Cv = v.shape[1]
+    if windows is None:  # prepared rows: one tap, no per-centre factors (placeholders never read)
+        windows = (q, q, q, q, 0.0, Nq, Nk, 0, 0, 0, 0, 1)
+    *factors, dwin, Lq, Lk, lo_q, lo_k, width_q, width_k, patch = windows
     splits = _num_key_splits(B, Nq, Nk, q.device) if num_splits is None else int(num_splits)
     keys_per_split = triton.cdiv(triton.cdiv(Nk, max(1, splits)), _KEY_SPLIT_GRANULE) * _KEY_SPLIT_GRANULE
     splits = triton.cdiv(Nk, keys_per_split)  # no split is left without keys
@@ -350,8 +402,10 @@ def correspondence_warp_forward(q, k, v, scale, key_mask=None, precision="ieee",
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B, splits)
 
     _forward_kernel[grid](
-        q, k, v, mask_args[0], out, lse, float(scale) * _LOG2E, Nq, Nk, keys_per_split,
+        q, k, v, mask_args[0], *factors, out, lse, float(scale) * _LOG2E, dwin, Nq, Nk, Lq, Lk, lo_q, lo_k,
+        width_q, width_k, keys_per_split,
         D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=mask_args[1],
+        PATCH=patch,
     )
     if splits == 1:
         return out[0], lse[0]
@@ -528,5 +582,6 @@ def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
     return dx.view(x.shape)
 
 
-__all__ = ["PRECISIONS", "correspondence_warp_backward", "correspondence_warp_forward", "input_dtype",
+__all__ = ["PRECISIONS", "correspondence_warp_backward", "correspondence_warp_forward",
+           "correspondence_warp_windows_forward", "input_dtype",
            "prepare_features", "prepare_features_backward"]
