@@ -102,13 +102,13 @@ def cases(draw, dtypes, max_hw, max_c=20):
         temperature=10.0 ** draw(st.floats(-3, 3)),  # log-uniform in [1e-3, 1e3]
         center=draw(st.sampled_from(["channel", "spatial", None])),
         normalize=draw(st.booleans()),
-        patch_size=draw(st.sampled_from([1, 3])),
+        patch_size=draw(st.sampled_from([1, 3, 5])),
     )
     return shape, opts, draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**31 - 1))
 
 
 # Examples per property on the cpu/reference backends (Triton on the interpreter: a tenth).
-N_MATCH, N_ROWS, N_PERM, N_SCALE = 400, 200, 200, 200
+N_MATCH, N_ROWS, N_PERM, N_SCALE, N_MASK = 400, 200, 200, 200, 200
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -187,6 +187,33 @@ def test_property_scale_invariance(backend, device):
     scale = st.floats(-3, 3).map(lambda e: 10.0 ** e)
     strategy = st.tuples(cases(dts, grid(backend, device)), scale, scale)
     run_property(examples(backend, device, N_SCALE), strategy, check)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_property_key_mask(backend, device):
+    """With a random key mask (any fraction masked, whole samples included) forward and
+    gradients match the float64 reference; fully masked samples give zeros, never NaN."""
+    dts = dtypes_for(backend, device)
+
+    def check(case):
+        (shape, opts, dtype, seed), keep = case
+        q, k, v = (t.requires_grad_() for t in make(shape, dtype, device, seed))
+        B, _, Hk, Wk = k.shape
+        mask = (torch.rand(B, Hk, Wk, generator=torch.Generator().manual_seed(seed)) < keep).to(device)
+        out = ck.correspondence_warp(q, k, v, key_mask=mask, backend=backend, **opts)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = ck.reference.correspondence_warp(q64, k64, v64, key_mask=mask, **opts)
+        # A row left with one key has weight exactly 1 and vanishing feature gradients, which float32
+        # sees as rounding times 1/temperature: judged at five times the usual tolerance.
+        rtol = rtol_for(dtype, opts["temperature"]) * 5
+        assert_close(out, ref, rtol, "out")
+        grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        out.backward(grad.to(device, dtype))
+        ref.backward(grad)
+        assert_grads_close((q, k, v), (q64, k64, v64), rtol)
+
+    strategy = st.tuples(cases(dts, grid(backend, device)), st.sampled_from([0.0, 0.2, 0.6, 1.0]))
+    run_property(examples(backend, device, N_MASK), strategy, check)
 
 
 # --- edge cases ---------------------------------------------------------------------------------
