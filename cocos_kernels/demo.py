@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--size must be a multiple of 4 and at least 16, got {args.size}")
     if args.pairs < 1:
         p.error(f"--pairs must be at least 1, got {args.pairs}")
+    pairs = args.data / "lists" / f"{args.dataset}_ref_test.txt"
+    if not pairs.is_file():
+        p.error(f"--data {args.data}: no pairing list {pairs} (the folder must be laid out as "
+                "data/cocosnet-samples is)")
     return args
 
 

@@ -49,3 +49,17 @@ def test_plot_matches_marks_the_argmax_and_rejects_bad_points(tmp_path):
         plot_matches(image, image, q, k, points=[(6, 0)])
     with pytest.raises(ValueError, match="query_image must be a"):
         plot_matches(image[0], image, q, k)
+
+
+def test_bad_arguments_name_the_option(tmp_path):
+    import pytest
+
+    for argv, message in ((["--size", "30"], "--size must be a multiple of 4"),
+                          (["--pairs", "0"], "--pairs must be at least 1, got 0"),
+                          (["--data", str(tmp_path)], f"--data {tmp_path}: no pairing list")):
+        with pytest.raises(SystemExit):
+            demo.parse_args(argv)
+        # argparse prints the message on stderr before exiting
+    result = subprocess.run([sys.executable, "-m", "cocos_kernels.demo", "--data", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no pairing list" in result.stderr
