@@ -132,6 +132,13 @@ class _OpKernels:
         raise AttributeError(f"no kernel module has {name!r}")
 
 
+def _load_cuda():
+    from . import cuda
+
+    cuda.extension()  # raises RuntimeError saying why it cannot run here (no device, failed build)
+    return cuda
+
+
 def _load_triton():
     from .triton import contextual_loss, correspondence_warp
 
@@ -159,6 +166,10 @@ register(Backend(
     frozenset({torch.float16, torch.bfloat16, torch.float32}), fused=True, load=_load_triton,
     auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True, features=frozenset({"key_mask"}),
 ))
+# Below triton until it has run on a GPU; no float64 (float32 accumulation) and no precision=
+# (its float32 products are exact FMAs).
+register(Backend("cuda", 15, frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                 fused=True, load=_load_cuda, features=frozenset({"key_mask"})))
 
 
 def backend_names() -> tuple[str, ...]:

@@ -1,0 +1,197 @@
+"""The CUDA C++ backend ("cuda"): loader of the extension built from `csrc/cuda`, and its kernels.
+
+Entry points (the contract every fused backend implements, see `cocos_kernels/dispatch.py`):
+  correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
+  correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv) -> (dq, dk, dv)
+both with `key_mask=`; `input_dtype` (float16/bfloat16 features stay half: tensor-core products)
+and the prologue `prepare_features` / `prepare_features_backward` (patch_size 1, channel or no
+centring; None otherwise, and the op layer's PyTorch prologue runs). float32 products are full
+float32 FMAs: there is no precision= (no tf32 path).
+
+The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
+time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in
+torch's extension directory, so only the first use pays the ~1-3 minutes). Nothing is built on
+`import cocos_kernels`: only when the backend is first asked for, and only where a CUDA device is
+present (COCOS_KERNELS_CUDA_BUILD=0 turns the JIT build off). One line on stderr says which extension the backend got; a failure says why, and is
+remembered (the backend's refusal reason) instead of being retried on every call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+# One dtype per translation unit, so that ninja compiles them in parallel.
+SOURCES = ("correspondence_warp_float32.cu", "correspondence_warp_float16.cu", "correspondence_warp_bfloat16.cu",
+           "prologue.cu", "bindings.cpp")
+NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr")
+
+
+def csrc_dir() -> Path | None:
+    """Where the CUDA sources are: inside the package (a wheel, see setup.py) or beside it (a checkout)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "csrc" / "cuda", here.parent / "csrc" / "cuda"):
+        if all((candidate / s).is_file() for s in SOURCES):
+            return candidate
+    return None
+
+
+def _toolkit_root(nvcc: Path) -> Path | None:
+    """The toolkit an `nvcc` belongs to: <root>/bin/nvcc, through symlinks, or the nvcc a wrapper
+    script execs (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`)."""
+    real = nvcc.resolve()
+    if (real.parent.parent / "include" / "cuda_runtime.h").is_file():
+        return real.parent.parent
+    try:
+        if real.stat().st_size < 4096:
+            match = re.search(r"(/\S+)/bin/nvcc\b", real.read_text(errors="replace"))
+            if match and (Path(match.group(1)) / "include" / "cuda_runtime.h").is_file():
+                return Path(match.group(1))
+    except OSError:
+        pass
+    return None
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit to build with: $CUDA_HOME / $CUDA_PATH, else the one `nvcc` on PATH belongs
+    to, else /usr/local/cuda. (torch guesses dirname(dirname(which nvcc)), which is wrong for a
+    wrapper script in /usr/local/bin: the link then fails on -lcudart.)"""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None and (root := _toolkit_root(Path(nvcc))) is not None:
+        return str(root)
+    default = Path("/usr/local/cuda")
+    return str(default) if (default / "bin" / "nvcc").exists() else None
+
+
+def build_environment() -> None:
+    """Points torch's extension builder at the right toolkit (see `cuda_home`)."""
+    home = cuda_home()
+    if home is None:
+        return
+    os.environ.setdefault("CUDA_HOME", home)
+    import torch.utils.cpp_extension as cpp_extension
+
+    cpp_extension.CUDA_HOME = home  # read once at its import, maybe before CUDA_HOME was set
+
+
+def _why_not() -> str | None:
+    """Why the CUDA backend cannot run on this machine at all, without building anything."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def _say(message: str) -> None:
+    print(f"cocos_kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _jit_build():
+    src = csrc_dir()
+    if src is None:
+        raise RuntimeError("the CUDA sources (csrc/cuda) are not installed next to cocos_kernels")
+    build_environment()
+    if cuda_home() is None:
+        raise RuntimeError("no CUDA toolkit (nvcc) found to build the extension: set CUDA_HOME")
+    from torch.utils.cpp_extension import load
+
+    _say("backend 'cuda': JIT-building the CUDA extension (no prebuilt cocos_kernels._cuda; "
+         "the first build takes a few minutes, then it is cached)")
+    return load(
+        name="cocos_kernels_cuda",
+        sources=[str(src / s) for s in SOURCES],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=list(NVCC_FLAGS),
+        verbose=os.environ.get("COCOS_KERNELS_VERBOSE_BUILD") == "1",
+    )
+
+
+@functools.cache
+def _extension_or_error():
+    if (reason := _why_not()) is not None:
+        return None, reason
+    try:
+        from . import _cuda  # built by setup.py
+
+        _say("backend 'cuda': using the prebuilt extension cocos_kernels._cuda")
+        return _cuda, None
+    except ImportError:
+        pass
+    if os.environ.get("COCOS_KERNELS_CUDA_BUILD") == "0":
+        return None, "no prebuilt cocos_kernels._cuda, and COCOS_KERNELS_CUDA_BUILD=0 turns the JIT build off"
+    try:
+        return _jit_build(), None
+    except Exception as e:  # noqa: BLE001 -- remembered as the backend's refusal reason
+        reason = f"building the CUDA extension failed: {str(e).strip()[-2000:]}"
+        _say(f"backend 'cuda' unavailable: {reason}")
+        return None, reason
+
+
+def extension():
+    """The compiled module. Raises RuntimeError saying why where there is none (no CUDA device,
+    not a CUDA build of torch, no toolkit, a failed build); the answer is cached."""
+    module, reason = _extension_or_error()
+    if module is None:
+        raise RuntimeError(reason)
+    return module
+
+
+def input_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype these kernels take features, value and grad_out in, for inputs of `dtype`."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def correspondence_warp_forward(q, k, v, scale, key_mask=None):
+    """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T;
+    keys where key_mask ((B, Nk) bool) is False get no weight."""
+    return extension().correspondence_warp_forward(q, k, v, float(scale), key_mask)
+
+
+def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None):
+    """(dq, dk, dv) in float32, None where not requested."""
+    return extension().correspondence_warp_backward(
+        grad_out, q, k, v, out, lse.float().contiguous(), float(scale), bool(need_dq), bool(need_dk), bool(need_dv),
+        key_mask,
+    )
+
+
+def _prologue_supported(center, patch_size) -> bool:
+    # Patch unfolding and spatial centring (a mean across positions) stay in PyTorch.
+    return patch_size == 1 and center in ("channel", None)
+
+
+def prepare_features(x, center, normalize, patch_size, eps, dtype):
+    """(B, C, H, W) -> rows (B, N, C) in `dtype`, centred/normalised in float32; None where the op
+    layer's PyTorch prologue must do it (patches, spatial centring)."""
+    if not _prologue_supported(center, patch_size):
+        return None
+    B, C = x.shape[:2]
+    xs = x.reshape(B, C, -1).float().contiguous()
+    rows = torch.empty((B, xs.shape[2], C), device=x.device, dtype=dtype)
+    extension().prepare_features(xs, rows, center == "channel", bool(normalize), float(eps))
+    return rows
+
+
+def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
+    """Gradient w.r.t. x (float32, x's shape) of `prepare_features` given `grad_rows` (B, N, C);
+    None where `prepare_features` is None."""
+    if not _prologue_supported(center, patch_size):
+        return None
+    B, C = x.shape[:2]
+    xs = x.reshape(B, C, -1).float().contiguous()
+    dx = extension().prepare_features_backward(grad_rows.float().contiguous(), xs, center == "channel",
+                                                bool(normalize), float(eps))
+    return dx.view(x.shape)
+
+
+__all__ = ["correspondence_warp_backward", "correspondence_warp_forward", "extension", "input_dtype",
+           "prepare_features", "prepare_features_backward"]

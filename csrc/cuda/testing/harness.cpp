@@ -1,0 +1,103 @@
+// C entry points (for ctypes) running the correspondence_warp kernels under host_emulation.h, with
+// the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16 (q, k, v, out, grad_out,
+// the prologue's rows).
+#include <stdexcept>
+
+#include "../correspondence_warp.cuh"
+#include "../prologue.cuh"
+
+namespace cocos_kernels {
+namespace cuda {
+alignas(128) unsigned char smem[1 << 18];  // the kernels' `extern __shared__` buffer
+}  // namespace cuda
+}  // namespace cocos_kernels
+
+namespace {
+using namespace cocos_kernels::cuda;
+
+template <class Smem>
+void check_smem() {
+  if (Smem::carve(nullptr, nullptr) > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
+}
+
+template <class T>
+void forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
+             float scale) {
+  check_smem<ForwardSmem<T>>();
+  const int64_t m_blocks = ceil_div(s.nq, BM), cv_chunks = s.cv > 0 ? ceil_div(s.cv, BCV) : 1;
+  emu::launch(s.batch * cv_chunks * m_blocks, kThreads, [&] {
+    forward_kernel<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
+                      static_cast<T*>(out), lse, s, scale * kLog2e, m_blocks, cv_chunks);
+  });
+}
+
+template <class T>
+void backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
+              const float* lse, const float* delta, float* dq, float* dk, float* dv, WarpShape s, float scale) {
+  check_smem<BackwardDqSmem<T>>();
+  check_smem<BackwardDkDvSmem<T>>();
+  auto in = [](const void* p) { return static_cast<const T*>(p); };
+  if (dq != nullptr) {
+    const int64_t m_blocks = ceil_div(s.nq, BM);
+    emu::launch(s.batch * m_blocks, kThreads, [&] {
+      backward_dq_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale, m_blocks);
+    });
+  }
+  if (dk != nullptr || dv != nullptr) {
+    const int64_t n_blocks = ceil_div(s.nk, BN);
+    emu::launch(s.batch * n_blocks, kThreads, [&] {
+      backward_dkdv_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s, scale, n_blocks);
+    });
+  }
+}
+template <class T>
+void prologue(const float* x, void* rows, int64_t batch, int64_t channels, int64_t n, bool center, bool normalize,
+              float eps) {
+  emu::launch(ceil_div(batch * n, kThreads), kThreads, [&] {
+    prologue_kernel<T>(x, static_cast<T*>(rows), batch, channels, n, center, normalize, eps);
+  });
+}
+}  // namespace
+
+extern "C" {
+int emu_prepare_features(int dtype, const float* x, void* rows, int64_t batch, int64_t channels, int64_t n,
+                         bool center, bool normalize, float eps) {
+  switch (dtype) {
+    case 0: prologue<float>(x, rows, batch, channels, n, center, normalize, eps); return 0;
+    case 1: prologue<__half>(x, rows, batch, channels, n, center, normalize, eps); return 0;
+    case 2: prologue<__nv_bfloat16>(x, rows, batch, channels, n, center, normalize, eps); return 0;
+  }
+  return 1;
+}
+
+int emu_prepare_features_backward(const float* grad_rows, const float* x, float* dx, int64_t batch,
+                                  int64_t channels, int64_t n, bool center, bool normalize, float eps) {
+  emu::launch(ceil_div(batch * n, kThreads), kThreads, [&] {
+    prologue_backward_kernel(grad_rows, x, dx, batch, channels, n, center, normalize, eps);
+  });
+  return 0;
+}
+
+int emu_forward(int dtype, const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse,
+                int64_t batch, int64_t nq, int64_t nk, int d, int cv, float scale) {
+  const WarpShape s{batch, nq, nk, d, cv};
+  switch (dtype) {
+    case 0: forward<float>(q, k, v, mask, out, lse, s, scale); return 0;
+    case 1: forward<__half>(q, k, v, mask, out, lse, s, scale); return 0;
+    case 2: forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, scale); return 0;
+  }
+  return 1;
+}
+
+int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
+                 const float* lse, const float* delta, float* dq, float* dk, float* dv, int64_t batch, int64_t nq,
+                 int64_t nk, int d, int cv, float scale) {
+  const WarpShape s{batch, nq, nk, d, cv};
+  switch (dtype) {
+    case 0: backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
+    case 1: backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
+    case 2: backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
+  }
+  return 1;
+}
+}

@@ -1,0 +1,282 @@
+"""The CUDA backend (`csrc/cuda`, `cocos_kernels/cuda.py`) without a GPU: compile checks and the loader.
+
+No kernel runs here (the shared tests in test_correspondence_warp.py run the "cuda" backend with
+`--device cuda`). What is checked on a CPU machine with nvcc and a CUDA build of torch:
+
+* every .cu compiles for sm_90a (H100) and sm_80 (A100) with the flags torch's extension builder
+  passes, warnings as errors (nvcc, ptxas and the host compiler's -Wall -Wextra), in parallel;
+* bindings.cpp (the only file with torch headers, ~1 min alone) compiles with -Wall -Wextra
+  -Werror, torch's own headers included as system headers (their warnings are not ours);
+* every kernel's dynamic shared memory fits the card's opt-in limit per block (sm_90: 227 KiB,
+  sm_80: 163 KiB), computed by the kernels' own layout code in a host program;
+* the kernels' arithmetic, run: `csrc/cuda/testing/host_emulation.h` compiles the kernels with
+  the host compiler and runs each block as 256 CPU threads (barriers for __syncthreads, an
+  exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`). Forward
+  (out, lse), backward (dq, dk, dv) and the prologue (rows, dx) are compared with float64, over
+  ragged tiles, several key / query / D / Cv chunks, a key mask with a fully masked batch element,
+  and float16/bfloat16 inputs, whose tiles run both through the FMA path and through the WMMA
+  branch of `tile_mma` (tile.cuh) with nvcuda::wmma emulated by its documented semantics (the
+  emulation cannot tell whether real tensor cores honour them);
+* the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
+  on a machine without a CUDA device.
+
+Behind `-m slow`: the full JIT build of cocos_kernels.cuda (`torch.utils.cpp_extension.load`,
+linking included) for both architectures, and the import of the built module.
+Skipped, with the reason, where nvcc or a CUDA build of torch is absent.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import cocos_kernels as ck
+from cocos_kernels import cuda
+from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
+from conftest import assert_close
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "csrc" / "cuda"
+ARCHS = {"sm_90a": "arch=compute_90a,code=sm_90a", "sm_80": "arch=compute_80,code=sm_80"}
+SMEM_LIMIT = {"sm_90a": 232448, "sm_80": 166912}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
+CUDA_HOME = cuda.cuda_home()
+
+needs_toolkit = pytest.mark.skipif(
+    CUDA_HOME is None or torch.version.cuda is None,
+    reason=f"needs nvcc (a CUDA toolkit: found {CUDA_HOME}) and a CUDA build of torch (torch {torch.__version__})",
+)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_suite_only(request):
+    # With --device cuda the shared suite runs the kernels themselves: no GPU time on these checks.
+    if request.config.getoption("--device") == "cuda":
+        pytest.skip("compile checks and CPU emulation belong to the CPU suite (--device cpu)")
+
+
+def _nvcc_flags() -> list[str]:
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    # As torch builds the extension, plus warnings as errors everywhere.
+    return [*COMMON_NVCC_FLAGS, *cuda.NVCC_FLAGS, "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+
+
+def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+    return cmd, subprocess.run(cmd, capture_output=True, text=True, cwd=SRC)
+
+
+def _failures(results) -> list[str]:
+    return [f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}" for cmd, proc in results
+            if proc.returncode != 0 or "warning" in proc.stderr.lower()]
+
+
+@needs_toolkit
+def test_cuda_sources_compile_without_warnings(tmp_path):
+    nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
+    jobs = [[nvcc, *_nvcc_flags(), "-gencode", gencode, "-c", str(SRC / name), "-o", str(tmp_path / f"{name}.{arch}.o")]
+            for name in cuda.SOURCES if name.endswith(".cu") for arch, gencode in ARCHS.items()]
+    torch_include = Path(torch.__file__).parent / "include"
+    system = [torch_include, torch_include / "torch" / "csrc" / "api" / "include", Path(CUDA_HOME) / "include",
+              Path(sysconfig.get_paths()["include"])]
+    jobs.append(["c++", "-std=c++20", "-O0", "-fPIC", "-Wall", "-Wextra", "-Werror",
+                 "-DTORCH_EXTENSION_NAME=cocos_kernels_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                 *(f"-isystem{p}" for p in system), "-c", str(SRC / "bindings.cpp"), "-o", str(tmp_path / "bindings.o")])
+    # bindings.cpp first: it is the longest job.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(_run, jobs[-1:] + jobs[:-1]))
+    failures = _failures(results)
+    assert not failures, "\n\n".join(failures)
+
+
+SMEM_PROBE = r"""
+#include <cstdio>
+#include "correspondence_warp.cuh"
+using namespace cocos_kernels::cuda;
+template <class T> void show(const char* dtype) {
+  std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
+  std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
+  std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
+}
+int main() { show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16"); }
+"""
+
+
+@needs_toolkit
+def test_shared_memory_fits_the_cards(tmp_path):
+    (tmp_path / "probe.cu").write_text(SMEM_PROBE)
+    nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
+    cmd, proc = _run([nvcc, *cuda.NVCC_FLAGS, f"-I{SRC}", str(tmp_path / "probe.cu"), "-o", str(tmp_path / "probe")])
+    assert proc.returncode == 0, proc.stderr
+    sizes = {tuple(line.split()[:2]): int(line.split()[2])
+             for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
+             .stdout.splitlines()}
+    assert len(sizes) == 9
+    print("dynamic shared memory per block (bytes):", sizes)
+    for (kernel, dtype), size in sizes.items():
+        assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    """tiles ("fma": half tiles on the FMA path; "wmma": on the emulated WMMA branch) -> the kernels
+    compiled for the CPU (csrc/cuda/testing), as a ctypes library."""
+    if CUDA_HOME is None or shutil.which("c++") is None:
+        pytest.skip("needs a host C++ compiler and the CUDA headers (cuda_fp16.h) of a toolkit")
+    built = {}
+
+    def library(tiles: str):
+        if tiles not in built:
+            lib = tmp_path_factory.mktemp("emulated") / f"libemulated_{tiles}.so"
+            cmd = ["c++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra",
+                   "-Wno-unknown-pragmas", "-Werror", *(["-DCOCOS_KERNELS_EMULATE_WMMA"] if tiles == "wmma" else []),
+                   "-include", "host_emulation.h", f"-isystem{Path(CUDA_HOME) / 'include'}", "harness.cpp",
+                   "-o", str(lib)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=SRC / "testing")
+            assert proc.returncode == 0, proc.stderr
+            built[tiles] = ctypes.CDLL(str(lib))
+        return built[tiles]
+    return library
+
+
+EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # as test_correspondence_warp.py
+
+
+def _p(t):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _i(*xs):
+    return [ctypes.c_int64(x) for x in xs]
+
+
+def _reference_warp(q, k, v, scale, mask):
+    """out (B, Cv, Nq) and lse (B, Nq) in float64, autograd-ready; fully masked rows give 0 and -inf."""
+    s = scale * q @ k.transpose(1, 2)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(torch.isfinite(lse)[..., None], torch.exp(s - lse[..., None]), torch.zeros_like(s))
+    return (p @ v.transpose(1, 2)).transpose(1, 2), lse
+
+
+EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
+    # 2 query blocks, 3 key blocks (ragged), 2 D chunks of 32, 2 value-channel chunks; batch 1 fully masked.
+    "B2-Nq70-Nk131-D40-Cv70-float32-mask": (2, 70, 131, 40, 70, torch.float32, True, "fma"),
+    "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
+    "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
+    "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
+    # The tensor-core branch: every operand orientation of the forward and both backward kernels.
+    "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
+    "B1-Nq65-Nk64-D80-Cv48-bfloat16-wmma": (1, 65, 64, 80, 48, torch.bfloat16, False, "wmma"),
+}
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES.values(), ids=EMULATED_CASES.keys())
+def test_emulated_kernels_match_float64(emulation, case):
+    B, Nq, Nk, D, Cv, dtype, masked, tiles = case
+    emulated = emulation(tiles)
+    scale = 100.0  # 1 / temperature 0.01 on unit rows: the online softmax's hard case
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, n, D, generator=g, dtype=torch.float64), dim=-1)
+            for n in (Nq, Nk))
+    v = torch.randn(B, Cv, Nk, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, Cv, Nq, generator=g, dtype=torch.float64)
+    mask = None
+    if masked:
+        mask = torch.rand(B, Nk, generator=g) > 0.4
+        mask[-1] = False
+    q, k, v, grad = (t.to(dtype).contiguous() for t in (q, k, v, grad))  # the kernels' inputs, and the judge's
+    code, shape = EMULATED_DTYPES[dtype], (*_i(B, Nq, Nk), D, Cv)
+    out, lse = torch.empty(B, Cv, Nq, dtype=dtype), torch.empty(B, Nq)
+    mask_bytes = None if mask is None else mask.to(torch.uint8)
+    assert emulated.emu_forward(code, _p(q), _p(k), _p(v), _p(mask_bytes), _p(out), _p(lse), *shape,
+                                ctypes.c_float(scale)) == 0
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = _reference_warp(q64, k64, v64, scale, mask)
+    ref.backward(grad.double())
+    assert_close(out, ref, RTOL[dtype], "out")
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)) and (lse[~torch.isfinite(ref_lse)] < 0).all()
+    assert_close(torch.where(torch.isfinite(lse), lse, 0.0), torch.where(torch.isfinite(ref_lse), ref_lse, 0.0),
+                 RTOL[dtype] / scale, "lse / scale")
+    delta = (grad.float() * out.float()).sum(1).contiguous()
+    dq, dk, dv = torch.empty(B, Nq, D), torch.empty(B, Nk, D), torch.empty(B, Cv, Nk)
+    assert emulated.emu_backward(code, _p(grad), _p(q), _p(k), _p(v), _p(mask_bytes), _p(lse), _p(delta), _p(dq),
+                                 _p(dk), _p(dv), *shape, ctypes.c_float(scale)) == 0
+    for name, mine, theirs in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(mine, theirs, RTOL[dtype], name)
+
+
+@pytest.mark.parametrize("center", ["channel", None])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_emulated_prologue_matches_float64(emulation, center, normalize):
+    emulated = emulation("fma")
+    B, C, H, W = 2, 37, 5, 60  # 300 positions: two blocks, the second ragged
+    x = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    grad = torch.randn(B, H * W, C, generator=torch.Generator().manual_seed(1))
+    xs = x.reshape(B, C, -1).contiguous()
+    rows, dx = torch.empty(B, H * W, C), torch.empty(B, C, H * W)
+    flags = (ctypes.c_bool(center == "channel"), ctypes.c_bool(normalize), ctypes.c_float(DEFAULT_EPS))
+    assert emulated.emu_prepare_features(0, _p(xs), _p(rows), *_i(B, C, H * W), *flags) == 0
+    assert emulated.emu_prepare_features_backward(_p(grad), _p(xs), _p(dx), *_i(B, C, H * W), *flags) == 0
+    x64 = x.double()
+    expected = normalize_features(x64, center, normalize, 1, DEFAULT_EPS).transpose(1, 2)
+    assert_close(rows, expected, 1e-5, "rows")
+    expected_dx = normalize_features_backward(grad.double().transpose(1, 2), x64, center, normalize, 1, DEFAULT_EPS)
+    assert_close(dx, expected_dx.reshape(B, C, -1), 1e-5, "dx")
+
+
+def test_toolkit_found_through_a_wrapper_script(tmp_path):
+    root = tmp_path / "cuda-13.0"
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "bin" / "nvcc").write_text("")
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {root}/bin/nvcc "$@"\n')
+    assert cuda._toolkit_root(wrapper) == root
+    assert cuda._toolkit_root(root / "bin" / "nvcc") == root
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA device")
+def test_refuses_without_a_device_and_builds_nothing():
+    backend = ck.BACKENDS["cuda"]
+    reason = backend.unavailable()
+    assert reason is not None and ("no CUDA device" in reason or "not a CUDA build" in reason)
+    assert backend.refusal(torch.device("cuda"), torch.float32) == reason
+    assert "not cpu" in backend.refusal(torch.device("cpu"), torch.float32)
+    assert ck.select("auto", torch.device("cpu"), torch.float32).name != "cuda"
+    with pytest.raises(ValueError, match="backend='cuda' cannot run this input"):
+        ck.correspondence_warp(*(torch.randn(1, 3, 4, 4) for _ in range(3)), backend="cuda")
+
+
+JIT_BUILD = """
+import os, sys
+from cocos_kernels import cuda
+from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
+from conftest import assert_close
+module = cuda._jit_build()
+print(sorted(n for n in dir(module) if not n.startswith("_")))
+"""
+
+
+@pytest.mark.slow
+@needs_toolkit
+def test_jit_build_links_and_imports(tmp_path):
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="8.0;9.0a", TORCH_EXTENSIONS_DIR=str(tmp_path),
+               MAX_JOBS=str(os.cpu_count() or 2), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", JIT_BUILD], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("correspondence_warp_forward", "correspondence_warp_backward", "prepare_features",
+                 "prepare_features_backward"):
+        assert name in proc.stdout
