@@ -1,0 +1,169 @@
+"""Building blocks shared by the correspondence network, the generator and the discriminator.
+
+Module and parameter names follow the reference (models/networks/{normalization,architecture}.py)
+so that its checkpoints load through `cocosnet.convert`; the only renaming is spectral norm's,
+which here uses `torch.nn.utils.parametrizations.spectral_norm` (keys
+`<conv>.parametrizations.weight.original` / `.0._u` / `.0._v` instead of `weight_orig/_u/_v`).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+import cocos_kernels as ck
+
+PONO_EPS = 1e-5  # the reference's PositionalNorm2d epsilon (v2 uses 1e-8)
+
+
+def pono(x: torch.Tensor, eps: float = PONO_EPS) -> torch.Tensor:
+    """Positional normalisation: per position over channels, with the *unbiased* variance (as the reference)."""
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.var(dim=1, keepdim=True, unbiased=True).add(eps).sqrt()
+    return (x - mean) / std
+
+
+def conv_norm(conv: nn.Conv2d, norm_type: str) -> nn.Module:
+    """The reference's get_nonspade_norm_layer: [spectral]<norm> -> conv or Sequential(conv, norm).
+
+    With a norm after it the conv loses its bias (it would be cancelled), as in the reference.
+    """
+    if norm_type.startswith("spectral"):
+        conv = spectral_norm(conv)
+        norm_type = norm_type[len("spectral"):]
+    if norm_type in ("", "none"):
+        return conv
+    if conv.bias is not None:
+        del conv.bias
+        conv.register_parameter("bias", None)
+    if norm_type == "instance":
+        norm = nn.InstanceNorm2d(conv.out_channels, affine=False)
+    elif norm_type == "batch":
+        norm = nn.BatchNorm2d(conv.out_channels, affine=True)
+    else:
+        raise ValueError(f"norm type {norm_type!r} is not supported: use [spectral](instance|batch|none)")
+    return nn.Sequential(conv, norm)
+
+
+class SPADE(nn.Module):
+    """out = norm(x) * (1 + gamma(c)) + beta(c), gamma/beta from the conditioning map c resized to x (nearest)."""
+
+    def __init__(self, config_text: str, norm_nc: int, label_nc: int, PONO: bool = False):
+        super().__init__()
+        parsed = re.fullmatch(r"spade(\D+)(\d)x\d", config_text)
+        if parsed is None:
+            raise ValueError(f"SPADE config {config_text!r} must look like spade<norm><k>x<k>, e.g. spadesyncbatch3x3")
+        norm_type, ks = parsed.group(1), int(parsed.group(2))
+        self.PONO = PONO
+        if PONO:
+            self.param_free_norm = None
+        elif norm_type == "instance":
+            self.param_free_norm = nn.InstanceNorm2d(norm_nc, affine=False)
+        elif norm_type in ("syncbatch", "batch"):
+            # A (sync) BatchNorm: the training loop converts it with SyncBatchNorm.convert_sync_batchnorm under DDP.
+            self.param_free_norm = nn.BatchNorm2d(norm_nc, affine=False)
+        else:
+            raise ValueError(f"SPADE param-free norm {norm_type!r} is not supported: use instance, batch or syncbatch")
+        nhidden = 128  # hard-coded in the reference
+        pw = ks // 2
+        # Index 0 of mlp_shared is the pad: the reference's keys are mlp_shared.1.*.
+        self.mlp_shared = nn.Sequential(nn.ReflectionPad2d(pw), nn.Conv2d(label_nc, nhidden, ks), nn.ReLU())
+        self.pad = nn.ReflectionPad2d(pw)
+        self.mlp_gamma = nn.Conv2d(nhidden, norm_nc, ks)
+        self.mlp_beta = nn.Conv2d(nhidden, norm_nc, ks)
+
+    def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
+        normalized = pono(x) if self.PONO else self.param_free_norm(x)
+        segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
+        actv = self.pad(self.mlp_shared(segmap))
+        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+class SPADEResnetBlock(nn.Module):
+    """SPADE -> lrelu -> reflect-pad conv -> SPADE -> lrelu -> reflect-pad conv, plus a (learned) shortcut."""
+
+    def __init__(self, fin: int, fout: int, opt, ic: int):
+        super().__init__()
+        self.learned_shortcut = fin != fout
+        fmiddle = min(fin, fout)
+        self.pad = nn.ReflectionPad2d(1)
+        self.conv_0 = nn.Conv2d(fin, fmiddle, 3)
+        self.conv_1 = nn.Conv2d(fmiddle, fout, 3)
+        if self.learned_shortcut:
+            self.conv_s = nn.Conv2d(fin, fout, 1, bias=False)
+        if "spectral" in opt.norm_G:
+            self.conv_0 = spectral_norm(self.conv_0)
+            self.conv_1 = spectral_norm(self.conv_1)
+            if self.learned_shortcut:
+                self.conv_s = spectral_norm(self.conv_s)
+        config = opt.norm_G.replace("spectral", "")
+        self.norm_0 = SPADE(config, fin, ic, PONO=opt.PONO)
+        self.norm_1 = SPADE(config, fmiddle, ic, PONO=opt.PONO)
+        if self.learned_shortcut:
+            self.norm_s = SPADE(config, fin, ic, PONO=opt.PONO)
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
+        dx = self.conv_0(self.pad(F.leaky_relu(self.norm_0(x, seg), 0.2)))
+        dx = self.conv_1(self.pad(F.leaky_relu(self.norm_1(dx, seg), 0.2)))
+        return x_s + dx
+
+
+class Attention(nn.Module):
+    """The reference's self-attention: x + gamma * W_o(V softmax(Q^T K)^T), K and V max-pooled 2x2.
+
+    The logits are unscaled and uncentred (no 1/sqrt(d)). The softmax-weighted sum runs through
+    `cocos_kernels.correspondence_warp` in plain attention mode (center=None, normalize=False,
+    temperature=1), so the (HW x HW/4) matrix is never materialised on a fused backend.
+    """
+
+    def __init__(self, ch: int, use_sn: bool, backend: str = "auto"):
+        super().__init__()
+        self.ch = ch
+        self.backend = backend
+        self.theta = nn.Conv2d(ch, ch // 8, 1, bias=False)
+        self.phi = nn.Conv2d(ch, ch // 8, 1, bias=False)
+        self.g = nn.Conv2d(ch, ch // 2, 1, bias=False)
+        self.o = nn.Conv2d(ch // 2, ch, 1, bias=False)
+        if use_sn:
+            self.theta, self.phi, self.g, self.o = (spectral_norm(m) for m in (self.theta, self.phi, self.g, self.o))
+        self.gamma = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(f"Attention needs an even spatial size (2x2 max-pooled keys), got {tuple(x.shape[2:])}")
+        theta = self.theta(x)
+        phi = F.max_pool2d(self.phi(x), 2)
+        g = F.max_pool2d(self.g(x), 2)
+        attended = ck.correspondence_warp(
+            theta, phi, g, temperature=1.0, center=None, normalize=False, patch_size=1, backend=self.backend
+        )
+        return self.gamma * self.o(attended) + x
+
+
+def init_weights(net: nn.Module, init_type: str = "xavier", gain: float = 0.02) -> None:
+    """The reference's BaseNetwork.init_weights: every Conv/Linear weight from `init_type`, biases 0.
+
+    The reference initialises spectral-normed convs through their `weight_orig` storage, so the
+    original (pre-normalisation) weight is what gets initialised here too.
+    """
+    for m in net.modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+        with torch.no_grad():
+            if init_type == "normal":
+                nn.init.normal_(w, 0.0, gain)
+            elif init_type == "xavier":
+                nn.init.xavier_normal_(w, gain=gain)
+            elif init_type == "kaiming":
+                nn.init.kaiming_normal_(w, a=0, mode="fan_in")
+            elif init_type == "orthogonal":
+                nn.init.orthogonal_(w, gain=gain)
+            else:
+                raise ValueError(f"init_type must be normal, xavier, kaiming or orthogonal, got {init_type!r}")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
