@@ -38,7 +38,7 @@ not handled (such a triton fails the compile, it is not skipped). The NVIDIA bac
 ptxas and cuobjdump are located through `triton.knobs.nvidia` (triton >= 3.4).
 
 Runtime, 2 cores, cold cache (a fresh TRITON_CACHE_DIR per pytest run): the default subset
-(`in_default`, 33 compiles) ~21 s; the full matrix (about 3000 compiles, both targets, every flag
+(`in_default`, 35 compiles) ~21 s; the full matrix (about 4800 compiles, both targets, every flag
 combination, behind `-m slow`) about twice the ~28 min measured before key masks doubled it.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ KERNELS = AUTOTUNED + PROLOGUE
 # value, grad_out: `input_dtype(dtype)`), everything the kernels accumulate or save is float32.
 POINTER_TYPES = {
     "Q": "dt", "K": "dt", "V": "dt", "DO": "dt", "Out": "out", "Lse": "fp32", "Delta": "fp32",
-    "DQ": "fp32", "DK": "fp32", "DV": "fp32", "MQ": "fp32", "AQ": "fp32", "MK": "fp32", "AK": "fp32",
+    "DQ": "fp32", "DK": "fp32", "DV": "fp32", "MQ": "fp32", "AQ": "fp32", "MK": "fp32", "AK": "fp32", "Sums": "fp32",
     "X": "dt", "Rows": "dt", "G": "fp32", "DX": "fp32", "KeyMask": "u8",
 }
 SCALAR_TYPES = {"scale_log2": "fp32", "scale": "fp32", "eps": "fp32", "dwin": "fp32",
@@ -87,7 +87,7 @@ FULL = dict(archs=(90, 80), dtypes=("float32", "float16", "bfloat16"), precision
 
 
 def in_default(key: dict, config_index: int) -> bool:
-    """The default (fast) subset of FULL: 33 compiles, ~21 s on 2 cores.
+    """The default (fast) subset of FULL: 35 compiles, ~21 s on 2 cores.
 
     float32 tile products at precision "ieee" lower to unrolled FMA loops that take ptxas 5-50 s
     per config (the tensor-core paths of half precision take ~1-3 s), so the default takes every
@@ -99,7 +99,7 @@ def in_default(key: dict, config_index: int) -> bool:
     kernel, arch, dtype = key["kernel"], key["arch"], key["dtype"]
     if kernel not in PROLOGUE and key["key_mask"] != (dtype == "bfloat16"):  # the masked path at bfloat16
         return False
-    if key.get("patch", 1) == 3:  # the window forward: its first config, bfloat16, the largest tiles
+    if key.get("patch", 1) == 3:  # the window kernels: their first config, bfloat16, the largest tiles
         return arch == 90 and dtype == "bfloat16" and config_index == 0 and key["D"] == 256 and key["CV"] == 151
     if kernel in PROLOGUE:
         return arch == 90 and key["C"] == 256 and (key["center"] == key["normalize"]) and (
@@ -177,7 +177,7 @@ def _cases(module, matrix, archs=None):
                     precisions = m["precisions"] if dtype == "float32" else ("ieee",)
                     outs = sorted({"fp32" if f else dt for f in m["out_fp32"]}) if name == "_forward_kernel" else [dt]
                     needs = m["need"] if name == "_backward_dkdv_kernel" else [None]
-                    patches = m["patch"] if name == "_forward_kernel" else [None]
+                    patches = m["patch"]
                     for precision in precisions:
                         for D in m["dims"]:
                             for cv in m["cvs"]:
@@ -185,8 +185,7 @@ def _cases(module, matrix, archs=None):
                                     key = dict(kernel=name, arch=arch, dtype=dtype, D=D, CV=cv, key_mask=has_mask)
                                     consts = dict(D=D, CV=cv, BLOCK_CV=block_cv(cv), HAS_MASK=has_mask,
                                                   PRECISION=module._dot_precision(getattr(torch, dtype), precision))
-                                    if patch is not None:
-                                        key["patch"] = consts["PATCH"] = patch
+                                    key["patch"] = consts["PATCH"] = patch
                                     if dtype == "float32":
                                         key["precision"] = precision
                                     if name == "_forward_kernel":

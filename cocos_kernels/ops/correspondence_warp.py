@@ -114,18 +114,18 @@ def _windows_forward(kernels, query, key, value, key_mask, temperature, center, 
 
 
 def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize,
-                      patch_size, eps, need_query, need_key, need_value):
-    ct = _compute_dtype(query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, ct)
+                      patch_size, eps, need_query, need_key, need_value, backend, precision):
+    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
+    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
+    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
     B, _, Hq, Wq = query.shape
     dxq, dxk, dv, rows, cols = kernels.correspondence_warp_windows_backward(
-        to_centres(grad_out.to(ct), patch_size), wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv,
-        to_centres(value.to(ct), patch_size), to_centres(out.to(ct), patch_size),
+        to_centres(grad_out.to(it), patch_size), wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv,
+        to_centres(value.to(it), patch_size), to_centres(out.to(it), patch_size),
         # +inf at the padding centres: their P rows are 0 (their grad_out is 0 too)
         to_centres(lse.view(B, 1, Hq, Wq), patch_size, fill=float("inf"))[:, 0].contiguous(),
         patch_size, wq.width, wk.width, 1.0 / temperature, need_query, need_key, need_value,
-        key_mask=_window_key_mask(key, key_mask, patch_size))
+        key_mask=_window_key_mask(key, key_mask, patch_size), **_precision_kwargs(backend, precision))
     prologue = (center, normalize, patch_size)
     dq = window_features_backward(wq, dxq, rows, query.shape, *prologue).to(query.dtype) if need_query else query.new_empty(0)
     dk = window_features_backward(wk, dxk, cols, key.shape, *prologue).to(key.dtype) if need_key else key.new_empty(0)
@@ -191,7 +191,7 @@ def _correspondence_warp_backward(
     kernels = BACKENDS[backend].kernels()
     if _use_windows(kernels, center, patch_size, "backward"):
         return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
-                                 normalize, patch_size, eps, need_query, need_key, need_value)
+                                 normalize, patch_size, eps, need_query, need_key, need_value, backend, precision)
     it = _input_dtype(kernels, query.dtype)
     prologue = (center, normalize, patch_size, eps)
     qf = _features(kernels, query, *prologue, it)

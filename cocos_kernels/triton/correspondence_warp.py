@@ -223,16 +223,27 @@ def _forward_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, Out, Lse, scale_log2, dwin
     tl.store(Lse + part * Nq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
-@_tune()
 @triton.jit
-def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale, Nq, Nk,
+def _window_factors(M, A, batch, N, offs, mask):
+    """A block's per-centre window means and score factors (windows.py)."""
+    return (tl.load(M + batch * N + offs, mask=mask, other=0.0),
+            tl.load(A + batch * N + offs, mask=mask, other=0.0))
+
+
+@_tune(("D", "CV", "PATCH"))
+@triton.jit
+def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Sums, scale_log2, scale, dwin,
+                        Nq, Nk, Lq, Lk, lo_q, lo_k, width_q, width_k,
                         D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
-                        HAS_MASK: tl.constexpr,
+                        HAS_MASK: tl.constexpr, PATCH: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # PATCH > 1 (rows and factors as in _forward_kernel): DQ is (PATCH^2, B, Nq, D), plane t holding
+    # sum_v H_uv K(v + tap t) for centre u (the caller adds each plane at its tap's offset), and Sums
+    # (2, B, Nq) the per-centre sum_v H_uv m_v and sum_v dS_uv * score_uv (H = dL/dscore * a_u a_v).
     pid_m, pid_b = tl.program_id(0), tl.program_id(1)
     batch = pid_b.to(tl.int64)
-    q_rows = Q + batch * Nq * D
-    k_rows = K + batch * Nk * D
+    q_rows = Q + (batch * Lq + lo_q) * D
+    k_rows = K + (batch * Lk + lo_k) * D
     dq_rows = DQ + batch * Nq * D
     v_cols = V + batch * CV * Nk
 
@@ -247,6 +258,10 @@ def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale,
     if ONE_CHUNK:
         q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if PATCH > 1:
+        mq, aq = _window_factors(MQ, AQ, batch, Nq, offs_m, mask_m)
+        sum_hm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        sum_es = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     for n0 in range(0, Nk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -254,33 +269,51 @@ def _backward_dq_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DQ, scale_log2, scale,
         if ONE_CHUNK:
             k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        else:
+        elif PATCH == 1:
             s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-        # Masked before exp2: a padded key's score of 0 can sit far above a row's logsumexp.
+        else:
+            s = _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
+                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+            mk, ak = _window_factors(MK, AK, batch, Nk, offs_n, mask_n)
+            s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
         keep = _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)
+        # Masked before exp2: a padded key's score of 0 can sit far above a row's logsumexp.
         p = tl.exp2(tl.where(keep[None, :], s * scale_log2 - lse2[:, None], float("-inf")))
         v = tl.load(v_cols + offs_c[None, :] * Nk + offs_n[:, None], mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None]) * scale
         if ONE_CHUNK:
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        else:
+        elif PATCH == 1:
             _accumulate_rows(dq_rows, ds, k_rows, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION)
+        else:
+            h = ds * (aq[:, None] * ak[None, :])
+            sum_hm += tl.sum(h * mk[None, :], 1)
+            sum_es += tl.sum(ds * s, 1)
+            for t in tl.static_range(PATCH * PATCH):
+                off_k = (t // PATCH - PATCH // 2) * width_k + (t % PATCH - PATCH // 2)
+                plane = dq_rows + t * tl.num_programs(1).to(tl.int64) * Nq * D
+                _accumulate_rows(plane, h, k_rows + off_k * D, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D,
+                                 PRECISION)
     if ONE_CHUNK:
         tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
+    if PATCH > 1:
+        tl.store(Sums + batch * Nq + offs_m, sum_hm, mask=mask_m)
+        tl.store(Sums + (tl.num_programs(1) + batch) * Nq + offs_m, sum_es, mask=mask_m)
 
 
-@_tune()
+@_tune(("D", "CV", "PATCH"))
 @triton.jit
-def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, scale, Nq, Nk,
+def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, DV, Sums, scale_log2, scale, dwin,
+                          Nq, Nk, Lq, Lk, lo_q, lo_k, width_q, width_k,
                           D: tl.constexpr, CV: tl.constexpr, BLOCK_CV: tl.constexpr, PRECISION: tl.constexpr,
-                          HAS_MASK: tl.constexpr,
-                          NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
+                          HAS_MASK: tl.constexpr, PATCH: tl.constexpr, NEED_DK: tl.constexpr, NEED_DV: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    # PATCH > 1: DK is (PATCH^2, B, Nk, D) tap planes and Sums (2, B, Nk), as in _backward_dq_kernel.
     pid_n, pid_b = tl.program_id(0), tl.program_id(1)
     batch = pid_b.to(tl.int64)
-    q_rows = Q + batch * Nq * D
-    k_rows = K + batch * Nk * D
+    q_rows = Q + (batch * Lq + lo_q) * D
+    k_rows = K + (batch * Lk + lo_k) * D
     dk_rows = DK + batch * Nk * D
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -293,6 +326,10 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, 
     if ONE_CHUNK:
         k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    if PATCH > 1:
+        mk, ak = _window_factors(MK, AK, batch, Nk, offs_n, mask_n)
+        sum_hm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        sum_es = tl.zeros((BLOCK_N,), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_CV), dtype=tl.float32)
 
     for m0 in range(0, Nq, BLOCK_M):
@@ -301,8 +338,13 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, 
         if ONE_CHUNK:
             q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        else:
+        elif PATCH == 1:
             st = _scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
+        else:
+            st = _window_scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, width_k, width_q,
+                                D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION, PATCH)
+            mq, aq = _window_factors(MQ, AQ, batch, Nq, offs_m, mask_m)
+            st = (st - dwin * mk[:, None] * mq[None, :]) * (ak[:, None] * aq[None, :])
         lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
         pt = tl.exp2(tl.where(keep[:, None] & mask_m[None, :], st * scale_log2 - lse2[None, :], float("-inf")))
         do = tl.load(DO + batch * CV * Nq + offs_c[None, :] * Nq + offs_m[:, None], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
@@ -314,12 +356,24 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, DO, Lse, Delta, DK, DV, scale_log2, 
             dst = pt * (dpt - delta[None, :]) * scale
             if ONE_CHUNK:
                 dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-            else:
+            elif PATCH == 1:
                 _accumulate_rows(dk_rows, dst, q_rows, offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION)
+            else:
+                ht = dst * (ak[:, None] * aq[None, :])
+                sum_hm += tl.sum(ht * mq[None, :], 1)
+                sum_es += tl.sum(dst * st, 1)
+                for t in tl.static_range(PATCH * PATCH):
+                    off_q = (t // PATCH - PATCH // 2) * width_q + (t % PATCH - PATCH // 2)
+                    plane = dk_rows + t * tl.num_programs(1).to(tl.int64) * Nk * D
+                    _accumulate_rows(plane, ht, q_rows + off_q * D, offs_n, offs_m, mask_n, mask_m, m0 > 0, D,
+                                     BLOCK_D, PRECISION)
     if NEED_DV:
         tl.store(DV + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], dv, mask=mask_n[:, None] & mask_c[None, :])
     if NEED_DK and ONE_CHUNK:
         tl.store(dk_rows + offs_n[:, None] * D + offs_d[None, :], dk, mask=mask_n[:, None] & (offs_d[None, :] < D))
+    if NEED_DK and PATCH > 1:
+        tl.store(Sums + batch * Nk + offs_n, sum_hm, mask=mask_n)
+        tl.store(Sums + (tl.num_programs(1) + batch) * Nk + offs_n, sum_es, mask=mask_n)
 
 
 def _block_cv(cv: int) -> int:
@@ -419,28 +473,70 @@ def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, ne
                                  precision="ieee"):
     """(dq, dk, dv) in float32, None where not requested."""
     _check(grad_out, q, k, v, out, lse)
+    dq, dk, dv, _, _ = _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision,
+                                 q.shape[1], k.shape[1], None)
+    return dq, dk, dv
+
+
+def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k, scale,
+                                         need_dq, need_dk, need_dv, key_mask=None, precision="ieee"):
+    """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
+    and lse on the query centres). Returns [dxq (B, Lq, C), dxk (B, Lk, C), dv, rows (2, B, Nq),
+    cols (2, B, Nk)] as the cpu backend does (csrc/cpu/correspondence_warp.h), None where not requested."""
+    _check(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse)
+    r = patch // 2
+    lo_q, lo_k = r * width_q + r, r * width_k + r
+    windows = (mq, aq, mk, ak, float(patch * patch * xq.shape[2]), xq.shape[1], xk.shape[1], lo_q, lo_k,
+               width_q, width_k, patch)
+    Nq, Nk = mq.shape[1], mk.shape[1]
+    planes_q, planes_k, dv, rows, cols = _backward(grad_out, xq, xk, v, out, lse, scale, need_dq, need_dk, need_dv,
+                                                   key_mask, precision, Nq, Nk, windows)
+
+    def add_taps(planes, x, lo, width):  # plane t holds what centre i gives row lo + i + offset(t)
+        if planes is None:
+            return None
+        dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        n = planes.shape[2]
+        for t in range(patch * patch):
+            off = lo + (t // patch - r) * width + (t % patch - r)
+            dx[:, off:off + n] += planes[t]
+        return dx
+
+    return [add_taps(planes_q, xq, lo_q, width_q), add_taps(planes_k, xk, lo_k, width_k), dv, rows, cols]
+
+
+def _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, Nq, Nk, windows):
     mask_ptr, has_mask = _mask_args(key_mask, q)
-    B, Nq, D = q.shape
-    Nk, Cv = k.shape[1], v.shape[1]
+    B, D = q.shape[0], q.shape[2]
+    Cv = v.shape[1]
+    if windows is None:  # prepared rows: one tap, no per-centre factors (placeholders never read)
+        windows = (q, q, q, q, 0.0, Nq, Nk, 0, 0, 0, 0, 1)
+    *factors, dwin, Lq, Lk, lo_q, lo_k, width_q, width_k, patch = windows
+    taps = patch * patch
     delta = (grad_out.float() * out.float()).sum(1)  # (B, Nq)
     lse = lse.float()
-    common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=has_mask)
-    dq = dk = dv = None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=has_mask,
+                  PATCH=patch)
+    grid_args = (float(scale) * _LOG2E, float(scale), dwin, Nq, Nk, Lq, Lk, lo_q, lo_k, width_q, width_k)
+    dq = dk = dv = rows = cols = None
     if need_dq:
-        dq = torch.empty((B, Nq, D), device=q.device, dtype=torch.float32)
+        dq = torch.empty((taps, B, Nq, D) if patch > 1 else (B, Nq, D), **f32)
+        rows = torch.empty((2, B, Nq) if patch > 1 else (1,), **f32)
         _backward_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
-            q, k, v, mask_ptr, grad_out, lse, delta, dq, float(scale) * _LOG2E, float(scale), Nq, Nk, **common,
+            q, k, v, mask_ptr, *factors, grad_out, lse, delta, dq, rows, *grid_args, **common,
         )
     if need_dk or need_dv:
-        dk_buf = torch.empty((B, Nk, D) if need_dk else (1,), device=q.device, dtype=torch.float32)
-        dv_buf = torch.empty((B, Cv, Nk) if need_dv else (1,), device=q.device, dtype=torch.float32)
+        dk_buf = torch.empty(((taps, B, Nk, D) if patch > 1 else (B, Nk, D)) if need_dk else (1,), **f32)
+        dv_buf = torch.empty((B, Cv, Nk) if need_dv else (1,), **f32)
+        cols = torch.empty((2, B, Nk) if patch > 1 and need_dk else (1,), **f32)
         _backward_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-            q, k, v, mask_ptr, grad_out, lse, delta, dk_buf, dv_buf, float(scale) * _LOG2E, float(scale), Nq, Nk,
+            q, k, v, mask_ptr, *factors, grad_out, lse, delta, dk_buf, dv_buf, cols, *grid_args,
             NEED_DK=bool(need_dk), NEED_DV=bool(need_dv), **common,
         )
         dk = dk_buf if need_dk else None
         dv = dv_buf if need_dv else None
-    return dq, dk, dv
+    return dq, dk, dv, rows if need_dq else None, cols if need_dk else None
 
 
 # ----------------------------------------------------------------------------- prologue
@@ -583,5 +679,5 @@ def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
 
 
 __all__ = ["PRECISIONS", "correspondence_warp_backward", "correspondence_warp_forward",
-           "correspondence_warp_windows_forward", "input_dtype",
+           "correspondence_warp_windows_backward", "correspondence_warp_windows_forward", "input_dtype",
            "prepare_features", "prepare_features_backward"]
