@@ -1,23 +1,36 @@
-"""GPU check of the Triton backend of correspondence_warp: tests, accuracy per precision, timings.
+"""GPU check of the fused GPU backends (triton, cuda): tests, accuracy per precision, timings.
 
-    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, < 6 min on an H100
+    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, ~5 min on an H100
     python benchmarks/gpu_check.py --dry-run    # CPU smoke run of the same code (Triton interpreter)
 
-Three phases, each in its own process so that each sets up Triton as it needs:
-  1. tests:    `pytest tests --device cuda` (Triton autotuning off: the suite sweeps dozens of
+Phases, each in its own process so that each sets up Triton as it needs:
+  0. build:    the CUDA extension of the "cuda" backend (JIT, cached for the later phases); if it
+               fails, the later phases run with COCOS_KERNELS_CUDA_BUILD=0 (no retries) and the
+               "cuda" rows say why they were skipped;
+  1. tests:    `pytest <the op tests> --device cuda` (GPU_TESTS; Triton autotuning off: the suite sweeps dozens of
                shapes, and every new (D, Cv, dtype) would compile and time every config);
-  2. accuracy: forward and gradients of the triton backend against the float64 reference at
-               16^2..128^2 grids, temperature 0.01, for every precision (float32 with ieee,
-               tf32x3 and tf32 products; float16; bfloat16). A mode passes when its error is at
-               most 2x (3x for gradients) the error of the materialised PyTorch path at the same
-               precision, plus an absolute floor of 1e-5 (FlashAttention's criterion);
+  2. accuracy: forward and gradients of each fused GPU backend against the float64 reference at
+               16^2..128^2 grids, patch sizes 1 and 3, temperature 0.01, for every precision (float32 with ieee,
+               tf32x3 and tf32 products -- cuda has full float32 only; float16; bfloat16). A mode
+               passes when its error is at most 2x (3x for gradients) the error of the
+               materialised PyTorch path at the same precision, plus an absolute floor of 1e-5
+               (FlashAttention's criterion);
   3. timing:   forward and forward+backward of the materialised reference, scaled_dot_product_
                attention on pre-normalised features (each SDPA backend that accepts the input) and
-               the triton backend, at 64^2, 128^2, 256^2 grids, C=256, Cv=3 and 48, batch 4, in
-               float32 and bfloat16: median time (triton.testing.do_bench), peak memory beyond the
-               inputs (torch.cuda.max_memory_allocated), TFLOP/s and the ratio to the reference.
-Writes benchmarks/results/gpu_check_<card>.md and .json, and exits non-zero if a test fails, an
-accuracy bound is broken or a timed triton output is wrong (non-finite, or off the float32 reference).
+               the triton and cuda backends, at 64^2, 128^2, 256^2 grids, C=256, Cv=3 and 48,
+               batch 4, in float32 and bfloat16: median time (triton.testing.do_bench), peak memory
+               beyond the inputs (torch.cuda.max_memory_allocated), TFLOP/s and the ratio to the
+               reference;
+  4. contextual_loss: every backend implementing it against float64 (loss, grad x, grad y; the
+               same bound as phase 2), then the reference against each fused backend,
+               forward+backward in float32, batch 1, at the VGG-19 layers CoCosNet's loss sees
+               (relu2_2 at side/2 with 128 channels, relu3_2 /4 256, relu4_2 /8 512, relu5_2 /16
+               512), unpooled, for 256, 512 and 1024 px images: time and peak memory; an OOM is
+               recorded, and a row whose predicted time (from the impl's rate on the smaller rows)
+               exceeds what is left of --contextual-budget-s is skipped with that prediction.
+Writes benchmarks/results/gpu_check_<card>.md and .json, and exits non-zero if the cuda build or a
+test fails, an accuracy bound is broken or a timed fused output is wrong (non-finite, or off the
+float32 reference).
 
 FLOPs: a forward counts 2 * Nq * Nk * (C + Cv) per batch element (scores and value product);
 forward+backward counts 3.5x that (the backward recomputes the scores and does four products).
@@ -28,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
+import itertools
 import math
 import os
 import re
@@ -47,10 +62,21 @@ ACCURACY_MODES = {  # name: (dtype, precision= of the triton backend, torch floa
     "float16": ("float16", None, "highest"),
     "bfloat16": ("bfloat16", None, "highest"),
 }
-ERROR_FACTOR = {"out": 2.0, "grad query": 3.0, "grad key": 3.0, "grad value": 3.0}
+ERROR_FACTOR = {"out": 2.0, "grad query": 3.0, "grad key": 3.0, "grad value": 3.0, "loss": 2.0, "grad x": 3.0,
+                "grad y": 3.0}
 ERROR_FLOOR = 1e-5
 # The triton backend's timed output against the float32 reference, relative to its largest magnitude.
 TIMING_RTOL = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
+# The fused GPU backends of correspondence_warp under test: checked, timed, and failing the run when wrong.
+FUSED_GPU = ("triton", "cuda")
+# Phase 1: the op tests that take --device cuda, most important first (the phase has a time limit).
+# They include determinism (bit-identical reruns of every fused backend), key masks, top-k, the
+# cycle, the image warp and the window form of patches; the CPU-only suites (builds, cocosnet,
+# benchmarks) are left out.
+GPU_TESTS = ("tests/test_correspondence_warp.py", "tests/test_windows.py", "tests/test_key_mask.py",
+             "tests/test_cycle_warp.py", "tests/test_contextual_loss.py", "tests/test_correspondence_warp_triton.py",
+             "tests/test_correspondence_topk.py", "tests/test_warp_image.py", "tests/test_check_finite.py",
+             "tests/test_properties.py")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,10 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="run on CPU tensors through the Triton interpreter at tiny shapes, without pytest: "
                         "checks the measuring and table code, not the GPU")
     p.add_argument("--skip-tests", action="store_true", help="skip phase 1 (pytest)")
-    p.add_argument("--test-paths", nargs="+", default=["tests"], help="what phase 1 runs (default: %(default)s)")
+    p.add_argument("--test-paths", nargs="+", default=list(GPU_TESTS), help="what phase 1 runs (default: %(default)s)")
     # Defaults: (GPU run, --dry-run); see DEFAULTS.
     p.add_argument("--sides", type=int, nargs="+", help="timing grid sides (64 128 256; dry run: 4 6)")
     p.add_argument("--accuracy-sides", type=int, nargs="+", help="accuracy grid sides (16 32 64 128; dry run: 4)")
+    p.add_argument("--accuracy-patches", type=int, nargs="+", default=[1, 3],
+                   help="accuracy patch sizes (3: the window kernels, CoCosNet's match_kernel; default: %(default)s)")
     p.add_argument("--channels", type=int, help="feature channels C (256; dry run: 8)")
     p.add_argument("--value-channels", type=int, nargs="+", help="timing value channels Cv (3 48; dry run: 3)")
     p.add_argument("--batch", type=int, help="timing batch size (4; dry run: 1)")
@@ -71,8 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="start no timing measurement after this many seconds of the whole run")
     p.add_argument("--test-timeout-s", type=float, default=200.0, help="limit of phase 1")
+    p.add_argument("--build-timeout-s", type=float, default=300.0, help="limit of phase 0 (the CUDA build)")
+    p.add_argument("--contextual-images", type=int, nargs="+",
+                   help="contextual_loss image sides in px (256 512 1024; dry run: 16)")
+    p.add_argument("--contextual-budget-s", type=float, default=45.0,
+                   help="start no contextual_loss timing after this many seconds of its phase")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--phase", choices=["accuracy", "timing"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
+    p.add_argument("--phase", choices=["accuracy", "timing", "contextual"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
     p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -83,7 +116,12 @@ DEFAULTS = {  # option: (GPU run, dry run)
     "channels": (256, 8),
     "value_channels": ([3, 48], [3]),
     "batch": (4, 1),
+    "contextual_images": ([256, 512, 1024], [16]),
 }
+# contextual_loss: VGG-19 layer -> (channels, image side / feature side), as CoCosNet uses them.
+CONTEXTUAL_LAYERS = {"relu2_2": (128, 2), "relu3_2": (256, 4), "relu4_2": (512, 8), "relu5_2": (512, 16)}
+CONTEXTUAL_BANDWIDTH = 0.1
+CONTEXTUAL_DRY_CHANNELS = 16  # the dry run divides the layers' channels by this
 
 
 def _environment(dry_run: bool, autotune: bool) -> dict:
@@ -123,37 +161,47 @@ def _warp_and_grads(ck, q, k, v, grad, **kwargs):
     return {"out": out, "grad query": q.grad, "grad key": k.grad, "grad value": v.grad}
 
 
+def _judged(exact: dict, mine: dict, theirs: dict) -> dict:
+    """status and errors of a fused result `mine` against float64 `exact`, next to the materialised `theirs`."""
+    errors = {name: (_rel_err(mine[name], exact[name]), _rel_err(theirs[name], exact[name])) for name in exact}
+    broken = [name for name, (e_mine, e_ref) in errors.items()
+              if not e_mine <= ERROR_FACTOR[name] * e_ref + ERROR_FLOOR]
+    return {"status": "ok" if not broken else "FAILED: " + ", ".join(broken),
+            "errors": {name: {"fused": a, "materialised": b} for name, (a, b) in errors.items()}}
+
+
 def accuracy_phase(args) -> list[dict]:
     torch, ck, device = _setup(args.dry_run)
     rows = []
     cv = 48
-    for side in args.accuracy_sides:
+    for side, patch_size in itertools.product(args.accuracy_sides, args.accuracy_patches):
         g = torch.Generator().manual_seed(side)
         q, k = (torch.randn(1, args.channels, side, side, generator=g, dtype=torch.float64) for _ in range(2))
         v = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
         grad = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
         q, k, v, grad = (t.to(device) for t in (q, k, v, grad))
-        exact = _warp_and_grads(ck, q, k, v, grad, backend="reference")
-        for mode, (dtype_name, precision, matmul_precision) in ACCURACY_MODES.items():
+        exact = _warp_and_grads(ck, q, k, v, grad, backend="reference", patch_size=patch_size)
+        for (mode, (dtype_name, precision, matmul_precision)), backend in itertools.product(
+                ACCURACY_MODES.items(), FUSED_GPU):
             dtype = getattr(torch, dtype_name)
-            row = {"mode": mode, "side": side, "channels": args.channels, "value_channels": cv}
-            reason = ck.BACKENDS["triton"].refusal(device, dtype)
+            row = {"backend": backend, "mode": mode, "side": side, "patch_size": patch_size, "channels": args.channels,
+                   "value_channels": cv}
+            reason = ck.BACKENDS[backend].refusal(device, dtype)
+            if reason is None and precision not in (None, "ieee") and not ck.BACKENDS[backend].precision_arg:
+                reason = "no precision= (its float32 products are full float32)"
             if reason is not None:
                 rows.append(row | {"status": f"skipped: {reason}"})
                 continue
             inputs = [t.to(dtype) for t in (q, k, v, grad)]
+            kwargs = {"precision": precision} if ck.BACKENDS[backend].precision_arg else {}
             previous = torch.get_float32_matmul_precision()
             torch.set_float32_matmul_precision(matmul_precision)
             try:
-                mine = _warp_and_grads(ck, *inputs, backend="triton", precision=precision)
-                theirs = _warp_and_grads(ck, *inputs, backend="reference")
+                mine = _warp_and_grads(ck, *inputs, backend=backend, patch_size=patch_size, **kwargs)
+                theirs = _warp_and_grads(ck, *inputs, backend="reference", patch_size=patch_size)
             finally:
                 torch.set_float32_matmul_precision(previous)
-            errors = {name: (_rel_err(mine[name], exact[name]), _rel_err(theirs[name], exact[name])) for name in exact}
-            broken = [name for name, (e_mine, e_ref) in errors.items()
-                      if not e_mine <= ERROR_FACTOR[name] * e_ref + ERROR_FLOOR]
-            rows.append(row | {"status": "ok" if not broken else "FAILED: " + ", ".join(broken),
-                               "errors": {name: {"triton": a, "materialised": b} for name, (a, b) in errors.items()}})
+            rows.append(row | _judged(exact, mine, theirs))
             del mine, theirs, inputs
         del exact
         gc.collect()
@@ -186,13 +234,17 @@ def _timer(torch, device):
     return bench
 
 
+def _fused_warp(ck, backend, q, k, v):
+    return ck.correspondence_warp(q, k, v, TEMPERATURE, backend=backend)
+
+
 def _impls(torch, ck, dtype_name):
     """name -> callable(q, k, v) giving out (B, Cv, H, W); SDPA gets features normalised beforehand."""
     import torch.nn.functional as F
 
     impls = {
         "reference": lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend="reference"),
-        "triton": lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend="triton"),
+        **{name: functools.partial(_fused_warp, ck, name) for name in FUSED_GPU},
     }
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -269,7 +321,7 @@ def timing_phase(args) -> list[dict]:
             if time.time() - started > args.budget_s:
                 row["status"] = "skipped: time budget"
                 continue
-            if name == "triton" and (reason := ck.BACKENDS["triton"].refusal(device, dtype)) is not None:
+            if name in FUSED_GPU and (reason := ck.BACKENDS[name].refusal(device, dtype)) is not None:
                 row["status"] = f"skipped: {reason}"
                 continue
             backward = mode == "forward+backward"
@@ -312,9 +364,9 @@ def timing_phase(args) -> list[dict]:
                 if expected is not None:
                     row["error_vs_float32"] = _rel_err(out, expected)
                 # Only the backend under test fails the check; the others' errors are information.
-                if name == "triton" and not torch.isfinite(out).all():
+                if name in FUSED_GPU and not torch.isfinite(out).all():
                     row["status"] = "FAILED: non-finite output"
-                elif name == "triton" and row.get("error_vs_float32", 0.0) > TIMING_RTOL[dtype_name]:
+                elif name in FUSED_GPU and row.get("error_vs_float32", 0.0) > TIMING_RTOL[dtype_name]:
                     row["status"] = f"FAILED: output off the float32 reference by {row['error_vs_float32']:.3g}"
             finally:
                 inputs = out = None
@@ -322,6 +374,119 @@ def timing_phase(args) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
+
+
+def _contextual_and_grads(ck, x, y, grad, backend):
+    x, y = (t.detach().requires_grad_() for t in (x, y))
+    loss = ck.contextual_loss(x, y, CONTEXTUAL_BANDWIDTH, backend=backend)
+    loss.backward(grad.to(loss.dtype))
+    return {"loss": loss, "grad x": x.grad, "grad y": y.grad}
+
+
+def _fused_for(ck, device) -> list[str]:
+    """The fused backends registered for this device type (each says itself whether it implements the op)."""
+    return [name for name, b in ck.BACKENDS.items() if b.fused and device.type in b.devices]
+
+
+def _contextual_refusal(ck, backend, device, dtype) -> str | None:
+    try:
+        ck.select(backend, device, dtype, op="contextual_loss")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _contextual_accuracy(args, torch, ck, device) -> list[dict]:
+    rows = []
+    channels = 64 if not args.dry_run else 8
+    for side in args.accuracy_sides[:2]:
+        g = torch.Generator().manual_seed(side)
+        x, y = (torch.randn(2, channels, side, side, generator=g, dtype=torch.float64).relu_().to(device)
+                for _ in range(2))
+        grad = torch.rand(2, generator=g, dtype=torch.float64).to(device)
+        exact = _contextual_and_grads(ck, x, y, grad, "reference")
+        for backend, dtype_name in itertools.product(_fused_for(ck, device), args.dtypes):
+            dtype = getattr(torch, dtype_name)
+            row = {"backend": backend, "mode": dtype_name, "side": side, "channels": channels}
+            if (reason := _contextual_refusal(ck, backend, device, dtype)) is not None:
+                rows.append(row | {"status": f"skipped: {reason}"})
+                continue
+            inputs = [t.to(dtype) for t in (x, y, grad)]
+            mine = _contextual_and_grads(ck, *inputs, backend)
+            theirs = _contextual_and_grads(ck, *inputs, "reference")
+            rows.append(row | _judged(exact, mine, theirs))
+    return rows
+
+
+def _contextual_timing(args, torch, ck, device) -> list[dict]:
+    """Reference vs fused contextual_loss forward+backward (float32, batch 1) at the VGG-19 layers,
+    cheapest rows first; each impl's rate on the rows it ran predicts the time of its next ones."""
+    started = time.time()
+    bench = _timer(torch, device)
+    impls = ["reference", *_fused_for(ck, device)]
+    configs = []
+    for image, (layer, (channels, div)) in itertools.product(args.contextual_images, CONTEXTUAL_LAYERS.items()):
+        if args.dry_run:
+            channels //= CONTEXTUAL_DRY_CHANNELS
+        side = image // div
+        if side >= 1:
+            configs.append((side * side * side * side * channels, image, layer, channels, side))
+    rates: dict[str, float] = {}  # impl -> FLOP/s measured so far
+    rows = []
+    for flops, image, layer, channels, side in sorted(configs):
+        flops *= 4.0  # forward 2 N^2 C; the backward recomputes the similarities and takes one more product
+        for impl in impls:
+            row = {"impl": impl, "image": image, "layer": layer, "channels": channels, "side": side,
+                   "dtype": "float32", "batch": 1, "mode": "forward+backward"}
+            rows.append(row)
+            left = args.contextual_budget_s - (time.time() - started)
+            if impl != "reference" and (reason := _contextual_refusal(ck, impl, device, torch.float32)) is not None:
+                row["status"] = f"skipped: {reason}"
+                continue
+            predicted = flops / rates[impl] if impl in rates else 0.0
+            if left <= 0 or predicted > left:
+                row["status"] = f"skipped: time budget (predicted {predicted:.1f} s, {max(left, 0):.0f} s left)"
+                continue
+            g = torch.Generator().manual_seed(0)
+            x, y = (torch.randn(1, channels, side, side, generator=g).relu_().to(device) for _ in range(2))
+            grad = torch.rand(1, generator=g).to(device)
+            x.requires_grad_(True)
+
+            def step():
+                ck.contextual_loss(x, y, CONTEXTUAL_BANDWIDTH, backend=impl).backward(grad)
+            try:
+                step()  # compiles/autotunes outside the measurement
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                once = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+                once = time.perf_counter() - once
+                # Calls over a second are timed once: do_bench would repeat them for tens of seconds.
+                median = once * 1e3 if once > 1.0 else bench(step, [x])[0]
+            except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
+                message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))
+                row["status"] = "OOM" if oom else f"FAILED: {type(e).__name__}: {message}"
+            else:
+                row.update(status="ok", time_ms=median, tflops=flops / (median * 1e-3) / 1e12)
+                rates[impl] = max(rates.get(impl, 0.0), flops / (median * 1e-3))
+            finally:
+                x = y = grad = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def contextual_phase(args) -> list[dict]:
+    torch, ck, device = _setup(args.dry_run)
+    accuracy = [r | {"part": "accuracy"} for r in _contextual_accuracy(args, torch, ck, device)]
+    return accuracy + [r | {"part": "timing"} for r in _contextual_timing(args, torch, ck, device)]
 
 
 def matmul_rate(args) -> float | None:
@@ -342,7 +507,9 @@ def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(started)]
     for flag in ("sides", "accuracy_sides", "value_channels", "dtypes"):
         cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
-    cmd += ["--channels", str(args.channels), "--batch", str(args.batch), "--budget-s", str(args.budget_s)]
+    cmd += ["--contextual-images", *map(str, args.contextual_images)]
+    cmd += ["--channels", str(args.channels), "--batch", str(args.batch), "--budget-s", str(args.budget_s),
+            "--contextual-budget-s", str(args.contextual_budget_s)]
     if args.dry_run:
         cmd.append("--dry-run")
     proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True)
@@ -351,6 +518,21 @@ def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, 
     if proc.returncode != 0 or not lines:
         return [], f"phase {phase} exited with {proc.returncode}: {proc.stderr.strip()[-800:]}"
     return json.loads(lines[-1])["rows"], ""
+
+
+def _build_cuda(args) -> dict:
+    """Phase 0: build (or load the cached build of) the CUDA extension, in its own process."""
+    begin = time.time()
+    code = "from cocos_kernels import cuda; cuda.extension()"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_environment(False, autotune=False),
+                              capture_output=True, text=True, timeout=args.build_timeout_s)
+        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    except subprocess.TimeoutExpired:
+        status, tail = f"FAILED (over {args.build_timeout_s:.0f} s)", ""
+    print(f"gpu_check: cuda build {status} ({time.time() - begin:.0f} s)", flush=True)
+    return {"status": status, "seconds": time.time() - begin, "tail": tail}
 
 
 def _card(dry_run: bool) -> str:
@@ -365,25 +547,54 @@ def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
 
-def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list) -> str:
+def _accuracy_table(rows: list, columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """Markdown rows of fused-vs-materialised errors; columns: (error name, header)."""
+    header = " | ".join(f"{h} fused | {h} mat." for _, h in columns)
+    lines = [f"| backend | mode | grid | {header} | status |", "|" + "---|" * (4 + 2 * len(columns))]
+    for r in rows:
+        e = r.get("errors", {})
+        cells = []
+        for name, _ in columns:
+            pair = e.get(name, {})
+            cells += [_fmt(pair.get("fused"), ".2e"), _fmt(pair.get("materialised"), ".2e")]
+        patch = f", {r['patch_size']}x{r['patch_size']} patches" if r.get("patch_size", 1) > 1 else ""
+        lines.append(f"| {r['backend']} | {r['mode']} | {r['side']}^2{patch} | " + " | ".join(cells) + f" | {r['status']} |")
+    return lines
+
+
+def _contextual_markdown(rows: list) -> list[str]:
+    accuracy = [r for r in rows if r.get("part") == "accuracy"]
+    timing = [r for r in rows if r.get("part") == "timing"]
+    lines = ["", "## contextual_loss", "", "Accuracy against float64 (bandwidth 0.1, C=64 (dry run: 8), batch 2; same bound as above):",
+             ""] + _accuracy_table(accuracy, (("loss", "loss"), ("grad x", "dx"), ("grad y", "dy")))
+    lines += ["", "Forward+backward, float32, batch 1, VGG-19 layers unpooled (time: median of do_bench, or one "
+              "call when it takes over a second; peak beyond the inputs; TFLOP/s counts 4*N^2*C):", "",
+              "| image | layer | C | grid | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | status |",
+              "|" + "---|" * 10]
+    ref = {(r["image"], r["layer"]): r for r in timing if r["impl"] == "reference" and r.get("status") == "ok"}
+    for r in timing:
+        base = ref.get((r["image"], r["layer"]))
+        ratio = f"{base['time_ms'] / r['time_ms']:.2f}x" if base and r.get("time_ms") else ""
+        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else ""
+        lines.append(f"| {r['image']} | {r['layer']} | {r['channels']} | {r['side']}^2 | {r['impl']} | "
+                     f"{_fmt(r.get('time_ms'), '.1f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
+                     f"{r.get('status', '')} |")
+    return lines
+
+
+def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list, contextual: list = ()) -> str:
     lines = [f"# correspondence_warp GPU check: {meta['card']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · "
              f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", "",
+             f"## CUDA build\n\n**{meta.get('cuda_build', {}).get('status', 'not run')}** "
+             f"({_fmt(meta.get('cuda_build', {}).get('seconds'), '.0f')} s)", "",
              f"## Tests\n\n`{tests['command']}`: **{tests['status']}**", ""]
     if tests.get("tail"):
         lines += ["```", tests["tail"], "```", ""]
     lines += ["## Accuracy against float64 (temperature 0.01, C=%s, Cv=48, batch 1)" % meta["channels"], "",
-              "Max |error| / max(1, max |float64|); triton vs the materialised PyTorch path at the same precision. "
-              "Bound: triton <= 2x (3x for gradients) materialised + 1e-5.", "",
-              "| mode | grid | out triton | out materialised | dq triton | dq mat. | dk triton | dk mat. "
-              "| dv triton | dv mat. | status |", "|" + "---|" * 11]
-    for r in accuracy:
-        e = r.get("errors", {})
-        cells = []
-        for name in ("out", "grad query", "grad key", "grad value"):
-            pair = e.get(name, {})
-            cells += [_fmt(pair.get("triton"), ".2e"), _fmt(pair.get("materialised"), ".2e")]
-        lines.append(f"| {r['mode']} | {r['side']}^2 | " + " | ".join(cells) + f" | {r['status']} |")
+              "Max |error| / max(1, max |float64|); each fused backend vs the materialised PyTorch path at the "
+              "same precision. Bound: fused <= 2x (3x for gradients) materialised + 1e-5.", ""]
+    lines += _accuracy_table(accuracy, (("out", "out"), ("grad query", "dq"), ("grad key", "dk"), ("grad value", "dv")))
     lines += ["", "## Timing (C=%s, batch %s)" % (meta["channels"], meta["batch"]), "",
               "Median of triton.testing.do_bench; peak = max_memory_allocated beyond the inputs; TFLOP/s counts "
               "2*Nq*Nk*(C+Cv) per forward, 3.5x that per forward+backward; SDPA runs on features normalised "
@@ -399,6 +610,7 @@ def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: lis
         lines.append(f"| {r['dtype']} | {r['value_channels']} | {r['side']}^2 | {r['mode']} | {r['impl']} | "
                      f"{_fmt(r.get('time_ms'), '.3f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
                      f"{_fmt(r.get('error_vs_float32'), '.1e')} | {r.get('status', '')} |")
+    lines += _contextual_markdown(list(contextual))
     lines += ["", "## Targets", ""] + [f"- {t}" for t in targets] + [""]
     return "\n".join(lines)
 
@@ -436,12 +648,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.dry_run])
     if args.phase:  # inside a phase process: print the rows as one JSON line
-        rows = accuracy_phase(args) if args.phase == "accuracy" else timing_phase(args)
+        rows = {"accuracy": accuracy_phase, "timing": timing_phase, "contextual": contextual_phase}[args.phase](args)
         print(json.dumps({"rows": rows}))
         return 0
 
     started = time.time()
     failures = []
+    cuda_build = {"status": "skipped (dry run)"} if args.dry_run else _build_cuda(args)
+    if cuda_build["status"] != "ok" and not args.dry_run:
+        failures.append(f"cuda build: {cuda_build['status']}")
+        os.environ["COCOS_KERNELS_CUDA_BUILD"] = "0"  # the phases skip "cuda" with this reason, no retries
     tests = {"command": f"pytest {' '.join(args.test_paths)} --device cuda -q", "status": "skipped"}
     if not (args.skip_tests or args.dry_run):
         cmd = [sys.executable, "-m", "pytest", *args.test_paths, "--device", "cuda", "-q", "-p", "no:cacheprovider"]
@@ -459,12 +675,18 @@ def main(argv: list[str] | None = None) -> int:
     # Accuracy with one fixed config (no autotuning: it would time configs per precision for nothing).
     accuracy, problem = _run_phase(args, "accuracy", autotune=False, started=started)
     failures += [problem] if problem else []
-    failures += [f"accuracy {r['mode']} {r['side']}^2: {r['status']}" for r in accuracy if r["status"].startswith("FAILED")]
+    failures += [f"accuracy {r['backend']} {r['mode']} {r['side']}^2: {r['status']}" for r in accuracy
+                 if r["status"].startswith("FAILED")]
     print(f"gpu_check: accuracy done ({time.time() - started:.0f} s)", flush=True)
     timing, problem = _run_phase(args, "timing", autotune=True, started=started)
     failures += [problem] if problem else []
     failures += [f"timing {r['impl']} {r['dtype']} {r['side']}^2 {r['mode']}: {r['status']}" for r in timing
                  if r.get("status", "").startswith("FAILED")]
+    print(f"gpu_check: timing done ({time.time() - started:.0f} s)", flush=True)
+    contextual, problem = _run_phase(args, "contextual", autotune=True, started=started)
+    failures += [problem] if problem else []
+    failures += [f"contextual_loss {r['part']} {r.get('backend', r.get('impl'))} {r['side']}^2: {r['status']}"
+                 for r in contextual if r.get("status", "").startswith("FAILED")]
 
     import torch
     import triton
@@ -473,13 +695,15 @@ def main(argv: list[str] | None = None) -> int:
     bf16_rate = matmul_rate(args)
     meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
-            "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started, "failures": failures}
+            "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started, "failures": failures,
+            "cuda_build": cuda_build}
     targets = _targets(timing, bf16_rate)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "tests": tests, "accuracy": accuracy, "timing": timing, "targets": targets}, indent=1))
-    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets))
+        {"meta": meta, "tests": tests, "accuracy": accuracy, "timing": timing, "targets": targets,
+         "contextual_loss": contextual}, indent=1))
+    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets, contextual))
     print(f"gpu_check: wrote {args.out_dir / stem}.md and .json ({meta['wall_s']:.0f} s)")
     for t in targets:
         print("  target:", t)

@@ -29,10 +29,29 @@ def test_targets_and_markdown():
     assert any("50% of the card's bf16 matmul rate" in t and ": met" in t for t in targets)
     meta = dict(card="NVIDIA H100 80GB HBM3", date="today", torch="2", triton="3", bf16_matmul_tflops=900.0,
                 channels=256, batch=4, wall_s=300.0)
-    accuracy = [dict(mode="float16", side=16, status="ok",
-                     errors={n: {"triton": 1e-3, "materialised": 2e-3} for n in gpu_check.ERROR_FACTOR}),
-                dict(mode="bfloat16", side=16, status="skipped: reason")]
-    text = gpu_check.markdown(meta, {"command": "pytest", "status": "passed"}, accuracy, timing, targets)
+    accuracy = [dict(backend="cuda", mode="float16", side=16, status="ok",
+                     errors={n: {"fused": 1e-3, "materialised": 2e-3} for n in gpu_check.ERROR_FACTOR}),
+                dict(backend="triton", mode="bfloat16", side=16, status="skipped: reason")]
+    contextual = [
+        dict(part="accuracy", backend="triton", mode="float32", side=16, channels=64, status="ok",
+             errors={n: {"fused": 3e-6, "materialised": 4e-6} for n in ("loss", "grad x", "grad y")}),
+        dict(part="timing", impl="reference", image=512, layer="relu2_2", channels=128, side=256, status="OOM"),
+        dict(part="timing", impl="triton", image=512, layer="relu2_2", channels=128, side=256, status="ok",
+             time_ms=2500.0, peak_bytes=2**26, tflops=55.0),
+    ]
+    meta["cuda_build"] = {"status": "ok", "seconds": 80.0}
+    text = gpu_check.markdown(meta, {"command": "pytest", "status": "passed"}, accuracy, timing, targets, contextual)
     assert "# correspondence_warp GPU check: NVIDIA H100 80GB HBM3" in text
+    assert "## CUDA build\n\n**ok** (80 s)" in text
     assert "| float32 | 3 | 128^2 | forward+backward | triton | 10.000 | 1024 | 4.0 | 4.00x | 1.0e-06 | ok |" in text
-    assert "| float16 | 16^2 | 1.00e-03 | 2.00e-03 |" in text and "skipped: reason" in text
+    assert "| cuda | float16 | 16^2 | 1.00e-03 | 2.00e-03 |" in text and "skipped: reason" in text
+    assert "| triton | float32 | 16^2 | 3.00e-06 | 4.00e-06 |" in text
+    assert "| 512 | relu2_2 | 128 | 256^2 | reference |  |  |  |  | OOM |" in text
+    assert "| 512 | relu2_2 | 128 | 256^2 | triton | 2500.0 | 64 | 55.0 |  | ok |" in text
+
+
+def test_contextual_layers_are_the_vgg19_sizes():
+    assert gpu_check.CONTEXTUAL_LAYERS == {"relu2_2": (128, 2), "relu3_2": (256, 4), "relu4_2": (512, 8),
+                                           "relu5_2": (512, 16)}
+    assert gpu_check.DEFAULTS["contextual_images"][0] == [256, 512, 1024]
+    assert "cuda" in gpu_check.FUSED_GPU and "triton" in gpu_check.FUSED_GPU
