@@ -1,0 +1,39 @@
+"""Train CoCosNet: `python -m cocosnet.train [options]` (reference option names; --help lists them).
+
+    python -m cocosnet.train --recipe ade20k --dataroot ADEChallengeData2016/images --ref_dir data
+    python -m cocosnet.train --dataset_mode synthetic --label_nc 12 --crop_size 128 --load_size 143 \\
+        --batchSize 2 --vgg_random_init --gpu_ids -1 --max_steps 20
+    torchrun --nproc_per_node 2 -m cocosnet.train ...            # DistributedDataParallel
+    python -m cocosnet.train ... --continue_train                  # resume from the newest checkpoint
+
+Writes into <checkpoints_dir>/<name>/: state/ (crash-safe training states, newest
+--keep_checkpoints kept), <epoch>_net_{G,Corr,D}.pth and latest_net_*.pth (the reference's
+file names), samples/ (image grids every --display_freq iterations) and tensorboard/.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from cocosnet.options import parse
+from cocosnet.trainer import NonFiniteError, Trainer
+
+
+def default_model(opt):
+    from cocosnet.models import Pix2PixModel
+    return Pix2PixModel(opt)
+
+
+def main(argv: list[str] | None = None, model_factory=default_model) -> None:
+    opt = parse(argv, mode="train")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    trainer = Trainer(opt, model_factory)
+    try:
+        trainer.train()
+    except NonFiniteError as e:
+        logging.getLogger("cocosnet.train").error("%s", e)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
