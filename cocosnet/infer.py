@@ -107,18 +107,25 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    opt = parse_args(argv)
+    try:
+        opt = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"python -m cocosnet.infer: error: {e}")
     from cocosnet.convert import load_reference_checkpoints
     from cocosnet.models import Pix2PixModel
 
     device = torch.device("cuda") if torch.cuda.is_available() and opt.gpu_ids != "-1" else torch.device("cpu")
-    model = Pix2PixModel(opt).to(device).eval()
-    if opt.random_weights:
-        print("cocosnet.infer: --random_weights: untrained networks, the output is not a translation", file=sys.stderr)
-    else:
-        load_reference_checkpoints(model.net, os.path.join(opt.checkpoints_dir, opt.name), opt.which_epoch)
-    loader = DATASETS[opt.dataset_mode].file_loader(opt)
-    jobs = pairs(opt)
+    try:  # the options, checkpoints or files do not fit: say so, no traceback
+        model = Pix2PixModel(opt).to(device).eval()
+        if opt.random_weights:
+            print("cocosnet.infer: --random_weights: untrained networks, the output is not a translation",
+                  file=sys.stderr)
+        else:
+            load_reference_checkpoints(model.net, os.path.join(opt.checkpoints_dir, opt.name), opt.which_epoch)
+        loader = DATASETS[opt.dataset_mode].file_loader(opt)
+        jobs = pairs(opt)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"python -m cocosnet.infer: error: {e}")
     os.makedirs(os.path.dirname(jobs[0][2]) or ".", exist_ok=True)
     for input_path, exemplar_path, stem in jobs:
         data = load_item(opt, loader, input_path, exemplar_path)

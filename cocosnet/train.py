@@ -25,9 +25,11 @@ def default_model(opt):
 
 
 def main(argv: list[str] | None = None, model_factory=default_model) -> None:
-    opt = parse(argv, mode="train")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    trainer = Trainer(opt, model_factory)
+    try:
+        trainer = Trainer(parse(argv, mode="train"), model_factory)
+    except (ValueError, FileNotFoundError) as e:  # the options or the data do not fit: say so, no traceback
+        sys.exit(f"python -m cocosnet.train: error: {e}")
     try:
         trainer.train()
     except NonFiniteError as e:

@@ -277,3 +277,17 @@ def test_real_model_trains_then_infers_on_a_real_pair(tmp_path):
     assert infer.returncode == 0, infer.stderr[-3000:]
     from PIL import Image
     assert Image.open(tmp_path / "out.png").size == (64, 64) == Image.open(tmp_path / "out_warp.png").size
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("cocosnet.train", ["--crop_size", "-5"], "--crop_size must be a multiple of 32"),
+    ("cocosnet.train", ["--dataroot", "/nonexistent", "--recipe", "ade20k", "--gpu_ids", "-1"], "dataroot '/nonexistent' has no"),
+    ("cocosnet.infer", ["--input", "/nonexistent.png", "--exemplar", "/x.jpg", "--out", "/tmp/o.png"], "not found"),
+    ("cocosnet.infer", ["--match_kernel", "2", "--input", "a", "--exemplar", "b", "--out", "c"], "--match_kernel must be an odd"),
+])
+def test_cli_errors_are_one_line_not_tracebacks(module, argv, message):
+    result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode != 0
+    assert f"python -m {module}: error:" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
