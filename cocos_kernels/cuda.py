@@ -6,7 +6,10 @@ Entry points (the contract every fused backend implements, see `cocos_kernels/di
 both with `key_mask=`; `input_dtype` (float16/bfloat16 features stay half: tensor-core products)
 and the prologue `prepare_features` / `prepare_features_backward` (patch_size 1, channel or no
 centring; None otherwise, and the op layer's PyTorch prologue runs). float32 products are full
-float32 FMAs: there is no precision= (no tf32 path).
+float32 FMAs: there is no precision= (no tf32 path). And contextual_loss, on float32 rows (the op
+layer prepares half inputs in float32):
+  contextual_loss_forward(x (B,Nx,C), y (B,Ny,C), bandwidth, dist_eps) -> (m, argmin, s, t), each (B, Nx)
+  contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy) -> (dx, dy)
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
 time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in
@@ -28,7 +31,7 @@ import torch
 
 # One dtype per translation unit, so that ninja compiles them in parallel.
 SOURCES = ("correspondence_warp_float32.cu", "correspondence_warp_float16.cu", "correspondence_warp_bfloat16.cu",
-           "prologue.cu", "bindings.cpp")
+           "prologue.cu", "contextual_loss.cu", "bindings.cpp")
 NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr")
 
 
@@ -193,5 +196,19 @@ def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
     return dx.view(x.shape)
 
 
-__all__ = ["correspondence_warp_backward", "correspondence_warp_forward", "extension", "input_dtype",
-           "prepare_features", "prepare_features_backward"]
+def contextual_loss_forward(x, y, bandwidth, dist_eps):
+    """Per-row (m, argmin, s, t), each (B, Nx), of float32 rows x (B, Nx, C), y (B, Ny, C): m, s, t
+    float32, argmin int64 (the lowest j reaching the row minimum). See csrc/cuda/contextual_loss.h."""
+    return extension().contextual_loss_forward(x, y, float(bandwidth), float(dist_eps))
+
+
+def contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy):
+    """(dx, dy) in float32 w.r.t. the rows, None where not requested."""
+    return extension().contextual_loss_backward(
+        grad_s.float().contiguous(), x, y, m, argmin, s, t, float(bandwidth), float(dist_eps), bool(need_dx),
+        bool(need_dy),
+    )
+
+
+__all__ = ["contextual_loss_backward", "contextual_loss_forward", "correspondence_warp_backward",
+           "correspondence_warp_forward", "extension", "input_dtype", "prepare_features", "prepare_features_backward"]

@@ -1,7 +1,7 @@
 """The CUDA backend (`csrc/cuda`, `cocos_kernels/cuda.py`) without a GPU: compile checks and the loader.
 
-No kernel runs here (the shared tests in test_correspondence_warp.py run the "cuda" backend with
-`--device cuda`). What is checked on a CPU machine with nvcc and a CUDA build of torch:
+No kernel runs on a GPU here (the shared tests in test_correspondence_warp.py and
+test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is checked on a CPU machine with nvcc and a CUDA build of torch:
 
 * every .cu compiles for sm_90a (H100) and sm_80 (A100) with the flags torch's extension builder
   passes, warnings as errors (nvcc, ptxas and the host compiler's -Wall -Wextra), in parallel;
@@ -16,7 +16,9 @@ No kernel runs here (the shared tests in test_correspondence_warp.py run the "cu
   ragged tiles, several key / query / D / Cv chunks, a key mask with a fully masked batch element,
   and float16/bfloat16 inputs, whose tiles run both through the FMA path and through the WMMA
   branch of `tile_mma` (tile.cuh) with nvcuda::wmma emulated by its documented semantics (the
-  emulation cannot tell whether real tensor cores honour them);
+  emulation cannot tell whether real tensor cores honour them); contextual_loss's forward
+  (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
+  ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -98,6 +100,7 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
 
 SMEM_PROBE = r"""
 #include <cstdio>
+#include "contextual_loss.cuh"
 #include "correspondence_warp.cuh"
 using namespace cocos_kernels::cuda;
 template <class T> void show(const char* dtype) {
@@ -105,7 +108,11 @@ template <class T> void show(const char* dtype) {
   std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
 }
-int main() { show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16"); }
+int main() {
+  show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
+  std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
+  std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
+}
 """
 
 
@@ -118,7 +125,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 9
+    assert len(sizes) == 11
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -215,6 +222,63 @@ def test_emulated_kernels_match_float64(emulation, case):
         assert_close(mine, theirs, RTOL[dtype], name)
 
 
+CONTEXTUAL_DIST_EPS = 1e-3  # the op layer's dist_eps (reference.CONTEXTUAL_LOSS_DIST_EPS)
+CONTEXTUAL_CASES = {  # id: (B, Nx, Ny, C, bandwidth, ties, (need_dx, need_dy))
+    "B1-Nx5-Ny3-C3-h0.1": (1, 5, 3, 3, 0.1, False, (True, True)),
+    # 2 row tiles, 3 column tiles (ragged), 2 chunks of C; exact ties within a thread's columns,
+    # across the lanes of a row and across column tiles.
+    "B2-Nx70-Ny131-C40-h0.1-ties": (2, 70, 131, 40, 0.1, True, (True, True)),
+    "B2-Nx70-Ny131-C40-h0.1-ties-dy-only": (2, 70, 131, 40, 0.1, True, (False, True)),
+    "B1-Nx64-Ny64-C32-h0.05-dx-only": (1, 64, 64, 32, 0.05, False, (True, False)),
+}
+TIED = (3, 35, 40, 100)  # y rows made equal to y row 3: same thread (35), another lane (40), another tile (100)
+
+
+def _reference_contextual(x, y, bandwidth):
+    """Per-row m, argmin, s (t) of float64 rows, autograd-ready: torch.min's first index carries the
+    minimum's gradient, as the materialised reference's."""
+    d = 1 - x @ y.transpose(1, 2)
+    m, argmin = d.min(-1)
+    e = torch.exp((m[..., None] - d) / (bandwidth * (m[..., None] + CONTEXTUAL_DIST_EPS)))
+    return d, m, argmin, e.sum(-1), (e * d).sum(-1)
+
+
+@pytest.mark.parametrize("case", CONTEXTUAL_CASES.values(), ids=CONTEXTUAL_CASES.keys())
+def test_emulated_contextual_loss_matches_float64(emulation, case):
+    B, Nx, Ny, C, bandwidth, ties, (need_dx, need_dy) = case
+    emulated = emulation("fma")
+    g = torch.Generator().manual_seed(0)
+    unit = lambda t: torch.nn.functional.normalize(t, dim=-1)  # noqa: E731
+    y = unit(torch.randn(B, Ny, C, generator=g, dtype=torch.float64))
+    x = unit(torch.randn(B, Nx, C, generator=g, dtype=torch.float64))
+    if ties:
+        y[:, TIED[1:]] = y[:, TIED[:1]]
+        x[:, :10] = unit(y[:, TIED[:1]] + 0.3 * torch.randn(B, 10, C, generator=g, dtype=torch.float64))
+    x, y = x.float().contiguous(), y.float().contiguous()  # the kernels' inputs, and the judge's
+    grad_s = (torch.rand(B, Nx, generator=g) + 0.5).contiguous()
+    m, s, t = torch.empty(B, Nx), torch.empty(B, Nx), torch.empty(B, Nx)
+    argmin = torch.empty(B, Nx, dtype=torch.int64)
+    shape = (*_i(B, Nx, Ny), C, ctypes.c_float(bandwidth), ctypes.c_float(CONTEXTUAL_DIST_EPS))
+    assert emulated.emu_contextual_loss_forward(_p(x), _p(y), _p(m), _p(argmin), _p(s), _p(t), *shape) == 0
+    x64, y64 = (v.double().requires_grad_() for v in (x, y))
+    d, ref_m, ref_argmin, ref_s, ref_t = _reference_contextual(x64, y64, bandwidth)
+    if ties:  # the ties are exact, and the lowest index wins
+        assert (d[:, :10, TIED[0]] == d[:, :10, TIED[1]]).all() and (d[:, :10, TIED[0]] == d[:, :10, TIED[3]]).all()
+        assert (ref_argmin[:, :10] == TIED[0]).sum() >= 10
+    assert torch.equal(argmin, ref_argmin)
+    assert_close(m, ref_m, 1e-6, "m")
+    assert_close(s, ref_s, 1e-5, "s")
+    assert_close(t, ref_t, 1e-5, "t")
+    (ref_s * grad_s.double()).sum().backward()
+    dx = torch.full((B, Nx, C), float("nan")) if need_dx else None
+    dy = torch.full((B, Ny, C), float("nan")) if need_dy else None
+    assert emulated.emu_contextual_loss_backward(_p(grad_s), _p(x), _p(y), _p(m), _p(argmin), _p(s), _p(t), _p(dx),
+                                                 _p(dy), *shape) == 0
+    for name, mine, theirs in (("dx", dx, x64.grad), ("dy", dy, y64.grad)):
+        if mine is not None:
+            assert_close(mine, theirs, 1e-4, name)
+
+
 @pytest.mark.parametrize("center", ["channel", None])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_emulated_prologue_matches_float64(emulation, center, normalize):
@@ -260,10 +324,7 @@ def test_refuses_without_a_device_and_builds_nothing():
 
 
 JIT_BUILD = """
-import os, sys
 from cocos_kernels import cuda
-from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
-from conftest import assert_close
 module = cuda._jit_build()
 print(sorted(n for n in dir(module) if not n.startswith("_")))
 """
@@ -278,5 +339,5 @@ def test_jit_build_links_and_imports(tmp_path):
                           timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("correspondence_warp_forward", "correspondence_warp_backward", "prepare_features",
-                 "prepare_features_backward"):
+                 "prepare_features_backward", "contextual_loss_forward", "contextual_loss_backward"):
         assert name in proc.stdout

@@ -1,5 +1,6 @@
 // Python bindings of the CUDA extension: argument checks, allocation, dtype dispatch and error
-// reporting around the launchers of correspondence_warp.h (the only file with torch headers).
+// reporting around the launchers of correspondence_warp.h and contextual_loss.h (the only file
+// with torch headers).
 // The torch.library ops live in cocos_kernels/ops; cocos_kernels/cuda.py calls these.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "contextual_loss.h"
 #include "correspondence_warp.h"
 
 namespace cocos_kernels {
@@ -180,6 +182,72 @@ at::Tensor prepare_features_backward(const at::Tensor& grad_rows, const at::Tens
   return dx;
 }
 
+// x (B, Nx, C), y (B, Ny, C) float32 rows on one device: the shape the contextual_loss kernels take.
+cuda::ContextualShape contextual_shape(const at::Tensor& x, const at::Tensor& y) {
+  check_tensor(x, "x", 3);
+  check_tensor(y, "y", 3);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "contextual_loss (cuda): x must be float32, got ", x.scalar_type());
+  check_same(y, x, "y");
+  TORCH_CHECK(y.size(0) == x.size(0) && y.size(2) == x.size(2),
+              "contextual_loss (cuda): expected x (B, Nx, C), y (B, Ny, C), got ", x.sizes(), " and ", y.sizes());
+  return cuda::ContextualShape{x.size(0), x.size(1), y.size(1), checked_int(x.size(2), "C")};
+}
+
+// Per-row statistics: (B, Nx) contiguous, on x's device, of `dtype`.
+void check_row_stat(const at::Tensor& v, const char* name, const cuda::ContextualShape& s, const at::Tensor& x,
+                    at::ScalarType dtype) {
+  check_tensor(v, name, 2);
+  TORCH_CHECK(v.device() == x.device(), name, " must be on ", x.device(), ", got ", v.device());
+  TORCH_CHECK(v.scalar_type() == dtype, name, " must be ", dtype, ", got ", v.scalar_type());
+  TORCH_CHECK(v.size(0) == s.batch && v.size(1) == s.nx, name, " must be (B, Nx) = (", s.batch, ", ", s.nx,
+              "), got ", v.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextual_loss_forward(const at::Tensor& x,
+                                                                                   const at::Tensor& y,
+                                                                                   double bandwidth, double dist_eps) {
+  const cuda::ContextualShape s = contextual_shape(x, y);
+  TORCH_CHECK(s.ny > 0, "contextual_loss (cuda): y has no rows");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor m = at::empty({s.batch, s.nx}, x.options());
+  at::Tensor argmin = at::empty({s.batch, s.nx}, x.options().dtype(at::kLong));
+  at::Tensor sum = at::empty({s.batch, s.nx}, x.options());
+  at::Tensor dsum = at::empty({s.batch, s.nx}, x.options());
+  C10_CUDA_CHECK(cuda::contextual_loss_forward(x.data_ptr<float>(), y.data_ptr<float>(), m.data_ptr<float>(),
+                                               argmin.data_ptr<int64_t>(), sum.data_ptr<float>(),
+                                               dsum.data_ptr<float>(), s, static_cast<float>(bandwidth),
+                                               static_cast<float>(dist_eps), c10::cuda::getCurrentCUDAStream()));
+  return {m, argmin, sum, dsum};
+}
+
+std::tuple<at::Tensor, at::Tensor> contextual_loss_backward(const at::Tensor& grad_s, const at::Tensor& x,
+                                                            const at::Tensor& y, const at::Tensor& m,
+                                                            const at::Tensor& argmin, const at::Tensor& sum,
+                                                            const at::Tensor& dsum, double bandwidth,
+                                                            double dist_eps, bool need_dx, bool need_dy) {
+  const cuda::ContextualShape s = contextual_shape(x, y);
+  check_row_stat(grad_s, "grad_s", s, x, at::kFloat);
+  check_row_stat(m, "m", s, x, at::kFloat);
+  check_row_stat(argmin, "argmin", s, x, at::kLong);
+  check_row_stat(sum, "s", s, x, at::kFloat);
+  check_row_stat(dsum, "t", s, x, at::kFloat);
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Each requested gradient is written whole by its kernel, except where there is nothing to sum over.
+  const bool empty = s.nx == 0 || s.ny == 0;
+  auto alloc = [&](bool need, const at::Tensor& like) {
+    return need ? (empty ? at::zeros_like(like) : at::empty_like(like)) : at::Tensor();
+  };
+  at::Tensor dx = alloc(need_dx, x);
+  at::Tensor dy = alloc(need_dy, y);
+  if (empty || (!need_dx && !need_dy)) return {dx, dy};
+  C10_CUDA_CHECK(cuda::contextual_loss_backward(
+      grad_s.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), m.data_ptr<float>(),
+      argmin.data_ptr<int64_t>(), sum.data_ptr<float>(), dsum.data_ptr<float>(), float_ptr_or_null(dx),
+      float_ptr_or_null(dy), s, static_cast<float>(bandwidth), static_cast<float>(dist_eps),
+      c10::cuda::getCurrentCUDAStream()));
+  return {dx, dy};
+}
+
 }  // namespace
 }  // namespace bindings
 }  // namespace cocos_kernels
@@ -198,4 +266,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("rows"), py::arg("center"), py::arg("normalize"), py::arg("eps"));
   m.def("prepare_features_backward", &ck::prepare_features_backward, "gradient w.r.t. x of prepare_features",
         py::arg("grad_rows"), py::arg("x"), py::arg("center"), py::arg("normalize"), py::arg("eps"));
+  m.def("contextual_loss_forward", &ck::contextual_loss_forward,
+        "fused contextual loss forward: per-row (m, argmin, s, t) of float32 rows x (B, Nx, C), y (B, Ny, C)",
+        py::arg("x"), py::arg("y"), py::arg("bandwidth"), py::arg("dist_eps"));
+  m.def("contextual_loss_backward", &ck::contextual_loss_backward,
+        "fused contextual loss backward: (dx, dy) w.r.t. the rows, None where not requested", py::arg("grad_s"),
+        py::arg("x"), py::arg("y"), py::arg("m"), py::arg("argmin"), py::arg("s"), py::arg("t"),
+        py::arg("bandwidth"), py::arg("dist_eps"), py::arg("need_dx"), py::arg("need_dy"));
 }

@@ -1,8 +1,9 @@
-// C entry points (for ctypes) running the correspondence_warp kernels under host_emulation.h, with
-// the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16 (q, k, v, out, grad_out,
-// the prologue's rows).
+// C entry points (for ctypes) running the correspondence_warp and contextual_loss kernels under
+// host_emulation.h, with the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16
+// (q, k, v, out, grad_out, the prologue's rows); contextual_loss takes float32 only.
 #include <stdexcept>
 
+#include "../contextual_loss.cuh"
 #include "../correspondence_warp.cuh"
 #include "../prologue.cuh"
 
@@ -99,5 +100,36 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
     case 2: backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
   }
   return 1;
+}
+
+int emu_contextual_loss_forward(const float* x, const float* y, float* m, int64_t* argmin, float* s, float* t,
+                                int64_t batch, int64_t nx, int64_t ny, int c, float bandwidth, float dist_eps) {
+  check_smem<ContextualForwardSmem>();
+  const ContextualShape shape{batch, nx, ny, c};
+  const int64_t x_blocks = ceil_div(nx, BM);
+  emu::launch(batch * x_blocks, kThreads, [&] {
+    contextual_forward_kernel(x, y, m, argmin, s, t, shape, bandwidth, dist_eps, x_blocks);
+  });
+  return 0;
+}
+
+int emu_contextual_loss_backward(const float* grad_s, const float* x, const float* y, const float* m,
+                                 const int64_t* argmin, const float* s, const float* t, float* dx, float* dy,
+                                 int64_t batch, int64_t nx, int64_t ny, int c, float bandwidth, float dist_eps) {
+  check_smem<ContextualBackwardSmem>();
+  const ContextualShape shape{batch, nx, ny, c};
+  if (dx != nullptr) {
+    const int64_t x_blocks = ceil_div(nx, BM);
+    emu::launch(batch * x_blocks, kThreads, [&] {
+      contextual_backward_dx_kernel(grad_s, x, y, m, argmin, s, t, dx, shape, bandwidth, dist_eps, x_blocks);
+    });
+  }
+  if (dy != nullptr) {
+    const int64_t y_blocks = ceil_div(ny, BN);
+    emu::launch(batch * y_blocks, kThreads, [&] {
+      contextual_backward_dy_kernel(grad_s, x, y, m, argmin, s, t, dy, shape, bandwidth, dist_eps, y_blocks);
+    });
+  }
+  return 0;
 }
 }
