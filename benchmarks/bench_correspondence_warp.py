@@ -55,15 +55,16 @@ def flops(config: dict) -> float:
     value product); forward+backward counts 3.5x that (FlashAttention's convention: the backward
     recomputes the scores and does four products)."""
     n = config["side"] ** 2
-    forward = 2.0 * config["batch"] * n * n * (config["channels"] + config["value_channels"])
+    width = config["channels"] * config.get("patch_size", 1) ** 2  # D: C, or 9C with 3x3 patches
+    forward = 2.0 * config["batch"] * n * n * (width + config["value_channels"])
     return forward if config["mode"] == "forward" else 3.5 * forward
 
 
-def _prologue(x):
-    """(B, C, H, W) -> (B, N, C): centred, L2-normalised rows, differentiable."""
+def _prologue(x, patch_size=1):
+    """(B, C, H, W) -> (B, N, C * patch_size^2): (unfolded,) centred, L2-normalised rows, differentiable."""
     from cocos_kernels.features import DEFAULT_EPS, normalize_features
 
-    return normalize_features(x, "channel", True, 1, DEFAULT_EPS).transpose(1, 2)
+    return normalize_features(x, "channel", True, patch_size, DEFAULT_EPS).transpose(1, 2)
 
 
 def _rows(v):
@@ -71,10 +72,10 @@ def _rows(v):
     return v.flatten(2).transpose(1, 2)
 
 
-def _chunked(q, k, v):
+def _chunked(q, k, v, patch_size=1):
     import torch
 
-    qh, kt, vr = _prologue(q), _prologue(k).transpose(1, 2), _rows(v)
+    qh, kt, vr = _prologue(q, patch_size), _prologue(k, patch_size).transpose(1, 2), _rows(v)
     out = torch.cat([torch.softmax(qh[:, i:i + QUERY_CHUNK] @ kt / TEMPERATURE, dim=-1) @ vr
                      for i in range(0, qh.shape[1], QUERY_CHUNK)], dim=1)
     return out.transpose(1, 2).reshape(v.shape[0], v.shape[1], *q.shape[2:])
@@ -88,11 +89,11 @@ def _summarize(qc, kc, vc):
     return e @ vc, e.sum(dim=-1, keepdim=True), m
 
 
-def _key_chunked(q, k, v):
+def _key_chunked(q, k, v, patch_size=1):
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    qh, kh, vr = _prologue(q), _prologue(k), _rows(v)
+    qh, kh, vr = _prologue(q, patch_size), _prologue(k, patch_size), _rows(v)
     blocks = []
     for i in range(0, qh.shape[1], QUERY_CHUNK):
         parts = [checkpoint(_summarize, qh[:, i:i + QUERY_CHUNK], kh[:, j:j + KEY_CHUNK], vr[:, j:j + KEY_CHUNK],
@@ -113,16 +114,17 @@ def _sdpa(impl: str):
         raise Refused(f"this torch has no SDPBackend for {name!r}")
     pad = SDPA_IMPLS[impl]
 
-    def run(q, k, v):
+    def run(q, k, v, patch_size=1):
         cv = v.shape[1]
-        width = {None: cv, "8": 8 * math.ceil(cv / 8), "C": max(cv, q.shape[1])}[pad]
+        width = {None: cv, "8": 8 * math.ceil(cv / 8), "C": max(cv, q.shape[1] * patch_size ** 2)}[pad]
         vr = F.pad(_rows(v), (0, width - cv)).unsqueeze(1)
         with warnings.catch_warnings(record=True) as caught, sdpa_kernel([backend]):
             warnings.simplefilter("always")
             try:
                 # The fused SDPA kernels want unit stride in the last dimension: one O(N*C) copy each.
-                out = F.scaled_dot_product_attention(_prologue(q).contiguous().unsqueeze(1),
-                                                     _prologue(k).contiguous().unsqueeze(1), vr, scale=1.0 / TEMPERATURE)
+                out = F.scaled_dot_product_attention(_prologue(q, patch_size).contiguous().unsqueeze(1),
+                                                     _prologue(k, patch_size).contiguous().unsqueeze(1), vr,
+                                                     scale=1.0 / TEMPERATURE)
             except RuntimeError as e:
                 if not any(s in str(e) for s in ("No available kernel", "No viable backend")):
                     raise
@@ -135,13 +137,13 @@ def _sdpa(impl: str):
     return run
 
 
-def _keops(q, k, v):
+def _keops(q, k, v, patch_size=1):
     try:
         from pykeops.torch import LazyTensor
     except ImportError as e:
         raise Refused(f"pykeops is not installed (optional: pip install -e '.[bench]'): {e}") from None
-    qi = LazyTensor(_prologue(q)[:, :, None, :].contiguous())
-    kj = LazyTensor(_prologue(k)[:, None, :, :].contiguous())
+    qi = LazyTensor(_prologue(q, patch_size)[:, :, None, :].contiguous())
+    kj = LazyTensor(_prologue(k, patch_size)[:, None, :, :].contiguous())
     vj = LazyTensor(_rows(v)[:, None, :, :].contiguous())
     out = ((qi * kj).sum(-1) / TEMPERATURE).sumsoftmaxweight(vj, axis=2)  # (B, Nq, Cv)
     return out.transpose(1, 2).reshape(v.shape[0], v.shape[1], *q.shape[2:])
@@ -154,15 +156,16 @@ def _fused(impl: str, device, dtype):
         ck.select(impl, device, dtype, op="correspondence_warp")
     except ValueError as e:
         raise Refused(str(e)) from None
-    return lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend=impl)
+    return lambda q, k, v, patch_size=1: ck.correspondence_warp(q, k, v, TEMPERATURE, patch_size=patch_size,
+                                                                backend=impl)
 
 
 def implementation(impl: str, device, dtype):
-    """impl name -> callable(query, key, value) -> out (B, Cv, H, W); Refused where it cannot run."""
+    """impl name -> callable(query, key, value, patch_size=1) -> out (B, Cv, H, W); Refused where it cannot run."""
     import cocos_kernels as ck
 
     if impl == "reference":
-        return lambda q, k, v: ck.reference.correspondence_warp(q, k, v, TEMPERATURE)
+        return lambda q, k, v, patch_size=1: ck.reference.correspondence_warp(q, k, v, TEMPERATURE, patch_size=patch_size)
     named = {"chunked": _chunked, "key_chunked": _key_chunked, "keops": _keops}
     if impl in named:
         return named[impl]
@@ -181,13 +184,14 @@ def make_step(config: dict, side: int):
     run = implementation(config["impl"], device, dtype)
     gen = torch.Generator().manual_seed(SEED)
     B, C, Cv = config["batch"], config["channels"], config["value_channels"]
+    patch = config.get("patch_size", 1)
     query, key = (torch.randn(B, C, side, side, generator=gen).to(device, dtype) for _ in range(2))
     value = torch.rand(B, Cv, side, side, generator=gen).to(device, dtype)
 
     if config["mode"] == "forward":
         def step():
             with torch.no_grad():
-                run(query, key, value)
+                run(query, key, value, patch)
         return step
 
     grad_out = torch.randn(B, Cv, side, side, generator=gen).to(device, dtype)
@@ -198,7 +202,7 @@ def make_step(config: dict, side: int):
     def step():
         for t in inputs:
             t.grad = None  # drop the previous call's gradients rather than accumulating into them
-        run(query, key, value).backward(grad_out)
+        run(query, key, value, patch).backward(grad_out)
     return step
 
 

@@ -49,15 +49,15 @@ OPS = ("correspondence_warp", "contextual_loss")
 DTYPES = ("float32", "bfloat16", "float16")
 # Keys that identify a config's row (the rest of a config says how it was run).
 ROW_KEYS = {
-    "correspondence_warp": ("side", "n", "channels", "value_channels", "batch", "dtype", "mode"),
+    "correspondence_warp": ("side", "n", "channels", "patch_size", "value_channels", "batch", "dtype", "mode"),
     "contextual_loss": ("image_size", "layer", "side", "n", "channels", "batch", "dtype", "mode"),
 }
 # Keys fixed along one scaling curve (its points differ in grid size only).
 CURVE_KEYS = {
-    "correspondence_warp": ("impl", "mode", "dtype", "channels", "value_channels", "batch"),
+    "correspondence_warp": ("impl", "mode", "dtype", "channels", "patch_size", "value_channels", "batch"),
     "contextual_loss": ("impl", "mode", "dtype", "layer", "batch"),
 }
-HEADERS = {"n": "N", "channels": "C", "value_channels": "Cv", "image_size": "image"}
+HEADERS = {"n": "N", "channels": "C", "patch_size": "k", "value_channels": "Cv", "image_size": "image"}
 PEAK_FLOOR_BYTES = {"cpu": 4 * 2**20, "cuda": 1}  # peaks below this are RSS noise, not fitted
 
 _WARP_MAIN = {"channels": [256], "value_channels": [3], "batch": [1]}
@@ -65,8 +65,10 @@ _FWD_BWD = ["forward+backward"]
 # The contenders of the quick suites' C, Cv and batch variants (every impl runs the main curve).
 _CPU_CONTENDERS = ["reference", "key_chunked", "sdpa-flash-pad-C", "cpu"]
 _CUDA_CONTENDERS = ["reference", "key_chunked", "sdpa-flash-pad-C", "sdpa-efficient-pad-8", "triton", "cuda"]
+_PATCH_CONTENDERS = ["reference", "key_chunked", "cpu", "triton", "cuda"]
 # suite -> device -> op -> sweeps; each sweep is the cartesian product of its lists.
-# correspondence_warp: sides, channels, value_channels, batch, dtypes, modes (default both);
+# correspondence_warp: sides, channels, value_channels, batch, dtypes, modes (default both),
+# patch_sizes (default 1);
 # contextual_loss: image_sizes, layers, batch, dtypes, modes; both: impls (default every one).
 # "run": repeats, warmup, time cap.
 SUITES = {
@@ -80,6 +82,11 @@ SUITES = {
                  "modes": _FWD_BWD, "impls": _CPU_CONTENDERS},
                 {"sides": [32], "channels": [256], "value_channels": [3], "batch": [2], "dtypes": ["float32"],
                  "modes": _FWD_BWD, "impls": _CPU_CONTENDERS},
+                # CoCosNet's 3x3 patch matching (D = 9C = 2304): the reference's unfolded features
+                # and matrix against the window kernels.
+                {"sides": [32, 64], **_WARP_MAIN, "patch_sizes": [3], "dtypes": ["float32"], "impls": _PATCH_CONTENDERS},
+                {"sides": [96, 128], **_WARP_MAIN, "patch_sizes": [3], "dtypes": ["float32"], "modes": ["forward"],
+                 "impls": _PATCH_CONTENDERS},
             ],
             "contextual_loss": [{"image_sizes": [256], "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32"]}],
@@ -92,6 +99,8 @@ SUITES = {
                  "modes": _FWD_BWD, "impls": _CUDA_CONTENDERS},
                 {"sides": [128], "channels": [256], "value_channels": [48, 151], "batch": [1], "dtypes": ["bfloat16"],
                  "modes": _FWD_BWD, "impls": _CUDA_CONTENDERS},
+                {"sides": [64, 128], **_WARP_MAIN, "patch_sizes": [3], "dtypes": ["float32", "bfloat16"],
+                 "impls": _PATCH_CONTENDERS},
             ],
             "contextual_loss": [{"image_sizes": [256, 512], "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32"]}],
@@ -142,10 +151,11 @@ def configs_of(op: str, sweeps: list[dict], device: str, impls: list[str] | None
         names = [i for i in (impls or sweep.get("impls", available)) if i in available]
         modes = sweep.get("modes", list(MODES))
         if op == "correspondence_warp":
-            for side, c, cv, b, dtype, mode in itertools.product(
-                    sweep["sides"], sweep["channels"], sweep["value_channels"], sweep["batch"], sweep["dtypes"], modes):
-                configs += [{"op": op, "impl": i, "side": side, "channels": c, "value_channels": cv, "batch": b,
-                             "dtype": dtype, "mode": mode, "device": device} for i in names]
+            for side, c, p, cv, b, dtype, mode in itertools.product(
+                    sweep["sides"], sweep["channels"], sweep.get("patch_sizes", [1]), sweep["value_channels"],
+                    sweep["batch"], sweep["dtypes"], modes):
+                configs += [{"op": op, "impl": i, "side": side, "channels": c, "patch_size": p, "value_channels": cv,
+                             "batch": b, "dtype": dtype, "mode": mode, "device": device} for i in names]
         else:
             layers = op_module(op).LAYERS
             for size, layer, b, dtype, mode in itertools.product(

@@ -50,7 +50,7 @@ def test_contextual_loss_configs_have_the_vgg_layer_sizes():
 
 
 def _row(**kw):
-    base = {"op": "correspondence_warp", "impl": "cpu", "mode": "forward", "dtype": "float32", "channels": 8,
+    base = {"op": "correspondence_warp", "impl": "cpu", "mode": "forward", "dtype": "float32", "channels": 8, "patch_size": 1,
             "value_channels": 3, "batch": 1, "status": "ok", "error": None, "warmup": 0, "repeats": 1}
     return {**base, **kw}
 
@@ -98,5 +98,5 @@ def test_suite_records_oom_and_refusals_and_writes_reports(tmp_path):
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
     assert saved["meta"]["matmul_tflops"]["float32"] > 0
     table = (tmp_path / f"{stem}.md").read_text()
-    assert "| 8 | 64 | 8 | 3 | 1 | float32 | forward | reference | ok |" in table
+    assert "| 8 | 64 | 8 | 1 | 3 | 1 | float32 | forward | reference | ok |" in table
     assert "sdpa-efficient (refused" in table
