@@ -159,7 +159,9 @@ def test_killed_and_resumed_training_is_bit_identical(tmp_path):
     p.send_signal(signal.SIGTERM)
     rc = p.wait(60)
     err = p.stderr.read().decode()
-    if rc == 0:  # the run finished before the signal arrived: nothing to check for this fault
+    # The run finished before the signal arrived (exit 0), or while the process was exiting after its
+    # last save, with the handler already restored (killed by the default action): nothing to check.
+    if rc == 0 or (rc == -signal.SIGTERM and CheckpointManager(state_dir).latest()[0]["step"] == 24):
         log.append("SIGTERM arrived after the run finished")
     else:
         assert rc == 128 + signal.SIGTERM, err[-2000:]
