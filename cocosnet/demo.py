@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import textwrap
 import time
 from pathlib import Path
