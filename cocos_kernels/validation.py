@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from .dispatch import FLOAT_DTYPES, backend_names
+from .features import CENTER_MODES
 
 
 def check_feature_map(name: str, x) -> None:
@@ -51,6 +52,14 @@ def check_choice(name: str, value, choices: tuple) -> None:
 
 def check_backend(backend) -> None:
     check_choice("backend", backend, backend_names())
+
+
+def check_prologue_options(center, normalize, patch_size, eps) -> None:
+    """The options of the correlation prologue (features.normalize_features), as every op takes them."""
+    check_choice("center", center, CENTER_MODES)
+    check_normalize(normalize)
+    check_patch_size(patch_size)
+    check_eps(eps)
 
 
 def check_patch_size(patch_size) -> None:

@@ -14,16 +14,13 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features
+from ..features import DEFAULT_EPS, normalize_features
 from ..validation import (
     check_backend,
-    check_choice,
-    check_eps,
     check_feature_map,
     check_finite_values,
     check_key_mask,
-    check_normalize,
-    check_patch_size,
+    check_prologue_options,
     check_same_dtype_and_device,
     check_top_k,
 )
@@ -65,10 +62,7 @@ def _check_pair(query, key, center, normalize, patch_size, eps, key_mask, backen
     if query.shape[:2] != key.shape[:2]:
         raise ValueError(f"query and key must have the same batch size and channels: query {tuple(query.shape)}, "
                          f"key {tuple(key.shape)}")
-    check_choice("center", center, CENTER_MODES)
-    check_normalize(normalize)
-    check_patch_size(patch_size)
-    check_eps(eps)
+    check_prologue_options(center, normalize, patch_size, eps)
     check_key_mask(key_mask, key)
     check_backend(backend)
 

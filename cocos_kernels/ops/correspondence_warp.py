@@ -15,17 +15,14 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import BACKENDS, PRECISIONS, choose
-from ..features import CENTER_MODES, DEFAULT_EPS, normalize_features, normalize_features_backward
+from ..features import DEFAULT_EPS, normalize_features, normalize_features_backward
 from ..validation import (
     check_backend,
-    check_choice,
-    check_eps,
     check_feature_map,
     check_finite_values,
     check_key_mask,
-    check_normalize,
-    check_patch_size,
     check_positive,
+    check_prologue_options,
     check_same_dtype_and_device,
     check_top_k,
 )
@@ -254,10 +251,7 @@ def _check_arguments(query, key, value, key_mask, temperature, center, normalize
         raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
     check_key_mask(key_mask, key)
     check_positive("temperature", temperature)
-    check_choice("center", center, CENTER_MODES)
-    check_normalize(normalize)
-    check_patch_size(patch_size)
-    check_eps(eps)
+    check_prologue_options(center, normalize, patch_size, eps)
     check_backend(backend)
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")

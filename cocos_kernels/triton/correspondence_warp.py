@@ -30,6 +30,7 @@ the op layer falls back to its PyTorch prologue for patches and spatial centring
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -420,7 +421,34 @@ def correspondence_warp_forward(q, k, v, scale, key_mask=None, precision="ieee",
     as the grid needs).
     """
     _check(q, k, v)
-    return _forward(q, k, v, scale, key_mask, precision, num_splits, q.shape[1], k.shape[1], None)
+    return _forward(q, k, v, scale, key_mask, precision, num_splits, _row_geometry(q, k))
+
+
+class _Geometry(NamedTuple):
+    """Where the kernels find each centre's rows: the launch arguments shared by all three kernels."""
+    factors: tuple  # (MQ, AQ, MK, AK): per-centre window means and score factors
+    dwin: float  # D = k*k*C, for the means' correction
+    Nq: int  # query / key centres
+    Nk: int
+    Lq: int  # rows per sample
+    Lk: int
+    lo_q: int  # row of centre 0
+    lo_k: int
+    width_q: int  # padded row width (tap (dy, dx) is row offset dy * width + dx)
+    width_k: int
+    patch: int
+
+
+def _row_geometry(q, k) -> _Geometry:
+    """Prepared rows: one tap per centre, no per-centre factors (placeholders the kernels never read)."""
+    return _Geometry((q, q, q, q), 0.0, q.shape[1], k.shape[1], q.shape[1], k.shape[1], 0, 0, 0, 0, 1)
+
+
+def _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k) -> _Geometry:
+    """k x k windows on padded grids (windows.py): centre i at row (k//2) * width + k//2 + i."""
+    r = patch // 2
+    return _Geometry((mq, aq, mk, ak), float(patch * patch * xq.shape[2]), mq.shape[1], mk.shape[1], xq.shape[1],
+                     xk.shape[1], r * width_q + r, r * width_k + r, width_q, width_k, patch)
 
 
 def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None,
@@ -430,19 +458,15 @@ def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_
     (B, N) float32 per-centre means and score factors, v (B, Cv, Nk) on the key centres.
     Returns out (B, Cv, Nq) and lse (B, Nq) on the query centres."""
     _check(xq, mq, aq, xk, mk, ak, v)
-    r = patch // 2
-    windows = (mq, aq, mk, ak, float(patch * patch * xq.shape[2]), xq.shape[1], xk.shape[1],
-               r * width_q + r, r * width_k + r, width_q, width_k, patch)
-    return _forward(xq, xk, v, scale, key_mask, precision, num_splits, mq.shape[1], mk.shape[1], windows)
+    geometry = _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k)
+    return _forward(xq, xk, v, scale, key_mask, precision, num_splits, geometry)
 
 
-def _forward(q, k, v, scale, key_mask, precision, num_splits, Nq, Nk, windows):
+def _forward(q, k, v, scale, key_mask, precision, num_splits, g: _Geometry):
     mask_args = _mask_args(key_mask, q)
     B, D = q.shape[0], q.shape[2]
     Cv = v.shape[1]
-    if windows is None:  # prepared rows: one tap, no per-centre factors (placeholders never read)
-        windows = (q, q, q, q, 0.0, Nq, Nk, 0, 0, 0, 0, 1)
-    *factors, dwin, Lq, Lk, lo_q, lo_k, width_q, width_k, patch = windows
+    Nq, Nk = g.Nq, g.Nk
     splits = _num_key_splits(B, Nq, Nk, q.device) if num_splits is None else int(num_splits)
     keys_per_split = triton.cdiv(triton.cdiv(Nk, max(1, splits)), _KEY_SPLIT_GRANULE) * _KEY_SPLIT_GRANULE
     splits = triton.cdiv(Nk, keys_per_split)  # no split is left without keys
@@ -456,10 +480,10 @@ def _forward(q, k, v, scale, key_mask, precision, num_splits, Nq, Nk, windows):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B, splits)
 
     _forward_kernel[grid](
-        q, k, v, mask_args[0], *factors, out, lse, float(scale) * _LOG2E, dwin, Nq, Nk, Lq, Lk, lo_q, lo_k,
-        width_q, width_k, keys_per_split,
+        q, k, v, mask_args[0], *g.factors, out, lse, float(scale) * _LOG2E, g.dwin, Nq, Nk, g.Lq, g.Lk, g.lo_q,
+        g.lo_k, g.width_q, g.width_k, keys_per_split,
         D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=mask_args[1],
-        PATCH=patch,
+        PATCH=g.patch,
     )
     if splits == 1:
         return out[0], lse[0]
@@ -474,7 +498,7 @@ def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, ne
     """(dq, dk, dv) in float32, None where not requested."""
     _check(grad_out, q, k, v, out, lse)
     dq, dk, dv, _, _ = _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision,
-                                 q.shape[1], k.shape[1], None)
+                                 _row_geometry(q, k))
     return dq, dk, dv
 
 
@@ -484,13 +508,10 @@ def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, ou
     and lse on the query centres). Returns [dxq (B, Lq, C), dxk (B, Lk, C), dv, rows (2, B, Nq),
     cols (2, B, Nk)] as the cpu backend does (csrc/cpu/correspondence_warp.h), None where not requested."""
     _check(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse)
-    r = patch // 2
-    lo_q, lo_k = r * width_q + r, r * width_k + r
-    windows = (mq, aq, mk, ak, float(patch * patch * xq.shape[2]), xq.shape[1], xk.shape[1], lo_q, lo_k,
-               width_q, width_k, patch)
-    Nq, Nk = mq.shape[1], mk.shape[1]
+    g = _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k)
     planes_q, planes_k, dv, rows, cols = _backward(grad_out, xq, xk, v, out, lse, scale, need_dq, need_dk, need_dv,
-                                                   key_mask, precision, Nq, Nk, windows)
+                                                   key_mask, precision, g)
+    r = patch // 2
 
     def add_taps(planes, x, lo, width):  # plane t holds what centre i gives row lo + i + offset(t)
         if planes is None:
@@ -502,36 +523,34 @@ def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, ou
             dx[:, off:off + n] += planes[t]
         return dx
 
-    return [add_taps(planes_q, xq, lo_q, width_q), add_taps(planes_k, xk, lo_k, width_k), dv, rows, cols]
+    return [add_taps(planes_q, xq, g.lo_q, width_q), add_taps(planes_k, xk, g.lo_k, width_k), dv, rows, cols]
 
 
-def _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, Nq, Nk, windows):
+def _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, g: _Geometry):
     mask_ptr, has_mask = _mask_args(key_mask, q)
     B, D = q.shape[0], q.shape[2]
     Cv = v.shape[1]
-    if windows is None:  # prepared rows: one tap, no per-centre factors (placeholders never read)
-        windows = (q, q, q, q, 0.0, Nq, Nk, 0, 0, 0, 0, 1)
-    *factors, dwin, Lq, Lk, lo_q, lo_k, width_q, width_k, patch = windows
+    Nq, Nk, patch = g.Nq, g.Nk, g.patch
     taps = patch * patch
     delta = (grad_out.float() * out.float()).sum(1)  # (B, Nq)
     lse = lse.float()
     f32 = dict(device=q.device, dtype=torch.float32)
     common = dict(D=D, CV=Cv, BLOCK_CV=_block_cv(Cv), PRECISION=_dot_precision(q.dtype, precision), HAS_MASK=has_mask,
                   PATCH=patch)
-    grid_args = (float(scale) * _LOG2E, float(scale), dwin, Nq, Nk, Lq, Lk, lo_q, lo_k, width_q, width_k)
+    grid_args = (float(scale) * _LOG2E, float(scale), g.dwin, Nq, Nk, g.Lq, g.Lk, g.lo_q, g.lo_k, g.width_q, g.width_k)
     dq = dk = dv = rows = cols = None
     if need_dq:
         dq = torch.empty((taps, B, Nq, D) if patch > 1 else (B, Nq, D), **f32)
         rows = torch.empty((2, B, Nq) if patch > 1 else (1,), **f32)
         _backward_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B)](
-            q, k, v, mask_ptr, *factors, grad_out, lse, delta, dq, rows, *grid_args, **common,
+            q, k, v, mask_ptr, *g.factors, grad_out, lse, delta, dq, rows, *grid_args, **common,
         )
     if need_dk or need_dv:
         dk_buf = torch.empty(((taps, B, Nk, D) if patch > 1 else (B, Nk, D)) if need_dk else (1,), **f32)
         dv_buf = torch.empty((B, Cv, Nk) if need_dv else (1,), **f32)
         cols = torch.empty((2, B, Nk) if patch > 1 and need_dk else (1,), **f32)
         _backward_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B)](
-            q, k, v, mask_ptr, *factors, grad_out, lse, delta, dk_buf, dv_buf, cols, *grid_args,
+            q, k, v, mask_ptr, *g.factors, grad_out, lse, delta, dk_buf, dv_buf, cols, *grid_args,
             NEED_DK=bool(need_dk), NEED_DV=bool(need_dv), **common,
         )
         dk = dk_buf if need_dk else None

@@ -22,12 +22,17 @@ def celeba_id(image_path: str) -> str:
     return os.path.splitext(os.path.basename(image_path))[0]
 
 
+def celeba_images(opt) -> list[str]:
+    """The photos of the phase's id list (train.txt / val.txt), as both CelebA-HQ datasets read them."""
+    ids = read_id_list(os.path.join(opt.dataroot, "train.txt" if opt.phase == "train" else "val.txt"))
+    return [os.path.join(opt.dataroot, "CelebA-HQ-img", i + ".jpg") for i in ids]
+
+
 class CelebAHQDataset(Pix2pixDataset):
     list_name = "celebahq"
 
     def get_paths(self, opt):
-        ids = read_id_list(os.path.join(opt.dataroot, "train.txt" if opt.phase == "train" else "val.txt"))
-        images = [os.path.join(opt.dataroot, "CelebA-HQ-img", i + ".jpg") for i in ids]
+        images = celeba_images(opt)
         return [self.image_to_label_path(p) for p in images], images
 
     def image_to_label_path(self, image_path):

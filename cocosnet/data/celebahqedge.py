@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cocosnet.data.celebahq import ANNO, celeba_id
+from cocosnet.data.celebahq import ANNO, celeba_id, celeba_images
 from cocosnet.data.drawing import canny, distance_map, label_edges
-from cocosnet.data.pix2pix import Pix2pixDataset, read_id_list
+from cocosnet.data.pix2pix import Pix2pixDataset
 from cocosnet.data.transforms import get_params, to_unit_tensor
 
 INNER_PARTS = ("skin", "l_brow", "r_brow", "l_eye", "r_eye", "l_ear", "r_ear", "nose", "u_lip", "mouth",
@@ -26,8 +26,7 @@ class CelebAHQEdgeDataset(Pix2pixDataset):
     list_name = "celebahq"
 
     def get_paths(self, opt):
-        ids = read_id_list(os.path.join(opt.dataroot, "train.txt" if opt.phase == "train" else "val.txt"))
-        images = [os.path.join(opt.dataroot, "CelebA-HQ-img", i + ".jpg") for i in ids]
+        images = celeba_images(opt)
         return [self.image_to_label_path(p) for p in images], images
 
     def image_to_label_path(self, image_path):

@@ -117,7 +117,7 @@ void mask_keys(T* s, int64_t bq, int64_t bk, const bool* key_mask) {
 }
 
 // The online softmax and the value products over score tiles that `score_tile(b, i0, bq, j0,
-// bk, s)` writes (scaled logits, bq x bk, row-major): shared by the prepared-row scores and the
+// bk, s)` writes (RowTiles or WindowTiles) (scaled logits, bq x bk, row-major): shared by the prepared-row scores and the
 // k x k window scores.
 template <typename T, typename ScoreTile>
 void forward_impl(const ScoreTile& score_tile, const T* v, const bool* key_mask, T* out, T* lse,
@@ -242,6 +242,17 @@ Windows<T> windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
   return w;
 }
 
+// Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D.
+template <typename T>
+struct RowTiles {
+  const T *q, *k;
+  int64_t Nq, Nk, D;
+  T scale;
+  void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
+    gemm<T>(false, true, bq, bk, D, scale, q + (b * Nq + i0) * D, D, k + (b * Nk + j0) * D, D, T(0), s, bk);
+  }
+};
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "correspondence_warp (cpu): tensors must be on the CPU");
@@ -281,13 +292,9 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
-    const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
-    const auto sc = static_cast<scalar_t>(scale);
-    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, scalar_t* s) {
-      gemm<scalar_t>(false, true, bq, bk, D, sc, qp + (b * Nq + i0) * D, D, kp + (b * Nk + j0) * D, D,
-                     scalar_t(0), s, bk);
-    };
-    forward_impl<scalar_t>(score_tile, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
+    const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), Nq, Nk, D,
+                                   static_cast<scalar_t>(scale)};
+    forward_impl<scalar_t>(tiles, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
@@ -329,9 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
     T *dkp = ptr(dk), *dqp = ptr(dq), *dq_extra_p = ptr(dq_extra);
     const auto sc = static_cast<T>(scale);
-    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
-      gemm<T>(false, true, bq, bk, D, sc, qp + (b * Nq + i0) * D, D, kp + (b * Nk + j0) * D, D, T(0), s, bk);
-    };
+    const RowTiles<T> tiles{qp, kp, Nq, Nk, D, sc};
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                          const T* ds, const T*) {
       const T* qb = qp + (b * Nq + i0) * D;
@@ -342,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
                 dq_rows + (b * Nq + i0) * D, D);
       }
     };
-    backward_impl<T>(score_tile, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
+    backward_impl<T>(tiles, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
                      grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv), B,
                      Nq, Nk, Cv);
   });
@@ -365,7 +370,7 @@ struct WindowTiles {
   Windows<T> q, k;
   T D, scale;
   // s = scale * (sum_taps Xq_i Xk_j^T - D m_i m_j) a_i a_j
-  void scores(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
+  void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
     for (size_t t = 0; t < q.taps.size(); ++t) {
       gemm<T>(false, true, bq, bk, q.C, T(1), q.rows(b, i0, t), q.C, k.rows(b, j0, t), k.C,
               t ? T(1) : T(0), s, bk);
@@ -401,10 +406,7 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
                                static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale)};
-    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
-      tiles.scores(b, i0, bq, j0, bk, s);
-    };
-    forward_impl<T>(score_tile, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
+    forward_impl<T>(tiles, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
 }
@@ -440,9 +442,6 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
     T *dxq_p = ptr(dxq), *dxk_p = ptr(dxk), *rows_p = ptr(rows), *cols_p = ptr(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));
-    auto score_tile = [&](int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) {
-      tiles.scores(b, i0, bq, j0, bk, s);
-    };
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                          const T* ds, const T* logits) {
       // dL/dscore = scale * dS; H = its part through the raw window products.
@@ -484,7 +483,7 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
         }
       }
     };
-    backward_impl<T>(score_tile, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
+    backward_impl<T>(tiles, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
                      mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv),
                      B, Nq, Nk, Cv);
   });
