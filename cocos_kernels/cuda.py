@@ -5,9 +5,14 @@ Entry points (the contract every fused backend implements, see `cocos_kernels/di
   correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv) -> (dq, dk, dv)
 both with `key_mask=`; `input_dtype` (float16/bfloat16 features stay half: tensor-core products)
 and the prologue `prepare_features` / `prepare_features_backward` (patch_size 1, channel or no
-centring; None otherwise, and the op layer's PyTorch prologue runs). float32 products are full
-float32 FMAs: there is no precision= (no tf32 path). And contextual_loss, on float32 rows (the op
-layer prepares half inputs in float32):
+centring; None otherwise, and the op layer's PyTorch prologue runs). k x k patches with channel or
+no centring are never unfolded: `correspondence_warp_windows_forward` / `_backward` take the C-wide
+rows on a padded grid and per-centre window scalars (cocos_kernels/windows.py), with the triton
+backend's contract; the same three kernels sum the k*k tap products per tile, and the backward's
+per-tap gradient planes are added here (`windows.sum_tap_planes`). Spatial centring with patches
+unfolds in PyTorch (it has no window form). float32 products are full float32 FMAs: there is no
+precision= (no tf32 path). And contextual_loss, on float32 rows (the op layer prepares half inputs
+in float32):
   contextual_loss_forward(x (B,Nx,C), y (B,Ny,C), bandwidth, dist_eps) -> (m, argmin, s, t), each (B, Nx)
   contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy) -> (dx, dy)
 
@@ -28,6 +33,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .windows import sum_tap_planes
 
 # One dtype per translation unit, so that ninja compiles them in parallel.
 SOURCES = ("correspondence_warp_float32.cu", "correspondence_warp_float16.cu", "correspondence_warp_bfloat16.cu",
@@ -167,8 +174,33 @@ def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, ne
     )
 
 
+def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None):
+    """The forward on k x k windows without the unfold (windows.py): xq (B, Lq, C) / xk (B, Lk, C)
+    padded grids of rows of width width_q / width_k, mq / aq and mk / ak (B, N) float32 per-centre
+    window means and score factors, v (B, Cv, Nk) and key_mask ((B, Nk) bool) on the key centres.
+    Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres."""
+    return extension().correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, int(patch), int(width_q),
+                                                           int(width_k), float(scale), key_mask)
+
+
+def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k,
+                                         scale, need_dq, need_dk, need_dv, key_mask=None):
+    """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
+    and lse on the query centres, +inf at padding centres). Returns [dxq (B, Lq, C), dxk (B, Lk, C),
+    dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk)], float32, None where not requested: the
+    gradients w.r.t. the padded rows through the window products, and per centre
+    [sum_j H_ij m_j, sum_j dS_ij logit_ij] (see csrc/cpu/correspondence_warp.h)."""
+    planes_q, planes_k, dv, rows, cols = extension().correspondence_warp_windows_backward(
+        grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
+        float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask,
+    )
+    return [sum_tap_planes(planes_q, xq, width_q, patch), sum_tap_planes(planes_k, xk, width_k, patch), dv, rows,
+            cols]
+
+
 def _prologue_supported(center, patch_size) -> bool:
-    # Patch unfolding and spatial centring (a mean across positions) stay in PyTorch.
+    # Spatial centring (a mean across positions) and patches (windows.py, or the unfold with spatial
+    # centring) stay in PyTorch.
     return patch_size == 1 and center in ("channel", None)
 
 
@@ -211,4 +243,5 @@ def contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps,
 
 
 __all__ = ["contextual_loss_backward", "contextual_loss_forward", "correspondence_warp_backward",
-           "correspondence_warp_forward", "extension", "input_dtype", "prepare_features", "prepare_features_backward"]
+           "correspondence_warp_forward", "correspondence_warp_windows_backward", "correspondence_warp_windows_forward",
+           "extension", "input_dtype", "prepare_features", "prepare_features_backward"]

@@ -9,7 +9,9 @@ it. The window form never builds that D-wide copy: with x padded to a (H+2r) x (
     |p_u - m_u|^2          = sum over taps |x(u+t)|^2         -  D m_u^2
 
 and a fused backend multiplies C-wide row ranges k*k times per tile, then scales by per-centre
-scalars (the window means and 1/(norm + eps)) computed here in float64 from box filters.
+scalars (the window means and 1/(norm + eps)) computed here in float64 from box filters. The
+fused backwards (triton, cuda) write one gradient plane per tap, each owned by one program (no
+atomics); `sum_tap_planes` adds them at their taps' offsets.
 
 Two exact rewrites keep float32 accurate: each sample is shifted by its global mean c with the
 padding set to -c (the windows' centred vectors do not change, but the dot products above no
@@ -109,6 +111,21 @@ def window_features(x: torch.Tensor, center, normalize: bool, patch_size: int, e
     sd = dtype if scalar_dtype is None else scalar_dtype
     return Windows(rows, _centres(mean, H, W, r).to(sd).contiguous(), _centres(inv, H, W, r).to(sd).contiguous(),
                    W + 2 * r, (X, u, norm, mean, inv))
+
+
+def sum_tap_planes(planes: torch.Tensor | None, like: torch.Tensor, width: int, patch_size: int) -> torch.Tensor | None:
+    """A fused backward's per-tap gradient planes (k*k, B, N, C) on the centre range -> the float32
+    gradient (B, L, C) w.r.t. the padded grid of rows `like` (row width `width`): plane t holds what
+    centre i gives row lo + i + offset(t), its tap t. None stays None (gradient not requested)."""
+    if planes is None:
+        return None
+    r = patch_size // 2
+    lo, n = r * width + r, planes.shape[2]
+    rows = torch.zeros(like.shape, device=like.device, dtype=torch.float32)
+    for t in range(patch_size * patch_size):
+        off = lo + (t // patch_size - r) * width + (t % patch_size - r)
+        rows[:, off:off + n] += planes[t]
+    return rows
 
 
 def window_features_backward(w: Windows, d_rows: torch.Tensor, sums: torch.Tensor, x_shape, center,

@@ -16,7 +16,10 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   ragged tiles, several key / query / D / Cv chunks, a key mask with a fully masked batch element,
   and float16/bfloat16 inputs, whose tiles run both through the FMA path and through the WMMA
   branch of `tile_mma` (tile.cuh) with nvcuda::wmma emulated by its documented semantics (the
-  emulation cannot tell whether real tensor cores honour them); contextual_loss's forward
+  emulation cannot tell whether real tensor cores honour them); the window form (3x3 and 5x5
+  patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
+  dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
+  autograd over the unfolded windows of the same rows in float64; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
@@ -43,6 +46,7 @@ import torch
 import cocos_kernels as ck
 from cocos_kernels import cuda
 from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
+from cocos_kernels.windows import sum_tap_planes, to_centres, window_features
 from conftest import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +111,7 @@ template <class T> void show(const char* dtype) {
   std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
+  std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
 }
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
@@ -125,7 +130,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 11
+    assert len(sizes) == 14
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -167,7 +172,11 @@ def _i(*xs):
 
 def _reference_warp(q, k, v, scale, mask):
     """out (B, Cv, Nq) and lse (B, Nq) in float64, autograd-ready; fully masked rows give 0 and -inf."""
-    s = scale * q @ k.transpose(1, 2)
+    return _softmax_warp(scale * q @ k.transpose(1, 2), v, mask)
+
+
+def _softmax_warp(s, v, mask):
+    """out (B, Cv, Nq) and lse (B, Nq) of the logits s (B, Nq, Nk); fully masked rows give 0 and -inf."""
     if mask is not None:
         s = s.masked_fill(~mask[:, None, :], float("-inf"))
     lse = torch.logsumexp(s, -1)
@@ -219,6 +228,91 @@ def test_emulated_kernels_match_float64(emulation, case):
     assert emulated.emu_backward(code, _p(grad), _p(q), _p(k), _p(v), _p(mask_bytes), _p(lse), _p(delta), _p(dq),
                                  _p(dk), _p(dv), *shape, ctypes.c_float(scale)) == 0
     for name, mine, theirs in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert_close(mine, theirs, RTOL[dtype], name)
+
+
+def _tap_rows(patch, width, n):
+    """(n, k*k) row of each centre's taps on a padded grid of row width `width` (windows.py)."""
+    r = patch // 2
+    taps = torch.tensor([(t // patch - r) * width + (t % patch - r) for t in range(patch * patch)])
+    return r * width + r + torch.arange(n)[:, None] + taps[None, :]
+
+
+def _reference_windows(wq, wk, v, patch, scale, mask):
+    """out, lse and the scores S (retaining their gradient) of the window form in float64, from the
+    unfolded windows of the padded rows: autograd-ready w.r.t. the rows and v."""
+    B, _, C = wq.rows.shape
+    nq, nk = wq.mean.shape[1], wk.mean.shape[1]
+    fq = wq.rows[:, _tap_rows(patch, wq.width, nq)].reshape(B, nq, -1)
+    fk = wk.rows[:, _tap_rows(patch, wk.width, nk)].reshape(B, nk, -1)
+    mq, aq, mk, ak = (t.double() for t in (wq.mean, wq.inv, wk.mean, wk.inv))
+    D = patch * patch * C
+    scores = (fq @ fk.transpose(1, 2) - D * mq[:, :, None] * mk[:, None, :]) * aq[:, :, None] * ak[:, None, :]
+    scores.retain_grad()
+    return (*_softmax_warp(scale * scores, v, mask), scores)
+
+
+WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, masked, tiles)
+    # 79 query / 86 key centres: 2 ragged blocks each; C 40: 2 chunks of 32 per tap; batch 1 fully masked.
+    "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma"),
+    "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma"),
+    "B2-C20-q9x7-k8x9-Cv5-k3-float16-wmma-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "wmma"),
+    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16-wmma": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "wmma"),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
+def test_emulated_window_kernels_match_float64(emulation, case):
+    B, C, (Hq, Wq), (Hk, Wk), Cv, patch, dtype, masked, tiles = case
+    emulated = emulation(tiles)
+    scale = 100.0
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(B, C, Hq, Wq, generator=g) + 0.5
+    key = torch.randn(B, C, Hk, Wk, generator=g) - 0.5
+    # The kernels' inputs, as the op layer prepares them (ops/correspondence_warp.py: _windows_forward).
+    wq, wk = (window_features(x, "channel", True, patch, DEFAULT_EPS, dtype, torch.float32) for x in (query, key))
+    keep = torch.ones(B, Hk, Wk, dtype=torch.bool)
+    if masked:
+        keep = torch.rand(B, Hk, Wk, generator=g) > 0.4
+        keep[-1] = False
+    mask = to_centres(keep[:, None], patch, fill=False)[:, 0].contiguous()  # False at padding centres too
+    mask_bytes = mask.to(torch.uint8)
+    v = to_centres(torch.randn(B, Cv, Hk, Wk, generator=g), patch).to(dtype)
+    grad = to_centres(torch.randn(B, Cv, Hq, Wq, generator=g), patch).to(dtype)  # 0 at padding centres
+    interior = to_centres(torch.ones(B, 1, Hq, Wq), patch)[:, 0] > 0
+    nq, nk, Lq, Lk = wq.mean.shape[1], wk.mean.shape[1], wq.rows.shape[1], wk.rows.shape[1]
+    geometry = (*_i(B, nq, nk, Lq, Lk), C, Cv, patch, *_i(wq.width, wk.width), ctypes.c_float(scale))
+    code = EMULATED_DTYPES[dtype]
+    out, lse = torch.empty(B, Cv, nq, dtype=dtype), torch.empty(B, nq)
+    factors = (wq.mean, wq.inv, wk.mean, wk.inv)
+    assert emulated.emu_windows_forward(code, _p(wq.rows), _p(factors[0]), _p(factors[1]), _p(wk.rows),
+                                        _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes), _p(out),
+                                        _p(lse), *geometry) == 0
+
+    rq, rk, v64 = (t.double().requires_grad_() for t in (wq.rows, wk.rows, v))
+    ref, ref_lse, scores = _reference_windows(wq._replace(rows=rq), wk._replace(rows=rk), v64, patch, scale, mask)
+    assert_close(out, ref, RTOL[dtype], "out")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] < 0).all()
+    assert_close(torch.where(finite, lse, 0.0), torch.where(finite, ref_lse, 0.0), RTOL[dtype] / scale, "lse / scale")
+
+    ref.backward(grad.double())
+    G = scores.grad  # dL/dscore
+    h = G * factors[1].double()[:, :, None] * factors[3].double()[:, None, :]
+    ref_rows = torch.stack([(h * factors[2].double()[:, None, :]).sum(2), (G * scores).sum(2)])
+    ref_cols = torch.stack([(h * factors[0].double()[:, :, None]).sum(1), (G * scores).sum(1)])
+    saved_lse = torch.where(interior, lse, float("inf")).contiguous()  # as the op layer passes it
+    delta = (grad.float() * out.float()).sum(1).contiguous()
+    taps = patch * patch
+    planes_q, planes_k = torch.full((taps, B, nq, C), float("nan")), torch.full((taps, B, nk, C), float("nan"))
+    dv, rows, cols = torch.full((B, Cv, nk), float("nan")), torch.empty(2, B, nq), torch.empty(2, B, nk)
+    assert emulated.emu_windows_backward(code, _p(grad), _p(wq.rows), _p(factors[0]), _p(factors[1]), _p(wk.rows),
+                                         _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes),
+                                         _p(saved_lse), _p(delta), _p(planes_q), _p(planes_k), _p(dv), _p(rows),
+                                         _p(cols), *geometry) == 0
+    dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
+    for name, mine, theirs in (("dxq", dxq, rq.grad), ("dxk", dxk, rk.grad), ("dv", dv, v64.grad),
+                               ("rows", rows, ref_rows), ("cols", cols, ref_cols)):
         assert_close(mine, theirs, RTOL[dtype], name)
 
 

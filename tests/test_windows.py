@@ -9,7 +9,7 @@ from conftest import assert_close, skip_unless_runs
 from test_correspondence_warp import make_inputs
 
 # backend -> which passes run on windows (the others unfold)
-WINDOW_PASSES = {"cpu": ("forward", "backward"), "triton": ("forward", "backward")}
+WINDOW_PASSES = {"cpu": ("forward", "backward"), "triton": ("forward", "backward"), "cuda": ("forward", "backward")}
 
 
 @pytest.mark.parametrize("backend", WINDOW_PASSES)

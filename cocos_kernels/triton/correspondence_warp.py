@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import PRECISIONS
+from ..windows import sum_tap_planes
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Autotuning compiles and times every config for each new (D, Cv, dtype): worth it for a
@@ -511,19 +512,7 @@ def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, ou
     g = _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k)
     planes_q, planes_k, dv, rows, cols = _backward(grad_out, xq, xk, v, out, lse, scale, need_dq, need_dk, need_dv,
                                                    key_mask, precision, g)
-    r = patch // 2
-
-    def add_taps(planes, x, lo, width):  # plane t holds what centre i gives row lo + i + offset(t)
-        if planes is None:
-            return None
-        dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-        n = planes.shape[2]
-        for t in range(patch * patch):
-            off = lo + (t // patch - r) * width + (t % patch - r)
-            dx[:, off:off + n] += planes[t]
-        return dx
-
-    return [add_taps(planes_q, xq, g.lo_q, width_q), add_taps(planes_k, xk, g.lo_k, width_k), dv, rows, cols]
+    return [sum_tap_planes(planes_q, xq, width_q, patch), sum_tap_planes(planes_k, xk, width_k, patch), dv, rows, cols]
 
 
 def _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, g: _Geometry):

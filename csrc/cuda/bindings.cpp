@@ -10,6 +10,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "contextual_loss.h"
 #include "correspondence_warp.h"
@@ -18,6 +19,7 @@ namespace cocos_kernels {
 namespace bindings {
 namespace {
 
+using cuda::WarpGeometry;
 using cuda::WarpShape;
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dims) {
@@ -93,21 +95,75 @@ float* float_ptr_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<float>
                                       AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__) \
                                           AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
-std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v, double scale,
-                                                               const c10::optional<at::Tensor>& key_mask) {
-  const WarpShape s = warp_shape(q, k, v);
-  const uint8_t* mask = mask_pointer(key_mask, s, q);
+// The forward on checked arguments: out (B, Cv, Nq) in v's dtype, lse (B, Nq) float32.
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const uint8_t* mask, const WarpShape& s, const WarpGeometry& g,
+                                               double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.batch, s.cv, s.nq}, v.options());
   at::Tensor lse = at::empty({s.batch, s.nq}, q.options().dtype(at::kFloat));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   COCOS_KERNELS_DISPATCH(q.scalar_type(), "correspondence_warp_forward", [&] {
     C10_CUDA_CHECK((cuda::correspondence_warp_forward(ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(v), mask,
-                                                      mutable_ptr<scalar_t>(out), lse.data_ptr<float>(), s,
+                                                      mutable_ptr<scalar_t>(out), lse.data_ptr<float>(), s, g,
                                                       static_cast<float>(scale), stream)));
   });
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v, double scale,
+                                                               const c10::optional<at::Tensor>& key_mask) {
+  const WarpShape s = warp_shape(q, k, v);
+  return run_forward(q, k, v, mask_pointer(key_mask, s, q), s, cuda::prepared_rows(s), scale);
+}
+
+// grad_out, out (B, Cv, Nq) in q's dtype and lse (B, Nq) float32, checked.
+void check_saved(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, const WarpShape& s,
+                 const at::Tensor& q) {
+  check_tensor(grad_out, "grad_out", 3);
+  check_tensor(out, "out", 3);
+  check_tensor(lse, "lse", 2);
+  check_same(grad_out, q, "grad_out");
+  TORCH_CHECK(out.device() == q.device() && lse.device() == q.device(), "out and lse must be on ", q.device());
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == s.batch && out.size(1) == s.cv &&
+                  out.size(2) == s.nq,
+              "grad_out and out must be (B, Cv, Nq) = (", s.batch, ", ", s.cv, ", ", s.nq, "), got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.size(0) == s.batch && lse.size(1) == s.nq,
+              "lse must be float32 (B, Nq), got ", lse.scalar_type(), " ", lse.sizes());
+}
+
+// Gradients of one backward: dq, dk, dv (undefined where not requested) and, for windows, the
+// per-centre sums that go with dq (sums_q) and dk (sums_k).
+struct Grads {
+  at::Tensor dq, dk, dv, sums_q, sums_k;
+};
+
+// The backward on checked arguments, into `g`'s tensors (allocated by the caller, each written
+// whole by its kernel unless there is nothing to sum over: then they must come zeroed).
+void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, const uint8_t* mask, const WarpShape& s,
+                  const WarpGeometry& geometry, double scale, Grads& g) {
+  if (s.nq == 0 || s.nk == 0) return;
+  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(1);  // (B, Nq)
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  COCOS_KERNELS_DISPATCH(q.scalar_type(), "correspondence_warp_backward", [&] {
+    C10_CUDA_CHECK((cuda::correspondence_warp_backward(
+        ptr<scalar_t>(grad_out), ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(v), mask, lse.data_ptr<float>(),
+        delta.data_ptr<float>(), float_ptr_or_null(g.dq), float_ptr_or_null(g.dk), float_ptr_or_null(g.dv),
+        float_ptr_or_null(g.sums_q), float_ptr_or_null(g.sums_k), s, geometry, static_cast<float>(scale),
+        stream)));
+  });
+}
+
+// Float32 outputs on q's device: empty, or zeros where nothing is summed into them.
+auto allocator(const at::Tensor& q, const WarpShape& s) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  const bool empty = s.nq == 0 || s.nk == 0;
+  return [f32, empty](bool need, at::IntArrayRef shape) {
+    return need ? (empty ? at::zeros(shape, f32) : at::empty(shape, f32)) : at::Tensor();
+  };
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
@@ -116,36 +172,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     const c10::optional<at::Tensor>& key_mask) {
   const WarpShape s = warp_shape(q, k, v);
   const uint8_t* mask = mask_pointer(key_mask, s, q);
-  check_tensor(grad_out, "grad_out", 3);
-  check_tensor(out, "out", 3);
-  check_tensor(lse, "lse", 2);
-  check_same(grad_out, q, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == s.batch && out.size(1) == s.cv &&
-                  out.size(2) == s.nq,
-              "grad_out and out must be (B, Cv, Nq) = (", s.batch, ", ", s.cv, ", ", s.nq, "), got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.size(0) == s.batch && lse.size(1) == s.nq,
-              "lse must be float32 (B, Nq), got ", lse.scalar_type(), " ", lse.sizes());
+  check_saved(grad_out, out, lse, s, q);
   const c10::cuda::CUDAGuard guard(q.device());
-  const auto f32 = q.options().dtype(at::kFloat);
-  // Every gradient is written whole by its kernel, except where there is nothing to sum over.
-  const bool empty = s.nq == 0 || s.nk == 0;
-  auto alloc = [&](bool need, at::IntArrayRef shape) {
-    return need ? (empty ? at::zeros(shape, f32) : at::empty(shape, f32)) : at::Tensor();
-  };
-  at::Tensor dq = alloc(need_dq, {s.batch, s.nq, s.d});
-  at::Tensor dk = alloc(need_dk, {s.batch, s.nk, s.d});
-  at::Tensor dv = alloc(need_dv, {s.batch, s.cv, s.nk});
-  if (empty) return {dq, dk, dv};
-  const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(1);  // (B, Nq)
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  COCOS_KERNELS_DISPATCH(q.scalar_type(), "correspondence_warp_backward", [&] {
-    C10_CUDA_CHECK((cuda::correspondence_warp_backward(
-        ptr<scalar_t>(grad_out), ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(v), mask, lse.data_ptr<float>(),
-        delta.data_ptr<float>(), float_ptr_or_null(dq), float_ptr_or_null(dk), float_ptr_or_null(dv), s,
-        static_cast<float>(scale), stream)));
-  });
-  return {dq, dk, dv};
+  const auto alloc = allocator(q, s);
+  Grads g{alloc(need_dq, {s.batch, s.nq, s.d}), alloc(need_dk, {s.batch, s.nk, s.d}),
+          alloc(need_dv, {s.batch, s.cv, s.nk}), at::Tensor(), at::Tensor()};
+  run_backward(grad_out, q, k, v, out, lse, mask, s, cuda::prepared_rows(s), scale, g);
+  return {g.dq, g.dk, g.dv};
+}
+
+// k x k windows: xq (B, Lq, C), xk (B, Lk, C) padded grids of rows of width width_q / width_k;
+// mq, aq (B, Nq) and mk, ak (B, Nk) float32 per-centre window means and score factors; v (B, Cv, Nk)
+// on the key centres. The shape (d = C, Nq / Nk centres) and geometry the kernels take, checked:
+// every tap of every centre must lie on its grid.
+std::pair<WarpShape, WarpGeometry> window_shape(const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq,
+                                                const at::Tensor& xk, const at::Tensor& mk, const at::Tensor& ak,
+                                                const at::Tensor& v, int64_t patch, int64_t width_q,
+                                                int64_t width_k) {
+  check_tensor(xq, "xq", 3);
+  check_tensor(xk, "xk", 3);
+  check_tensor(v, "v", 3);
+  check_same(xk, xq, "xk");
+  check_same(v, xq, "v");
+  const std::pair<const at::Tensor*, const char*> factors[] = {{&mq, "mq"}, {&aq, "aq"}, {&mk, "mk"}, {&ak, "ak"}};
+  for (const auto& [f, name] : factors) {
+    check_tensor(*f, name, 2);
+    TORCH_CHECK(f->scalar_type() == at::kFloat, name, " must be float32, got ", f->scalar_type());
+    TORCH_CHECK(f->device() == xq.device(), name, " must be on ", xq.device(), ", got ", f->device());
+  }
+  const int64_t B = xq.size(0), Nq = mq.size(1), Nk = mk.size(1);
+  TORCH_CHECK(xk.size(0) == B && xk.size(2) == xq.size(2) && mq.size(0) == B && aq.sizes() == mq.sizes() &&
+                  mk.size(0) == B && ak.sizes() == mk.sizes() && v.size(0) == B && v.size(2) == Nk,
+              "expected xq (B, Lq, C), xk (B, Lk, C), mq and aq (B, Nq), mk and ak (B, Nk), v (B, Cv, Nk), got ",
+              xq.sizes(), ", ", xk.sizes(), ", ", mq.sizes(), ", ", aq.sizes(), ", ", mk.sizes(), ", ", ak.sizes(),
+              ", ", v.sizes());
+  TORCH_CHECK(patch >= 1 && patch % 2 == 1 && patch <= 255, "patch must be odd, in [1, 255], got ", patch);
+  const int64_t r = patch / 2;
+  for (const auto& [len, width, n, name] : {std::tuple{xq.size(1), width_q, Nq, "query"},
+                                            std::tuple{xk.size(1), width_k, Nk, "key"}}) {
+    TORCH_CHECK(width >= patch && n + 2 * (r * width + r) <= len, "the ", name, " windows (", n,
+                " centres, row width ", width, ", patch ", patch, ") do not fit the grid of ", len, " rows");
+  }
+  const WarpShape s{B, Nq, Nk, checked_int(xq.size(2), "C"), checked_int(v.size(1), "Cv")};
+  return {s, cuda::window_geometry(s, static_cast<int>(patch), xq.size(1), width_q, xk.size(1), width_k,
+                                   mq.data_ptr<float>(), aq.data_ptr<float>(), mk.data_ptr<float>(),
+                                   ak.data_ptr<float>())};
+}
+
+std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
+    const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq, const at::Tensor& xk, const at::Tensor& mk,
+    const at::Tensor& ak, const at::Tensor& v, int64_t patch, int64_t width_q, int64_t width_k, double scale,
+    const c10::optional<at::Tensor>& key_mask) {
+  const auto [s, g] = window_shape(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k);
+  return run_forward(xq, xk, v, mask_pointer(key_mask, s, xq), s, g, scale);
+}
+
+// Returns (planes_q (k*k, B, Nq, C), planes_k (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq),
+// cols (2, B, Nk)), float32, undefined where not requested (rows with planes_q, cols with planes_k).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> correspondence_warp_windows_backward(
+    const at::Tensor& grad_out, const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq,
+    const at::Tensor& xk, const at::Tensor& mk, const at::Tensor& ak, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, int64_t patch, int64_t width_q, int64_t width_k, double scale, bool need_dq,
+    bool need_dk, bool need_dv, const c10::optional<at::Tensor>& key_mask) {
+  const auto [s, geometry] = window_shape(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k);
+  const uint8_t* mask = mask_pointer(key_mask, s, xq);
+  check_saved(grad_out, out, lse, s, xq);
+  const c10::cuda::CUDAGuard guard(xq.device());
+  const auto alloc = allocator(xq, s);
+  const int64_t taps = patch * patch;
+  Grads g{alloc(need_dq, {taps, s.batch, s.nq, s.d}), alloc(need_dk, {taps, s.batch, s.nk, s.d}),
+          alloc(need_dv, {s.batch, s.cv, s.nk}), alloc(need_dq, {2, s.batch, s.nq}),
+          alloc(need_dk, {2, s.batch, s.nk})};
+  run_backward(grad_out, xq, xk, v, out, lse, mask, s, geometry, scale, g);
+  return {g.dq, g.dk, g.dv, g.sums_q, g.sums_k};
 }
 
 // x (B, C, N) float32 -> rows (B, N, C), written into `rows` (float32, float16 or bfloat16).
@@ -262,6 +361,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused correspondence warp backward (dq, dk, dv)", py::arg("grad_out"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("need_dq"), py::arg("need_dk"),
         py::arg("need_dv"), py::arg("key_mask") = py::none());
+  m.def("correspondence_warp_windows_forward", &ck::correspondence_warp_windows_forward,
+        "fused correspondence warp forward on k x k windows of padded grids of rows (out, lse)", py::arg("xq"),
+        py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"), py::arg("ak"), py::arg("v"), py::arg("patch"),
+        py::arg("width_q"), py::arg("width_k"), py::arg("scale"), py::arg("key_mask") = py::none());
+  m.def("correspondence_warp_windows_backward", &ck::correspondence_warp_windows_backward,
+        "fused correspondence warp backward on k x k windows (planes_q, planes_k, dv, rows, cols)",
+        py::arg("grad_out"), py::arg("xq"), py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"),
+        py::arg("ak"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("patch"), py::arg("width_q"),
+        py::arg("width_k"), py::arg("scale"), py::arg("need_dq"), py::arg("need_dk"), py::arg("need_dv"),
+        py::arg("key_mask") = py::none());
   m.def("prepare_features", &ck::prepare_features, "centred/normalised rows (B, N, C) of x (B, C, N), into rows",
         py::arg("x"), py::arg("rows"), py::arg("center"), py::arg("normalize"), py::arg("eps"));
   m.def("prepare_features_backward", &ck::prepare_features_backward, "gradient w.r.t. x of prepare_features",

@@ -1,12 +1,19 @@
-// CUDA kernels of correspondence_warp on prepared features: the same algorithm as the Triton
-// kernels (cocos_kernels/triton/correspondence_warp.py), with simple shared-memory tiles.
+// CUDA kernels of correspondence_warp: the same algorithm as the Triton kernels
+// (cocos_kernels/triton/correspondence_warp.py), with simple shared-memory tiles, on prepared
+// feature rows or on k x k windows without the unfold (WarpGeometry, correspondence_warp.h).
 //
 // Forward: one block per (query block of BM rows, value-channel chunk of BCV, batch element).
 // It walks the key blocks: the BM x BN score tile is accumulated over D in chunks of BD (D
-// reaches 2304 with 3x3 patches), an online softmax in base 2 keeps a running max per row
-// (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk is
-// accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
+// reaches 2304 with unfolded 3x3 patches), an online softmax in base 2 keeps a running max per
+// row (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk
+// is accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
 // (bit-identical, so their row statistics agree); the first chunk's block writes the lse.
+//
+// Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
+// the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
+// and factors. The backward writes one float32 gradient plane per tap (only the block owning
+// those centres writes it) and the per-centre sums for the means and norms (reduced in the
+// block); the caller adds the planes at their taps' offsets (cocos_kernels/windows.py).
 //
 // Backward (FlashAttention-2): delta = rowsum(dOut * Out) (bindings.cpp), then a dQ kernel over
 // query blocks and a dK/dV kernel over key blocks, each recomputing P = exp(S - lse) from the
@@ -15,7 +22,8 @@
 // and writes them, and its first pass overwrites instead of adding.
 //
 // Softmax statistics and accumulators are float32 for every input dtype; with float16/bfloat16
-// features P and dS are rounded to that dtype for their tensor-core products, as in Triton.
+// features P and dS (H for windows) are rounded to that dtype for their tensor-core products,
+// as in Triton.
 #pragma once
 
 #include "correspondence_warp.h"
@@ -43,20 +51,69 @@ struct Tiles {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// s (BM x BN, float) = q[m0 .. m0+BM) . k[n0 .. n0+BN) over all D columns; qc, kc are scratch.
+// Windows: whether the geometry carries per-centre factors (prepared rows have none).
+__host__ __device__ __forceinline__ bool windowed(const WarpGeometry& g) { return g.mq != nullptr; }
+
+// Row offset of tap t (row-major over the patch x patch window) from its centre's row.
+__device__ __forceinline__ int64_t tap_offset(int patch, int64_t width, int t) {
+  return (t / patch - patch / 2) * width + (t % patch - patch / 2);
+}
+
+// Per-centre factor n of one batch element (f already offset to it); 0 past the centres.
+__device__ __forceinline__ float centre_factor(const float* f, int64_t count, int64_t n) {
+  return n < count ? f[n] : 0.0f;
+}
+
+// One batch element's per-centre factors (null for prepared rows).
+struct Factors {
+  const float *mq, *aq, *mk, *ak;
+  float dwin;
+  __device__ Factors(const WarpGeometry& g, int64_t b, int64_t nq, int64_t nk)
+      : mq(g.mq ? g.mq + b * nq : nullptr), aq(g.aq ? g.aq + b * nq : nullptr),
+        mk(g.mk ? g.mk + b * nk : nullptr), ak(g.ak ? g.ak + b * nk : nullptr), dwin(g.dwin) {}
+};
+
+// s (BM x BN, float) = the scores of centres m0 .. m0+BM against n0 .. n0+BN; qc, kc are scratch.
+// q, k point at centre 0's row. Prepared rows: q[m] . k[n] over all D columns. Windows: the sum
+// over taps of the tap-shifted rows' products over C (rows past the centres load as zeros, and
+// every tap of a centre lies on the grid), then (s - dwin m_i m_j) a_i a_j.
 template <class T>
 __device__ __forceinline__ void score_tile(float* s, T* qc, T* kc, const T* q, const T* k, int64_t nq,
-                                           int64_t nk, int d, int64_t m0, int64_t n0) {
+                                           int64_t nk, int d, int64_t m0, int64_t n0, const WarpGeometry& g,
+                                           const Factors& f) {
   using L = Tiles<T>;
   zero_tile<BM, BN>(s, L::LDF_N);
   __syncthreads();  // s is complete on return even when D = 0
-  for (int d0 = 0; d0 < d; d0 += L::BD) {
-    load_tile<BM, L::BD>(qc, L::LD_D, q, nq, d, m0, d0);
-    load_tile<BN, L::BD>(kc, L::LD_D, k, nk, d, n0, d0);
-    __syncthreads();
-    tile_mma<true, false, BM, BN, L::BD>(s, L::LDF_N, qc, L::LD_D, kc, L::LD_D);
+  for (int t = 0; t < g.patch * g.patch; ++t) {
+    const T* qt = q + tap_offset(g.patch, g.width_q, t) * d;
+    const T* kt = k + tap_offset(g.patch, g.width_k, t) * d;
+    for (int d0 = 0; d0 < d; d0 += L::BD) {
+      load_tile<BM, L::BD>(qc, L::LD_D, qt, nq, d, m0, d0);
+      load_tile<BN, L::BD>(kc, L::LD_D, kt, nk, d, n0, d0);
+      __syncthreads();
+      tile_mma<true, false, BM, BN, L::BD>(s, L::LDF_N, qc, L::LD_D, kc, L::LD_D);
+      __syncthreads();
+    }
+  }
+  if (f.mq != nullptr) {
+#pragma unroll 1  // unrolled, it pushes the kernels past their 128 registers (spills)
+    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
+      const int i = e / BN, j = e % BN;
+      const int64_t m = m0 + i, n = n0 + j;
+      const float raw = s[i * L::LDF_N + j];
+      s[i * L::LDF_N + j] = (raw - f.dwin * centre_factor(f.mq, nq, m) * centre_factor(f.mk, nk, n)) *
+                            (centre_factor(f.aq, nq, m) * centre_factor(f.ak, nk, n));
+    }
     __syncthreads();
   }
+}
+
+// Prepared rows (contextual_loss too): s = q[m0..] . k[n0..] over all D columns.
+template <class T>
+__device__ __forceinline__ void score_tile(float* s, T* qc, T* kc, const T* q, const T* k, int64_t nq,
+                                           int64_t nk, int d, int64_t m0, int64_t n0) {
+  const WarpGeometry rows{1, nq, nk, 0, 0, 0, 0, 0.0f, nullptr, nullptr, nullptr, nullptr};
+  score_tile(s, qc, kc, q, k, nq, nk, d, m0, n0, rows, Factors(rows, 0, nq, nk));
 }
 
 __device__ __forceinline__ bool key_kept(const uint8_t* key_mask, int64_t nk, int64_t n) {
@@ -92,7 +149,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads, 2)
     forward_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                    const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
-                   WarpShape shape, float scale_log2, int64_t m_blocks, int64_t cv_chunks) {
+                   WarpShape shape, WarpGeometry geometry, float scale_log2, int64_t m_blocks, int64_t cv_chunks) {
   using L = Tiles<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   ForwardSmem<T> sm;
@@ -104,10 +161,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b = block / m_blocks / cv_chunks;
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
-  q += b * nq * d;
-  k += b * nk * d;
+  q += (b * geometry.len_q + geometry.lo_q) * d;
+  k += (b * geometry.len_k + geometry.lo_k) * d;
   v += b * cv * nk;
   if (key_mask != nullptr) key_mask += b * nk;
+  const Factors factors(geometry, b, nq, nk);
 
   zero_tile<BM, BCV>(sm.o, L::LDF_CV);
   for (int i = threadIdx.x; i < BM; i += kThreads) {
@@ -117,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t n0 = 0; n0 < nk; n0 += BN) {
-    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0);
+    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0, geometry, factors);
     load_tile<BCV, BN>(sm.vt, L::LD_N, v, cv, nk, c0, n0);
     // Online softmax, one warp per row, BN / 32 keys per lane.
     for (int i = warp; i < BM; i += kWarps) {
@@ -178,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <class T>
 struct BackwardDqSmem {
   T *qc, *kc, *dot, *vt, *ds;
-  float *s, *dp, *acc, *row_lse2, *row_delta;
+  float *s, *dp, *acc, *row_lse2, *row_delta, *row_hm, *row_es;
   __host__ __device__ static size_t carve(unsigned char* base, BackwardDqSmem* out) {
     using L = Tiles<T>;
     SmemCarver c{base};
@@ -189,10 +247,12 @@ struct BackwardDqSmem {
     m.vt = c.take<T>(BCV * L::LD_N);   // vt[c][n] = v[c0 + c][n0 + n]
     m.s = c.take<float>(BM * L::LDF_N);
     m.dp = c.take<float>(BM * L::LDF_N);
-    m.ds = L::kFloat ? reinterpret_cast<T*>(m.s) : c.take<T>(BM * L::LD_N);
+    m.ds = L::kFloat ? reinterpret_cast<T*>(m.s) : c.take<T>(BM * L::LD_N);  // dS, or H for windows
     m.acc = c.take<float>(BM * L::LDF_D);  // a BM x BD chunk of dq
     m.row_lse2 = c.take<float>(BM);
     m.row_delta = c.take<float>(BM);
+    m.row_hm = c.take<float>(BM);  // windows: sum_j H_ij m_j
+    m.row_es = c.take<float>(BM);  // windows: sum_j dS_ij score_ij
     if (out != nullptr) *out = m;
     return c.used;
   }
@@ -220,7 +280,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     backward_dq_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                        const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
                        const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq,
-                       WarpShape shape, float scale, int64_t m_blocks) {
+                       float* __restrict__ sums, WarpShape shape, WarpGeometry geometry, float scale,
+                       int64_t m_blocks) {
   using L = Tiles<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   BackwardDqSmem<T> sm;
@@ -230,44 +291,85 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b = blockIdx.x / m_blocks;
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
-  q += b * nq * d;
-  k += b * nk * d;
+  q += (b * geometry.len_q + geometry.lo_q) * d;
+  k += (b * geometry.len_k + geometry.lo_k) * d;
   v += b * cv * nk;
   grad_out += b * cv * nq;
-  dq += b * nq * d;
+  dq += b * nq * d;  // plane t of the windows' (taps, B, Nq, C) at + t * plane
+  const int64_t plane = shape.batch * nq * d;
   if (key_mask != nullptr) key_mask += b * nk;
+  const Factors factors(geometry, b, nq, nk);
+  const bool windows = windowed(geometry);
   for (int i = threadIdx.x; i < BM; i += kThreads) {
     const bool in = m0 + i < nq;
     sm.row_lse2[i] = in ? lse[b * nq + m0 + i] * kLog2e : 0.0f;
     sm.row_delta[i] = in ? delta[b * nq + m0 + i] : 0.0f;
+    sm.row_hm[i] = 0.0f;
+    sm.row_es[i] = 0.0f;
   }
   const float scale_log2 = scale * kLog2e;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   for (int64_t n0 = 0; n0 < nk; n0 += BN) {
-    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0);
+    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0, geometry, factors);
     dp_tile(sm.dp, sm.dot, sm.vt, grad_out, v, nq, nk, cv, m0, n0);
     // ds = p (dp - delta) scale, p = exp(s - lse); masked keys and padded rows get p = 0
-    // before exp2 (a padded key's score of 0 can sit far above a row's logsumexp).
-    for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
-      const int i = e / BN, j = e % BN;
-      const bool keep = m0 + i < nq && key_kept(key_mask, nk, n0 + j);
-      const float p = keep ? exp2f(sm.s[i * L::LDF_N + j] * scale_log2 - sm.row_lse2[i]) : 0.0f;
-      sm.ds[i * L::LD_N + j] = from_float<T>(p * (sm.dp[i * L::LDF_N + j] - sm.row_delta[i]) * scale);
+    // before exp2 (a padded key's score of 0 can sit far above a row's logsumexp). One warp
+    // per row, which reduces the windows' row sums.
+    for (int i = warp; i < BM; i += kWarps) {
+      const int64_t m = m0 + i;
+      const float aq = windows ? centre_factor(factors.aq, nq, m) : 0.0f;
+      float hm = 0.0f, es = 0.0f;
+#pragma unroll
+      for (int t = 0; t < BN / 32; ++t) {
+        const int j = lane + 32 * t;
+        const bool keep = m < nq && key_kept(key_mask, nk, n0 + j);
+        const float sc = sm.s[i * L::LDF_N + j];
+        const float p = keep ? exp2f(sc * scale_log2 - sm.row_lse2[i]) : 0.0f;
+        float ds = p * (sm.dp[i * L::LDF_N + j] - sm.row_delta[i]) * scale;
+        if (windows) {  // H = ds a_i a_j: the part through the window products
+          es += ds * sc;
+          ds *= aq * centre_factor(factors.ak, nk, n0 + j);
+          hm += ds * centre_factor(factors.mk, nk, n0 + j);
+        }
+        sm.ds[i * L::LD_N + j] = from_float<T>(ds);  // float: the element sc was read from
+      }
+      if (windows) {
+        hm = warp_sum(hm);
+        es = warp_sum(es);
+        if (lane == 0) {
+          sm.row_hm[i] += hm;
+          sm.row_es[i] += es;
+        }
+      }
     }
     __syncthreads();
-    // dq[m0.., d0..] (+)= ds @ k[n0.., d0..], one BD-wide chunk at a time.
-    for (int d0 = 0; d0 < d; d0 += L::BD) {
-      if (n0 == 0) {
-        zero_tile<BM, L::BD>(sm.acc, L::LDF_D);
-      } else {
-        load_tile<BM, L::BD>(sm.acc, L::LDF_D, dq, nq, d, m0, d0);
+    // dq[m0.., d0..] (+)= ds @ k[n0.., d0..] one BD-wide chunk at a time; windows: plane t
+    // (+)= H @ (k rows shifted by tap t).
+    for (int t = 0; t < geometry.patch * geometry.patch; ++t) {
+      float* dq_t = dq + t * plane;
+      const T* kt = k + tap_offset(geometry.patch, geometry.width_k, t) * d;
+      for (int d0 = 0; d0 < d; d0 += L::BD) {
+        if (n0 == 0) {
+          zero_tile<BM, L::BD>(sm.acc, L::LDF_D);
+        } else {
+          load_tile<BM, L::BD>(sm.acc, L::LDF_D, dq_t, nq, d, m0, d0);
+        }
+        load_tile<BN, L::BD>(sm.kc, L::LD_D, kt, nk, d, n0, d0);
+        __syncthreads();
+        tile_mma<true, true, BM, L::BD, BN>(sm.acc, L::LDF_D, sm.ds, L::LD_N, sm.kc, L::LD_D);
+        __syncthreads();
+        store_tile<BM, L::BD>(dq_t, nq, d, m0, d0, sm.acc, L::LDF_D);
+        __syncthreads();
       }
-      load_tile<BN, L::BD>(sm.kc, L::LD_D, k, nk, d, n0, d0);
-      __syncthreads();
-      tile_mma<true, true, BM, L::BD, BN>(sm.acc, L::LDF_D, sm.ds, L::LD_N, sm.kc, L::LD_D);
-      __syncthreads();
-      store_tile<BM, L::BD>(dq, nq, d, m0, d0, sm.acc, L::LDF_D);
-      __syncthreads();
+    }
+  }
+  if (windows) {
+    __syncthreads();  // the row sums are complete
+    for (int i = threadIdx.x; i < BM; i += kThreads) {
+      if (m0 + i >= nq) continue;
+      sums[b * nq + m0 + i] = sm.row_hm[i];
+      sums[(shape.batch + b) * nq + m0 + i] = sm.row_es[i];
     }
   }
 }
@@ -275,8 +377,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 template <class T>
 struct BackwardDkDvSmem {
   T *qc, *kc, *dot, *vt, *pt, *ds;
-  float *s, *dp, *acc_dv, *acc_dk, *row_lse2, *row_delta;
-  __host__ __device__ static size_t carve(unsigned char* base, BackwardDkDvSmem* out) {
+  float *s, *dp, *score, *acc_dv, *acc_dk, *row_lse2, *row_delta, *col_hm, *col_es;
+  // windows: room for the scores, which P overwrites, and the column sums.
+  __host__ __device__ static size_t carve(unsigned char* base, BackwardDkDvSmem* out, bool windows = false) {
     using L = Tiles<T>;
     SmemCarver c{base};
     BackwardDkDvSmem m;
@@ -287,13 +390,18 @@ struct BackwardDkDvSmem {
     m.s = c.take<float>(BM * L::LDF_N);  // scores, then P in float32
     m.pt = L::kFloat ? reinterpret_cast<T*>(m.s) : c.take<T>(BM * L::LD_N);  // P for its product
     m.dp = c.take<float>(BM * L::LDF_N);
-    m.ds = L::kFloat ? reinterpret_cast<T*>(m.dp) : c.take<T>(BM * L::LD_N);
+    m.ds = L::kFloat ? reinterpret_cast<T*>(m.dp) : c.take<T>(BM * L::LD_N);  // dS, or H for windows
     m.acc_dv = c.take<float>(BCV * L::LDF_N);  // a BCV x BN chunk of dv (Cv, Nk)
     m.acc_dk = c.take<float>(BN * L::LDF_D);   // a BN x BD chunk of dk
     m.row_lse2 = c.take<float>(BM);
     m.row_delta = c.take<float>(BM);
+    // Last, and laid out either way (fixed offsets, no selects): only windows launches reserve them.
+    const size_t rows_only = c.used;
+    m.score = c.take<float>(BM * L::LDF_N);
+    m.col_hm = c.take<float>(BN);  // sum_i H_ij m_i
+    m.col_es = c.take<float>(BN);  // sum_i dS_ij score_ij
     if (out != nullptr) *out = m;
-    return c.used;
+    return windows ? c.used : rows_only;
   }
 };
 
@@ -302,10 +410,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     backward_dkdv_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
                          const float* __restrict__ lse, const float* __restrict__ delta,
-                         float* __restrict__ dk, float* __restrict__ dv, WarpShape shape, float scale,
-                         int64_t n_blocks) {
+                         float* __restrict__ dk, float* __restrict__ dv, float* __restrict__ sums,
+                         WarpShape shape, WarpGeometry geometry, float scale, int64_t n_blocks) {
   using L = Tiles<T>;
   extern __shared__ __align__(128) unsigned char smem[];
+  const bool windows = windowed(geometry);
   BackwardDkDvSmem<T> sm;
   BackwardDkDvSmem<T>::carve(smem, &sm);
 
@@ -313,14 +422,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t b = blockIdx.x / n_blocks;
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
-  q += b * nq * d;
-  k += b * nk * d;
+  q += (b * geometry.len_q + geometry.lo_q) * d;
+  k += (b * geometry.len_k + geometry.lo_k) * d;
   v += b * cv * nk;
   grad_out += b * cv * nq;
-  if (dk != nullptr) dk += b * nk * d;
+  if (dk != nullptr) dk += b * nk * d;  // plane t of the windows' (taps, B, Nk, C) at + t * plane
+  const int64_t plane = shape.batch * nk * d;
   if (dv != nullptr) dv += b * cv * nk;
   if (key_mask != nullptr) key_mask += b * nk;
+  const Factors factors(geometry, b, nq, nk);
   const float scale_log2 = scale * kLog2e;
+  if (windows) {
+    for (int j = threadIdx.x; j < BN; j += kThreads) sm.col_hm[j] = sm.col_es[j] = 0.0f;
+  }
 
   for (int64_t m0 = 0; m0 < nq; m0 += BM) {
     for (int i = threadIdx.x; i < BM; i += kThreads) {
@@ -328,11 +442,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       sm.row_lse2[i] = in ? lse[b * nq + m0 + i] * kLog2e : 0.0f;
       sm.row_delta[i] = in ? delta[b * nq + m0 + i] : 0.0f;
     }
-    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0);  // its syncs publish the row stats
+    score_tile(sm.s, sm.qc, sm.kc, q, k, nq, nk, d, m0, n0, geometry, factors);  // its syncs publish the row stats
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
       const int i = e / BN, j = e % BN;
       const bool keep = m0 + i < nq && key_kept(key_mask, nk, n0 + j);
-      const float p = keep ? exp2f(sm.s[i * L::LDF_N + j] * scale_log2 - sm.row_lse2[i]) : 0.0f;
+      const float sc = sm.s[i * L::LDF_N + j];
+      const float p = keep ? exp2f(sc * scale_log2 - sm.row_lse2[i]) : 0.0f;
+      if (windows) sm.score[i * L::LDF_N + j] = sc;
       sm.s[i * L::LDF_N + j] = p;
       sm.pt[i * L::LD_N + j] = from_float<T>(p);  // float: the same element
     }
@@ -360,23 +476,55 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int e = threadIdx.x; e < BM * BN; e += kThreads) {
       const int i = e / BN, j = e % BN;
       const float p = sm.s[i * L::LDF_N + j];
-      sm.ds[i * L::LD_N + j] = from_float<T>(p * (sm.dp[i * L::LDF_N + j] - sm.row_delta[i]) * scale);
+      float ds = p * (sm.dp[i * L::LDF_N + j] - sm.row_delta[i]) * scale;
+      if (windows) {  // H = ds a_i a_j; the column sums' terms go to the float tiles s and score
+        const float aq = centre_factor(factors.aq, nq, m0 + i);
+        sm.score[i * L::LDF_N + j] *= ds;
+        sm.s[i * L::LDF_N + j] = ds * aq * centre_factor(factors.mq, nq, m0 + i);  // H_ij m_i / a_j
+        ds *= aq * centre_factor(factors.ak, nk, n0 + j);
+      }
+      sm.ds[i * L::LD_N + j] = from_float<T>(ds);  // float: the element dp was read from
     }
     __syncthreads();
-    // dk[n0.., d0..] (+)= ds^T @ q[m0.., d0..], one BD-wide chunk at a time.
-    for (int d0 = 0; d0 < d; d0 += L::BD) {
-      if (m0 == 0) {
-        zero_tile<BN, L::BD>(sm.acc_dk, L::LDF_D);
-      } else {
-        load_tile<BN, L::BD>(sm.acc_dk, L::LDF_D, dk, nk, d, n0, d0);
+    if (windows) {
+      for (int j = threadIdx.x; j < BN; j += kThreads) {
+        float hm = 0.0f, es = 0.0f;
+        for (int i = 0; i < BM; ++i) {
+          hm += sm.s[i * L::LDF_N + j];
+          es += sm.score[i * L::LDF_N + j];
+        }
+        sm.col_hm[j] += hm * centre_factor(factors.ak, nk, n0 + j);
+        sm.col_es[j] += es;
       }
-      load_tile<BM, L::BD>(sm.qc, L::LD_D, q, nq, d, m0, d0);
-      __syncthreads();
-      // dk[n][d] += sum_m ds[m][n] qc[m][d]
-      tile_mma<false, true, BN, L::BD, BM>(sm.acc_dk, L::LDF_D, sm.ds, L::LD_N, sm.qc, L::LD_D);
-      __syncthreads();
-      store_tile<BN, L::BD>(dk, nk, d, n0, d0, sm.acc_dk, L::LDF_D);
-      __syncthreads();
+      __syncthreads();  // before the next score tile overwrites s
+    }
+    // dk[n0.., d0..] (+)= ds^T @ q[m0.., d0..] one BD-wide chunk at a time; windows: plane t
+    // (+)= H^T @ (q rows shifted by tap t).
+    for (int t = 0; t < geometry.patch * geometry.patch; ++t) {
+      float* dk_t = dk + t * plane;
+      const T* qt = q + tap_offset(geometry.patch, geometry.width_q, t) * d;
+      for (int d0 = 0; d0 < d; d0 += L::BD) {
+        if (m0 == 0) {
+          zero_tile<BN, L::BD>(sm.acc_dk, L::LDF_D);
+        } else {
+          load_tile<BN, L::BD>(sm.acc_dk, L::LDF_D, dk_t, nk, d, n0, d0);
+        }
+        load_tile<BM, L::BD>(sm.qc, L::LD_D, qt, nq, d, m0, d0);
+        __syncthreads();
+        // dk[n][d] += sum_m ds[m][n] qc[m][d]
+        tile_mma<false, true, BN, L::BD, BM>(sm.acc_dk, L::LDF_D, sm.ds, L::LD_N, sm.qc, L::LD_D);
+        __syncthreads();
+        store_tile<BN, L::BD>(dk_t, nk, d, n0, d0, sm.acc_dk, L::LDF_D);
+        __syncthreads();
+      }
+    }
+  }
+  if (windows && dk != nullptr) {
+    __syncthreads();  // the column sums are complete
+    for (int j = threadIdx.x; j < BN; j += kThreads) {
+      if (n0 + j >= nk) continue;
+      sums[b * nk + n0 + j] = sm.col_hm[j];
+      sums[(shape.batch + b) * nk + n0 + j] = sm.col_es[j];
     }
   }
 }
@@ -399,42 +547,45 @@ cudaError_t launch(Kernel kernel, int64_t blocks, size_t bytes, cudaStream_t str
 
 template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
-                                        T* out, float* lse, WarpShape shape, float scale,
-                                        cudaStream_t stream) {
+                                        T* out, float* lse, WarpShape shape, WarpGeometry geometry,
+                                        float scale, cudaStream_t stream) {
   const int64_t m_blocks = ceil_div(shape.nq, BM);
   const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
   return launch(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr),
-                stream, q, k, v, key_mask, out, lse, shape, scale * kLog2e, m_blocks, cv_chunks);
+                stream, q, k, v, key_mask, out, lse, shape, geometry, scale * kLog2e, m_blocks, cv_chunks);
 }
 
 template <class T>
 cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T* k, const T* v,
                                          const uint8_t* key_mask, const float* lse,
                                          const float* delta, float* dq, float* dk, float* dv,
-                                         WarpShape shape, float scale, cudaStream_t stream) {
+                                         float* sums_q, float* sums_k, WarpShape shape,
+                                         WarpGeometry geometry, float scale, cudaStream_t stream) {
   if (dq != nullptr) {
     const int64_t m_blocks = ceil_div(shape.nq, BM);
     const cudaError_t err = launch(backward_dq_kernel<T>, shape.batch * m_blocks,
                                    BackwardDqSmem<T>::carve(nullptr, nullptr), stream, grad_out, q, k, v,
-                                   key_mask, lse, delta, dq, shape, scale, m_blocks);
+                                   key_mask, lse, delta, dq, sums_q, shape, geometry, scale, m_blocks);
     if (err != cudaSuccess) return err;
   }
   if (dk != nullptr || dv != nullptr) {
     const int64_t n_blocks = ceil_div(shape.nk, BN);
-    return launch(backward_dkdv_kernel<T>, shape.batch * n_blocks, BackwardDkDvSmem<T>::carve(nullptr, nullptr),
-                  stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, n_blocks);
+    return launch(backward_dkdv_kernel<T>, shape.batch * n_blocks,
+                  BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(geometry)), stream, grad_out, q, k, v,
+                  key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, n_blocks);
   }
   return cudaSuccess;
 }
 
 #endif  // __CUDACC__
 
-#define COCOS_KERNELS_INSTANTIATE_WARP(T)                                                        \
-  template cudaError_t correspondence_warp_forward<T>(const T*, const T*, const T*, const uint8_t*, \
-                                                      T*, float*, WarpShape, float, cudaStream_t);  \
-  template cudaError_t correspondence_warp_backward<T>(                                           \
-      const T*, const T*, const T*, const T*, const uint8_t*, const float*, const float*, float*,  \
-      float*, float*, WarpShape, float, cudaStream_t);
+#define COCOS_KERNELS_INSTANTIATE_WARP(T)                                                          \
+  template cudaError_t correspondence_warp_forward<T>(const T*, const T*, const T*, const uint8_t*,   \
+                                                      T*, float*, WarpShape, WarpGeometry, float,     \
+                                                      cudaStream_t);                                  \
+  template cudaError_t correspondence_warp_backward<T>(                                             \
+      const T*, const T*, const T*, const T*, const uint8_t*, const float*, const float*, float*,    \
+      float*, float*, float*, float*, WarpShape, WarpGeometry, float, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace cocos_kernels

@@ -23,20 +23,54 @@ struct WarpShape {
   int d, cv;
 };
 
-// out = softmax(scale * q k^T) v per batch element, lse = the row logsumexp (natural log);
+// Where each centre's feature is (the Triton backend's _Geometry). patch 1: prepared rows, as
+// above. patch k > 1, k x k windows without the unfold (cocos_kernels/windows.py): q (B, len_q, C)
+// and k (B, len_k, C) are zero-padded grids of C-wide rows (shape.d = C) of row width width_q /
+// width_k, centre i at row lo + i (lo = (k/2) (width + 1)) and its tap (dy, dx) at row
+// lo + i + (dy - k/2) width + (dx - k/2); a score is (sum over the k*k taps of <q row, k row>
+// - dwin m_i m_j) a_i a_j, with dwin = k*k*C and the float per-centre window means m and score
+// factors a: mq, aq (B, Nq), mk, ak (B, Nk). Nq, Nk (shape.nq, shape.nk) count centres.
+struct WarpGeometry {
+  int patch;
+  int64_t len_q, len_k;      // rows per batch element
+  int64_t lo_q, lo_k;        // row of centre 0
+  int64_t width_q, width_k;  // padded row width
+  float dwin;
+  const float *mq, *aq, *mk, *ak;  // null for prepared rows
+};
+
+inline WarpGeometry prepared_rows(const WarpShape& s) {
+  return WarpGeometry{1, s.nq, s.nk, 0, 0, 0, 0, 0.0f, nullptr, nullptr, nullptr, nullptr};
+}
+
+inline WarpGeometry window_geometry(const WarpShape& s, int patch, int64_t len_q, int64_t width_q, int64_t len_k,
+                                    int64_t width_k, const float* mq, const float* aq, const float* mk,
+                                    const float* ak) {
+  const int64_t r = patch / 2;
+  return WarpGeometry{patch, len_q, len_k, r * width_q + r, r * width_k + r, width_q, width_k,
+                      static_cast<float>(patch * patch) * static_cast<float>(s.d), mq, aq, mk, ak};
+}
+
+// out = softmax(scale * scores) v per batch element, lse = the row logsumexp (natural log);
 // a row whose keys are all masked gets out = 0 and lse = -inf.
 template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
-                                        T* out, float* lse, WarpShape shape, float scale,
-                                        cudaStream_t stream);
+                                        T* out, float* lse, WarpShape shape, WarpGeometry geometry,
+                                        float scale, cudaStream_t stream);
 
-// dq (B, Nq, D), dk (B, Nk, D), dv (B, Cv, Nk), each null where not requested; delta =
-// rowsum(grad_out * out) (B, Nq). Every requested gradient is overwritten, never accumulated.
+// dq, dk, dv (B, Cv, Nk), each null where not requested; delta = rowsum(grad_out * out) (B, Nq).
+// Prepared rows: dq (B, Nq, D), dk (B, Nk, D); sums_q, sums_k unused. Windows: dq (k*k, B, Nq, C)
+// and dk (k*k, B, Nk, C), plane t holding what each centre's tap t gets (sum_j H_ij k(j + tap t)
+// for query i, H = dL/dscore a_i a_j; the caller adds each plane at its tap's row offset), and
+// sums_q (2, B, Nq) = per query [sum_j H_ij m_j, sum_j dL/dscore_ij score_ij], written with dq;
+// sums_k (2, B, Nk) the same summed over i for each key, written with dk. Rows with lse = +inf
+// (padding centres) get P = 0. Every requested output is overwritten, never accumulated.
 template <class T>
 cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T* k, const T* v,
                                          const uint8_t* key_mask, const float* lse,
                                          const float* delta, float* dq, float* dk, float* dv,
-                                         WarpShape shape, float scale, cudaStream_t stream);
+                                         float* sums_q, float* sums_k, WarpShape shape,
+                                         WarpGeometry geometry, float scale, cudaStream_t stream);
 
 // Prologue for patch_size 1: x (B, C, N) float -> rows (B, N, C) in T, each position centred
 // over channels (if center) and divided by (|x - mean| + eps) (if normalize).

@@ -1,6 +1,7 @@
 // C entry points (for ctypes) running the correspondence_warp and contextual_loss kernels under
 // host_emulation.h, with the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16
-// (q, k, v, out, grad_out, the prologue's rows); contextual_loss takes float32 only.
+// (q, k, v, out, grad_out, the prologue's rows); contextual_loss takes float32 only. The emu_windows_*
+// entry points take the k x k window geometry (correspondence_warp.h: WarpGeometry).
 #include <stdexcept>
 
 #include "../contextual_loss.cuh"
@@ -16,38 +17,40 @@ alignas(128) unsigned char smem[1 << 18];  // the kernels' `extern __shared__` b
 namespace {
 using namespace cocos_kernels::cuda;
 
-template <class Smem>
-void check_smem() {
-  if (Smem::carve(nullptr, nullptr) > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
+void check_smem(size_t bytes) {
+  if (bytes > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
 }
 
 template <class T>
 void forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
-             float scale) {
-  check_smem<ForwardSmem<T>>();
+             WarpGeometry g, float scale) {
+  check_smem(ForwardSmem<T>::carve(nullptr, nullptr));
   const int64_t m_blocks = ceil_div(s.nq, BM), cv_chunks = s.cv > 0 ? ceil_div(s.cv, BCV) : 1;
   emu::launch(s.batch * cv_chunks * m_blocks, kThreads, [&] {
     forward_kernel<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
-                      static_cast<T*>(out), lse, s, scale * kLog2e, m_blocks, cv_chunks);
+                      static_cast<T*>(out), lse, s, g, scale * kLog2e, m_blocks, cv_chunks);
   });
 }
 
 template <class T>
 void backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
-              const float* lse, const float* delta, float* dq, float* dk, float* dv, WarpShape s, float scale) {
-  check_smem<BackwardDqSmem<T>>();
-  check_smem<BackwardDkDvSmem<T>>();
+              const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
+              WarpShape s, WarpGeometry g, float scale) {
+  check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));
+  check_smem(BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(g)));
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   if (dq != nullptr) {
     const int64_t m_blocks = ceil_div(s.nq, BM);
     emu::launch(s.batch * m_blocks, kThreads, [&] {
-      backward_dq_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale, m_blocks);
+      backward_dq_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, sums_q, s, g, scale,
+                            m_blocks);
     });
   }
   if (dk != nullptr || dv != nullptr) {
     const int64_t n_blocks = ceil_div(s.nk, BN);
     emu::launch(s.batch * n_blocks, kThreads, [&] {
-      backward_dkdv_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s, scale, n_blocks);
+      backward_dkdv_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, sums_k, s, g, scale,
+                              n_blocks);
     });
   }
 }
@@ -82,10 +85,11 @@ int emu_prepare_features_backward(const float* grad_rows, const float* x, float*
 int emu_forward(int dtype, const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse,
                 int64_t batch, int64_t nq, int64_t nk, int d, int cv, float scale) {
   const WarpShape s{batch, nq, nk, d, cv};
+  const WarpGeometry g = prepared_rows(s);
   switch (dtype) {
-    case 0: forward<float>(q, k, v, mask, out, lse, s, scale); return 0;
-    case 1: forward<__half>(q, k, v, mask, out, lse, s, scale); return 0;
-    case 2: forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, scale); return 0;
+    case 0: forward<float>(q, k, v, mask, out, lse, s, g, scale); return 0;
+    case 1: forward<__half>(q, k, v, mask, out, lse, s, g, scale); return 0;
+    case 2: forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, g, scale); return 0;
   }
   return 1;
 }
@@ -94,17 +98,59 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
                  const float* lse, const float* delta, float* dq, float* dk, float* dv, int64_t batch, int64_t nq,
                  int64_t nk, int d, int cv, float scale) {
   const WarpShape s{batch, nq, nk, d, cv};
+  const WarpGeometry g = prepared_rows(s);
   switch (dtype) {
-    case 0: backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
-    case 1: backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
-    case 2: backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, s, scale); return 0;
+    case 0: backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale); return 0;
+    case 1: backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale); return 0;
+    case 2:
+      backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
+      return 0;
+  }
+  return 1;
+}
+
+// Windows: xq (B, len_q, C), xk (B, len_k, C) padded grids, mq / aq (B, Nq), mk / ak (B, Nk) float;
+// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres.
+int emu_windows_forward(int dtype, const void* xq, const float* mq, const float* aq, const void* xk,
+                        const float* mk, const float* ak, const void* v, const uint8_t* mask, void* out, float* lse,
+                        int64_t batch, int64_t nq, int64_t nk, int64_t len_q, int64_t len_k, int c, int cv,
+                        int patch, int64_t width_q, int64_t width_k, float scale) {
+  const WarpShape s{batch, nq, nk, c, cv};
+  const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
+  switch (dtype) {
+    case 0: forward<float>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
+    case 1: forward<__half>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
+    case 2: forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
+  }
+  return 1;
+}
+
+// planes_q (k*k, B, Nq, C), planes_k (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk).
+int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const float* mq, const float* aq,
+                         const void* xk, const float* mk, const float* ak, const void* v, const uint8_t* mask,
+                         const float* lse, const float* delta, float* planes_q, float* planes_k, float* dv,
+                         float* rows, float* cols, int64_t batch, int64_t nq, int64_t nk, int64_t len_q,
+                         int64_t len_k, int c, int cv, int patch, int64_t width_q, int64_t width_k, float scale) {
+  const WarpShape s{batch, nq, nk, c, cv};
+  const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
+  switch (dtype) {
+    case 0:
+      backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
+      return 0;
+    case 1:
+      backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
+      return 0;
+    case 2:
+      backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
+                              scale);
+      return 0;
   }
   return 1;
 }
 
 int emu_contextual_loss_forward(const float* x, const float* y, float* m, int64_t* argmin, float* s, float* t,
                                 int64_t batch, int64_t nx, int64_t ny, int c, float bandwidth, float dist_eps) {
-  check_smem<ContextualForwardSmem>();
+  check_smem(ContextualForwardSmem::carve(nullptr, nullptr));
   const ContextualShape shape{batch, nx, ny, c};
   const int64_t x_blocks = ceil_div(nx, BM);
   emu::launch(batch * x_blocks, kThreads, [&] {
@@ -116,7 +162,7 @@ int emu_contextual_loss_forward(const float* x, const float* y, float* m, int64_
 int emu_contextual_loss_backward(const float* grad_s, const float* x, const float* y, const float* m,
                                  const int64_t* argmin, const float* s, const float* t, float* dx, float* dy,
                                  int64_t batch, int64_t nx, int64_t ny, int c, float bandwidth, float dist_eps) {
-  check_smem<ContextualBackwardSmem>();
+  check_smem(ContextualBackwardSmem::carve(nullptr, nullptr));
   const ContextualShape shape{batch, nx, ny, c};
   if (dx != nullptr) {
     const int64_t x_blocks = ceil_div(nx, BM);
