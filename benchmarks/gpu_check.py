@@ -1,6 +1,6 @@
 """GPU check of the fused GPU backends (triton, cuda): tests, accuracy per precision, timings.
 
-    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, ~5 min on an H100
+    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, ~8 min on an H100
     python benchmarks/gpu_check.py --dry-run    # CPU smoke run of the same code (Triton interpreter)
 
 Phases, each in its own process so that each sets up Triton as it needs:
@@ -28,6 +28,12 @@ Phases, each in its own process so that each sets up Triton as it needs:
                512), unpooled, for 256, 512 and 1024 px images: time and peak memory; an OOM is
                recorded, and a row whose predicted time (from the impl's rate on the smaller rows)
                exceeds what is left of --contextual-budget-s is skipped with that prediction.
+  5. train_step: one CoCosNet training step (benchmarks/bench_train_step.py: ADE20K recipe, batch 1,
+               steady state) at 512 and 1024 px, materialised (reference) vs triton with and without
+               --activation_checkpointing, each in a fresh process under an 80 GiB cap (the card's
+               memory if smaller): peak and total memory, time per step; configs in TRAIN_STEP_CONFIGS
+               order until --train-step-budget-s is spent. Targets: at 512 px the fused model's total
+               < 1/4 of the materialised one's, and 1024 px fits in 80 GiB.
 Writes benchmarks/results/gpu_check_<card>.md and .json, and exits non-zero if the cuda build or a
 test fails, an accuracy bound is broken or a timed fused output is wrong (non-finite, or off the
 float32 reference).
@@ -104,8 +110,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="contextual_loss image sides in px (256 512 1024; dry run: 16)")
     p.add_argument("--contextual-budget-s", type=float, default=45.0,
                    help="start no contextual_loss timing after this many seconds of its phase")
+    p.add_argument("--train-step-budget-s", type=float, default=120.0,
+                   help="start no training-step config after this many seconds of its phase (0: skip the phase)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--phase", choices=["accuracy", "timing", "contextual"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
+    p.add_argument("--phase", choices=["accuracy", "timing", "contextual", "train_step"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
     p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -118,6 +126,13 @@ DEFAULTS = {  # option: (GPU run, dry run)
     "batch": (4, 1),
     "contextual_images": ([256, 512, 1024], [16]),
 }
+# Phase 5, most important first ("fused": triton on the GPU, cpu in the dry run).
+TRAIN_STEP_CONFIGS = {  # (side, impl, activation checkpointing)
+    "gpu": ((512, "reference", False), (512, "fused", True), (1024, "fused", True), (512, "fused", False),
+            (1024, "fused", False)),
+    "dry": ((64, "reference", False), (64, "fused", True)),
+}
+TRAIN_STEP_CAP_GB = 80.0
 # contextual_loss: VGG-19 layer -> (channels, image side / feature side), as CoCosNet uses them.
 CONTEXTUAL_LAYERS = {"relu2_2": (128, 2), "relu3_2": (256, 4), "relu4_2": (512, 8), "relu5_2": (512, 16)}
 CONTEXTUAL_BANDWIDTH = 0.1
@@ -489,6 +504,46 @@ def contextual_phase(args) -> list[dict]:
     return accuracy + [r | {"part": "timing"} for r in _contextual_timing(args, torch, ck, device)]
 
 
+def train_step_phase(args) -> list[dict]:
+    import torch
+
+    from benchmarks.harness import measure
+
+    cap = TRAIN_STEP_CAP_GB
+    if not args.dry_run:
+        cap = min(cap, torch.cuda.get_device_properties(0).total_memory / 2**30)
+    rows, started = [], time.time()
+    for side, impl, ckpt in TRAIN_STEP_CONFIGS["dry" if args.dry_run else "gpu"]:
+        impl = impl.replace("fused", "cpu" if args.dry_run else "triton")
+        config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward", "batch": 1,
+                  "device": "cpu" if args.dry_run else "cuda", "activation_checkpointing": ckpt}
+        if time.time() - started > args.train_step_budget_s:
+            rows.append({**config, "status": "skipped: time budget", "peak_bytes": None})
+            continue
+        rows.append({**measure({**config, "repeats": 1 if args.dry_run else 2, "warmup": 0, "memory_cap_gb": cap,
+                                "timeout_s": 600.0}), "activation_checkpointing": ckpt, "memory_cap_gb": cap})
+    return rows
+
+
+def _train_step_targets(rows: list) -> list[str]:
+    ok = {(r["side"], r["impl"], r["activation_checkpointing"]): r for r in rows if r.get("status") == "ok"}
+    out = []
+    ref = ok.get((512, "reference", False))
+    for (side, impl, ckpt), r in sorted(ok.items()):
+        if impl == "reference":
+            continue
+        total = r["peak_bytes"] + r["baseline_bytes"]
+        label = f"{impl}{' + checkpointing' if ckpt else ''}"
+        if side == 512 and ref:
+            share = total / (ref["peak_bytes"] + ref["baseline_bytes"])
+            out.append(f"512 px train step: {label} total {share:.2f}x the materialised one's (target < 0.25): "
+                       f"{'met' if share < 0.25 else 'NOT met'}")
+        if side == 1024:
+            out.append(f"1024 px train step: {label} total {total / 2**30:.1f} GiB (target: fits in 80 GiB): "
+                       f"{'met' if total < 80 * 2**30 else 'NOT met'}")
+    return out
+
+
 def matmul_rate(args) -> float | None:
     """The card's measured bfloat16 matmul TFLOP/s (8192^3), the yardstick of the bf16 target."""
     if args.dry_run:
@@ -509,7 +564,8 @@ def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, 
         cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
     cmd += ["--contextual-images", *map(str, args.contextual_images)]
     cmd += ["--channels", str(args.channels), "--batch", str(args.batch), "--budget-s", str(args.budget_s),
-            "--contextual-budget-s", str(args.contextual_budget_s)]
+            "--contextual-budget-s", str(args.contextual_budget_s), "--train-step-budget-s",
+            str(args.train_step_budget_s)]
     if args.dry_run:
         cmd.append("--dry-run")
     proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True)
@@ -582,7 +638,18 @@ def _contextual_markdown(rows: list) -> list[str]:
     return lines
 
 
-def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list, contextual: list = ()) -> str:
+def _train_step_markdown(rows: list) -> list[str]:
+    from benchmarks.bench_train_step import table
+
+    if not rows:
+        return []
+    return ["", "## Training step (benchmarks/bench_train_step.py: ADE20K recipe, batch 1, steady state, "
+            f"{rows[0].get('memory_cap_gb') or TRAIN_STEP_CAP_GB:g} GiB cap)", "",
+            *table(rows)]
+
+
+def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list, contextual: list = (),
+             train_step: list = ()) -> str:
     lines = [f"# correspondence_warp GPU check: {meta['card']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · "
              f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", "",
@@ -611,6 +678,7 @@ def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: lis
                      f"{_fmt(r.get('time_ms'), '.3f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
                      f"{_fmt(r.get('error_vs_float32'), '.1e')} | {r.get('status', '')} |")
     lines += _contextual_markdown(list(contextual))
+    lines += _train_step_markdown(list(train_step))
     lines += ["", "## Targets", ""] + [f"- {t}" for t in targets] + [""]
     return "\n".join(lines)
 
@@ -648,7 +716,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, defaults[args.dry_run])
     if args.phase:  # inside a phase process: print the rows as one JSON line
-        rows = {"accuracy": accuracy_phase, "timing": timing_phase, "contextual": contextual_phase}[args.phase](args)
+        rows = {"accuracy": accuracy_phase, "timing": timing_phase, "contextual": contextual_phase,
+                "train_step": train_step_phase}[args.phase](args)
         print(json.dumps({"rows": rows}))
         return 0
 
@@ -688,6 +757,14 @@ def main(argv: list[str] | None = None) -> int:
     failures += [f"contextual_loss {r['part']} {r.get('backend', r.get('impl'))} {r['side']}^2: {r['status']}"
                  for r in contextual if r.get("status", "").startswith("FAILED")]
 
+    train_step = []
+    if args.train_step_budget_s > 0:
+        train_step, problem = _run_phase(args, "train_step", autotune=False, started=started)
+        failures += [problem] if problem else []
+        failures += [f"train step {r['impl']} {r['side']} px: {r['status']}: {r.get('error')}" for r in train_step
+                     if r.get("status") == "error"]
+        print(f"gpu_check: train step done ({time.time() - started:.0f} s)", flush=True)
+
     import torch
     import triton
 
@@ -697,13 +774,13 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
             "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started, "failures": failures,
             "cuda_build": cuda_build}
-    targets = _targets(timing, bf16_rate)
+    targets = _targets(timing, bf16_rate) + (_train_step_targets(train_step) if train_step else [])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "tests": tests, "accuracy": accuracy, "timing": timing, "targets": targets,
-         "contextual_loss": contextual}, indent=1))
-    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets, contextual))
+         "contextual_loss": contextual, "train_step": train_step}, indent=1))
+    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets, contextual, train_step))
     print(f"gpu_check: wrote {args.out_dir / stem}.md and .json ({meta['wall_s']:.0f} s)")
     for t in targets:
         print("  target:", t)

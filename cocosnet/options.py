@@ -284,3 +284,7 @@ def add_training_options(p: argparse.ArgumentParser, mode: str) -> None:
     g.add_argument("--max_steps", type=int, default=0,
                    help="stop (saving a checkpoint) after this many iterations in total; 0 for no limit")
     g.add_argument("--no_tensorboard", action="store_true", help="do not write TensorBoard logs")
+    g.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each residual block's activations (correspondence adaptors and trunk, G) in the "
+                        "backward instead of keeping them: far less memory at 512 px and above, about a third more "
+                        "compute; not in the reference")

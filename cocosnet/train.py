@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
 from cocosnet.options import parse
 from cocosnet.trainer import NonFiniteError, Trainer
 
@@ -35,6 +37,18 @@ def main(argv: list[str] | None = None, model_factory=default_model) -> None:
     except NonFiniteError as e:
         logging.getLogger("cocosnet.train").error("%s", e)
         sys.exit(3)
+    except torch.OutOfMemoryError as e:
+        opt = trainer.opt
+        hints = [] if opt.activation_checkpointing else ["--activation_checkpointing (at 512 px about a third "
+                                                         "of the memory, see docs/training.md)"]
+        hints += ["--amp bf16"] if opt.amp == "none" else []
+        hints += [f"a smaller --batchSize than {opt.batchSize}"] if opt.batchSize > 1 else []
+        hints += ["a fused --backend (not 'reference')"] if opt.backend == "reference" else []
+        logging.getLogger("cocosnet.train").error(
+            "out of memory at --crop_size %d, batch %d: %s. Try %s. The newest checkpoint in %s is intact "
+            "(--continue_train resumes from it).", opt.crop_size, opt.batchSize, str(e).splitlines()[0],
+            ", ".join(hints) or "a smaller --crop_size", trainer.checkpoints.directory)
+        sys.exit(4)
 
 
 if __name__ == "__main__":

@@ -236,10 +236,16 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    @staticmethod
+    def _finite(t: torch.Tensor) -> bool:
+        # The step's only data-dependent branch (benchmarks/bench_train_step.py traces the step
+        # with value-less tensors and replaces it).
+        return bool(torch.isfinite(t.detach()).all())
+
     def _update(self, name: str, losses: dict, optimizer) -> bool:
         """Backward and step of one optimiser; False (with a logged reason) where it was skipped."""
         total = sum(losses.values())
-        bad = [k for k, v in losses.items() if not torch.isfinite(v.detach()).all()]
+        bad = [k for k, v in losses.items() if not self._finite(v)]
         if not self._all_ranks(not bad):
             log.warning("step %d: skipped the %s update: non-finite loss %s", self.step, name,
                         ", ".join(f"{k}={losses[k].detach().float().item()}" for k in bad) or "on another rank")
@@ -249,15 +255,16 @@ class Trainer:
         self.scaler.unscale_(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, math.inf) if params else torch.tensor(0.0)
-        if not torch.isfinite(norm):
-            if self.scaler.is_enabled():  # fp16 overflow: the scaler skips the step and lowers its scale
-                self.scaler.step(optimizer)
-                log.info("step %d: fp16 gradient overflow in the %s update; loss scale lowered", self.step, name)
-                return True
-            optimizer.zero_grad(set_to_none=True)
+        finite = self._finite(norm)
+        if finite or self.scaler.is_enabled():  # fp16 overflow: the scaler skips the step and lowers its scale
+            self.scaler.step(optimizer)
+        # Gradients dropped at once: their memory is free for the next forward (and for D's step).
+        optimizer.zero_grad(set_to_none=True)
+        if not finite and self.scaler.is_enabled():
+            log.info("step %d: fp16 gradient overflow in the %s update; loss scale lowered", self.step, name)
+        elif not finite:
             log.warning("step %d: skipped the %s update: gradient norm is %s", self.step, name, norm.item())
             return False
-        self.scaler.step(optimizer)
         return True
 
     def train_step(self, data: dict) -> tuple[dict, dict, dict]:

@@ -1,6 +1,7 @@
 """The benchmark suite's plumbing at tiny sizes: implementations agree with the reference,
 refusals, OOM and the time cap are recorded, reports are written, the memory fit is right."""
 import json
+import os
 
 import pytest
 import torch
@@ -100,3 +101,20 @@ def test_suite_records_oom_and_refusals_and_writes_reports(tmp_path):
     table = (tmp_path / f"{stem}.md").read_text()
     assert "| 8 | 64 | 8 | 1 | 3 | 1 | float32 | forward | reference | ok |" in table
     assert "sdpa-efficient (refused" in table
+
+
+def test_train_step_trace_counts_what_a_step_allocates(tmp_path):
+    """The traced train step (value-less tensors): the weights and Adam's moments are the baseline, the
+    materialised matrices show, and activation checkpointing leaves less alive at the peak."""
+    from benchmarks import bench_train_step
+
+    ck.select("cpu", torch.device("cpu"), torch.float32)
+    bench_train_step.main(["--trace", "--sides", "64", "--out-dir", str(tmp_path)])
+    base = tmp_path / f"train_step-cpu-{os.cpu_count()}c-trace"
+    report = json.loads(base.with_suffix(".json").read_text())
+    peak = {(r["impl"], r["activation_checkpointing"]): r["peak_bytes"] for r in report["results"]}
+    baselines = {r["baseline_bytes"] for r in report["results"]}
+    assert len(baselines) == 1 and baselines.pop() > 2**30  # ~170M weights and Adam's two moments of the trained ones
+    assert peak["reference", False] > peak["cpu", False] > peak["cpu", True] > 0
+    assert peak["reference", True] < peak["reference", False]
+    assert "| 64 | cpu | on | ok |" in base.with_suffix(".md").read_text()

@@ -55,3 +55,20 @@ def test_contextual_layers_are_the_vgg19_sizes():
                                            "relu5_2": (512, 16)}
     assert gpu_check.DEFAULTS["contextual_images"][0] == [256, 512, 1024]
     assert "cuda" in gpu_check.FUSED_GPU and "triton" in gpu_check.FUSED_GPU
+
+
+def test_train_step_targets_and_table():
+    def row(side, impl, ckpt, status="ok", peak=None, baseline=2 * 2**30, t=1.0):
+        return dict(op="train_step", side=side, impl=impl, activation_checkpointing=ckpt, status=status,
+                    peak_bytes=peak, baseline_bytes=baseline, time_median_s=t, memory_cap_gb=80.0)
+    rows = [row(512, "reference", False, peak=24 * 2**30), row(512, "triton", True, peak=3 * 2**30, t=1.3),
+            row(1024, "triton", True, peak=13 * 2**30), row(512, "triton", False, peak=16 * 2**30),
+            row(1024, "triton", False, status="OOM")]
+    targets = gpu_check._train_step_targets(rows)
+    assert "512 px train step: triton + checkpointing total 0.19x the materialised one's (target < 0.25): met" in targets
+    assert "512 px train step: triton total 0.69x the materialised one's (target < 0.25): NOT met" in targets
+    assert "1024 px train step: triton + checkpointing total 15.0 GiB (target: fits in 80 GiB): met" in targets
+    assert not any("1024 px train step: triton total" in t for t in targets)  # OOM: no total to judge
+    text = "\n".join(gpu_check._train_step_markdown(rows))
+    assert "| 512 | triton | on | ok | 3.00 | 5.00 | 1.30 |" in text and "| 1024 | triton | off | OOM | OOM | - | - |" in text
+    assert gpu_check.TRAIN_STEP_CONFIGS["gpu"][:2] == ((512, "reference", False), (512, "fused", True))

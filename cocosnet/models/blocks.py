@@ -8,11 +8,13 @@ which here uses `torch.nn.utils.parametrizations.spectral_norm` (keys
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import spectral_norm
+from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
+from torch.utils.checkpoint import checkpoint
 
 import cocos_kernels as ck
 
@@ -24,6 +26,60 @@ def pono(x: torch.Tensor, eps: float = PONO_EPS) -> torch.Tensor:
     mean = x.mean(dim=1, keepdim=True)
     std = x.var(dim=1, keepdim=True, unbiased=True).add(eps).sqrt()
     return (x - mean) / std
+
+
+def _spectral_norms(module: nn.Module) -> list:
+    return [m for m in module.modules() if isinstance(m, _SpectralNorm) and m.training]
+
+
+@contextmanager
+def _recording(module: nn.Module, start: list):
+    """Around the forward: the spectral norms' u, v before their power iteration."""
+    start.extend((m._u.clone(), m._v.clone()) for m in _spectral_norms(module))
+    yield
+
+
+@contextmanager
+def _replaying(module: nn.Module, start: list):
+    """Around the recomputation in the backward: the same weights, and no state advanced twice.
+
+    Spectral norm's power iteration restarts from the u, v the forward started from (the module
+    may have run again since, as the adaptor does for the exemplar and the ground truth), and the
+    u, v of now are put back afterwards; BatchNorm normalises by the batch as before, while
+    momentum 0 keeps its running statistics (and its step counter is put back)."""
+    sns = _spectral_norms(module)
+    bns = [m for m in module.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    now = [(m._u.clone(), m._v.clone()) for m in sns]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    with torch.no_grad():
+        for m, (u, v) in zip(sns, start):
+            m._u.copy_(u)
+            m._v.copy_(v)
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (u, v) in zip(sns, now):
+                m._u.copy_(u)
+                m._v.copy_(v)
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def recomputed(module: nn.Module, forward, *args):
+    """forward(*args), where module.recompute is set (--activation_checkpointing) and gradients are
+    recorded: its activations are recomputed in the backward instead of kept (torch.utils.checkpoint)."""
+    if not (getattr(module, "recompute", False) and module.training and torch.is_grad_enabled()):
+        return forward(*args)
+
+    def contexts():
+        start = []
+        return _recording(module, start), _replaying(module, start)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts)
 
 
 def conv_norm(conv: nn.Conv2d, norm_type: str) -> nn.Module:
@@ -51,8 +107,9 @@ def conv_norm(conv: nn.Conv2d, norm_type: str) -> nn.Module:
 class SPADE(nn.Module):
     """out = norm(x) * (1 + gamma(c)) + beta(c), gamma/beta from the conditioning map c resized to x (nearest)."""
 
-    def __init__(self, config_text: str, norm_nc: int, label_nc: int, PONO: bool = False):
+    def __init__(self, config_text: str, norm_nc: int, label_nc: int, PONO: bool = False, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         parsed = re.fullmatch(r"spade(\D+)(\d)x\d", config_text)
         if parsed is None:
             raise ValueError(f"SPADE config {config_text!r} must look like spade<norm><k>x<k>, e.g. spadesyncbatch3x3")
@@ -76,8 +133,12 @@ class SPADE(nn.Module):
         self.mlp_beta = nn.Conv2d(nhidden, norm_nc, ks)
 
     def forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
+        return recomputed(self, self._forward, x, segmap)
+
+    def _forward(self, x: torch.Tensor, segmap: torch.Tensor) -> torch.Tensor:
         normalized = pono(x) if self.PONO else self.param_free_norm(x)
-        segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
+        if segmap.shape[2:] != x.shape[2:]:  # nearest to the same size is the identity: no copy
+            segmap = F.interpolate(segmap, size=x.shape[2:], mode="nearest")
         actv = self.pad(self.mlp_shared(segmap))
         return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
 
@@ -87,6 +148,7 @@ class SPADEResnetBlock(nn.Module):
 
     def __init__(self, fin: int, fout: int, opt, ic: int):
         super().__init__()
+        self.recompute = getattr(opt, "activation_checkpointing", False)
         self.learned_shortcut = fin != fout
         fmiddle = min(fin, fout)
         self.pad = nn.ReflectionPad2d(1)
@@ -100,12 +162,16 @@ class SPADEResnetBlock(nn.Module):
             if self.learned_shortcut:
                 self.conv_s = spectral_norm(self.conv_s)
         config = opt.norm_G.replace("spectral", "")
-        self.norm_0 = SPADE(config, fin, ic, PONO=opt.PONO)
-        self.norm_1 = SPADE(config, fmiddle, ic, PONO=opt.PONO)
+        # Nested: recomputing the block in the backward keeps just one SPADE's activations at a time.
+        self.norm_0 = SPADE(config, fin, ic, PONO=opt.PONO, recompute=self.recompute)
+        self.norm_1 = SPADE(config, fmiddle, ic, PONO=opt.PONO, recompute=self.recompute)
         if self.learned_shortcut:
-            self.norm_s = SPADE(config, fin, ic, PONO=opt.PONO)
+            self.norm_s = SPADE(config, fin, ic, PONO=opt.PONO, recompute=self.recompute)
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        return recomputed(self, self._forward, x, seg)
+
+    def _forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         x_s = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
         dx = self.conv_0(self.pad(F.leaky_relu(self.norm_0(x, seg), 0.2)))
         dx = self.conv_1(self.pad(F.leaky_relu(self.norm_1(dx, seg), 0.2)))

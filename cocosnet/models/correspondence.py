@@ -14,7 +14,7 @@ from torch import nn
 
 import cocos_kernels as ck
 
-from .blocks import SPADEResnetBlock, conv_norm
+from .blocks import SPADEResnetBlock, conv_norm, recomputed
 
 EPS = ck.DEFAULT_EPS  # sys.float_info.epsilon, added to the norm as the reference does
 
@@ -42,11 +42,16 @@ class AdaptiveFeatureGenerator(nn.Module):
         self.head_0 = SPADEResnetBlock(8 * nf, 8 * nf, opt, ic=input_nc)
         self.G_middle_0 = SPADEResnetBlock(8 * nf, 8 * nf, opt, ic=input_nc)
         self.G_middle_1 = SPADEResnetBlock(8 * nf, 4 * nf, opt, ic=input_nc)
+        self.recompute = getattr(opt, "activation_checkpointing", False)
 
-    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer1(x)
         for layer in (self.layer2, self.layer3, self.layer4, self.layer5):
             x = layer(F.leaky_relu(x, 0.2))
+        return x
+
+    def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        x = recomputed(self, self.encode, x)
         x = self.head_0(x, seg)
         x = self.G_middle_0(x, seg)
         return self.G_middle_1(x, seg)
@@ -55,8 +60,9 @@ class AdaptiveFeatureGenerator(nn.Module):
 class ResidualBlock(nn.Module):
     """Trunk block: pad-conv-IN-PReLU-pad-conv-IN, + input, PReLU (one PReLU parameter used twice)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         self.padding1 = nn.ReflectionPad2d(1)
         self.conv1 = nn.Conv2d(channels, channels, 3)
         self.bn1 = nn.InstanceNorm2d(channels)
@@ -66,6 +72,9 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.InstanceNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return recomputed(self, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.prelu(self.bn1(self.conv1(self.padding1(x))))
         out = self.bn2(self.conv2(self.padding2(out)))
         return self.prelu(out + x)
@@ -92,7 +101,7 @@ class NoVGGCorrespondence(nn.Module):
         self.adaptive_model_seg = AdaptiveFeatureGenerator(opt, opt.semantic_nc)
         self.adaptive_model_img = AdaptiveFeatureGenerator(opt, 3)
         channels = 4 * opt.ngf + (opt.semantic_nc if opt.maskmix else 0) + (3 if opt.use_coordconv else 0)
-        self.layer = nn.Sequential(*(ResidualBlock(channels) for _ in range(4)))
+        self.layer = nn.Sequential(*(ResidualBlock(channels, getattr(opt, "activation_checkpointing", False)) for _ in range(4)))
         self.phi = nn.Conv2d(channels, self.inter_channels, 1)
         self.theta = nn.Conv2d(channels, self.inter_channels, 1)
 

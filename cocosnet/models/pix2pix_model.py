@@ -136,11 +136,16 @@ class Pix2PixModel(nn.Module):
         if label.dim() != 4 or label.shape[1] != 1:
             raise ValueError(f"label must be (B, 1, H, W) class ids for --dataset_mode {self.opt.dataset_mode}, "
                              f"got shape {tuple(label.shape)}")
+        self.check_label_ids(label)
+        B, _, H, W = label.shape
+        return torch.zeros(B, nc, H, W, dtype=dtype, device=label.device).scatter_(1, label, 1.0)
+
+    def check_label_ids(self, label: torch.Tensor) -> None:
+        # Data-dependent (benchmarks/bench_train_step.py traces with value-less tensors and skips it).
+        nc = self.opt.semantic_nc
         lo, hi = int(label.min()), int(label.max())
         if lo < 0 or hi >= nc:
             raise ValueError(f"label ids must lie in [0, {nc - 1}] (semantic_nc {nc}), got [{lo}, {hi}]")
-        B, _, H, W = label.shape
-        return torch.zeros(B, nc, H, W, dtype=dtype, device=label.device).scatter_(1, label, 1.0)
 
     # ------------------------------------------------------------------------------------------
     def generate_fake(self, input_semantics, real_image, ref_semantics, ref_image, vgg: bool = True) -> dict:

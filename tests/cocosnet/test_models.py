@@ -293,6 +293,36 @@ def test_fused_backend_matches_reference_in_float64():
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("pono", [True, False], ids=["pono", "batchnorm"])
+def test_activation_checkpointing_changes_nothing_but_memory(pono):
+    """--activation_checkpointing recomputes blocks in the backward: the same losses, gradients, and
+    state after the step (BatchNorm running statistics, spectral norm's u and v advance once)."""
+    torch.manual_seed(0)
+    opt = tiny_opt(*EVERY_LOSS, *SMALL_D, "--backend", "cpu" if ck.backend_names() else "reference")
+    opt.PONO = pono  # without PONO the SPADE layers hold BatchNorms
+    plain = Pix2PixModel(opt).double()
+    recomputing = copy.deepcopy(plain)
+    switched = [m for m in recomputing.modules() if hasattr(m, "recompute")]
+    assert len(switched) > 20
+    for m in switched:
+        m.recompute = True
+    data = batch(opt, B=1, dtype=torch.float64)
+    results = [_losses_and_grads(model, data) for model in (plain, recomputing)]
+    (losses, grads, d_grads), (r_losses, r_grads, r_d_grads) = results
+    assert losses.keys() == r_losses.keys()
+    for k in losses:
+        torch.testing.assert_close(r_losses[k], losses[k], rtol=1e-12, atol=1e-12, msg=k)
+    for a, b in zip([*grads, *d_grads], [*r_grads, *r_d_grads]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+    state, r_state = plain.state_dict(), recomputing.state_dict()
+    advanced = [k for k in state if k.endswith(("running_mean", "_u", "num_batches_tracked"))]
+    assert advanced and (pono or any(k.endswith("running_mean") for k in advanced))
+    for k in state:
+        torch.testing.assert_close(r_state[k], state[k], rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("recipe", ["celebahq", "celebahqedge", "deepfashion"])
 def test_recipes_step(recipe):
     opt = tiny_opt(*SMALL_D, recipe=recipe, label_nc="4")

@@ -157,6 +157,22 @@ def test_nonfinite_loss_skips_then_stops(tmp_path, caplog):
         assert torch.equal(g_before[n], p), f"{n} changed although every G step was skipped"
 
 
+def test_out_of_memory_says_what_to_try(tmp_path, caplog):
+    from cocosnet.train import main
+
+    class HungryModel(TinyModel):
+        def forward(self, data, mode, GforD=None):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_args(tmp_path, "--backend", "reference"), model_factory=HungryModel)
+    assert exit_info.value.code == 4
+    assert "out of memory at --crop_size 32, batch 2: CUDA out of memory. Tried to allocate 4.00 GiB" in caplog.text
+    for hint in ("--activation_checkpointing", "--amp bf16", "smaller --batchSize than 2", "a fused --backend",
+                 "--continue_train"):
+        assert hint in caplog.text
+
+
 def test_train_cli_help(capsys):
     from cocosnet.train import main
     with pytest.raises(SystemExit) as e:
