@@ -211,7 +211,8 @@ def table(results: list[dict]) -> list[str]:
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
-    how = "traced on value-less tensors (see the module docstring)" if meta["trace"] else "measured"
+    how = ("traced on value-less tensors (see the module docstring; `cpu` stands for every fused backend, "
+           "which allocate the same tensors outside their kernels)" if meta["trace"] else "measured")
     lines = [f"# One CoCosNet training step (ADE20K recipe, batch {meta['batch']}): {meta['device_name']}", "",
              f"`{meta['command']}` -- {meta['date']}, torch {meta['torch_version']}, {how}"
              + ("" if meta["trace"] else f", memory cap {meta['memory_cap_gb']} GiB") + ".", "",
