@@ -16,7 +16,8 @@ Phases, each in its own process so that each sets up Triton as it needs:
                materialised PyTorch path at the same precision, plus an absolute floor of 1e-5
                (FlashAttention's criterion);
   3. timing:   forward and forward+backward of the materialised reference, scaled_dot_product_
-               attention on pre-normalised features (each SDPA backend that accepts the input) and
+               attention with each SDPA backend (benchmarks/bench_correspondence_warp.py's wrappers:
+               prologue included, value padded for the flash / efficient kernels) and
                the triton and cuda backends, at 64^2, 128^2, 256^2 grids, C=256, Cv=3 and 48,
                batch 4, in float32 and bfloat16: median time (triton.testing.do_bench), peak memory
                beyond the inputs (torch.cuda.max_memory_allocated), TFLOP/s and the ratio to the
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import gc
 import json
 import itertools
@@ -60,6 +60,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make the benchmarks package importable
+    sys.path.insert(0, str(ROOT))
 TEMPERATURE = 0.01
 ACCURACY_MODES = {  # name: (dtype, precision= of the triton backend, torch float32 matmul precision)
     "float32-ieee": ("float32", "ieee", "highest"),
@@ -249,45 +251,12 @@ def _timer(torch, device):
     return bench
 
 
-def _fused_warp(ck, backend, q, k, v):
-    return ck.correspondence_warp(q, k, v, TEMPERATURE, backend=backend)
+def _timed_impls() -> tuple[str, ...]:
+    """What phase 3 times: the benchmark suite's implementations (benchmarks/bench_correspondence_warp.py:
+    the same SDPA wrappers, prologue included, value padded where the name says)."""
+    from benchmarks.bench_correspondence_warp import SDPA_IMPLS
 
-
-def _impls(torch, ck, dtype_name):
-    """name -> callable(q, k, v) giving out (B, Cv, H, W); SDPA gets features normalised beforehand."""
-    import torch.nn.functional as F
-
-    impls = {
-        "reference": lambda q, k, v: ck.correspondence_warp(q, k, v, TEMPERATURE, backend="reference"),
-        **{name: functools.partial(_fused_warp, ck, name) for name in FUSED_GPU},
-    }
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return impls
-
-    def sdpa(which):
-        def run(qh, kh, v):
-            B, Cv, H, W = v.shape
-            vh = v.reshape(B, 1, Cv, -1).transpose(2, 3)
-            with sdpa_kernel([which]):
-                out = F.scaled_dot_product_attention(qh, kh, vh, scale=1.0 / TEMPERATURE)
-            return out.transpose(2, 3).reshape(B, Cv, H, W)
-        run.prenormalised = True
-        return run
-
-    for which in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
-        if hasattr(SDPBackend, which):
-            impls[f"sdpa-{which.lower().removesuffix('_attention')}"] = sdpa(getattr(SDPBackend, which))
-    return impls
-
-
-def _prenormalise(ck, x):
-    """(B, C, H, W) -> (B, 1, N, C): the prologue done once, outside SDPA's timing."""
-    from cocos_kernels.features import normalize_features
-
-    f = normalize_features(x.detach(), "channel", True, 1, ck.DEFAULT_EPS)
-    return f.transpose(1, 2).unsqueeze(1).contiguous().requires_grad_(x.requires_grad)
+    return ("reference", *FUSED_GPU, *SDPA_IMPLS)
 
 
 def _truth(torch, ck, q, k, v):
@@ -309,6 +278,9 @@ def _truth(torch, ck, q, k, v):
 
 
 def timing_phase(args) -> list[dict]:
+    from benchmarks.bench_correspondence_warp import implementation
+    from benchmarks.harness import Refused
+
     torch, ck, device = _setup(args.dry_run)
     bench = _timer(torch, device)
     started = args.started or time.time()
@@ -329,21 +301,20 @@ def timing_phase(args) -> list[dict]:
         if (dtype_name, cv, side) not in truths and time.time() - started <= args.budget_s:
             truths[dtype_name, cv, side] = _truth(torch, ck, q, k, v)  # same seed: same inputs in both modes
         expected = truths.get((dtype_name, cv, side))
-        for name, impl in _impls(torch, ck, dtype_name).items():
+        for name in _timed_impls():
             row = {"impl": name, "dtype": dtype_name, "side": side, "value_channels": cv, "mode": mode,
                    "batch": B, "channels": C}
             rows.append(row)
             if time.time() - started > args.budget_s:
                 row["status"] = "skipped: time budget"
                 continue
-            if name in FUSED_GPU and (reason := ck.BACKENDS[name].refusal(device, dtype)) is not None:
-                row["status"] = f"skipped: {reason}"
+            try:
+                impl = implementation(name, device, dtype)
+            except Refused as e:
+                row["status"] = f"skipped: {e}"
                 continue
             backward = mode == "forward+backward"
-            if getattr(impl, "prenormalised", False):
-                inputs = [_prenormalise(ck, t.requires_grad_(backward)) for t in (q, k)] + [v.detach().requires_grad_(backward)]
-            else:
-                inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+            inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
 
             def step():
                 if backward:
@@ -368,7 +339,7 @@ def timing_phase(args) -> list[dict]:
                 message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
                 if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
                     row["status"] = "OOM"
-                elif name.startswith("sdpa") and isinstance(e, RuntimeError):  # a backend refusing the input
+                elif isinstance(e, Refused):  # an SDPA kernel declining these inputs, with torch's reasons
                     row["status"] = "unsupported"
                 else:
                     row["status"] = f"FAILED: {type(e).__name__}: {message}"
@@ -664,8 +635,9 @@ def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: lis
     lines += _accuracy_table(accuracy, (("out", "out"), ("grad query", "dq"), ("grad key", "dk"), ("grad value", "dv")))
     lines += ["", "## Timing (C=%s, batch %s)" % (meta["channels"], meta["batch"]), "",
               "Median of triton.testing.do_bench; peak = max_memory_allocated beyond the inputs; TFLOP/s counts "
-              "2*Nq*Nk*(C+Cv) per forward, 3.5x that per forward+backward; SDPA runs on features normalised "
-              "beforehand (its prologue is not timed); error: max |out - float32 reference| / max(1, max |ref|).", "",
+              "2*Nq*Nk*(C+Cv) per forward, 3.5x that per forward+backward; SDPA runs as in benchmarks/ (the "
+              "PyTorch prologue included; -pad-8 / -pad-C: the value zero-padded to suit the kernel); "
+              "error: max |out - float32 reference| / max(1, max |ref|).", "",
               "| dtype | Cv | grid | mode | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | error vs fp32 | status |",
               "|" + "---|" * 11]
     ref = {(r["dtype"], r["value_channels"], r["side"], r["mode"]): r for r in timing
