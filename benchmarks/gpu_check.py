@@ -1,6 +1,6 @@
 """GPU check of the fused GPU backends (triton, cuda): tests, accuracy per precision, timings.
 
-    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU, ~8 min on an H100
+    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU: at most ~9.5 min (--deadline-s)
     python benchmarks/gpu_check.py --dry-run    # CPU smoke run of the same code (Triton interpreter)
 
 Phases, each in its own process so that each sets up Triton as it needs:
@@ -43,6 +43,9 @@ FLOPs: a forward counts 2 * Nq * Nk * (C + Cv) per batch element (scores and val
 forward+backward counts 3.5x that (the backward recomputes the scores and does four products).
 The timing phase stops starting new measurements after --budget-s seconds of the whole run, so
 a slow card still finishes (the rows it skipped say so); the most important rows go first.
+Deadline: no phase or measurement starts after --deadline-s seconds of the whole run (default 540,
+under the device tool's 600 s per command), each phase's time limit is cut to what is left, and the
+report is rewritten after every phase: a run stopped from outside still leaves what it finished.
 """
 from __future__ import annotations
 
@@ -116,7 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="start no training-step config after this many seconds of its phase (0: skip the phase)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--phase", choices=["accuracy", "timing", "contextual", "train_step"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
+    p.add_argument("--deadline-s", type=float, default=540.0,
+                   help="start nothing after this many seconds of the whole run; the report is written after "
+                        "every phase")
     p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--deadline", type=float, default=math.inf, help=argparse.SUPPRESS)  # absolute, for phases
     return p
 
 
@@ -135,6 +142,7 @@ TRAIN_STEP_CONFIGS = {  # (side, impl, activation checkpointing)
     "dry": ((64, "reference", False), (64, "fused", True)),
 }
 TRAIN_STEP_CAP_GB = 80.0
+DEADLINE_GRACE_S = 30.0  # past --deadline-s: a running measurement may finish, then the phase is killed
 # contextual_loss: VGG-19 layer -> (channels, image side / feature side), as CoCosNet uses them.
 CONTEXTUAL_LAYERS = {"relu2_2": (128, 2), "relu3_2": (256, 4), "relu4_2": (512, 8), "relu5_2": (512, 16)}
 CONTEXTUAL_BANDWIDTH = 0.1
@@ -298,14 +306,14 @@ def timing_phase(args) -> list[dict]:
         q, k = (torch.randn(B, C, side, side, generator=g).to(device, dtype) for _ in range(2))
         v = torch.rand(B, cv, side, side, generator=g).to(device, dtype)
         grad = torch.randn(B, cv, side, side, generator=g).to(device, dtype)
-        if (dtype_name, cv, side) not in truths and time.time() - started <= args.budget_s:
+        if (dtype_name, cv, side) not in truths and _within(started, args.budget_s, args.deadline):
             truths[dtype_name, cv, side] = _truth(torch, ck, q, k, v)  # same seed: same inputs in both modes
         expected = truths.get((dtype_name, cv, side))
         for name in _timed_impls():
             row = {"impl": name, "dtype": dtype_name, "side": side, "value_channels": cv, "mode": mode,
                    "batch": B, "channels": C}
             rows.append(row)
-            if time.time() - started > args.budget_s:
+            if not _within(started, args.budget_s, args.deadline):
                 row["status"] = "skipped: time budget"
                 continue
             try:
@@ -425,7 +433,7 @@ def _contextual_timing(args, torch, ck, device) -> list[dict]:
             row = {"impl": impl, "image": image, "layer": layer, "channels": channels, "side": side,
                    "dtype": "float32", "batch": 1, "mode": "forward+backward"}
             rows.append(row)
-            left = args.contextual_budget_s - (time.time() - started)
+            left = min(args.contextual_budget_s - (time.time() - started), args.deadline - time.time())
             if impl != "reference" and (reason := _contextual_refusal(ck, impl, device, torch.float32)) is not None:
                 row["status"] = f"skipped: {reason}"
                 continue
@@ -488,11 +496,12 @@ def train_step_phase(args) -> list[dict]:
         impl = impl.replace("fused", "cpu" if args.dry_run else "triton")
         config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward", "batch": 1,
                   "device": "cpu" if args.dry_run else "cuda", "activation_checkpointing": ckpt}
-        if time.time() - started > args.train_step_budget_s:
+        if not _within(started, args.train_step_budget_s, args.deadline):
             rows.append({**config, "status": "skipped: time budget", "peak_bytes": None})
             continue
+        timeout = max(10.0, min(600.0, args.deadline - time.time()))
         rows.append({**measure({**config, "repeats": 1 if args.dry_run else 2, "warmup": 0, "memory_cap_gb": cap,
-                                "timeout_s": 600.0}), "activation_checkpointing": ckpt, "memory_cap_gb": cap})
+                                "timeout_s": timeout}), "activation_checkpointing": ckpt, "memory_cap_gb": cap})
     return rows
 
 
@@ -529,8 +538,15 @@ def matmul_rate(args) -> float | None:
 
 # ----------------------------------------------------------------------------- driver and report
 
+def _within(started: float, budget_s: float, deadline: float) -> bool:
+    now = time.time()
+    return now - started <= budget_s and now < deadline
+
+
 def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(started)]
+    deadline = started + args.deadline_s
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(started),
+           "--deadline", str(deadline)]
     for flag in ("sides", "accuracy_sides", "value_channels", "dtypes"):
         cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
     cmd += ["--contextual-images", *map(str, args.contextual_images)]
@@ -539,7 +555,11 @@ def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, 
             str(args.train_step_budget_s)]
     if args.dry_run:
         cmd.append("--dry-run")
-    proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True)
+    try:  # the phase stops starting work at the deadline; its last measurement gets a grace period
+        proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True,
+                              timeout=deadline - time.time() + DEADLINE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        return [], f"phase {phase} killed {DEADLINE_GRACE_S:.0f} s after the deadline"
     sys.stderr.write(proc.stderr[-4000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -547,27 +567,32 @@ def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, 
     return json.loads(lines[-1])["rows"], ""
 
 
-def _build_cuda(args) -> dict:
+def _build_cuda(args, deadline: float) -> dict:
     """Phase 0: build (or load the cached build of) the CUDA extension, in its own process."""
     begin = time.time()
     code = "from cocos_kernels import cuda; cuda.extension()"
+    limit = max(1.0, min(args.build_timeout_s, deadline - begin))
     try:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_environment(False, autotune=False),
-                              capture_output=True, text=True, timeout=args.build_timeout_s)
+                              capture_output=True, text=True, timeout=limit)
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
     except subprocess.TimeoutExpired:
-        status, tail = f"FAILED (over {args.build_timeout_s:.0f} s)", ""
+        status, tail = f"FAILED (over {limit:.0f} s)", ""
     print(f"gpu_check: cuda build {status} ({time.time() - begin:.0f} s)", flush=True)
     return {"status": status, "seconds": time.time() - begin, "tail": tail}
 
 
 def _card(dry_run: bool) -> str:
+    """The card's name, asked in a child process: this one holds no CUDA context (its memory would
+    count against the phases' measurements)."""
     if dry_run:
         return "cpu-dry-run"
-    import torch
-
-    return torch.cuda.get_device_name()
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_check: no CUDA device: {proc.stderr.strip()[-300:]}")
+    return proc.stdout.strip()
 
 
 def _fmt(x, spec):
@@ -623,10 +648,15 @@ def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: lis
              train_step: list = ()) -> str:
     lines = [f"# correspondence_warp GPU check: {meta['card']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · "
-             f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", "",
-             f"## CUDA build\n\n**{meta.get('cuda_build', {}).get('status', 'not run')}** "
-             f"({_fmt(meta.get('cuda_build', {}).get('seconds'), '.0f')} s)", "",
-             f"## Tests\n\n`{tests['command']}`: **{tests['status']}**", ""]
+             f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", ""]
+    if meta.get("phases_done", "all phases") != "all phases":
+        lines += [f"**Partial report**, written after the {meta['phases_done']} phase (the run may still be going, "
+                  "or was stopped).", ""]
+    if meta.get("not_run"):
+        lines += [f"Not run (past the --deadline-s): {', '.join(meta['not_run'])}.", ""]
+    lines += [f"## CUDA build\n\n**{meta.get('cuda_build', {}).get('status', 'not run')}** "
+              f"({_fmt(meta.get('cuda_build', {}).get('seconds'), '.0f')} s)", "",
+              f"## Tests\n\n`{tests['command']}`: **{tests['status']}**", ""]
     if tests.get("tail"):
         lines += ["```", tests["tail"], "```", ""]
     lines += ["## Accuracy against float64 (temperature 0.01, C=%s, Cv=48, batch 1)" % meta["channels"], "",
@@ -694,66 +724,73 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.time()
-    failures = []
-    cuda_build = {"status": "skipped (dry run)"} if args.dry_run else _build_cuda(args)
+    deadline = started + args.deadline_s
+    card = _card(args.dry_run)
+    stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    failures, not_run = [], []  # not_run: phases past the deadline
+    results = {"tests": {"command": f"pytest {' '.join(args.test_paths)} --device cuda -q", "status": "skipped"},
+               "accuracy": [], "timing": [], "contextual_loss": [], "train_step": []}
+
+    def report(done: str, bf16_rate=None) -> list[str]:
+        """(Re)write the report with every phase so far: a run stopped later still leaves these."""
+        import torch
+        import triton
+
+        meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
+                "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started,
+                "failures": failures, "cuda_build": cuda_build, "phases_done": done, "not_run": not_run}
+        targets = _targets(results["timing"], bf16_rate) + _train_step_targets(results["train_step"])
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, **results, "targets": targets},
+                                                              indent=1))
+        (args.out_dir / f"{stem}.md").write_text(markdown(
+            meta, results["tests"], results["accuracy"], results["timing"], targets, results["contextual_loss"],
+            results["train_step"]))
+        print(f"gpu_check: {done} done ({meta['wall_s']:.0f} s); wrote {args.out_dir / stem}.md and .json",
+              flush=True)
+        return targets
+
+    cuda_build = {"status": "skipped (dry run)"} if args.dry_run else _build_cuda(args, deadline)
     if cuda_build["status"] != "ok" and not args.dry_run:
         failures.append(f"cuda build: {cuda_build['status']}")
         os.environ["COCOS_KERNELS_CUDA_BUILD"] = "0"  # the phases skip "cuda" with this reason, no retries
-    tests = {"command": f"pytest {' '.join(args.test_paths)} --device cuda -q", "status": "skipped"}
+    report("build")
+    tests = results["tests"]
     if not (args.skip_tests or args.dry_run):
+        limit = min(args.test_timeout_s, deadline - time.time())
         cmd = [sys.executable, "-m", "pytest", *args.test_paths, "--device", "cuda", "-q", "-p", "no:cacheprovider"]
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=_environment(False, autotune=False), capture_output=True,
-                                  text=True, timeout=args.test_timeout_s)
+                                  text=True, timeout=max(limit, 1.0))
             tests.update(status="passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})",
                          tail="\n".join(proc.stdout.strip().splitlines()[-15:]))
         except subprocess.TimeoutExpired:
-            tests.update(status=f"FAILED (over {args.test_timeout_s:.0f} s)")
-        print(f"gpu_check: tests {tests['status']} ({time.time() - started:.0f} s)", flush=True)
+            tests.update(status=f"FAILED (over {limit:.0f} s)")
         if tests["status"] != "passed":
             failures.append("tests")
+        report("tests")
 
     # Accuracy with one fixed config (no autotuning: it would time configs per precision for nothing).
-    accuracy, problem = _run_phase(args, "accuracy", autotune=False, started=started)
-    failures += [problem] if problem else []
-    failures += [f"accuracy {r['backend']} {r['mode']} {r['side']}^2: {r['status']}" for r in accuracy
-                 if r["status"].startswith("FAILED")]
-    print(f"gpu_check: accuracy done ({time.time() - started:.0f} s)", flush=True)
-    timing, problem = _run_phase(args, "timing", autotune=True, started=started)
-    failures += [problem] if problem else []
-    failures += [f"timing {r['impl']} {r['dtype']} {r['side']}^2 {r['mode']}: {r['status']}" for r in timing
-                 if r.get("status", "").startswith("FAILED")]
-    print(f"gpu_check: timing done ({time.time() - started:.0f} s)", flush=True)
-    contextual, problem = _run_phase(args, "contextual", autotune=True, started=started)
-    failures += [problem] if problem else []
-    failures += [f"contextual_loss {r['part']} {r.get('backend', r.get('impl'))} {r['side']}^2: {r['status']}"
-                 for r in contextual if r.get("status", "").startswith("FAILED")]
-
-    train_step = []
-    if args.train_step_budget_s > 0:
-        train_step, problem = _run_phase(args, "train_step", autotune=False, started=started)
+    phases = [("accuracy", "accuracy", False, lambda r: f"accuracy {r['backend']} {r['mode']} {r['side']}^2"),
+              ("timing", "timing", True, lambda r: f"timing {r['impl']} {r['dtype']} {r['side']}^2 {r['mode']}"),
+              ("contextual", "contextual_loss", True,
+               lambda r: f"contextual_loss {r['part']} {r.get('backend', r.get('impl'))} {r['side']}^2"),
+              ("train_step", "train_step", False, lambda r: f"train step {r['impl']} {r['side']} px")]
+    for phase, key, autotune, label in phases:
+        if phase == "train_step" and args.train_step_budget_s <= 0:
+            continue
+        if time.time() >= deadline:
+            not_run.append(phase)
+            continue
+        rows, problem = _run_phase(args, phase, autotune=autotune, started=started)
+        results[key] = rows
         failures += [problem] if problem else []
-        failures += [f"train step {r['impl']} {r['side']} px: {r['status']}: {r.get('error')}" for r in train_step
-                     if r.get("status") == "error"]
-        print(f"gpu_check: train step done ({time.time() - started:.0f} s)", flush=True)
+        failures += [f"{label(r)}: {r['status']}" for r in rows
+                     if r.get("status", "").startswith("FAILED") or r.get("status") == "error"]
+        report(phase)
 
-    import torch
-    import triton
-
-    card = _card(args.dry_run)
-    bf16_rate = matmul_rate(args)
-    meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
-            "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started, "failures": failures,
-            "cuda_build": cuda_build}
-    targets = _targets(timing, bf16_rate) + (_train_step_targets(train_step) if train_step else [])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"meta": meta, "tests": tests, "accuracy": accuracy, "timing": timing, "targets": targets,
-         "contextual_loss": contextual, "train_step": train_step}, indent=1))
-    (args.out_dir / f"{stem}.md").write_text(markdown(meta, tests, accuracy, timing, targets, contextual, train_step))
-    print(f"gpu_check: wrote {args.out_dir / stem}.md and .json ({meta['wall_s']:.0f} s)")
+    targets = report("all phases", bf16_rate=matmul_rate(args))
     for t in targets:
         print("  target:", t)
     if failures:

@@ -11,8 +11,8 @@ precedence: those defaults, the dataset's defaults (`--dataset_mode`: label_nc, 
 the command line gives explicitly. It then fills the derived fields (`isTrain`, `semantic_nc`,
 `down`) and checks the values.
 
-A recipe's store_true flags (e.g. `--maskmix`) become defaults that the command line cannot unset:
-to drop one, leave out `--recipe` and give the flags you want.
+A recipe's (or a dataset's) on/off flags are defaults too: `--unset PONO maskmix` turns flags off
+after them.
 """
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ def _base(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="per-dataset preset: the flags of the reference's command for that dataset "
                         "(explicit command-line values still win)")
+    g.add_argument("--unset", nargs="+", default=[], metavar="FLAG",
+                   help="on/off flags to turn off after the --recipe and --dataset_mode defaults, by name "
+                        "without dashes (e.g. --unset PONO maskmix)")
     g.add_argument("--backend", choices=ck.backend_names(), default="auto",
                    help="cocos_kernels backend for every HW x HW computation (correspondence, the generator's "
                         "attention, the contextual loss); 'reference' is the materialised baseline")
@@ -221,6 +224,11 @@ def parse(args: list[str] | None = None, mode: str = "train") -> argparse.Namesp
     # A recipe's training-only values (weight_mask, niter, ...) land in a test namespace unused.
     parser.set_defaults(**defaults)
     opt = parser.parse_args(args)
+    flags = {a.dest for a in parser._actions if isinstance(a, argparse._StoreTrueAction)}
+    for name in opt.unset:
+        if name not in flags:
+            raise ValueError(f"--unset {name}: not an on/off flag of this tool (flags: {', '.join(sorted(flags))})")
+        setattr(opt, name, False)
     return finish(opt, mode)
 
 

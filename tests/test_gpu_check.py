@@ -72,3 +72,12 @@ def test_train_step_targets_and_table():
     text = "\n".join(gpu_check._train_step_markdown(rows))
     assert "| 512 | triton | on | ok | 3.00 | 5.00 | 1.30 |" in text and "| 1024 | triton | off | OOM | OOM | - | - |" in text
     assert gpu_check.TRAIN_STEP_CONFIGS["gpu"][:2] == ((512, "reference", False), (512, "fused", True))
+
+
+def test_partial_report_says_what_did_not_run():
+    assert gpu_check._parser().parse_args([]).deadline_s == 540.0  # under the device tool's 600 s per command
+    meta = dict(card="NVIDIA H200", date="today", torch="2", triton="3", bf16_matmul_tflops=None, channels=256,
+                batch=4, wall_s=541.0, phases_done="timing", not_run=["contextual", "train_step"])
+    text = gpu_check.markdown(meta, {"command": "pytest", "status": "passed"}, [], [], ["(not measured)"])
+    assert "**Partial report**, written after the timing phase" in text
+    assert "Not run (past the --deadline-s): contextual, train_step." in text

@@ -53,6 +53,11 @@ def test_options_recipes_and_overrides():
     assert opt.warp_patch and opt.no_flip and opt.serial_batches and not opt.isTrain and opt.load_size == 256
     opt = parse(["--dataset_mode", "celebahqedge"], mode="test")
     assert (opt.label_nc, opt.maskmix) == (15, False)
+    opt = parse(["--recipe", "ade20k", "--unset", "PONO", "maskmix"], mode="train")
+    assert not opt.PONO and not opt.maskmix and opt.PONO_C and opt.use_attention
+    assert not parse(["--recipe", "deepfashion", "--unset", "no_flip"], mode="train").no_flip
+    with pytest.raises(ValueError, match="--unset crop_size: not an on/off flag"):
+        parse(["--unset", "crop_size"], mode="train")
     assert set(RECIPES) == {"ade20k", "celebahq", "celebahqedge", "deepfashion"}
 
 
@@ -298,8 +303,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(pono):
     """--activation_checkpointing recomputes blocks in the backward: the same losses, gradients, and
     state after the step (BatchNorm running statistics, spectral norm's u and v advance once)."""
     torch.manual_seed(0)
-    opt = tiny_opt(*EVERY_LOSS, *SMALL_D, "--backend", "reference")  # the HW x HW ops sit outside the blocks
-    opt.PONO = pono  # without PONO the SPADE layers hold BatchNorms
+    # Without PONO the SPADE layers hold BatchNorms; the HW x HW ops sit outside the blocks.
+    opt = tiny_opt(*EVERY_LOSS, *SMALL_D, "--backend", "reference", *([] if pono else ["--unset", "PONO"]))
+    assert opt.PONO == pono
     plain = Pix2PixModel(opt).double()
     recomputing = copy.deepcopy(plain)
     switched = [m for m in recomputing.modules() if hasattr(m, "recompute")]
