@@ -182,6 +182,7 @@ def test_train_cli_help(capsys):
 
 
 DDP_DRIVER = """
+import os
 import sys
 sys.path.insert(0, {here!r})
 import torch
@@ -189,7 +190,19 @@ import torch.distributed as dist
 from test_train import TinyModel
 from cocosnet.options import parse
 from cocosnet.trainer import Trainer
-t = Trainer(parse(sys.argv[1:], mode="train"), TinyModel)
+
+class Model(TinyModel):
+    generator_calls = 0
+
+    def forward(self, data, mode, GforD=None):
+        out = super().forward(data, mode, GforD)
+        if mode == "generator":
+            Model.generator_calls += 1
+            if os.environ.get("NAN_ON_RANK_1") and dist.get_rank() == 1 and Model.generator_calls == 3:
+                out[0]["L1"] = out[0]["L1"] * float("nan")
+        return out
+
+t = Trainer(parse(sys.argv[1:], mode="train"), Model)
 t.train()
 flat = torch.cat([p.detach().flatten() for p in t.model.parameters()])
 ranks = [None] * t.world_size
@@ -201,18 +214,24 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.slow  # about 40 s on 2 busy cores: three processes import torch
-def test_ddp_two_cpu_processes_with_gloo(tmp_path):
-    """torchrun, 2 processes, gloo: every rank ends with the same weights; the state records both RNGs."""
+@pytest.mark.slow  # about 40 s on 2 busy cores each: three processes import torch
+@pytest.mark.parametrize("nan_on_rank_1", [False, True], ids=["finite", "nan-on-one-rank"])
+def test_ddp_two_cpu_processes_with_gloo(tmp_path, nan_on_rank_1):
+    """torchrun, 2 processes, gloo: every rank ends with the same weights; the state records both RNGs.
+    A NaN loss on one rank makes every rank skip that update (else the replicas would diverge)."""
     (tmp_path / "ddp.py").write_text(DDP_DRIVER.format(here=str(Path(__file__).resolve().parent)))
     args = tiny_args(tmp_path, "--no_tensorboard", "--batchSize", "1", "--niter", "1", "--niter_decay", "0")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **({"NAN_ON_RANK_1": "1"} if nan_on_rank_1 else {}))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(tmp_path / "ddp.py"), *args],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     # 16 scenes, batch 1 per rank, 2 ranks: 8 iterations per epoch.
     assert "REPLICAS_EQUAL 8 2" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    skipped = out.stderr.count("step 2: skipped the generator update: non-finite loss")
+    assert skipped == (2 if nan_on_rank_1 else 0), out.stderr[-3000:]
+    if nan_on_rank_1:  # rank 1 names its loss, rank 0 says why it skips too
+        assert "L1=nan" in out.stderr and "non-finite loss on another rank" in out.stderr, out.stderr[-3000:]
     from cocosnet.checkpoint import CheckpointManager
     state, _ = CheckpointManager(tmp_path / "tiny" / "state").latest()
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and state["step"] == 8
