@@ -172,9 +172,18 @@ def _gib(x) -> str:
     return f"{x / 2**30:.2f}"
 
 
+def total_bytes(r: dict) -> int:
+    """A measured config's total: the step's peak plus the weights, buffers and Adam's moments."""
+    return r["peak_bytes"] + (r.get("baseline_bytes") or 0)
+
+
+def label(r: dict) -> str:
+    return f"{r['impl']}{' + checkpointing' if r['activation_checkpointing'] else ''}"
+
+
 def row(r: dict) -> str:
     ok = r["status"] == "ok"
-    total = _gib(r["peak_bytes"] + r["baseline_bytes"]) if ok and r.get("baseline_bytes") is not None else "-"
+    total = _gib(total_bytes(r)) if ok and r.get("baseline_bytes") is not None else "-"
     t = f"{r['time_median_s']:.2f}" if ok and r.get("time_median_s") else "-"
     return (f"| {r['side']} | {r['impl']} | {'on' if r['activation_checkpointing'] else 'off'} | {r['status']} | "
             f"{_gib(r['peak_bytes']) if ok else r['status']} | {total} | {t} |")
@@ -184,22 +193,18 @@ def comparisons(results: list[dict], memory_cap_gb: float) -> list[str]:
     """Each fused config against the materialised step without checkpointing (the reference code's)."""
     lines = []
     by = {(r["side"], r["impl"], r["activation_checkpointing"]): r for r in results}
-
-    def total(r):
-        return r["peak_bytes"] + (r.get("baseline_bytes") or 0)
     for (side, impl, ckpt), r in by.items():
         ref = by.get((side, "reference", False))
         if impl == "reference" and not ckpt or r["status"] != "ok" or ref is None:
             continue
-        label = f"{impl}{' + checkpointing' if ckpt else ''}"
         if ref["status"] == "ok":
             time = (f", {r['time_median_s'] / ref['time_median_s']:.2f}x its time"
                     if r.get("time_median_s") and ref.get("time_median_s") else "")
-            lines.append(f"{side} px: {label} needs {total(r) / total(ref):.2f}x the materialised step's total "
-                         f"({_gib(total(r))} vs {_gib(total(ref))} GiB){time}")
+            lines.append(f"{side} px: {label(r)} needs {total_bytes(r) / total_bytes(ref):.2f}x the materialised "
+                         f"step's total ({_gib(total_bytes(r))} vs {_gib(total_bytes(ref))} GiB){time}")
         elif ref["status"] == "OOM":
             lines.append(f"{side} px: the materialised step does not fit in {memory_cap_gb:g} GiB; "
-                         f"{label} needs {_gib(total(r))} GiB in total")
+                         f"{label(r)} needs {_gib(total_bytes(r))} GiB in total")
     return lines
 
 

@@ -123,7 +123,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="start nothing after this many seconds of the whole run; the report is written after "
                         "every phase")
     p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deadline", type=float, default=math.inf, help=argparse.SUPPRESS)  # absolute, for phases
     return p
 
 
@@ -306,14 +305,14 @@ def timing_phase(args) -> list[dict]:
         q, k = (torch.randn(B, C, side, side, generator=g).to(device, dtype) for _ in range(2))
         v = torch.rand(B, cv, side, side, generator=g).to(device, dtype)
         grad = torch.randn(B, cv, side, side, generator=g).to(device, dtype)
-        if (dtype_name, cv, side) not in truths and _within(started, args.budget_s, args.deadline):
+        if (dtype_name, cv, side) not in truths and _within(started, args.budget_s, _deadline(args)):
             truths[dtype_name, cv, side] = _truth(torch, ck, q, k, v)  # same seed: same inputs in both modes
         expected = truths.get((dtype_name, cv, side))
         for name in _timed_impls():
             row = {"impl": name, "dtype": dtype_name, "side": side, "value_channels": cv, "mode": mode,
                    "batch": B, "channels": C}
             rows.append(row)
-            if not _within(started, args.budget_s, args.deadline):
+            if not _within(started, args.budget_s, _deadline(args)):
                 row["status"] = "skipped: time budget"
                 continue
             try:
@@ -433,7 +432,7 @@ def _contextual_timing(args, torch, ck, device) -> list[dict]:
             row = {"impl": impl, "image": image, "layer": layer, "channels": channels, "side": side,
                    "dtype": "float32", "batch": 1, "mode": "forward+backward"}
             rows.append(row)
-            left = min(args.contextual_budget_s - (time.time() - started), args.deadline - time.time())
+            left = min(args.contextual_budget_s - (time.time() - started), _deadline(args) - time.time())
             if impl != "reference" and (reason := _contextual_refusal(ck, impl, device, torch.float32)) is not None:
                 row["status"] = f"skipped: {reason}"
                 continue
@@ -496,30 +495,31 @@ def train_step_phase(args) -> list[dict]:
         impl = impl.replace("fused", "cpu" if args.dry_run else "triton")
         config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward", "batch": 1,
                   "device": "cpu" if args.dry_run else "cuda", "activation_checkpointing": ckpt}
-        if not _within(started, args.train_step_budget_s, args.deadline):
+        if not _within(started, args.train_step_budget_s, _deadline(args)):
             rows.append({**config, "status": "skipped: time budget", "peak_bytes": None})
             continue
-        timeout = max(10.0, min(600.0, args.deadline - time.time()))
+        timeout = max(10.0, min(600.0, _deadline(args) - time.time()))
         rows.append({**measure({**config, "repeats": 1 if args.dry_run else 2, "warmup": 0, "memory_cap_gb": cap,
                                 "timeout_s": timeout}), "activation_checkpointing": ckpt, "memory_cap_gb": cap})
     return rows
 
 
 def _train_step_targets(rows: list) -> list[str]:
+    from benchmarks.bench_train_step import label, total_bytes
+
     ok = {(r["side"], r["impl"], r["activation_checkpointing"]): r for r in rows if r.get("status") == "ok"}
     out = []
     ref = ok.get((512, "reference", False))
-    for (side, impl, ckpt), r in sorted(ok.items()):
+    for (side, impl, _), r in sorted(ok.items()):
         if impl == "reference":
             continue
-        total = r["peak_bytes"] + r["baseline_bytes"]
-        label = f"{impl}{' + checkpointing' if ckpt else ''}"
+        total = total_bytes(r)
         if side == 512 and ref:
-            share = total / (ref["peak_bytes"] + ref["baseline_bytes"])
-            out.append(f"512 px train step: {label} total {share:.2f}x the materialised one's (target < 0.25): "
+            share = total / total_bytes(ref)
+            out.append(f"512 px train step: {label(r)} total {share:.2f}x the materialised one's (target < 0.25): "
                        f"{'met' if share < 0.25 else 'NOT met'}")
         if side == 1024:
-            out.append(f"1024 px train step: {label} total {total / 2**30:.1f} GiB (target: fits in 80 GiB): "
+            out.append(f"1024 px train step: {label(r)} total {total / 2**30:.1f} GiB (target: fits in 80 GiB): "
                        f"{'met' if total < 80 * 2**30 else 'NOT met'}")
     return out
 
@@ -538,15 +538,20 @@ def matmul_rate(args) -> float | None:
 
 # ----------------------------------------------------------------------------- driver and report
 
+def _deadline(args) -> float:
+    """The epoch second after which nothing starts (in a phase process too: it gets --started)."""
+    return (args.started or time.time()) + args.deadline_s
+
+
 def _within(started: float, budget_s: float, deadline: float) -> bool:
     now = time.time()
     return now - started <= budget_s and now < deadline
 
 
-def _run_phase(args, phase: str, autotune: bool, started: float) -> tuple[list, str]:
-    deadline = started + args.deadline_s
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(started),
-           "--deadline", str(deadline)]
+def _run_phase(args, phase: str, autotune: bool) -> tuple[list, str]:
+    deadline = _deadline(args)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(args.started),
+           "--deadline-s", str(args.deadline_s)]
     for flag in ("sides", "accuracy_sides", "value_channels", "dtypes"):
         cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
     cmd += ["--contextual-images", *map(str, args.contextual_images)]
@@ -723,8 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"rows": rows}))
         return 0
 
-    started = time.time()
-    deadline = started + args.deadline_s
+    started = args.started = time.time()  # the phases get it: one deadline for all
+    deadline = _deadline(args)
     card = _card(args.dry_run)
     stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     failures, not_run = [], []  # not_run: phases past the deadline
@@ -783,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         if time.time() >= deadline:
             not_run.append(phase)
             continue
-        rows, problem = _run_phase(args, phase, autotune=autotune, started=started)
+        rows, problem = _run_phase(args, phase, autotune=autotune)
         results[key] = rows
         failures += [problem] if problem else []
         failures += [f"{label(r)}: {r['status']}" for r in rows
