@@ -22,6 +22,17 @@ def device(request):
     return torch.device(name)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny problems (small convolutions, a few hundred elements):
+    on a shared 2-core machine two spinning threads wait on each other's barriers, 5-50x slower.
+    The previous setting is restored afterwards. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def skip_unless_runs(backend: str, device: torch.device, dtype: torch.dtype) -> None:
     """Skip (with the backend's own reason) where it cannot take this device/dtype."""
     reason = ck.BACKENDS[backend].refusal(device, dtype)

@@ -25,15 +25,7 @@ from conftest import assert_close, skip_unless_runs  # noqa: E402
 from test_correspondence_warp import ALL, RTOL, check_against_reference, reference64  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These problems are tiny (a few hundred elements): with two intra-op threads on a shared
-    2-core machine every op waits on a thread barrier (5x slower under load). One thread here;
-    the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def interpreted(backend, device):

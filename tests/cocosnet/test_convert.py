@@ -16,14 +16,7 @@ from cocosnet.convert import build_networks, load_reference_checkpoints
 from cocosnet.options import parse
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two spinning threads make these
-    small convolutions 10-50x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv(keys, prefix, cout, cin, k, bias=True, sn=False):

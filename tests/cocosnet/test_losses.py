@@ -6,13 +6,7 @@ import torch.nn.functional as F
 from cocosnet import losses as L
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two spinning threads are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_hinge_gan_loss_averages_scales():

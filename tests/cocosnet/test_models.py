@@ -12,14 +12,7 @@ from cocosnet.models.blocks import Attention, pono
 from cocosnet.models.vgg import CONV_INDEX, MISSING_WEIGHTS, build_vgg
 from cocosnet.options import RECIPES, build_parser, parse
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two spinning threads make these
-    small convolutions 10-50x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--ngf", "8", "--ndf", "8", "--vgg_random_init"]
