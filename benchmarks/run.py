@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.harness import MODES, measure, cpu_model, mem_total_gib
+from cocos_kernels.extras import require
 
 OPS = ("correspondence_warp", "contextual_loss")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -334,6 +335,7 @@ def _main_curve(results: list[dict]) -> dict:
 def plot(meta: dict, op: str, results: list[dict], path: Path) -> None:
     """Log-log time and peak memory against N of the main curve, one line per impl and mode;
     configs that did not run to the end are marked x at the top, their status in the legend."""
+    require("benchmark plots", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,6 +350,7 @@ def plot(meta: dict, op: str, results: list[dict], path: Path) -> None:
     def color(i):  # tab20's ten dark hues first, then their light twins
         return tab20((2 * i) % 20 + (i // 10) % 2)
     styles = {"forward": "-", "forward+backward": "--"}
+    plotted = {ax_t: False, ax_m: False}  # a log axis with no positive point makes matplotlib raise
     for i, impl in enumerate(meta["impls"][op]):
         for mode in MODES:
             line = sorted((r for r in results if r["impl"] == impl and r["mode"] == mode), key=lambda r: r["n"])
@@ -356,18 +359,23 @@ def plot(meta: dict, op: str, results: list[dict], path: Path) -> None:
             failed = [r for r in line if r["status"] not in ("ok",)]
             label = ", ".join([f"{impl} {mode}"] + [f"{r['status']} at N={r['n']}" for r in failed])
             for ax, key, scale in ((ax_t, "time_median_s", 1.0), (ax_m, "peak_bytes", 2**-20)):
-                pts = [r for r in line if r["status"] == "ok" and r[key]]
+                pts = [r for r in line if r["status"] == "ok" and r[key] and r[key] > 0]
+                plotted[ax] |= bool(pts)
                 ax.plot([r["n"] for r in pts], [r[key] * scale for r in pts], styles[mode], color=color(i),
                         marker="o", markersize=3, label=label)
                 top = blended_transform_factory(ax.transData, ax.transAxes)
                 ax.plot([r["n"] for r in failed], [0.98] * len(failed), "x", color=color(i), transform=top)
     for ax, ylabel in ((ax_t, "median time per call (s)"), (ax_m, "peak memory over baseline (MiB)")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if plotted[ax]:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no configuration finished", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("N = positions of query and key (grid side^2)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    ax_m.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if ax_m.get_legend_handles_labels()[0]:
+        ax_m.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"{op} ({', '.join(f'{k}={v}' for k, v in curve.items())}), x: did not finish (legend): "
                  f"{meta['device_name']}, torch {meta['torch_version']}", fontsize=9)
     fig.tight_layout()

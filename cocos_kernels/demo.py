@@ -21,11 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
-import cocos_kernels as ck
-from cocos_kernels.visualize import plot_matches
+from cocos_kernels.extras import require
+
+require("python -m cocos_kernels.demo", "PIL", "tqdm", "matplotlib")
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import cocos_kernels as ck  # noqa: E402
+from cocos_kernels.visualize import plot_matches  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "cocosnet-samples"
 DATASETS = ("celebahq", "ade20k")

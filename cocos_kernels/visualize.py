@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .extras import require
 from .features import DEFAULT_EPS, normalize_features
 from .ops.correspondence_topk import correspondence_argmax
 
@@ -60,6 +61,7 @@ def plot_matches(
     Returns:
         the matplotlib Figure.
     """
+    require("cocos_kernels.visualize.plot_matches", "matplotlib")
     import matplotlib
 
     matplotlib.use("Agg")

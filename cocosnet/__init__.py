@@ -9,3 +9,6 @@ self-attention, the contextual loss -- runs through `cocos_kernels`, so the mode
     cocosnet.losses      the losses with the reference's weights and layers
     cocosnet.convert     reference checkpoints -> our modules (python -m cocosnet.convert --help)
 """
+from cocos_kernels.extras import require
+
+require("cocosnet (data, training, demo)", "PIL", "tqdm")

@@ -7,6 +7,9 @@ crash at any point leaves either the previous files only or the complete new one
 in the name catches a file damaged later. `latest()` returns the newest file whose checksum
 matches, skipping (and naming) damaged ones, and temporary files left by a crash are removed
 at the next save.
+
+Every file is read with `load` (torch.load with weights_only=True): tensors and plain Python data
+only, so a file from elsewhere cannot run code; anything else is refused with a ValueError.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import hashlib
 import io
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -50,6 +54,20 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise OSError(f"checkpoint {path}: the bytes read back differ from the bytes written")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def load(source: str | os.PathLike | io.BytesIO, what: str, map_location="cpu"):
+    """torch.load(source) of tensors and plain data only; ValueError naming `what` for anything else.
+
+    Never unpickles arbitrary objects: a pickle that would construct other classes or call
+    functions is refused before any of its code runs.
+    """
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{what} holds objects other than tensors and plain Python data; refusing to unpickle "
+                         f"it, since that could run code from the file ({first})") from None
 
 
 def serialize(obj) -> bytes:
@@ -97,5 +115,5 @@ class CheckpointManager:
             if hashlib.sha256(data).hexdigest() != _STATE_RE.match(path.name).group(2):
                 log.warning("checkpoint %s is damaged (checksum mismatch); trying an older one", path)
                 continue
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False), path
+            return load(io.BytesIO(data), f"training state {path}", map_location), path
         return None

@@ -22,6 +22,8 @@ import sys
 import torch
 from torch import nn
 
+from .checkpoint import load
+
 NETWORKS = {"G": "netG", "Corr": "netCorr", "D": "netD"}  # file label -> Pix2PixModel.net key
 _SN = (("weight_orig", "parametrizations.weight.original"),
        ("weight_u", "parametrizations.weight.0._u"),
@@ -106,7 +108,7 @@ def load_reference_checkpoints(nets: nn.ModuleDict, checkpoint_dir: str, epoch: 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference checkpoint {path!r} not found (expected <epoch>_net_{label}.pth "
                                     f"in --checkpoint_dir, with --which_epoch {epoch!r})")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load(path, f"reference checkpoint {path!r}")
         report[label] = load_reference(nets[key], state, f"{label} ({path})")
     return report
 

@@ -118,3 +118,25 @@ def test_train_step_trace_counts_what_a_step_allocates(tmp_path):
     assert peak["reference", False] > peak["cpu", False] > peak["cpu", True] > 0
     assert peak["reference", True] < peak["reference", False]
     assert "| 64 | cpu | on | ok |" in base.with_suffix(".md").read_text()
+
+
+def _plot_row(impl, n, status, seconds=None, peak=None):
+    return {"op": "correspondence_warp", "impl": impl, "mode": "forward", "dtype": "float32", "channels": 8,
+            "patch_size": 1, "value_channels": 3, "batch": 1, "n": n, "status": status,
+            "time_median_s": seconds, "peak_bytes": peak}
+
+
+@pytest.mark.parametrize("case", ["all_missing", "one_curve_missing", "all_refused", "zero_peaks"])
+def test_plot_draws_curves_that_never_finished(case, tmp_path):
+    """Every plot path with curves that have no finished point: a PNG is written, nothing raises
+    (a log axis with no positive data makes matplotlib's layout raise)."""
+    finished = [_plot_row("cpu", n, "ok", 0.1 * n, 2**20 * n) for n in (64, 256)]
+    rows = {
+        "all_missing": [_plot_row(i, n, s) for i, s in (("reference", "OOM"), ("cpu", "timeout")) for n in (64, 256)],
+        "one_curve_missing": finished + [_plot_row("reference", n, "OOM") for n in (64, 256)],
+        "all_refused": [_plot_row(i, n, "refused") for i in ("reference", "cpu") for n in (64, 256)],
+        "zero_peaks": [_plot_row("cpu", n, "ok", 0.1, 0) for n in (64, 256)],
+    }[case]
+    meta = {"impls": {"correspondence_warp": ["reference", "cpu"]}, "device_name": "test", "torch_version": "x"}
+    run.plot(meta, "correspondence_warp", rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0

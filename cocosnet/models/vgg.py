@@ -16,6 +16,8 @@ import os
 import torch
 from torch import nn
 
+from ..checkpoint import load
+
 # (block, conv) names of VGG-19's 16 convs in order; "M" is a 2x2 max-pool.
 _CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 CAFFE_MEAN_BGR = (0.40760392, 0.45795686, 0.48501961)
@@ -120,7 +122,7 @@ def build_vgg(opt) -> VGG19Features:
         return VGG19Features(convention, opt.vgg_normal_correct)
     if not os.path.isfile(opt.vgg_path):
         raise FileNotFoundError(MISSING_WEIGHTS.format(path=opt.vgg_path))
-    state = torch.load(opt.vgg_path, map_location="cpu", weights_only=True)
+    state = load(opt.vgg_path, f"VGG-19 weights --vgg_path {opt.vgg_path!r}")
     convention = detect_convention(state) if opt.vgg_convention == "auto" else opt.vgg_convention
     net = VGG19Features(convention, opt.vgg_normal_correct)
     net.load_weights(state)

@@ -57,7 +57,7 @@ def test_save_atomic_replaces_whole_file(tmp_path):
     p = tmp_path / "1_net_G.pth"
     save_atomic({"a": torch.ones(2)}, p)
     save_atomic({"a": torch.zeros(2)}, p)
-    assert torch.equal(torch.load(p)["a"], torch.zeros(2)) and not list(tmp_path.glob(".tmp-*"))
+    assert torch.equal(torch.load(p, weights_only=True)["a"], torch.zeros(2)) and not list(tmp_path.glob(".tmp-*"))
 
 
 # A training process the test can kill. FAULT=<n>:half|full makes the process's n-th atomic write of
@@ -176,3 +176,48 @@ def test_killed_and_resumed_training_is_bit_identical(tmp_path):
              for d in _state_equal(expected[key], final[key], key)]
     assert not diffs, f"{'; '.join(log)}: differs from the uninterrupted run in {diffs[:10]}"
     assert not list(state_dir.glob(".tmp-*"))
+
+
+class _Payload:
+    """Unpickling this creates `marker`: what a malicious file's code would do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _malicious(path: Path, marker: Path) -> Path:
+    torch.save({"step": 1, "w": torch.ones(2), "payload": _Payload(marker)}, path)
+    return path
+
+
+def test_malicious_training_state_is_refused_and_runs_nothing(tmp_path):
+    import hashlib
+
+    marker = tmp_path / "pwned"
+    data = _malicious(tmp_path / "evil.pt", marker).read_bytes()
+    (tmp_path / f"state_000000007.{hashlib.sha256(data).hexdigest()}.pt").write_bytes(data)  # a valid name
+    with pytest.raises(ValueError, match=r"training state .*state_000000007.* refusing to unpickle"):
+        CheckpointManager(tmp_path).latest()
+    assert not marker.exists()
+
+
+def test_malicious_reference_checkpoint_and_vgg_weights_are_refused(tmp_path):
+    from argparse import Namespace
+
+    from torch import nn
+
+    from cocosnet.convert import load_reference_checkpoints
+    from cocosnet.models.vgg import build_vgg
+
+    marker = tmp_path / "pwned"
+    _malicious(tmp_path / "latest_net_G.pth", marker)
+    with pytest.raises(ValueError, match=r"reference checkpoint .*latest_net_G.pth.* refusing to unpickle"):
+        load_reference_checkpoints(nn.ModuleDict({"netG": nn.Linear(1, 1)}), str(tmp_path))
+    opt = Namespace(vgg_random_init=False, vgg_path=str(_malicious(tmp_path / "vgg19_conv.pth", marker)),
+                    vgg_convention="auto", vgg_normal_correct=True)
+    with pytest.raises(ValueError, match=r"VGG-19 weights --vgg_path .*vgg19_conv.pth.* refusing to unpickle"):
+        build_vgg(opt)
+    assert not marker.exists()

@@ -164,7 +164,7 @@ def test_cli_converts_and_writes_options(tmp_path):
     opt = parse(["--recipe", "deepfashion", "--ngf", "16", "--ndf", "16"], mode="train")
     nets = build_networks(opt, with_D=True)
     for label, key in (("G", "netG"), ("Corr", "netCorr"), ("D", "netD")):
-        nets[key].load_state_dict(torch.load(out / f"latest_net_{label}.pth"), strict=True)
+        nets[key].load_state_dict(torch.load(out / f"latest_net_{label}.pth", weights_only=True), strict=True)
     assert load_reference_checkpoints(nets, str(out)) == {"G": [], "Corr": [], "D": []}  # our keys pass unchanged
     os.remove(src / "latest_net_G.pth")
     with pytest.raises(FileNotFoundError, match="latest_net_G.pth"):
