@@ -264,7 +264,7 @@ def _extra(p: argparse.ArgumentParser, mode: str) -> None:
     add_training_options(p, mode)
 
 
-# --- data / training options (part B) ---
+# --- data / training options ---
 AMP_MODES = ("none", "bf16", "fp16")
 
 

@@ -5,7 +5,7 @@ interface: `model(data, mode="generator") -> (losses, outputs)`, `model(data,
 mode="discriminator") -> losses`, `create_optimizers(opt) -> (optimizer_G, optimizer_D)` and the
 networks as attributes `net_G`, `net_D`, `net_Corr`.
 
-Training state (issue 8, "training state is never lost"):
+Training state:
 - every `save_latest_freq` iterations, at every epoch end, at `max_steps` and on SIGINT/SIGTERM,
   the full state is written atomically (cocosnet.checkpoint): networks, both optimisers, both
   LR schedulers, the AMP scaler, the RNG states of python, numpy and torch (CPU and CUDA, per

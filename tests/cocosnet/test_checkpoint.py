@@ -1,4 +1,4 @@
-"""Crash-safe training state (issue 8): atomic files, checksums, keep-K, and a training that is killed
+"""Crash-safe training state: atomic files, checksums, keep-K, and a training that is killed
 (SIGKILL at random points and mid-save, SIGTERM) and resumed ending bit-identical to one that never
 stopped."""
 from __future__ import annotations
