@@ -3,10 +3,11 @@ extensions, and prebuilds the CUDA extension (`cocos_kernels._cuda`) where it ca
 
 The CUDA extension is built here, with ninja, when torch is importable in the build environment
 (`pip install --no-build-isolation .`: pyproject.toml does not pull torch into an isolated one), is
-a CUDA build, and a CUDA toolkit (nvcc) is found (see `cocos_kernels/cuda.py:cuda_home`). Without
+a CUDA build, and a CUDA toolkit (nvcc) is found (see `cocos_kernels/build.py:cuda_home`). Without
 them the install is pure Python and the "cuda" backend JIT-builds on first use instead.
 COCOS_KERNELS_BUILD_CUDA=0 skips the prebuild, =1 makes a missing requirement an error.
-Architectures: $TORCH_CUDA_ARCH_LIST, else "8.0+PTX;9.0a" (A100, H100, and PTX that newer cards compile).
+Architectures: $TORCH_CUDA_ARCH_LIST, else `build.PREBUILD_ARCHS` (A100, H100, and PTX that newer
+cards compile).
 """
 import importlib.util
 import os
@@ -26,9 +27,10 @@ class BuildPyWithSources(build_py):
         shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "cocos_kernels" / "csrc", dirs_exist_ok=True)
 
 
-def _cuda_module():
-    # cocos_kernels/cuda.py by path: importing the package here would need its dependencies.
-    spec = importlib.util.spec_from_file_location("_cocos_kernels_cuda_loader", ROOT / "cocos_kernels" / "cuda.py")
+def _build_module():
+    # cocos_kernels/build.py by path (it imports nothing but the standard library): importing the
+    # package here would need its dependencies.
+    spec = importlib.util.spec_from_file_location("_cocos_kernels_build", ROOT / "cocos_kernels" / "build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -44,23 +46,23 @@ def _cuda_extension() -> tuple[list, dict]:
     except ImportError:
         reason = "torch is not importable in the build environment (use pip install --no-build-isolation)"
     else:
-        loader = _cuda_module()
+        build = _build_module()
         if torch.version.cuda is None:
             reason = f"torch {torch.__version__} is not a CUDA build"
-        elif loader.cuda_home() is None:
-            reason = "no CUDA toolkit (nvcc) found; set CUDA_HOME"
+        elif build.cuda_home() is None:
+            reason = build.NO_TOOLKIT
         else:
-            loader.build_environment()
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
+            build.build_environment()
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.PREBUILD_ARCHS)
             from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
             src = Path("csrc") / "cuda"
             ext = CUDAExtension(
-                "cocos_kernels._cuda", [str(src / s) for s in loader.SOURCES],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": list(loader.NVCC_FLAGS)},
+                "cocos_kernels._cuda", [str(src / s) for s in build.CUDA_SOURCES],
+                extra_compile_args={"cxx": list(build.CUDA_CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
             )
-            print(f"cocos_kernels: building the CUDA extension (CUDA_HOME={loader.cuda_home()}, "
-                  f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+            build.say(f"building the CUDA extension (CUDA_HOME={build.cuda_home()}, "
+                      f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
             return [ext], {"build_ext": BuildExtension}
     if wanted == "1":
         raise RuntimeError(f"COCOS_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")

@@ -17,79 +17,22 @@ in float32):
   contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy) -> (dx, dy)
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
-time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in
-torch's extension directory, so only the first use pays the ~1-3 minutes). Nothing is built on
-`import cocos_kernels`: only when the backend is first asked for, and only where a CUDA device is
-present (COCOS_KERNELS_CUDA_BUILD=0 turns the JIT build off). One line on stderr says which extension the backend got; a failure says why, and is
-remembered (the backend's refusal reason) instead of being retried on every call.
+time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in a
+folder of its own per torch install, toolkit, architectures and sources, see `cocos_kernels/build.py`,
+so only the first use pays the ~1-3 minutes). Nothing is built on `import cocos_kernels`: only when
+the backend is first asked for, and only where a CUDA device is present (COCOS_KERNELS_CUDA_BUILD=0
+turns the JIT build off). One line on stderr says which extension the backend got; a failure says
+why, and is remembered (the backend's refusal reason) instead of being retried on every call.
 """
 from __future__ import annotations
 
 import functools
 import os
-import re
-import shutil
-import sys
-from pathlib import Path
 
 import torch
 
+from . import build
 from .windows import sum_tap_planes
-
-# One dtype per translation unit, so that ninja compiles them in parallel.
-SOURCES = ("correspondence_warp_float32.cu", "correspondence_warp_float16.cu", "correspondence_warp_bfloat16.cu",
-           "prologue.cu", "contextual_loss.cu", "bindings.cpp")
-NVCC_FLAGS = ("-O3", "-std=c++20", "--expt-relaxed-constexpr")
-
-
-def csrc_dir() -> Path | None:
-    """Where the CUDA sources are: inside the package (a wheel, see setup.py) or beside it (a checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc" / "cuda", here.parent / "csrc" / "cuda"):
-        if all((candidate / s).is_file() for s in SOURCES):
-            return candidate
-    return None
-
-
-def _toolkit_root(nvcc: Path) -> Path | None:
-    """The toolkit an `nvcc` belongs to: <root>/bin/nvcc, through symlinks, or the nvcc a wrapper
-    script execs (`exec /usr/local/cuda-13.0/bin/nvcc "$@"`)."""
-    real = nvcc.resolve()
-    if (real.parent.parent / "include" / "cuda_runtime.h").is_file():
-        return real.parent.parent
-    try:
-        if real.stat().st_size < 4096:
-            match = re.search(r"(/\S+)/bin/nvcc\b", real.read_text(errors="replace"))
-            if match and (Path(match.group(1)) / "include" / "cuda_runtime.h").is_file():
-                return Path(match.group(1))
-    except OSError:
-        pass
-    return None
-
-
-def cuda_home() -> str | None:
-    """The CUDA toolkit to build with: $CUDA_HOME / $CUDA_PATH, else the one `nvcc` on PATH belongs
-    to, else /usr/local/cuda. (torch guesses dirname(dirname(which nvcc)), which is wrong for a
-    wrapper script in /usr/local/bin: the link then fails on -lcudart.)"""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc is not None and (root := _toolkit_root(Path(nvcc))) is not None:
-        return str(root)
-    default = Path("/usr/local/cuda")
-    return str(default) if (default / "bin" / "nvcc").exists() else None
-
-
-def build_environment() -> None:
-    """Points torch's extension builder at the right toolkit (see `cuda_home`)."""
-    home = cuda_home()
-    if home is None:
-        return
-    os.environ.setdefault("CUDA_HOME", home)
-    import torch.utils.cpp_extension as cpp_extension
-
-    cpp_extension.CUDA_HOME = home  # read once at its import, maybe before CUDA_HOME was set
 
 
 def _why_not() -> str | None:
@@ -101,28 +44,17 @@ def _why_not() -> str | None:
     return None
 
 
-def _say(message: str) -> None:
-    print(f"cocos_kernels: {message}", file=sys.stderr, flush=True)
-
-
 def _jit_build():
-    src = csrc_dir()
+    src = build.source_dir("cuda")
     if src is None:
         raise RuntimeError("the CUDA sources (csrc/cuda) are not installed next to cocos_kernels")
-    build_environment()
-    if cuda_home() is None:
-        raise RuntimeError("no CUDA toolkit (nvcc) found to build the extension: set CUDA_HOME")
-    from torch.utils.cpp_extension import load
-
-    _say("backend 'cuda': JIT-building the CUDA extension (no prebuilt cocos_kernels._cuda; "
-         "the first build takes a few minutes, then it is cached)")
-    return load(
-        name="cocos_kernels_cuda",
-        sources=[str(src / s) for s in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=list(NVCC_FLAGS),
-        verbose=os.environ.get("COCOS_KERNELS_VERBOSE_BUILD") == "1",
-    )
+    build.build_environment()
+    if build.cuda_home() is None:
+        raise RuntimeError(build.NO_TOOLKIT)
+    build.say("backend 'cuda': JIT-building the CUDA extension (no prebuilt cocos_kernels._cuda; "
+              "the first build takes a few minutes, then it is cached)")
+    return build.load("cocos_kernels_cuda", src, build.CUDA_SOURCES, cflags=build.CUDA_CXX_FLAGS,
+                      cuda_cflags=build.NVCC_FLAGS)
 
 
 @functools.cache
@@ -132,7 +64,7 @@ def _extension_or_error():
     try:
         from . import _cuda  # built by setup.py
 
-        _say("backend 'cuda': using the prebuilt extension cocos_kernels._cuda")
+        build.say("backend 'cuda': using the prebuilt extension cocos_kernels._cuda")
         return _cuda, None
     except ImportError:
         pass
@@ -142,7 +74,7 @@ def _extension_or_error():
         return _jit_build(), None
     except Exception as e:  # noqa: BLE001 -- remembered as the backend's refusal reason
         reason = f"building the CUDA extension failed: {str(e).strip()[-2000:]}"
-        _say(f"backend 'cuda' unavailable: {reason}")
+        build.say(f"backend 'cuda' unavailable: {reason}")
         return None, reason
 
 

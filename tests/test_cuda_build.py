@@ -44,7 +44,7 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-from cocos_kernels import cuda
+from cocos_kernels import build
 from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
 from cocos_kernels.windows import sum_tap_planes, to_centres, window_features
 from conftest import assert_close
@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "csrc" / "cuda"
 ARCHS = {"sm_90a": "arch=compute_90a,code=sm_90a", "sm_80": "arch=compute_80,code=sm_80"}
 SMEM_LIMIT = {"sm_90a": 232448, "sm_80": 166912}  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-CUDA_HOME = cuda.cuda_home()
+CUDA_HOME = build.cuda_home()
 
 needs_toolkit = pytest.mark.skipif(
     CUDA_HOME is None or torch.version.cuda is None,
@@ -72,7 +72,7 @@ def _nvcc_flags() -> list[str]:
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     # As torch builds the extension, plus warnings as errors everywhere.
-    return [*COMMON_NVCC_FLAGS, *cuda.NVCC_FLAGS, "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+    return [*COMMON_NVCC_FLAGS, *build.NVCC_FLAGS, "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
 
 
 def _run(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
@@ -88,7 +88,7 @@ def _failures(results) -> list[str]:
 def test_cuda_sources_compile_without_warnings(tmp_path):
     nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
     jobs = [[nvcc, *_nvcc_flags(), "-gencode", gencode, "-c", str(SRC / name), "-o", str(tmp_path / f"{name}.{arch}.o")]
-            for name in cuda.SOURCES if name.endswith(".cu") for arch, gencode in ARCHS.items()]
+            for name in build.CUDA_SOURCES if name.endswith(".cu") for arch, gencode in ARCHS.items()]
     torch_include = Path(torch.__file__).parent / "include"
     system = [torch_include, torch_include / "torch" / "csrc" / "api" / "include", Path(CUDA_HOME) / "include",
               Path(sysconfig.get_paths()["include"])]
@@ -125,7 +125,7 @@ int main() {
 def test_shared_memory_fits_the_cards(tmp_path):
     (tmp_path / "probe.cu").write_text(SMEM_PROBE)
     nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
-    cmd, proc = _run([nvcc, *cuda.NVCC_FLAGS, f"-I{SRC}", str(tmp_path / "probe.cu"), "-o", str(tmp_path / "probe")])
+    cmd, proc = _run([nvcc, *build.NVCC_FLAGS, f"-I{SRC}", str(tmp_path / "probe.cu"), "-o", str(tmp_path / "probe")])
     assert proc.returncode == 0, proc.stderr
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
@@ -401,8 +401,8 @@ def test_toolkit_found_through_a_wrapper_script(tmp_path):
     wrapper = tmp_path / "bin" / "nvcc"
     wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\nexec {root}/bin/nvcc "$@"\n')
-    assert cuda._toolkit_root(wrapper) == root
-    assert cuda._toolkit_root(root / "bin" / "nvcc") == root
+    assert build.toolkit_root(wrapper) == root
+    assert build.toolkit_root(root / "bin" / "nvcc") == root
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA device")
