@@ -148,7 +148,7 @@ def _packaged_tree(tmp_path: Path) -> Path:
     tree.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, tree)
-    for name in ("cocos_kernels", "cocosnet", "benchmarks", "csrc"):
+    for name in ("cocos_kernels", "cocosnet", "csrc"):
         shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     return tree
 
