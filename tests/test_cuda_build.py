@@ -196,6 +196,90 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
 }
 
 
+# The PTX operations of csrc/cuda/mma.cuh, lane by lane, against the PTX ISA's tables
+# (g = lane // 4, t = lane % 4): the layouts written out here in Python, independently of the emulation.
+def _ptx_a(i, k):
+    """(lane, register, half) holding element (i, k) of mma.m16n8k16's A (16 x 16, row)."""
+    return 4 * (i % 8) + (k % 8) // 2, i // 8 + 2 * (k // 8), k % 2
+
+
+def _ptx_b(k, n):
+    """(lane, register, half) holding element (k, n) of mma.m16n8k16's B (16 x 8, col)."""
+    return 4 * n + (k % 8) // 2, k // 8, k % 2
+
+
+def _ptx_c(i, n):
+    """(lane, register) holding element (i, n) of mma.m16n8k16's C and D (16 x 8, float)."""
+    return 4 * (i % 8) + n // 2, 2 * (i // 8) + n % 2
+
+
+def _bits(x):
+    """16-bit patterns of a float16/bfloat16 tensor, as Python ints."""
+    return (x.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+
+
+@pytest.mark.parametrize("trans", [False, True], ids=["x4", "x4.trans"])
+def test_emulated_ldmatrix_follows_the_ptx_layout(emulation, trans):
+    lib = emulation("fma")
+    stride = 24  # elements per shared row: 48 bytes, rows start 16-byte aligned
+    tile = torch.arange(40 * stride, dtype=torch.int64).to(torch.int16)
+    g = torch.Generator().manual_seed(0)
+    # Any 16-byte aligned row per lane: 32 distinct rows, each at column 0, 8 or 16.
+    offsets = (torch.randperm(40, generator=g)[:32] * stride + 8 * torch.randint(0, 3, (32,), generator=g)).to(torch.int32)
+    regs32 = torch.zeros(32, 4, dtype=torch.int32)
+    assert lib.emu_ldmatrix_x4(_p(tile), tile.numel(), _p(offsets), ctypes.c_bool(trans), _p(regs32)) == 0
+    regs = (regs32.to(torch.int64) & 0xFFFFFFFF).tolist()
+    elem = tile.to(torch.int64).tolist()
+    off = offsets.tolist()
+    for lane in range(32):
+        a, b = lane // 4, 2 * (lane % 4)
+        for m in range(4):
+            rows = off[8 * m:8 * m + 8]  # row r of matrix m starts at rows[r]
+            if trans:  # column a, rows b and b + 1
+                lo, hi = elem[rows[b] + a], elem[rows[b + 1] + a]
+            else:  # row a, columns b and b + 1
+                lo, hi = elem[rows[a] + b], elem[rows[a] + b + 1]
+            assert regs[lane][m] == lo | hi << 16, (lane, m)
+    misaligned = offsets.clone()
+    misaligned[5] += 4  # 8 bytes into a row
+    assert lib.emu_ldmatrix_x4(_p(tile), tile.numel(), _p(misaligned), ctypes.c_bool(trans), _p(regs32)) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_mma_16816_follows_the_ptx_layout(emulation, dtype):
+    lib = emulation("fma")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 16, generator=g).to(dtype), torch.randn(16, 8, generator=g).to(dtype)
+    c = torch.randn(16, 8, generator=g)
+    fa, fb, fc = [[0] * 4 for _ in range(32)], [[0] * 2 for _ in range(32)], torch.zeros(32, 4)
+    for (i, k), x in zip(((i, k) for i in range(16) for k in range(16)), _bits(a.flatten())):
+        lane, reg, half = _ptx_a(i, k)
+        fa[lane][reg] |= x << 16 * half
+    for (k, n), x in zip(((k, n) for k in range(16) for n in range(8)), _bits(b.flatten())):
+        lane, reg, half = _ptx_b(k, n)
+        fb[lane][reg] |= x << 16 * half
+    for i in range(16):
+        for n in range(8):
+            fc[_ptx_c(i, n)] = c[i, n]
+    as_int32 = lambda regs: torch.tensor(regs, dtype=torch.int64).to(torch.int32)  # noqa: E731 (bit pattern kept)
+    fa32, fb32, fd = as_int32(fa), as_int32(fb), fc.clone()
+    assert lib.emu_mma_16816(ctypes.c_bool(dtype == torch.bfloat16), _p(fa32), _p(fb32), _p(fd)) == 0
+    d = torch.stack([torch.stack([fd[_ptx_c(i, n)] for n in range(8)]) for i in range(16)])
+    assert_close(d, a.double() @ b.double() + c.double(), 1e-6, "d")
+
+
+def test_emulated_cp_async_completes_at_wait_group(emulation):
+    lib = emulation("fma")
+    src = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    snapshots = torch.zeros(3, 1536, dtype=torch.uint8)
+    assert lib.emu_cp_async(_p(src), _p(snapshots)) == 0
+    untouched, zeros = torch.full((512,), 0xAB, dtype=torch.uint8), torch.zeros(512, dtype=torch.uint8)
+    # The emulation completes a group as late as the PTX ISA allows: at the wait_group that needs it.
+    expected = [(src[:512], untouched, untouched), (src[:512], src[512:], untouched), (src[:512], src[512:], zeros)]
+    for snapshot, parts in zip(snapshots, expected):
+        assert torch.equal(snapshot, torch.cat(parts))
+
+
 @pytest.mark.parametrize("case", EMULATED_CASES.values(), ids=EMULATED_CASES.keys())
 def test_emulated_kernels_match_float64(emulation, case):
     B, Nq, Nk, D, Cv, dtype, masked, tiles = case

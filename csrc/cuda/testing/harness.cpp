@@ -2,10 +2,12 @@
 // host_emulation.h, with the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16
 // (q, k, v, out, grad_out, the prologue's rows); contextual_loss takes float32 only. The emu_windows_*
 // entry points take the k x k window geometry (correspondence_warp.h: WarpGeometry).
+#include <cstring>
 #include <stdexcept>
 
 #include "../contextual_loss.cuh"
 #include "../correspondence_warp.cuh"
+#include "../mma.cuh"
 #include "../prologue.cuh"
 
 namespace cocos_kernels {
@@ -64,6 +66,77 @@ void prologue(const float* x, void* rows, int64_t batch, int64_t channels, int64
 }  // namespace
 
 extern "C" {
+// The PTX operations of mma.cuh alone, on one warp (tests/test_cuda_build.py checks them against
+// the PTX ISA's layouts); each returns 3 if the emulation met a misaligned address.
+//
+// ldmatrix .x4 (trans: .x4.trans) of a shared copy of `tile` (16-bit elements), lane l's row
+// address at element offsets[l]; regs (32, 4) gets every lane's four registers.
+int emu_ldmatrix_x4(const uint16_t* tile, int elements, const int* offsets, bool trans, uint32_t* regs) {
+  check_smem(2 * static_cast<size_t>(elements));
+  std::memcpy(smem, tile, 2 * static_cast<size_t>(elements));
+  emu::launch(1, 32, [&] {
+    const int lane = threadIdx.x;
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(smem) + offsets[lane];
+    uint32_t r[4];
+    if (trans) {
+      ldmatrix_x4<true>(r, row);
+    } else {
+      ldmatrix_x4<false>(r, row);
+    }
+    std::memcpy(regs + 4 * lane, r, sizeof(r));
+  });
+  return emu::take_fault() == nullptr ? 0 : 3;
+}
+
+// mma.sync m16n8k16 (bf16: bfloat16 inputs, else float16): every lane's d (32, 4) += the product
+// of the lanes' A (32, 4) and B (32, 2) fragments.
+int emu_mma_16816(bool bf16, const uint32_t* a, const uint32_t* b, float* d) {
+  emu::launch(1, 32, [&] {
+    const int lane = threadIdx.x;
+    uint32_t fa[4], fb[2];
+    float fd[4];
+    std::memcpy(fa, a + 4 * lane, sizeof(fa));
+    std::memcpy(fb, b + 2 * lane, sizeof(fb));
+    std::memcpy(fd, d + 4 * lane, sizeof(fd));
+    if (bf16) {
+      mma_16816<__nv_bfloat16>(fd, fa, fb);
+    } else {
+      mma_16816<__half>(fd, fa, fb);
+    }
+    std::memcpy(d + 4 * lane, fd, sizeof(fd));
+  });
+  return 0;
+}
+
+// cp.async commit groups: each of 32 threads copies its 16 bytes of src[0, 512) in group 0, of
+// src[512, 1024) in group 1 and a zero-fill (src-size 0) in group 2, into shared bytes [0, 1536)
+// filled with 0xab; snapshots (3, 1536) is that shared memory after wait_group 2, 1 and 0.
+int emu_cp_async(const unsigned char* src, unsigned char* snapshots) {
+  constexpr int kBytes = 1536;
+  std::memset(smem, 0xab, kBytes);
+  emu::launch(1, 32, [&] {
+    const int lane = threadIdx.x;
+    cp_async_16(smem + 16 * lane, src + 16 * lane, true);
+    cp_async_commit();
+    cp_async_16(smem + 512 + 16 * lane, src + 512 + 16 * lane, true);
+    cp_async_commit();
+    cp_async_16(smem + 1024 + 16 * lane, src, false);
+    cp_async_commit();
+    auto snapshot = [&](int i) {
+      __syncthreads();
+      if (lane == 0) std::memcpy(snapshots + i * kBytes, smem, kBytes);
+      __syncthreads();
+    };
+    cp_async_wait<2>();
+    snapshot(0);
+    cp_async_wait<1>();
+    snapshot(1);
+    cp_async_wait<0>();
+    snapshot(2);
+  });
+  return emu::take_fault() == nullptr ? 0 : 3;
+}
+
 int emu_prepare_features(int dtype, const float* x, void* rows, int64_t batch, int64_t channels, int64_t n,
                          bool center, bool normalize, float eps) {
   switch (dtype) {

@@ -4,17 +4,24 @@
 // per-warp exchange buffer between two warp barriers). Blocks run one after another, all sharing
 // one dynamic shared-memory buffer. By default TensorCores<T> is false on the host and
 // float16/bfloat16 tiles take the float32 FMA path; with -DCOCOS_KERNELS_EMULATE_WMMA they take
-// the WMMA branch of tile_mma, run by the nvcuda::wmma emulation below.
+// the WMMA branch of tile_mma, run by the nvcuda::wmma emulation below. The PTX operations of
+// mma.cuh (cp.async, ldmatrix, mma.sync) always run on the emulation below, lane by lane.
 #pragma once
+
+#define COCOS_KERNELS_HOST_EMULATION 1
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <barrier>
-#include <type_traits>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <deque>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #undef __global__
@@ -56,6 +63,112 @@ inline float __shfl_xor_sync(unsigned, float value, int offset) {
   emu::warp_barriers[warp]->arrive_and_wait();
   return other;
 }
+
+namespace emu {
+// The first fault an emulated PTX operation met (a misaligned address); the harness reports it.
+inline std::atomic<const char*> fault{nullptr};
+inline void fail(const char* what) {
+  const char* none = nullptr;
+  fault.compare_exchange_strong(none, what);
+}
+inline const char* take_fault() { return fault.exchange(nullptr); }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Every lane of the warp gets every lane's payload (all 32 lanes call it, as a .sync instruction).
+alignas(16) inline unsigned char lane_payloads[32][32][64];
+template <class P>
+void warp_gather(const P& mine, P (&all)[32]) {
+  static_assert(sizeof(P) <= 64 && std::is_trivially_copyable_v<P>, "a payload fits the exchange buffer");
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  std::memcpy(lane_payloads[warp][lane], &mine, sizeof(P));
+  warp_barriers[warp]->arrive_and_wait();
+  for (int l = 0; l < 32; ++l) std::memcpy(&all[l], lane_payloads[warp][l], sizeof(P));
+  warp_barriers[warp]->arrive_and_wait();
+}
+
+// cp.async: each thread's copies wait in their commit group and happen only when a wait_group
+// requires them (the latest the PTX ISA allows), so reading a stage before its wait reads stale
+// data and fails the tests. A copy of fewer than 16 source bytes zero-fills the rest.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed_groups;
+
+inline void cp_async(void* dst, const void* src, int bytes) {
+  if (!aligned16(dst) || !aligned16(src)) fail("cp.async: address not 16-byte aligned");
+  open_group.push_back({dst, src, bytes});
+}
+inline void cp_async_commit() {
+  committed_groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+inline void cp_async_wait(int pending) {
+  while (static_cast<int>(committed_groups.size()) > pending) {
+    for (const AsyncCopy& c : committed_groups.front()) {
+      std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(static_cast<unsigned char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+    }
+    committed_groups.pop_front();
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane l's row address is row l % 8 of matrix l / 8.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if (!aligned16(row)) fail("ldmatrix: row address not 16-byte aligned");
+  const void* rows[32];
+  warp_gather(row, rows);
+  const unsigned lane = threadIdx.x % 32;
+  auto element = [&](int matrix, int i, int j) {
+    uint16_t x;
+    std::memcpy(&x, static_cast<const unsigned char*>(rows[8 * matrix + i]) + 2 * j, 2);
+    return static_cast<uint32_t>(x);
+  };
+  const int a = lane / 4, b = 2 * (lane % 4);
+  for (int m = 0; m < 4; ++m) {
+    r[m] = trans ? element(m, b, a) | element(m, b + 1, a) << 16 : element(m, a, b) | element(m, a, b + 1) << 16;
+  }
+}
+
+inline float half_bits_to_float(uint32_t bits, bool bf16) {
+  if (bf16) {
+    __nv_bfloat16_raw x;
+    x.x = static_cast<unsigned short>(bits);
+    return __bfloat162float(__nv_bfloat16(x));
+  }
+  __half_raw x;
+  x.x = static_cast<unsigned short>(bits);
+  return __half2float(__half(x));
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with d as c, from the PTX ISA's
+// fragment layouts (g = lane / 4, t = lane % 4): A(i, k) is in lane 4 (i % 8) + (k % 8) / 2,
+// register i / 8 + 2 (k / 8), half k % 2; B(k, n) in lane 4 n + (k % 8) / 2, register k / 8,
+// half k % 2; this lane's d[e] is D(g + 8 (e / 2), 2 t + e % 2).
+inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  struct Operands {
+    uint32_t a[4], b[2];
+  };
+  Operands all[32];
+  warp_gather(Operands{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all);
+  auto A = [&](int i, int k) {
+    return half_bits_to_float(all[4 * (i % 8) + (k % 8) / 2].a[i / 8 + 2 * (k / 8)] >> (16 * (k % 2)), bf16);
+  };
+  auto B = [&](int k, int n) {
+    return half_bits_to_float(all[4 * n + (k % 8) / 2].b[k / 8] >> (16 * (k % 2)), bf16);
+  };
+  const int g = static_cast<int>(threadIdx.x % 32) / 4, t = static_cast<int>(threadIdx.x % 4);
+  for (int e = 0; e < 4; ++e) {
+    const int i = g + 8 * (e / 2), j = 2 * t + e % 2;
+    float acc = d[e];
+    for (int k = 0; k < 16; ++k) acc = std::fma(A(i, k), B(k, j), acc);
+    d[e] = acc;
+  }
+}
+}  // namespace emu
 
 #ifdef COCOS_KERNELS_EMULATE_WMMA
 // Tensor cores emulated too: TensorCores<T> (tile.cuh) follows __CUDA_ARCH__, and the fragments
