@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,10 +85,24 @@ def _failures(results) -> list[str]:
             if proc.returncode != 0 or "warning" in proc.stderr.lower()]
 
 
+def _ptxas_kernels(stderr: str) -> dict[str, tuple[int, int]]:
+    """kernel (mangled) -> (registers, spill store bytes) from `ptxas -v`."""
+    kernels, name, spills = {}, None, 0
+    for line in stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            name = m.group(1)
+        elif m := re.search(r"(\d+) bytes spill stores", line):
+            spills = int(m.group(1))
+        elif (m := re.search(r"Used (\d+) registers", line)) and name is not None:
+            kernels[name] = (int(m.group(1)), spills)
+    return kernels
+
+
 @needs_toolkit
 def test_cuda_sources_compile_without_warnings(tmp_path):
     nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
-    jobs = [[nvcc, *_nvcc_flags(), "-gencode", gencode, "-c", str(SRC / name), "-o", str(tmp_path / f"{name}.{arch}.o")]
+    jobs = [[nvcc, *_nvcc_flags(), "-Xptxas", "-v", "-gencode", gencode, "-c", str(SRC / name), "-o",
+             str(tmp_path / f"{name}.{arch}.o")]
             for name in build.CUDA_SOURCES if name.endswith(".cu") for arch, gencode in ARCHS.items()]
     torch_include = Path(torch.__file__).parent / "include"
     system = [torch_include, torch_include / "torch" / "csrc" / "api" / "include", Path(CUDA_HOME) / "include",
@@ -100,6 +115,13 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
         results = list(pool.map(_run, jobs[-1:] + jobs[:-1]))
     failures = _failures(results)
     assert not failures, "\n\n".join(failures)
+    kernels = {(cmd[cmd.index("-gencode") + 1], name): use for cmd, proc in results if "-gencode" in cmd
+               for name, use in _ptxas_kernels(proc.stderr).items()}
+    print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
+                    for (arch, name), (regs, spills) in sorted(kernels.items())))
+    mma = {key: spills for key, (_, spills) in kernels.items() if "forward_mma_kernel" in key[1]}
+    assert len(mma) == 2 * 2 * 6, "forward_mma_kernel: 6 tile widths per 16-bit dtype and architecture"
+    assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
 SMEM_PROBE = r"""
@@ -113,8 +135,13 @@ template <class T> void show(const char* dtype) {
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
 }
+template <int DT, int CVT> void show_mma() {
+  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, MmaForwardTiles<__nv_bfloat16, DT, CVT>::kBytes);
+}
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
+  show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
+  show_mma<256, 64>();
   std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
 }
@@ -130,7 +157,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 14
+    assert len(sizes) == 20
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -190,9 +217,17 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch: every operand orientation of the forward and both backward kernels.
+    # The tensor-core branch: every operand orientation of both backward kernels.
     "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-wmma": (1, 65, 64, 80, 48, torch.bfloat16, False, "wmma"),
+    # Half forwards with D <= 256 run forward_mma_kernel (correspondence_warp_mma.cuh): above, D 80
+    # (tiles of 128, cp.async copies, 2 value chunks of 64, rows of Nk 131 element by element);
+    # here D 3 (element copies), 2 query blocks, 4 key blocks, Cv padded to 16; D 200 (tiles of
+    # 256); D 64 exactly with Cv 17 (chunks of 64). D 264 takes the shared-memory forward.
+    "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
+    "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
+    "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
+    "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
 }
 
 

@@ -8,6 +8,8 @@
 // row (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk
 // is accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
 // (bit-identical, so their row statistics agree); the first chunk's block writes the lse.
+// float16/bfloat16 prepared rows with D <= 256 take forward_mma_kernel instead, with its tiles in
+// registers (correspondence_warp_mma.cuh); the launcher picks (uses_mma_forward).
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -27,6 +29,7 @@
 #pragma once
 
 #include "correspondence_warp.h"
+#include "correspondence_warp_mma.cuh"
 #include "tile.cuh"
 
 namespace cocos_kernels {
@@ -48,8 +51,6 @@ struct Tiles {
   // A float product operand can share storage with the float tile it is computed from.
   static constexpr bool kFloat = std::is_same<T, float>::value;
 };
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Windows: whether the geometry carries per-centre factors (prepared rows have none).
 __host__ __device__ __forceinline__ bool windowed(const WarpGeometry& g) { return g.mq != nullptr; }
@@ -114,10 +115,6 @@ __device__ __forceinline__ void score_tile(float* s, T* qc, T* kc, const T* q, c
                                            int64_t nk, int d, int64_t m0, int64_t n0) {
   const WarpGeometry rows{1, nq, nk, 0, 0, 0, 0, 0.0f, nullptr, nullptr, nullptr, nullptr};
   score_tile(s, qc, kc, q, k, nq, nk, d, m0, n0, rows, Factors(rows, 0, nq, nk));
-}
-
-__device__ __forceinline__ bool key_kept(const uint8_t* key_mask, int64_t nk, int64_t n) {
-  return n < nk && (key_mask == nullptr || key_mask[n] != 0);
 }
 
 // ----------------------------------------------------------------------------- forward
@@ -549,6 +546,16 @@ template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
                                         T* out, float* lse, WarpShape shape, WarpGeometry geometry,
                                         float scale, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (uses_mma_forward<T>(shape, geometry)) {
+      return with_mma_tiles(shape, [&](auto dt, auto cvt) {
+        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+        const MmaForwardGrid grid(shape, CVT);
+        return launch(forward_mma_kernel<T, DT, CVT>, grid.blocks(shape), MmaForwardTiles<T, DT, CVT>::kBytes,
+                      stream, q, k, v, key_mask, out, lse, shape, scale * kLog2e, grid);
+      });
+    }
+  }
   const int64_t m_blocks = ceil_div(shape.nq, BM);
   const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
   return launch(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr),

@@ -4,11 +4,11 @@
 // block (between __syncthreads). Tile products accumulate into float tiles.
 //
 // Tensor cores: float16/bfloat16 products go through WMMA (nvcuda::wmma, 16x16x16 fragments,
-// float accumulators), hand-written and CUTLASS-free. WMMA rather than raw mma.sync/wgmma:
-// its fragments load straight from the shared tiles in either layout (row- or column-major),
-// so each product is the same few lines for every operand orientation the backward needs, and
-// the code stays checkable by reading; it runs on every GPU from sm_70 (half) / sm_80
-// (bfloat16) on. float32 products are plain FMAs in float32 (the exact path: no tf32).
+// float accumulators), hand-written and CUTLASS-free: its fragments load straight from the shared
+// tiles in either layout (row- or column-major), so each product is the same few lines for every
+// operand orientation the backward needs. (The half forward on rows keeps its fragments in
+// registers instead, with raw mma.sync: correspondence_warp_mma.cuh.) float32 products are plain
+// FMAs in float32 (the exact path: no tf32).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -166,6 +166,13 @@ struct SmemCarver {
     return p;
   }
 };
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether key n of a batch element gets weight (key_mask: its bytes, or null for all).
+__device__ __forceinline__ bool key_kept(const uint8_t* key_mask, int64_t nk, int64_t n) {
+  return n < nk && (key_mask == nullptr || key_mask[n] != 0);
+}
 
 // The grid is one-dimensional (up to 2^31 - 1 blocks, no 65535 limit on any axis); blocks
 // iterate over (batch, chunk, block) with the block index fastest.

@@ -23,15 +23,33 @@ void check_smem(size_t bytes) {
   if (bytes > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
 }
 
+// The forward kernel the launcher picks (correspondence_warp_forward). The mma kernel returns
+// the emulation's first fault (a misaligned cp.async or ldmatrix address) as 3.
 template <class T>
-void forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
-             WarpGeometry g, float scale) {
+int forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
+            WarpGeometry g, float scale) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (uses_mma_forward<T>(s, g)) {
+      with_mma_tiles(s, [&](auto dt, auto cvt) {
+        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+        check_smem(MmaForwardTiles<T, DT, CVT>::kBytes);
+        const MmaForwardGrid grid(s, CVT);
+        emu::launch(grid.blocks(s), kThreads, [&] {
+          forward_mma_kernel<T, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                         static_cast<const T*>(v), mask, static_cast<T*>(out), lse, s,
+                                         scale * kLog2e, grid);
+        });
+      });
+      return emu::take_fault() == nullptr ? 0 : 3;
+    }
+  }
   check_smem(ForwardSmem<T>::carve(nullptr, nullptr));
   const int64_t m_blocks = ceil_div(s.nq, BM), cv_chunks = s.cv > 0 ? ceil_div(s.cv, BCV) : 1;
   emu::launch(s.batch * cv_chunks * m_blocks, kThreads, [&] {
     forward_kernel<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
                       static_cast<T*>(out), lse, s, g, scale * kLog2e, m_blocks, cv_chunks);
   });
+  return 0;
 }
 
 template <class T>
@@ -160,9 +178,9 @@ int emu_forward(int dtype, const void* q, const void* k, const void* v, const ui
   const WarpShape s{batch, nq, nk, d, cv};
   const WarpGeometry g = prepared_rows(s);
   switch (dtype) {
-    case 0: forward<float>(q, k, v, mask, out, lse, s, g, scale); return 0;
-    case 1: forward<__half>(q, k, v, mask, out, lse, s, g, scale); return 0;
-    case 2: forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, g, scale); return 0;
+    case 0: return forward<float>(q, k, v, mask, out, lse, s, g, scale);
+    case 1: return forward<__half>(q, k, v, mask, out, lse, s, g, scale);
+    case 2: return forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, g, scale);
   }
   return 1;
 }
@@ -191,9 +209,9 @@ int emu_windows_forward(int dtype, const void* xq, const float* mq, const float*
   const WarpShape s{batch, nq, nk, c, cv};
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
   switch (dtype) {
-    case 0: forward<float>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
-    case 1: forward<__half>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
-    case 2: forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale); return 0;
+    case 0: return forward<float>(xq, xk, v, mask, out, lse, s, g, scale);
+    case 1: return forward<__half>(xq, xk, v, mask, out, lse, s, g, scale);
+    case 2: return forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale);
   }
   return 1;
 }
