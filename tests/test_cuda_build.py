@@ -119,8 +119,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
                for name, use in _ptxas_kernels(proc.stderr).items()}
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
-    mma = {key: spills for key, (_, spills) in kernels.items() if "forward_mma_kernel" in key[1]}
-    assert len(mma) == 2 * 2 * 6, "forward_mma_kernel: 6 tile widths per 16-bit dtype and architecture"
+    mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
+    # Per 16-bit dtype and architecture: the forward's 6 tile widths, the backward kernels' 4 each.
+    assert len(mma) == 2 * 2 * (6 + 4 + 4), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -135,8 +136,10 @@ template <class T> void show(const char* dtype) {
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
 }
-template <int DT, int CVT> void show_mma() {
-  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, MmaForwardTiles<__nv_bfloat16, DT, CVT>::kBytes);
+template <int DT, int CVT> void show_mma() {  // forward and dQ; dK/dV where D <= 128
+  using L = MmaTiles<__nv_bfloat16, DT, CVT>;
+  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kBytes);
+  if (DT <= kMmaMaxBackwardD) std::printf("backward_dkdv_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kDkDvBytes);
 }
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
@@ -157,7 +160,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 20
+    assert len(sizes) == 24
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -217,17 +220,20 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch: every operand orientation of both backward kernels.
+    # The tensor-core branch of the shared-memory backward (Cv > 64, D > 128): every operand
+    # orientation of both of its kernels.
     "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
-    "B1-Nq65-Nk64-D80-Cv48-bfloat16-wmma": (1, 65, 64, 80, 48, torch.bfloat16, False, "wmma"),
-    # Half forwards with D <= 256 run forward_mma_kernel (correspondence_warp_mma.cuh): above, D 80
-    # (tiles of 128, cp.async copies, 2 value chunks of 64, rows of Nk 131 element by element);
-    # here D 3 (element copies), 2 query blocks, 4 key blocks, Cv padded to 16; D 200 (tiles of
-    # 256); D 64 exactly with Cv 17 (chunks of 64). D 264 takes the shared-memory forward.
+    "B1-Nq65-Nk64-D136-Cv48-bfloat16-wmma": (1, 65, 64, 136, 48, torch.bfloat16, False, "wmma"),
+    # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
+    # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
+    # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
+    # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
+    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264: the shared-memory forward.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
     "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
+    "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
 }
 
 

@@ -1,19 +1,26 @@
-// The forward of correspondence_warp for float16/bfloat16 prepared rows (patch 1, D <= 256), built
-// as FlashAttention-2 builds it, from the PTX operations of mma.cuh (sm_80 and newer):
+// The kernels of correspondence_warp for float16/bfloat16 prepared rows (patch 1), built as
+// FlashAttention-2 builds them, from the PTX operations of mma.cuh (sm_80 and newer).
 //
-// One block of 8 warps per (BM = 128 query rows, value-channel chunk of CVT, batch element); warp w
-// owns query rows 16 w .. 16 w + 15. The Q tile is copied to shared memory once and held as mma
-// A fragments in registers for the whole key loop; key blocks of 64 keys (the K tile and the value
-// tile) stream through a two-stage cp.async pipeline, 16 bytes per copy. Per key block each warp
-// computes its 16 x 64 score tile with mma.sync m16n8k16 into float registers, runs the online
-// softmax (base 2, running max per row) on those registers (a row's 64 scores sit in the 4 lanes
-// of a quad: two xor shuffles reduce it), converts P to the input dtype in place as the A fragments
-// of the value product, and accumulates O (16 x CVT, float) in registers. Nothing round-trips
-// through shared memory but the copies; no atomics.
+// Every kernel has one shape: a block of 8 warps keeps 128 rows resident (warp w owns rows
+// 16 w .. 16 w + 15), copied to shared memory once and held as mma A fragments in registers,
+// and streams 64-row blocks of the other side through a two-stage cp.async pipeline (a tile of
+// feature rows and the matching value-like tile, 16 bytes per copy). Products are mma.sync
+// m16n8k16 into float registers; the elementwise work (softmax, P, dS) runs on those registers,
+// and a product's float accumulators become the next product's A fragments in place (rounded to
+// the input dtype, as in the other kernels). Nothing round-trips through shared memory but the
+// copies; no atomics.
 //
-// D is padded to DT (64, 128 or 256) in the tiles and the fragments, the value chunk to CVT (16 or
-// 64) channels: Cv = 3 pays for 16, not 64. Rows whose D (or, for values, Nk) is not a multiple of
-// 8, or whose base is not 16-byte aligned, are loaded element by element instead of with cp.async.
+// - forward (D <= 256): resident Q; per key block S = Q K^T, the online softmax (base 2, running
+//   max per row; a row's 64 scores sit in the 4 lanes of a quad: two xor shuffles reduce it) and
+//   O += P V. One block per (128 queries, value chunk of CVT, batch element).
+// - backward dQ (D <= 128, Cv <= 64): resident Q and dOut; per key block S, P = exp2(S - lse),
+//   dP = dOut V^T, dS = P (dP - delta) scale, dQ += dS K. One block per (128 queries, batch).
+// - backward dK/dV (D <= 128, Cv <= 64): resident K and V (in shared memory); per query block S^T = K Q^T, P^T,
+//   dP^T = V dOut^T, dV += P^T dOut, dK += dS^T Q. One block per (128 keys, batch).
+//
+// D is padded to DT (64, 128 or 256) in the tiles and fragments, the value chunk to CVT (16 or 64)
+// channels: Cv = 3 pays for 16, not 64. Rows whose length (D; Nq or Nk for value-like tiles) is
+// not a multiple of 8, or whose base is not 16-byte aligned, are copied element by element.
 #pragma once
 
 #include "correspondence_warp.h"
@@ -23,49 +30,63 @@
 namespace cocos_kernels {
 namespace cuda {
 
-constexpr int kMmaBM = 128;  // query rows per block, 16 per warp
-constexpr int kMmaBN = 64;   // keys per pipeline stage
+constexpr int kMmaRows = 128;  // resident rows per block, 16 per warp
+constexpr int kMmaBN = 64;     // streamed rows per pipeline stage
 constexpr int kMmaMaxD = 256;
-static_assert(kMmaBM == 16 * kWarps && kMmaBM == 2 * kMmaBN, "Q is staged in the two K stages");
+constexpr int kMmaMaxBackwardD = 128;  // the backward's D-wide accumulators stay in registers
+constexpr int kMmaMaxBackwardCv = 64;  // dP needs every channel in one block
+static_assert(kMmaRows == 16 * kWarps && kMmaRows == 2 * kMmaBN, "resident rows are staged in the two row stages");
 
-// Whether correspondence_warp_forward<T> runs forward_mma_kernel for this input.
+// Whether correspondence_warp_forward<T> / _backward<T> run the kernels of this file.
 template <class T>
 bool uses_mma_forward(const WarpShape& s, const WarpGeometry& g) {
   return !std::is_same_v<T, float> && g.patch == 1 && s.d <= kMmaMaxD;
 }
+template <class T>
+bool uses_mma_backward(const WarpShape& s, const WarpGeometry& g) {
+  return !std::is_same_v<T, float> && g.patch == 1 && s.d <= kMmaMaxBackwardD && s.cv <= kMmaMaxBackwardCv;
+}
 
-// Calls f(DT, CVT) (std::integral_constant) with the padded widths of D and of the value chunk.
-template <class F>
+// Calls f(DT, CVT) (std::integral_constant) with the padded widths of D (up to MAX_D) and of the
+// value chunk; instantiates f for those widths only.
+template <int MAX_D, class F>
 auto with_mma_tiles(const WarpShape& s, F&& f) {
   auto by_cv = [&](auto dt) {
     return s.cv <= 16 ? f(dt, std::integral_constant<int, 16>{}) : f(dt, std::integral_constant<int, 64>{});
   };
-  if (s.d <= 64) return by_cv(std::integral_constant<int, 64>{});
-  if (s.d <= 128) return by_cv(std::integral_constant<int, 128>{});
-  return by_cv(std::integral_constant<int, kMmaMaxD>{});
+  if constexpr (MAX_D > 128) {
+    if (s.d > 128) return by_cv(std::integral_constant<int, MAX_D>{});
+  }
+  if (s.d > 64) return by_cv(std::integral_constant<int, 128>{});
+  return by_cv(std::integral_constant<int, 64>{});
 }
 
 template <class T, int DT, int CVT>
-struct MmaForwardTiles {
+struct MmaTiles {
   // Element strides of the shared rows: 16 bytes of padding put ldmatrix's 8 rows in distinct banks.
-  static constexpr int LD_D = DT + 8;
-  static constexpr int LD_N = kMmaBN + 8;
-  static constexpr int K_STAGE = kMmaBN * LD_D;  // elements
-  static constexpr int V_STAGE = CVT * LD_N;
-  static constexpr size_t kBytes = (2 * K_STAGE + 2 * V_STAGE) * sizeof(T);
-  // Blocks per SM the register file must hold: 2 (128 registers a thread) where the fragments
-  // live across the key loop (Q: DT / 4 registers, O: CVT / 2, S: 32) leave ptxas room enough
-  // not to spill, else 1 (8 warps an SM, as FlashAttention-2's two blocks of 4).
-  static constexpr int kMinBlocks = DT / 4 + CVT / 2 + kMmaBN / 2 < 80 ? 2 : 1;
+  static constexpr int LD_D = DT + 8;          // feature rows
+  static constexpr int LD_N = kMmaBN + 8;      // value-like tiles of a stage, [c][64 rows]
+  static constexpr int LD_R = kMmaRows + 8;    // the resident value-like tile, [c][128 rows]
+  static constexpr int ROW_STAGE = kMmaBN * LD_D;  // elements
+  static constexpr int VAL_STAGE = CVT * LD_N;
+  static_assert(2 * VAL_STAGE >= CVT * LD_R, "the resident value-like tile is staged in the two value stages");
+  static constexpr size_t kBytes = (2 * ROW_STAGE + 2 * VAL_STAGE) * sizeof(T);
+  // dK/dV keeps its resident K rows and V columns in shared memory of their own: their A
+  // fragments are read per query block instead of held, which keeps D = 128 with Cv = 64 within
+  // the registers.
+  static constexpr size_t kDkDvBytes = kBytes + (kMmaRows * LD_D + CVT * LD_R) * sizeof(T);
 };
 
-// One launch's grid: blocks iterate over (batch, value chunk, query block), the query block fastest.
-struct MmaForwardGrid {
-  int64_t m_blocks, cv_chunks;
-  MmaForwardGrid(const WarpShape& s, int cvt)
-      : m_blocks(ceil_div(s.nq, kMmaBM)), cv_chunks(s.cv > 0 ? ceil_div(s.cv, cvt) : 1) {}
-  int64_t blocks(const WarpShape& s) const { return s.batch * cv_chunks * m_blocks; }
+// One launch's grid: blocks iterate over (batch, value chunk, block of resident rows), the
+// resident rows fastest.
+struct MmaGrid {
+  int64_t row_blocks, cv_chunks;
+  int64_t blocks(int64_t batch) const { return batch * cv_chunks * row_blocks; }
 };
+inline MmaGrid forward_mma_grid(const WarpShape& s, int cvt) {
+  return {ceil_div(s.nq, kMmaRows), s.cv > 0 ? ceil_div(s.cv, cvt) : 1};  // chunk 0 writes the lse
+}
+inline MmaGrid backward_mma_grid(int64_t rows) { return {ceil_div(rows, kMmaRows), 1}; }
 
 // dst[r][c] = src[r0 + r][c0 + c] for an R x COLS tile of a row-major (rows x cols) matrix, zero
 // outside it. 16-byte cp.async copies (complete at the caller's cp_async_wait) where every row
@@ -87,98 +108,196 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ldd, const T* src, i
   }
 }
 
-// This lane's ldmatrix row address for the four 8 x 8 matrices of a 16 x 16 tile at (r0, c0) of
-// a shared tile with row stride ld, ordered (rows 0-7, cols 0-7), (rows 0-7, cols 8-15), (rows
-// 8-15, cols 0-7), (rows 8-15, cols 8-15): for a tile stored [n][k] these are the B fragments
-// (registers 0, 1 and 2, 3) of the n8 tiles n0 and n0 + 8.
+// This lane's ldmatrix row address for the four 8 x 8 matrices of the 16 x 16 tile at (r0, c0)
+// of a shared tile with row stride ld, in the order (rows 0-7, cols 0-7), (rows 0-7, cols 8-15),
+// (rows 8-15, cols 0-7), (rows 8-15, cols 8-15). Plain, of a tile stored [n][k]: the B fragments
+// (registers 0, 1 and 2, 3) of the n8 tiles r0 and r0 + 8; with .trans, of a tile stored [k][m]:
+// the A fragment of rows c0 .. c0 + 15.
 template <class T>
-__device__ __forceinline__ const T* b_rows(const T* tile, int ld, int r0, int c0, int lane) {
+__device__ __forceinline__ const T* ldsm_rows(const T* tile, int ld, int r0, int c0, int lane) {
   return tile + (r0 + lane / 16 * 8 + lane % 8) * ld + c0 + lane / 8 % 2 * 8;
 }
 
+// The same for B fragments of a tile stored [k][n] (with .trans): order (k 0-7, n 0-7),
+// (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15), at (k0, n0).
+template <class T>
+__device__ __forceinline__ const T* ldsm_cols(const T* tile, int ld, int k0, int n0, int lane) {
+  return tile + (k0 + lane / 8 % 2 * 8 + lane % 8) * ld + n0 + lane / 16 * 8;
+}
+
+// acc (16 x 8 NT, float) += A B over the first k_steps k16 steps and n_pairs pairs of n8 tiles,
+// B(k, n) = tile[n][k] (B_ROWS: stored [n][k]) or tile[k][n].
+template <bool B_ROWS, class T, int STEPS, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const uint32_t (&a)[STEPS][4], const T* tile, int ld,
+                                         int k_steps, int n_pairs, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < STEPS; ++kk) {
+    if (kk >= k_steps) continue;
+#pragma unroll
+    for (int nn = 0; nn < NT / 2; ++nn) {
+      if (nn >= n_pairs) continue;
+      uint32_t f[4];
+      if constexpr (B_ROWS) {
+        ldmatrix_x4<false>(f, ldsm_rows(tile, ld, 16 * nn, 16 * kk, lane));
+      } else {
+        ldmatrix_x4<true>(f, ldsm_cols(tile, ld, 16 * kk, 16 * nn, lane));
+      }
+      const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
+      mma_16816<T>(acc[2 * nn], a[kk], lo);
+      mma_16816<T>(acc[2 * nn + 1], a[kk], hi);
+    }
+  }
+}
+
+// The accumulators of n8 tiles 2 kk and 2 kk + 1 (16 x 16, float) as the A fragment of k16 step
+// kk, rounded to T: the C layout of the two tiles is the A layout of their columns.
+template <class T, int NT>
+__device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const float (&acc)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const float* lo = acc[2 * kk];
+    const float* hi = acc[2 * kk + 1];
+    a[kk][0] = pack2(from_float<T>(lo[0]), from_float<T>(lo[1]));
+    a[kk][1] = pack2(from_float<T>(lo[2]), from_float<T>(lo[3]));
+    a[kk][2] = pack2(from_float<T>(hi[0]), from_float<T>(hi[1]));
+    a[kk][3] = pack2(from_float<T>(hi[2]), from_float<T>(hi[3]));
+  }
+}
+
+// Copies the block's resident rows r0 .. r0 + 127 of `rows` (n x d) to rdst (stride LD_D) and,
+// with `vals`, their value-like columns (cv x n) to vs ([c][row], stride LD_R), for every thread.
 template <class T, int DT, int CVT>
-__global__ void __launch_bounds__(kThreads, (MmaForwardTiles<T, DT, CVT>::kMinBlocks))
-    forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                       const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
-                       WarpShape shape, float scale_log2, MmaForwardGrid grid) {
-  using L = MmaForwardTiles<T, DT, CVT>;
-  constexpr int BN = kMmaBN;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* const ks = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
-  T* const vs = ks + 2 * L::K_STAGE;         // two value stages, vs[c][n] = v[c0 + c][n0 + n]
-
-  const int64_t block = blockIdx.x;
-  const int64_t m0 = (block % grid.m_blocks) * kMmaBM;
-  const int64_t c0 = (block / grid.m_blocks % grid.cv_chunks) * CVT;
-  const int64_t b = block / grid.m_blocks / grid.cv_chunks;
-  const int64_t nq = shape.nq, nk = shape.nk;
-  const int d = shape.d, cv = shape.cv;
-  q += b * nq * d;
-  k += b * nk * d;
-  v += b * cv * nk;
-  if (key_mask != nullptr) key_mask += b * nk;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = lane % 4;        // this lane's columns in a fragment: 2 t, 2 t + 1
-  const int d_steps = (d + 15) / 16;  // k16 steps of the score product; the rest of DT is zeros
-
-  // The warp's 16 x DT slice of Q as A fragments, for the whole key loop.
-  load_tile_async<kMmaBM, DT>(ks, L::LD_D, q, nq, d, m0, 0);
+__device__ __forceinline__ void stage_resident(T* rdst, T* vs, const T* rows, const T* vals, int64_t n, int d, int cv,
+                                               int64_t r0) {
+  using L = MmaTiles<T, DT, CVT>;
+  load_tile_async<kMmaRows, DT>(rdst, L::LD_D, rows, n, d, r0, 0);
+  if (vals != nullptr) load_tile_async<CVT, kMmaRows>(vs, L::LD_R, vals, cv, n, 0, r0);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  uint32_t qf[DT / 16][4] = {};
+}
+
+// The A fragments of the warp's 16 resident rows: of a [row][d] tile (the first d_steps k16
+// steps), and of vals^T from the [c][row] tile.
+template <class T, int DT>
+__device__ __forceinline__ void row_fragments(uint32_t (&f)[DT / 16][4], const T* tile, int ld, int d_steps) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int s = 0; s < DT / 16; ++s) {
-    if (s < d_steps) ldmatrix_x4<false>(qf[s], ks + (16 * warp + lane % 16) * L::LD_D + 16 * s + lane / 16 * 8);
+    if (s < d_steps) ldmatrix_x4<false>(f[s], tile + (16 * warp + lane % 16) * ld + 16 * s + lane / 16 * 8);
   }
-  __syncthreads();  // the stages are free for the keys
+}
+template <class T, int CVT>
+__device__ __forceinline__ void column_fragments(uint32_t (&f)[CVT / 16][4], const T* vs, int ld) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int c = 0; c < CVT / 16; ++c) ldmatrix_x4<true>(f[c], ldsm_rows(vs, ld, 16 * c, 16 * warp, lane));
+}
 
-  // Rows g = lane / 4 and g + 8 of the warp's 16: running max (base 2), and this lane's share of
-  // the row sum (its quad's four shares are added at the end).
-  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
-  float o[CVT / 8][4] = {};
-  const int64_t n_blocks = ceil_div(nk, BN);
+// Streams the 64-row blocks of `rows` (n x d) and of `vals` (cv x n, channels c0 .. c0 + CVT)
+// through the two-stage pipeline: body(n0, rows tile [row][d], vals tile [c][row]) per block.
+template <class T, int DT, int CVT, class Body>
+__device__ __forceinline__ void stream_blocks(T* rs, T* vs, const T* rows, const T* vals, int64_t n, int d, int cv,
+                                              int64_t c0, Body&& body) {
+  using L = MmaTiles<T, DT, CVT>;
+  const int64_t blocks = ceil_div(n, kMmaBN);
   auto fetch = [&](int64_t n0, int stage) {
-    load_tile_async<BN, DT>(ks + stage * L::K_STAGE, L::LD_D, k, nk, d, n0, 0);
-    load_tile_async<CVT, BN>(vs + stage * L::V_STAGE, L::LD_N, v, cv, nk, c0, n0);
+    load_tile_async<kMmaBN, DT>(rs + stage * L::ROW_STAGE, L::LD_D, rows, n, d, n0, 0);
+    load_tile_async<CVT, kMmaBN>(vs + stage * L::VAL_STAGE, L::LD_N, vals, cv, n, c0, n0);
   };
-  if (n_blocks > 0) fetch(0, 0);
+  if (blocks > 0) fetch(0, 0);
   cp_async_commit();
-  for (int64_t j = 0; j < n_blocks; ++j) {
+  for (int64_t j = 0; j < blocks; ++j) {
     const int stage = j % 2;
-    if (j + 1 < n_blocks) fetch((j + 1) * BN, stage ^ 1);
-    cp_async_commit();  // possibly empty: every iteration commits exactly one group
+    if (j + 1 < blocks) fetch((j + 1) * kMmaBN, stage ^ 1);
+    cp_async_commit();   // possibly empty: every iteration commits exactly one group
     cp_async_wait<1>();  // block j's group is complete (block j + 1's may be in flight)
     __syncthreads();
-    const T* kt = ks + stage * L::K_STAGE;
-    const T* vt = vs + stage * L::V_STAGE;
+    body(j * kMmaBN, rs + stage * L::ROW_STAGE, vs + stage * L::VAL_STAGE);
+    __syncthreads();  // every warp is done with this stage before the next iteration refills it
+  }
+}
 
-    float s[BN / 8][4] = {};
+// In every kernel, acc[nt][e] of a warp is element (row g + 8 (e / 2), column 8 nt + 2 t + e % 2)
+// of its 16-row tile, g = lane / 4, t = lane % 4.
+
+// Which columns n of the streamed key block at n0 get weight: keys inside Nk that the mask keeps.
+struct KeyBlock {
+  int keys;
+  const uint8_t* mask;
+  __device__ KeyBlock(const uint8_t* key_mask, int64_t nk, int64_t n0)
+      : keys(nk - n0 < kMmaBN ? static_cast<int>(nk - n0) : kMmaBN), mask(key_mask == nullptr ? nullptr : key_mask + n0) {}
+  __device__ bool kept(int n) const { return n < keys && (mask == nullptr || mask[n] != 0); }
+};
+
+// Moves the operands to batch element b.
+template <class P, class M>
+__device__ __forceinline__ void to_batch(int64_t b, const WarpShape& s, P& q, P& k, P& v, M& key_mask) {
+  q += b * s.nq * s.d;
+  k += b * s.nk * s.d;
+  v += b * s.cv * s.nk;
+  if (key_mask != nullptr) key_mask += b * s.nk;
+}
+
+// Writes a warp's float accumulators, its row g being row0, to dst[row][col] (stride cols), or
+// COLUMN_MAJOR to dst[col][row] (stride rows), for rows < rows and columns < cols.
+template <bool COLUMN_MAJOR, int NT>
+__device__ __forceinline__ void store_accumulators(float* dst, const float (&acc)[NT][4], int64_t row0, int64_t rows,
+                                                   int64_t cols) {
+  const int t = threadIdx.x % 4;
 #pragma unroll
-    for (int kk = 0; kk < DT / 16; ++kk) {
-      if (kk >= d_steps) continue;
+  for (int c = 0; c < NT; ++c) {
 #pragma unroll
-      for (int nn = 0; nn < BN / 16; ++nn) {
-        uint32_t f[4];
-        ldmatrix_x4<false>(f, b_rows(kt, L::LD_D, 16 * nn, 16 * kk, lane));
-        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-        mma_16816<T>(s[2 * nn], qf[kk], lo);
-        mma_16816<T>(s[2 * nn + 1], qf[kk], hi);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int64_t r = row0 + 8 * (e / 2), col = 8 * c + 2 * t + e % 2;
+      if (r < rows && col < cols) dst[COLUMN_MAJOR ? col * rows + r : r * cols + col] = acc[c][e];
     }
+  }
+}
 
-    // Online softmax; s[nt][e] is the score of row g + 8 (e / 2) and key n0 + 8 nt + 2 t + e % 2.
-    const int64_t n0 = j * BN;
-    const int keys = nk - n0 < BN ? static_cast<int>(nk - n0) : BN;  // keys in this block
-    const uint8_t* block_mask = key_mask == nullptr ? nullptr : key_mask + n0;
+// One block (8 warps) per SM as the register budget: 128 registers a thread would make ptxas
+// spill the fragments of most tile widths. FlashAttention-2 runs two blocks of 4 warps.
+template <class T, int DT, int CVT>
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
+                       WarpShape shape, float scale_log2, MmaGrid grid) {
+  using L = MmaTiles<T, DT, CVT>;
+  constexpr int BN = kMmaBN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
+  T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]
+
+  const int64_t block = blockIdx.x;
+  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
+  const int64_t c0 = (block / grid.row_blocks % grid.cv_chunks) * CVT;
+  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t nq = shape.nq, nk = shape.nk;
+  const int d = shape.d, cv = shape.cv;
+  to_batch(b, shape, q, k, v, key_mask);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = lane % 4;
+  const int d_steps = (d + 15) / 16;  // k16 steps of the score product; the rest of DT is zeros
+
+  uint32_t qf[DT / 16][4] = {};
+  stage_resident<T, DT, CVT>(rs, vs, q, nullptr, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
+  __syncthreads();  // the stages are free for the keys
+
+  // Rows g and g + 8: running max (base 2), and this lane's share of the row sum (its quad's
+  // four shares are added at the end).
+  float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
+  float o[CVT / 8][4] = {};
+  stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, c0, [&](int64_t n0, const T* kt, const T* vt) {
+    float s[BN / 8][4] = {};
+    mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
+    const KeyBlock keys(key_mask, nk, n0);
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int n = 8 * nt + 2 * t + e % 2;
-        const bool kept = n < keys && (block_mask == nullptr || block_mask[n] != 0);
-        s[nt][e] = kept ? s[nt][e] * scale_log2 : kNegInf;
+        s[nt][e] = keys.kept(8 * nt + 2 * t + e % 2) ? s[nt][e] * scale_log2 : kNegInf;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[nt][e]);
       }
     }
@@ -207,28 +326,10 @@ __global__ void __launch_bounds__(kThreads, (MmaForwardTiles<T, DT, CVT>::kMinBl
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[c][e] *= alpha[e / 2];
     }
-
-    // O += P V: the accumulators of n8 tiles 2 kk and 2 kk + 1 are the A fragment of keys 16 kk ..
-    // 16 kk + 15 (P rounded to T, as in the other kernels).
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const float* p0 = s[2 * kk];
-      const float* p1 = s[2 * kk + 1];
-      const uint32_t a[4] = {pack2(from_float<T>(p0[0]), from_float<T>(p0[1])),
-                             pack2(from_float<T>(p0[2]), from_float<T>(p0[3])),
-                             pack2(from_float<T>(p1[0]), from_float<T>(p1[1])),
-                             pack2(from_float<T>(p1[2]), from_float<T>(p1[3]))};
-#pragma unroll
-      for (int cc = 0; cc < CVT / 16; ++cc) {
-        uint32_t f[4];
-        ldmatrix_x4<false>(f, b_rows(vt, L::LD_N, 16 * cc, 16 * kk, lane));
-        const uint32_t lo[2] = {f[0], f[1]}, hi[2] = {f[2], f[3]};
-        mma_16816<T>(o[2 * cc], a, lo);
-        mma_16816<T>(o[2 * cc + 1], a, hi);
-      }
-    }
-    __syncthreads();  // every warp is done with this stage before the next iteration refills it
-  }
+    uint32_t pf[BN / 16][4];
+    to_a_fragments<T>(pf, s);
+    mma_tile<true>(o, pf, vt, L::LD_N, BN / 16, CVT / 16, lane);  // O += P V, V stored [c][n]
+  });
 
   // out (Cv, Nq), lse (natural log) from the first chunk's blocks.
   out += b * cv * nq;
@@ -254,6 +355,142 @@ __global__ void __launch_bounds__(kThreads, (MmaForwardTiles<T, DT, CVT>::kMinBl
       if (row0 + 8 * r < nq) lse[b * nq + row0 + 8 * r] = (row_max[r] + log2f(row_sum[r])) * kLn2;
     }
   }
+}
+
+template <class T, int DT, int CVT>
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_dq_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+                           const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
+                           const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq,
+                           WarpShape shape, float scale, MmaGrid grid) {
+  using L = MmaTiles<T, DT, CVT>;
+  constexpr int BN = kMmaBN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
+  T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]; dOut [c][m] before
+
+  const int64_t m0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
+  const int64_t b = blockIdx.x / grid.row_blocks;
+  const int64_t nq = shape.nq, nk = shape.nk;
+  const int d = shape.d, cv = shape.cv;
+  to_batch(b, shape, q, k, v, key_mask);
+  grad_out += b * cv * nq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = lane % 4;
+  const int d_steps = (d + 15) / 16;
+  const float scale_log2 = scale * kLog2e;
+
+  uint32_t qf[DT / 16][4] = {}, of[CVT / 16][4];
+  stage_resident<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
+  column_fragments<T, CVT>(of, vs, L::LD_R);
+  __syncthreads();  // the stages are free for the keys
+  // Rows g and g + 8: lse in base 2 and delta; rows past Nq get P = 0.
+  const int64_t row0 = m0 + 16 * warp + lane / 4;
+  float lse2[2], dlt[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t m = row0 + 8 * r;
+    lse2[r] = m < nq ? lse[b * nq + m] * kLog2e : -kNegInf;
+    dlt[r] = m < nq ? delta[b * nq + m] : 0.0f;
+  }
+
+  float acc[DT / 8][4] = {};
+  stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, 0, [&](int64_t n0, const T* kt, const T* vt) {
+    float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+    mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
+    mma_tile<false>(dp, of, vt, L::LD_N, CVT / 16, BN / 16, lane);  // dP = dOut V^T, V stored [c][n]
+    const KeyBlock keys(key_mask, nk, n0);
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = keys.kept(8 * nt + 2 * t + e % 2) ? exp2f(s[nt][e] * scale_log2 - lse2[e / 2]) : 0.0f;
+        s[nt][e] = p * (dp[nt][e] - dlt[e / 2]) * scale;
+      }
+    }
+    uint32_t dsf[BN / 16][4];
+    to_a_fragments<T>(dsf, s);
+    mma_tile<false>(acc, dsf, kt, L::LD_D, BN / 16, d_steps, lane);  // dQ += dS K, K stored [n][d]
+  });
+
+  store_accumulators<false>(dq + b * nq * d, acc, row0, nq, d);
+}
+
+template <class T, int DT, int CVT>
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_dkdv_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
+                             const float* __restrict__ lse, const float* __restrict__ delta,
+                             float* __restrict__ dk, float* __restrict__ dv, WarpShape shape, float scale,
+                             MmaGrid grid) {
+  using L = MmaTiles<T, DT, CVT>;
+  constexpr int BM = kMmaBN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const rs = reinterpret_cast<T*>(smem);  // two Q stages
+  T* const vs = rs + 2 * L::ROW_STAGE;       // two dOut stages, [c][m]
+  T* const ks = vs + 2 * L::VAL_STAGE;       // the resident K rows
+  T* const vr = ks + kMmaRows * L::LD_D;     // the resident V columns, [c][n]
+
+  const int64_t n0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
+  const int64_t b = blockIdx.x / grid.row_blocks;
+  const int64_t nq = shape.nq, nk = shape.nk;
+  const int d = shape.d, cv = shape.cv;
+  to_batch(b, shape, q, k, v, key_mask);
+  grad_out += b * cv * nq;
+  lse += b * nq;
+  delta += b * nq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = lane % 4;
+  const int d_steps = (d + 15) / 16;
+  const float scale_log2 = scale * kLog2e;
+
+  stage_resident<T, DT, CVT>(ks, vr, k, v, nk, d, cv, n0);
+  const int64_t row0 = n0 + 16 * warp + lane / 4;  // keys g and g + 8 of the warp
+  const bool kept[2] = {key_kept(key_mask, nk, row0), key_kept(key_mask, nk, row0 + 8)};
+
+  float acc_dk[DT / 8][4] = {}, acc_dv[CVT / 8][4] = {};
+  stream_blocks<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, 0, [&](int64_t m0, const T* qt, const T* ot) {
+    float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
+    uint32_t kf[DT / 16][4] = {}, vf[CVT / 16][4];
+    row_fragments<T, DT>(kf, ks, L::LD_D, d_steps);
+    mma_tile<true>(s, kf, qt, L::LD_D, d_steps, BM / 16, lane);      // S^T = K Q^T, Q stored [m][d]
+    column_fragments<T, CVT>(vf, vr, L::LD_R);
+    mma_tile<false>(dp, vf, ot, L::LD_N, CVT / 16, BM / 16, lane);   // dP^T = V dOut^T, dOut stored [c][m]
+    // lse (base 2) and delta of query columns 2 lane and 2 lane + 1: column c's are in lane c / 2
+    // (two registers a lane instead of sixteen).
+    float lane_lse2[2], lane_delta[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t m = m0 + 2 * lane + j;
+      lane_lse2[j] = m < nq ? lse[m] * kLog2e : 0.0f;
+      lane_delta[j] = m < nq ? delta[m] : 0.0f;
+    }
+#pragma unroll
+    for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // this lane's query columns m0 + 8 nt + 2 t + j
+        const int64_t m = m0 + 8 * nt + 2 * t + j;
+        const float lse2 = __shfl_sync(0xffffffffu, lane_lse2[j], 4 * nt + t);
+        const float dlt = __shfl_sync(0xffffffffu, lane_delta[j], 4 * nt + t);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int e = 2 * r + j;
+          const float p = kept[r] && m < nq ? exp2f(s[nt][e] * scale_log2 - lse2) : 0.0f;
+          s[nt][e] = p;
+          dp[nt][e] = p * (dp[nt][e] - dlt) * scale;
+        }
+      }
+    }
+    uint32_t f[BM / 16][4];
+    to_a_fragments<T>(f, s);
+    mma_tile<true>(acc_dv, f, ot, L::LD_N, BM / 16, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
+    to_a_fragments<T>(f, dp);
+    mma_tile<false>(acc_dk, f, qt, L::LD_D, BM / 16, d_steps, lane);  // dK += dS^T Q, Q stored [m][d]
+  });
+
+  if (dk != nullptr) store_accumulators<false>(dk + b * nk * d, acc_dk, row0, nk, d);
+  if (dv != nullptr) store_accumulators<true>(dv + b * cv * nk, acc_dv, row0, nk, cv);
 }
 
 }  // namespace cuda

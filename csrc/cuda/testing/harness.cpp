@@ -30,11 +30,11 @@ int forward(const void* q, const void* k, const void* v, const uint8_t* mask, vo
             WarpGeometry g, float scale) {
   if constexpr (!std::is_same_v<T, float>) {
     if (uses_mma_forward<T>(s, g)) {
-      with_mma_tiles(s, [&](auto dt, auto cvt) {
+      with_mma_tiles<kMmaMaxD>(s, [&](auto dt, auto cvt) {
         constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-        check_smem(MmaForwardTiles<T, DT, CVT>::kBytes);
-        const MmaForwardGrid grid(s, CVT);
-        emu::launch(grid.blocks(s), kThreads, [&] {
+        check_smem(MmaTiles<T, DT, CVT>::kBytes);
+        const MmaGrid grid = forward_mma_grid(s, CVT);
+        emu::launch(grid.blocks(s.batch), kThreads, [&] {
           forward_mma_kernel<T, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
                                          static_cast<const T*>(v), mask, static_cast<T*>(out), lse, s,
                                          scale * kLog2e, grid);
@@ -52,13 +52,37 @@ int forward(const void* q, const void* k, const void* v, const uint8_t* mask, vo
   return 0;
 }
 
+// The backward kernels the launcher picks (correspondence_warp_backward); 3 as forward.
 template <class T>
-void backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
+int backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
               const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
               WarpShape s, WarpGeometry g, float scale) {
+  auto in = [](const void* p) { return static_cast<const T*>(p); };
+  if constexpr (!std::is_same_v<T, float>) {
+    if (uses_mma_backward<T>(s, g)) {
+      with_mma_tiles<kMmaMaxBackwardD>(s, [&](auto dt, auto cvt) {
+        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+        check_smem(MmaTiles<T, DT, CVT>::kDkDvBytes);
+        if (dq != nullptr) {
+          const MmaGrid grid = backward_mma_grid(s.nq);
+          emu::launch(grid.blocks(s.batch), kThreads, [&] {
+            backward_dq_mma_kernel<T, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale,
+                                               grid);
+          });
+        }
+        if (dk != nullptr || dv != nullptr) {
+          const MmaGrid grid = backward_mma_grid(s.nk);
+          emu::launch(grid.blocks(s.batch), kThreads, [&] {
+            backward_dkdv_mma_kernel<T, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s,
+                                                 scale, grid);
+          });
+        }
+      });
+      return emu::take_fault() == nullptr ? 0 : 3;
+    }
+  }
   check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));
   check_smem(BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(g)));
-  auto in = [](const void* p) { return static_cast<const T*>(p); };
   if (dq != nullptr) {
     const int64_t m_blocks = ceil_div(s.nq, BM);
     emu::launch(s.batch * m_blocks, kThreads, [&] {
@@ -73,6 +97,7 @@ void backward(const void* grad_out, const void* q, const void* k, const void* v,
                               n_blocks);
     });
   }
+  return 0;
 }
 template <class T>
 void prologue(const float* x, void* rows, int64_t batch, int64_t channels, int64_t n, bool center, bool normalize,
@@ -191,11 +216,10 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
   const WarpShape s{batch, nq, nk, d, cv};
   const WarpGeometry g = prepared_rows(s);
   switch (dtype) {
-    case 0: backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale); return 0;
-    case 1: backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale); return 0;
+    case 0: return backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
+    case 1: return backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
     case 2:
-      backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
-      return 0;
+      return backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
   }
   return 1;
 }
@@ -226,15 +250,12 @@ int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const 
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
   switch (dtype) {
     case 0:
-      backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
-      return 0;
+      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
     case 1:
-      backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
-      return 0;
+      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
     case 2:
-      backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
-                              scale);
-      return 0;
+      return backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
+                                     scale);
   }
   return 1;
 }

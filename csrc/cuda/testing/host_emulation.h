@@ -55,6 +55,15 @@ inline float exchange[32][32];
 
 inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
 
+inline float __shfl_sync(unsigned, float value, int src_lane) {
+  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  emu::exchange[warp][lane] = value;
+  emu::warp_barriers[warp]->arrive_and_wait();
+  const float other = emu::exchange[warp][src_lane % 32];
+  emu::warp_barriers[warp]->arrive_and_wait();
+  return other;
+}
+
 inline float __shfl_xor_sync(unsigned, float value, int offset) {
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   emu::exchange[warp][lane] = value;
