@@ -2,9 +2,9 @@
 // FlashAttention-2 builds them, from the PTX operations of mma.cuh (sm_80 and newer).
 //
 // Every kernel has one shape: a block of 8 warps keeps 128 rows resident (warp w owns rows
-// 16 w .. 16 w + 15), copied to shared memory once and held as mma A fragments in registers,
-// and streams 64-row blocks of the other side through a two-stage cp.async pipeline (a tile of
-// feature rows and the matching value-like tile, 16 bytes per copy). Products are mma.sync
+// 16 w .. 16 w + 15), copied to shared memory once and, where the registers allow, held as mma A
+// fragments, and streams 64-row blocks of the other side through a two-stage cp.async pipeline
+// (a tile of feature rows and the matching value-like tile, 16 bytes per copy). Products are mma.sync
 // m16n8k16 into float registers; the elementwise work (softmax, P, dS) runs on those registers,
 // and a product's float accumulators become the next product's A fragments in place (rounded to
 // the input dtype, as in the other kernels). Nothing round-trips through shared memory but the
@@ -15,8 +15,9 @@
 //   O += P V. One block per (128 queries, value chunk of CVT, batch element).
 // - backward dQ (D <= 128, Cv <= 64): resident Q and dOut; per key block S, P = exp2(S - lse),
 //   dP = dOut V^T, dS = P (dP - delta) scale, dQ += dS K. One block per (128 queries, batch).
-// - backward dK/dV (D <= 128, Cv <= 64): resident K and V (in shared memory); per query block S^T = K Q^T, P^T,
-//   dP^T = V dOut^T, dV += P^T dOut, dK += dS^T Q. One block per (128 keys, batch).
+// - backward dK/dV (D <= 128, Cv <= 64): resident K and V, kept in shared memory; per query
+//   block S^T = K Q^T, P^T, dP^T = V dOut^T, dV += P^T dOut, dK += dS^T Q. One block per
+//   (128 keys, batch).
 //
 // D is padded to DT (64, 128 or 256) in the tiles and fragments, the value chunk to CVT (16 or 64)
 // channels: Cv = 3 pays for 16, not 64. Rows whose length (D; Nq or Nk for value-like tiles) is
