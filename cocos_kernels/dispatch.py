@@ -166,10 +166,19 @@ register(Backend(
     frozenset({torch.float16, torch.bfloat16, torch.float32}), fused=True, load=_load_triton,
     auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True, features=frozenset({"key_mask"}),
 ))
+def _cuda_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    # Its kernels use sm_80 instructions (cp.async, ldmatrix, mma.sync) and shared memory.
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 0):
+            return f"its kernels need compute capability 8.0 or newer (A100, H100, ...), this card has {major}.{minor}"
+    return None
+
+
 # Below triton until it has run on a GPU; no float64 (float32 accumulation) and no precision=
 # (its float32 products are exact FMAs).
 register(Backend("cuda", 15, frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                 fused=True, load=_load_cuda, features=frozenset({"key_mask"})))
+                 fused=True, load=_load_cuda, check=_cuda_check, features=frozenset({"key_mask"})))
 
 
 def backend_names() -> tuple[str, ...]:

@@ -542,6 +542,13 @@ def test_refuses_without_a_device_and_builds_nothing():
         ck.correspondence_warp(*(torch.randn(1, 3, 4, 4) for _ in range(3)), backend="cuda")
 
 
+def test_refuses_cards_older_than_sm80(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    reason = ck.BACKENDS["cuda"].refusal(torch.device("cuda"), torch.float16)
+    assert reason == "its kernels need compute capability 8.0 or newer (A100, H100, ...), this card has 7.5"
+
+
 JIT_BUILD = """
 from cocos_kernels import cuda
 module = cuda._jit_build()
