@@ -540,24 +540,26 @@ def cuda_rows(archs: list[int], jobs: int) -> tuple[list[dict], str | None]:
     try:
         from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-        from cocos_kernels import cuda
+        from cocos_kernels import build
     except Exception as e:  # noqa: BLE001
         return [], f"no CUDA extension tooling: {e!r}"
-    home = cuda.cuda_home()
+    home = build.cuda_home()
     if home is None:
         return [], "no nvcc (no CUDA toolkit found)"
     nvcc = Path(home) / "bin" / "nvcc"
     cuobjdump = shutil.which("cuobjdump", path=str(Path(home) / "bin")) or _tools()[0].get("cuobjdump")
-    src = REPO / "csrc" / "cuda"
+    src = build.source_dir("cuda")
+    if src is None:
+        return [], "no CUDA sources found"
     gencode = {90: "arch=compute_90a,code=sm_90a", 80: "arch=compute_80,code=sm_80"}
-    jobs_list = [(f, arch) for f in sorted(src.glob("*.cu")) for arch in archs]
+    jobs_list = [(src / f, arch) for f in build.CUDA_SOURCES if f.endswith(".cu") for arch in archs]
 
-    def build(job):
+    def compile_file(job):
         f, arch = job
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "k.cubin"
             t0 = time.perf_counter()
-            proc = subprocess.run([str(nvcc), *COMMON_NVCC_FLAGS, *cuda.NVCC_FLAGS, "-gencode", gencode[arch], "-cubin",
+            proc = subprocess.run([str(nvcc), *COMMON_NVCC_FLAGS, *build.NVCC_FLAGS, "-gencode", gencode[arch], "-cubin",
                                    str(f), "-o", str(cubin)], capture_output=True, text=True, cwd=src)
             seconds = round(time.perf_counter() - t0, 1)
             if proc.returncode != 0:
@@ -569,7 +571,7 @@ def cuda_rows(archs: list[int], jobs: int) -> tuple[list[dict], str | None]:
                 for name, u in found.items()]
 
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        rows = [r for part in pool.map(build, jobs_list) for r in part]
+        rows = [r for part in pool.map(compile_file, jobs_list) for r in part]
     return rows, None
 
 
