@@ -1,71 +1,75 @@
-"""GPU check of the fused GPU backends (triton, cuda): tests, accuracy per precision, timings.
+"""GPU check of the fused GPU backends (triton, cuda): the headline numbers first, then correctness.
 
-    python benchmarks/gpu_check.py              # on a machine with a CUDA GPU: at most ~9.5 min (--deadline-s)
-    python benchmarks/gpu_check.py --dry-run    # CPU smoke run of the same code (Triton interpreter)
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out-dir "$OUT"   # on the GPU machine: ~9 min
+    python benchmarks/gpu_check.py --dry-run --out-dir /tmp/gpu-check    # the same plan on the CPU, ~1 min
 
-Phases, each in its own process so that each sets up Triton as it needs:
-  0. build:    the CUDA extension of the "cuda" backend (JIT, cached for the later phases); if it
-               fails, the later phases run with COCOS_KERNELS_CUDA_BUILD=0 (no retries) and the
-               "cuda" rows say why they were skipped;
-  1. tests:    `pytest <the op tests> --device cuda` (GPU_TESTS; Triton autotuning off: the suite sweeps dozens of
-               shapes, and every new (D, Cv, dtype) would compile and time every config);
-  2. accuracy: forward and gradients of each fused GPU backend against the float64 reference at
-               16^2..128^2 grids, patch sizes 1 and 3, temperature 0.01, for every precision (float32 with ieee,
-               tf32x3 and tf32 products -- cuda has full float32 only; float16; bfloat16). A mode
-               passes when its error is at most 2x (3x for gradients) the error of the
-               materialised PyTorch path at the same precision, plus an absolute floor of 1e-5
-               (FlashAttention's criterion);
-  3. timing:   forward and forward+backward of the materialised reference, scaled_dot_product_
-               attention with each SDPA backend (benchmarks/bench_correspondence_warp.py's wrappers:
-               prologue included, value padded for the flash / efficient kernels) and
-               the triton and cuda backends, at 64^2, 128^2, 256^2 grids, C=256, Cv=3 and 48,
-               batch 4, in float32 and bfloat16: median time (triton.testing.do_bench), peak memory
-               beyond the inputs (torch.cuda.max_memory_allocated), TFLOP/s and the ratio to the
-               reference;
-  4. contextual_loss: every backend implementing it against float64 (loss, grad x, grad y; the
-               same bound as phase 2), then the reference against each fused backend,
-               forward+backward in float32, batch 1, at the VGG-19 layers CoCosNet's loss sees
-               (relu2_2 at side/2 with 128 channels, relu3_2 /4 256, relu4_2 /8 512, relu5_2 /16
-               512), unpooled, for 256, 512 and 1024 px images: time and peak memory; an OOM is
-               recorded, and a row whose predicted time (from the impl's rate on the smaller rows)
-               exceeds what is left of --contextual-budget-s is skipped with that prediction.
-  5. train_step: one CoCosNet training step (benchmarks/bench_train_step.py: ADE20K recipe, batch 1,
-               steady state) at 512 and 1024 px, materialised (reference) vs triton with and without
-               --activation_checkpointing, each in a fresh process under an 80 GiB cap (the card's
-               memory if smaller): peak and total memory, time per step; configs in TRAIN_STEP_CONFIGS
-               order until --train-step-budget-s is spent. Targets: at 512 px the fused model's total
-               < 1/4 of the materialised one's, and 1024 px fits in 80 GiB.
-Writes benchmarks/results/gpu_check_<card>.md and .json, and exits non-zero if the cuda build or a
-test fails, an accuracy bound is broken or a timed fused output is wrong (non-finite, or off the
-float32 reference).
+The plan, in this order; every measured row is written to --out-dir (gpu_check_<card>.md and
+.json, rewritten after every row) as soon as it exists, so a run cut short still leaves what it did:
 
-FLOPs: a forward counts 2 * Nq * Nk * (C + Cv) per batch element (scores and value product);
-forward+backward counts 3.5x that (the backward recomputes the scores and does four products).
-The timing phase stops starting new measurements after --budget-s seconds of the whole run, so
-a slow card still finishes (the rows it skipped say so); the most important rows go first.
-Deadline: no phase or measurement starts after --deadline-s seconds of the whole run (default 540,
-under the device tool's 600 s per command), each phase's time limit is cut to what is left, and the
-report is rewritten after every phase: a run stopped from outside still leaves what it finished.
+  at once, in the background: the CUDA extension build (JIT, cached for the later phases) and
+           --warmers processes that compile every Triton kernel config the headline timing rows
+           autotune over (their launches compile and launch nothing), on the machine's other cores;
+  env:     card, versions, and the measured bfloat16 / tf32 / float32 matmul peaks (8192^3,
+           triton.testing.do_bench): the yardsticks of the targets;
+  timing:  the headline rows, triton first: bfloat16 forward and forward+backward at
+           --headline-side^2 (256^2), C=256, Cv=3 and 48, batch 4; 3x3 windows (CoCosNet's
+           match_kernel) at --window-sides (64^2, 128^2: the feature grids of 256/512 px images);
+           float32 at tf32x3 and ieee at --float32-side^2 (128^2); then the same rows on the cuda
+           backend (once its build is done; the peers first while it is not), and the peers:
+           the materialised reference, SDPA cuDNN, flash with the value padded to C, memory-efficient
+           with the value padded to 8 (benchmarks/bench_correspondence_warp.py's wrappers, the PyTorch
+           prologue included). Median time, peak memory beyond the inputs, TFLOP/s, error against the
+           float32 reference; a row over --item-limit-s is killed and recorded as such;
+  tests:   a targeted correctness subset on the GPU (GPU_TESTS filtered by GPU_TEST_FILTER: every op,
+           dtype and option family once, the fused backends only), `pytest --device cuda` with
+           pytest-xdist and pytest-timeout where installed (else --test-workers pytest processes,
+           each a shard of the collected tests), junit in --out-dir/gpu_check_junit.xml;
+  contextual: contextual_loss against float64, then timed at CoCosNet's VGG-19 layers of 256-1024 px
+           images (the reference and each fused backend, forward+backward, float32, batch 1);
+  train_step: one CoCosNet training step (benchmarks/bench_train_step.py, ADE20K recipe, batch 1) at
+           512 and 1024 px, materialised vs triton with and without --activation_checkpointing;
+  accuracy: forward and gradients of each fused backend against float64 at 16^2..128^2 grids, patch
+           sizes 1 and 3, every precision (float32 ieee / tf32x3 / tf32, float16, bfloat16); a mode
+           passes when its error is at most 2x (3x for gradients) the materialised PyTorch path's
+           at the same precision plus 1e-5;
+  timing_more: the remaining timing sweep (--sides x Cv x --dtypes, every implementation).
+
+Each phase runs in child processes that stream their rows; nothing starts after --deadline-s (540 s,
+under the device tool's 600 s per command) and a phase still running then is stopped. The report's
+targets: triton bfloat16 forward >= 50% of the measured bf16 matmul peak at 256^2, C=256, Cv=3;
+forward+backward >= 35%; 3x3 windows >= 30%; float32 tf32x3 >= 3x the reference's speed at 128^2.
+Exits non-zero if the cuda build or a test fails, an accuracy bound is broken or a timed fused output
+is wrong (non-finite, or off the float32 reference).
+
+--dry-run runs the same plan at tiny shapes on the CPU (fused backends: the Triton interpreter and the
+cpu kernels; where the installed Triton's interpreter cannot run, its rows say why), collects the
+test subset without running it, and writes the same files.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import gc
-import json
 import itertools
+import json
 import math
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make the benchmarks package importable
     sys.path.insert(0, str(ROOT))
 TEMPERATURE = 0.01
+MODES = ("forward", "forward+backward")
 ACCURACY_MODES = {  # name: (dtype, precision= of the triton backend, torch float32 matmul precision)
     "float32-ieee": ("float32", "ieee", "highest"),
     "float32-tf32x3": ("float32", "tf32x3", "high"),
@@ -73,6 +77,9 @@ ACCURACY_MODES = {  # name: (dtype, precision= of the triton backend, torch floa
     "float16": ("float16", None, "highest"),
     "bfloat16": ("bfloat16", None, "highest"),
 }
+# torch's float32 matmul precision for a timing row's precision: the triton backend follows it
+# (precision=None), and the materialised peers run their float32 products at the same level.
+MATMUL_PRECISION = {None: "highest", "ieee": "highest", "tf32x3": "high", "tf32": "medium"}
 ERROR_FACTOR = {"out": 2.0, "grad query": 3.0, "grad key": 3.0, "grad value": 3.0, "loss": 2.0, "grad x": 3.0,
                 "grad y": 3.0}
 ERROR_FLOOR = 1e-5
@@ -80,93 +87,244 @@ ERROR_FLOOR = 1e-5
 TIMING_RTOL = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
 # The fused GPU backends of correspondence_warp under test: checked, timed, and failing the run when wrong.
 FUSED_GPU = ("triton", "cuda")
-# Phase 1: the op tests that take --device cuda, most important first (the phase has a time limit).
-# They include determinism (bit-identical reruns of every fused backend), key masks, top-k, the
-# cycle, the image warp and the window form of patches; the CPU-only suites (builds, cocosnet,
-# benchmarks) are left out.
-GPU_TESTS = ("tests/test_correspondence_warp.py", "tests/test_windows.py", "tests/test_key_mask.py",
-             "tests/test_cycle_warp.py", "tests/test_contextual_loss.py", "tests/test_correspondence_warp_triton.py",
+# The headline rows' peers (benchmarks/bench_correspondence_warp.py's implementations).
+PEERS = ("reference", "sdpa-cudnn", "sdpa-flash-pad-C", "sdpa-efficient-pad-8")
+# The tests phase: these files, filtered by -k GPU_TEST_FILTER (pytest's keyword matching on the test
+# ids): the fused backends only (the reference and cpu rows test nothing GPU-specific), the
+# parametrised sweeps at one or two shapes and temperatures instead of all of them.
+GPU_TESTS = ("tests/test_correspondence_warp_triton.py", "tests/test_correspondence_warp.py", "tests/test_windows.py",
+             "tests/test_key_mask.py", "tests/test_cycle_warp.py", "tests/test_contextual_loss.py",
              "tests/test_correspondence_topk.py", "tests/test_warp_image.py", "tests/test_check_finite.py",
              "tests/test_properties.py")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true",
-                   help="run on CPU tensors through the Triton interpreter at tiny shapes, without pytest: "
-                        "checks the measuring and table code, not the GPU")
-    p.add_argument("--skip-tests", action="store_true", help="skip phase 1 (pytest)")
-    p.add_argument("--test-paths", nargs="+", default=list(GPU_TESTS), help="what phase 1 runs (default: %(default)s)")
-    # Defaults: (GPU run, --dry-run); see DEFAULTS.
-    p.add_argument("--sides", type=int, nargs="+", help="timing grid sides (64 128 256; dry run: 4 6)")
-    p.add_argument("--accuracy-sides", type=int, nargs="+", help="accuracy grid sides (16 32 64 128; dry run: 4)")
-    p.add_argument("--accuracy-patches", type=int, nargs="+", default=[1, 3],
-                   help="accuracy patch sizes (3: the window kernels, CoCosNet's match_kernel; default: %(default)s)")
-    p.add_argument("--channels", type=int, help="feature channels C (256; dry run: 8)")
-    p.add_argument("--value-channels", type=int, nargs="+", help="timing value channels Cv (3 48; dry run: 3)")
-    p.add_argument("--batch", type=int, help="timing batch size (4; dry run: 1)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"],
-                   help="timing dtypes")
-    p.add_argument("--budget-s", type=float, default=300.0,
-                   help="start no timing measurement after this many seconds of the whole run")
-    p.add_argument("--test-timeout-s", type=float, default=200.0, help="limit of phase 1")
-    p.add_argument("--build-timeout-s", type=float, default=300.0, help="limit of phase 0 (the CUDA build)")
-    p.add_argument("--contextual-images", type=int, nargs="+",
-                   help="contextual_loss image sides in px (256 512 1024; dry run: 16)")
-    p.add_argument("--contextual-budget-s", type=float, default=45.0,
-                   help="start no contextual_loss timing after this many seconds of its phase")
-    p.add_argument("--train-step-budget-s", type=float, default=120.0,
-                   help="start no training-step config after this many seconds of its phase (0: skip the phase)")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
-    p.add_argument("--phase", choices=["accuracy", "timing", "contextual", "train_step"], help=argparse.SUPPRESS)  # internal: one phase, JSON out
-    p.add_argument("--deadline-s", type=float, default=540.0,
-                   help="start nothing after this many seconds of the whole run; the report is written after "
-                        "every phase")
-    p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
-    return p
-
+GPU_TEST_FILTER = " and ".join(f"not {s}" for s in (
+    "[reference-", "[cpu-", "B1-C1-", "B1-C3-", "B1-C17-Cv1-", "B3-C64", "B2-C1-7x5", "B3-C3-5x7", "B1-C64-1x3",
+    "-h0.05]", "-h0.5]", "-h1]", "-1e-20-", "-1e20-", "test_nonfinite_inputs_propagate", "test_constant_feature_maps",
+    "test_non_finite_input_raises["))
+SHARD_VARIABLE = "GPU_CHECK_SHARD"  # "i/n": the pytest plugin below keeps every n-th collected test from i
 
 DEFAULTS = {  # option: (GPU run, dry run)
-    "sides": ([64, 128, 256], [4, 6]),
+    "deadline_s": (540.0, 85.0),
+    "headline_side": (256, 8),
+    "window_sides": ([64, 128], [4]),
+    "float32_side": (128, 6),
+    "sides": ([64, 128, 256], [4]),
     "accuracy_sides": ([16, 32, 64, 128], [4]),
     "channels": (256, 8),
     "value_channels": ([3, 48], [3]),
     "batch": (4, 1),
     "contextual_images": ([256, 512, 1024], [16]),
+    "warmers": (min(8, max(1, (os.cpu_count() or 2) // 2)), 1),
+    "test_workers": (min(16, os.cpu_count() or 1), 1),
 }
-# Phase 5, most important first ("fused": triton on the GPU, cpu in the dry run).
+# Phase train_step, most important first ("fused": triton on the GPU, cpu in the dry run).
 TRAIN_STEP_CONFIGS = {  # (side, impl, activation checkpointing)
     "gpu": ((512, "reference", False), (512, "fused", True), (1024, "fused", True), (512, "fused", False),
             (1024, "fused", False)),
-    "dry": ((64, "reference", False), (64, "fused", True)),
+    "dry": ((64, "fused", True),),
 }
 TRAIN_STEP_CAP_GB = 80.0
-DEADLINE_GRACE_S = 30.0  # past --deadline-s: a running measurement may finish, then the phase is killed
+# Seconds one item of a phase may take (a timing row: --item-limit-s); a process's start comes on top.
+ITEM_LIMIT_S = {"env": 120.0, "accuracy": 120.0, "contextual": 90.0, "train_step": 300.0}
+STARTUP_S = 60.0
+DEADLINE_GRACE_S = 15.0  # past --deadline-s: a running item may finish, then its process is stopped
 # contextual_loss: VGG-19 layer -> (channels, image side / feature side), as CoCosNet uses them.
 CONTEXTUAL_LAYERS = {"relu2_2": (128, 2), "relu3_2": (256, 4), "relu4_2": (512, 8), "relu5_2": (512, 16)}
 CONTEXTUAL_BANDWIDTH = 0.1
 CONTEXTUAL_DRY_CHANNELS = 16  # the dry run divides the layers' channels by this
 
 
-def _environment(dry_run: bool, autotune: bool) -> dict:
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true",
+                   help="the same plan at tiny shapes on the CPU: checks the plan, the measuring and the report, "
+                        "not the GPU")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                   help="where the report, the junit file and the log go (default: %(default)s)")
+    p.add_argument("--deadline-s", type=float, help="start nothing after this many seconds (540; dry run: 85)")
+    p.add_argument("--item-limit-s", type=float, default=60.0,
+                   help="a timing row taking longer (compiling included) is stopped and recorded (default: %(default)s)")
+    p.add_argument("--build-timeout-s", type=float, default=300.0, help="limit of the CUDA build (default: %(default)s)")
+    p.add_argument("--test-timeout-s", type=float, default=150.0, help="limit of the tests phase (default: %(default)s)")
+    p.add_argument("--test-workers", type=int, help="parallel pytest workers (min(16, cores); dry run: 1)")
+    p.add_argument("--warmers", type=int, help="processes compiling the headline Triton kernels (cores / 2, <= 8)")
+    p.add_argument("--skip-tests", action="store_true", help="skip the tests phase")
+    # Defaults: (GPU run, --dry-run); see DEFAULTS.
+    p.add_argument("--headline-side", type=int, help="headline grid side (256; dry run: 8)")
+    p.add_argument("--window-sides", type=int, nargs="+", help="3x3-window grid sides (64 128; dry run: 4)")
+    p.add_argument("--float32-side", type=int, help="float32 headline grid side (128; dry run: 6)")
+    p.add_argument("--sides", type=int, nargs="+", help="grid sides of the timing_more sweep (64 128 256; dry run: 4)")
+    p.add_argument("--channels", type=int, help="feature channels C (256; dry run: 8)")
+    p.add_argument("--value-channels", type=int, nargs="+", help="value channels Cv (3 48; dry run: 3)")
+    p.add_argument("--batch", type=int, help="timing batch size (4; dry run: 1)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "float16", "bfloat16"],
+                   help="dtypes of the timing_more sweep (default: %(default)s)")
+    p.add_argument("--accuracy-sides", type=int, nargs="+", help="accuracy grid sides (16 32 64 128; dry run: 4)")
+    p.add_argument("--accuracy-patches", type=int, nargs="+", default=[1, 3],
+                   help="accuracy patch sizes (3: the window kernels; default: %(default)s)")
+    p.add_argument("--contextual-images", type=int, nargs="+",
+                   help="contextual_loss image sides in px (256 512 1024; dry run: 16)")
+    p.add_argument("--contextual-budget-s", type=float, default=45.0,
+                   help="start no contextual_loss timing after this many seconds of its phase (default: %(default)s)")
+    p.add_argument("--train-step-budget-s", type=float, default=120.0,
+                   help="start no training-step config after this many seconds of its phase (0: skip the phase)")
+    # Internal: a phase's child process (--phase, --first, --last, --shard) and the run's start time.
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--last", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
+    p.add_argument("--started", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    for name, defaults in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[args.dry_run])
+    if args.started is None:
+        args.started = time.time()
+    args.deadline = args.started + args.deadline_s
+    return args
+
+
+def _environment(dry_run: bool, autotune: bool = True, cuda_build: bool = True) -> dict:
     env = dict(os.environ)
     env["TRITON_INTERPRET"] = "1" if dry_run else "0"
     env["COCOS_KERNELS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
+    if not cuda_build:  # the build failed once: the backend refuses with that reason, no retries
+        env["COCOS_KERNELS_CUDA_BUILD"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
+# ----------------------------------------------------------------------------- the plan
+
+def timing_items(args, more: bool = False) -> list[dict]:
+    """The timing rows in the order they run: the headline configs for triton, then cuda, then the
+    peers; with `more`, the rest of the sweep (--sides x Cv x --dtypes) for every implementation."""
+    from benchmarks.bench_correspondence_warp import SDPA_IMPLS
+
+    def config(dtype, side, cv, patch=1, precision=None):
+        return dict(dtype=dtype, precision=precision, side=side, value_channels=cv, patch_size=patch,
+                    batch=args.batch, channels=args.channels)
+
+    cv = args.value_channels[0]
+    headline = [config("bfloat16", args.headline_side, c) for c in args.value_channels]
+    headline += [config("bfloat16", side, cv, patch=3) for side in args.window_sides]
+    headline += [config("float32", args.float32_side, cv, precision=p) for p in ("tf32x3", "ieee")]
+    if not more:
+        configs, impls = headline, (*FUSED_GPU, *PEERS)
+    else:
+        sweep = [config(d, side, c, precision="ieee" if d == "float32" else None)
+                 for d, c, side in itertools.product(args.dtypes, args.value_channels, args.sides)]
+        configs, impls = [c for c in sweep if c not in headline], ("reference", *FUSED_GPU, *SDPA_IMPLS)
+    # cuda's float32 products are full float32: it has no tf32x3 row.
+    return [dict(c, impl=impl, mode=mode) for impl in impls for c in configs for mode in MODES
+            if not (impl == "cuda" and c["precision"] not in (None, "ieee"))]
+
+
+def accuracy_items(args) -> list[dict]:
+    return [dict(side=side, patch_size=patch) for side, patch in itertools.product(args.accuracy_sides,
+                                                                                   args.accuracy_patches)]
+
+
+def contextual_items(args) -> list[dict]:
+    """Accuracy per grid side, then timing rows, cheapest first, the reference and each fused backend."""
+    items = [dict(part="accuracy", side=side) for side in args.accuracy_sides[:2]]
+    configs = []
+    for image, (layer, (channels, div)) in itertools.product(args.contextual_images, CONTEXTUAL_LAYERS.items()):
+        channels //= CONTEXTUAL_DRY_CHANNELS if args.dry_run else 1
+        side = image // div
+        if side >= 1:
+            configs.append((side ** 4 * channels, image, layer, channels, side))
+    fused = ("cpu",) if args.dry_run else FUSED_GPU
+    for _, image, layer, channels, side in sorted(configs):
+        items += [dict(part="timing", impl=impl, image=image, layer=layer, channels=channels, side=side,
+                       dtype="float32", batch=1, mode="forward+backward") for impl in ("reference", *fused)]
+    return items
+
+
+def train_step_items(args) -> list[dict]:
+    if args.train_step_budget_s <= 0:
+        return []
+    fused = "cpu" if args.dry_run else "triton"
+    return [dict(side=side, impl=impl.replace("fused", fused), activation_checkpointing=ckpt)
+            for side, impl, ckpt in TRAIN_STEP_CONFIGS["dry" if args.dry_run else "gpu"]]
+
+
+PLANS = {"env": lambda args: [dict(part="env")], "timing": timing_items, "accuracy": accuracy_items,
+         "contextual": contextual_items, "train_step": train_step_items,
+         "timing_more": lambda args: timing_items(args, more=True)}
+
+
 # ----------------------------------------------------------------------------- phase processes
 
-def _setup(dry_run: bool):
-    import torch
+class _State:
+    """What a phase process keeps between its items (torch, the device, caches)."""
 
-    import cocos_kernels as ck
+    def __init__(self, args):
+        import torch
 
-    device = torch.device("cpu" if dry_run else "cuda")
-    if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device (use --dry-run for the CPU smoke run)")
-    return torch, ck, device
+        import cocos_kernels as ck
+
+        self.torch, self.ck, self.args = torch, ck, args
+        self.device = torch.device("cpu" if args.dry_run else "cuda")
+        if not args.dry_run and not torch.cuda.is_available():
+            raise SystemExit("gpu_check: no CUDA device (use --dry-run for the CPU rehearsal)")
+        self.started = time.time()
+        self.truths: dict = {}
+        self.rates: dict = {}  # contextual_loss: impl -> FLOP/s measured so far
+        self._triton_refusal: list = []
+
+    def refusal(self, backend: str, dtype, op: str = "correspondence_warp") -> str | None:
+        """Why `backend` cannot run `op` on this device and dtype (None: it can)."""
+        try:
+            self.ck.select(backend, self.device, dtype, op=op)
+        except ValueError as e:
+            return str(e)
+        if backend == "triton" and self.args.dry_run:
+            return self.triton_interpreter_refusal()
+        return None
+
+    def triton_interpreter_refusal(self) -> str | None:
+        """Whether this Triton's interpreter runs our kernels at all (one tiny call; some triton and
+        numpy combinations fail on every launch): the dry run's triton rows say so instead of failing."""
+        if not self._triton_refusal:
+            torch = self.torch
+            try:
+                x = torch.randn(1, 4, 2, 2)
+                self.ck.correspondence_warp(x, x, x, backend="triton")
+                self._triton_refusal.append(None)
+            except Exception as e:  # noqa: BLE001 -- the reason is the row's status
+                import numpy
+                import triton
+
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                self._triton_refusal.append(f"the Triton interpreter fails here (triton {triton.__version__}, "
+                                            f"numpy {numpy.__version__}): {type(e).__name__}: {first}")
+        return self._triton_refusal[0]
+
+    def bench(self, fn, grads) -> list[float]:
+        """[median, p20, p80] milliseconds of fn(); grads' .grad are reset between calls."""
+        if self.device.type == "cuda":
+            import triton.testing
+
+            return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
+        for t in grads:  # the dry run: one call
+            t.grad = None
+        start = time.perf_counter()
+        fn()
+        return [(time.perf_counter() - start) * 1e3] * 3
+
+    def release(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+
+def _message(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _rel_err(actual, expected) -> float:
@@ -176,6 +334,124 @@ def _rel_err(actual, expected) -> float:
     if not torch.isfinite(actual).all():
         return math.inf
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1.0)).item()
+
+
+def env_rows(args, item, s: _State) -> list[dict]:
+    """Card, versions and the measured matmul peaks (TFLOP/s) of bfloat16, tf32 and float32 products."""
+    import numpy
+    import triton
+
+    torch = s.torch
+    row = {"card": "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
+           "cuda": torch.version.cuda}
+    if not args.dry_run:
+        props = torch.cuda.get_device_properties(0)
+        row.update(sms=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
+                   memory_gib=round(props.total_memory / 2**30, 1))
+    n = 256 if args.dry_run else 8192
+    for name, dtype, precision in (("bf16", torch.bfloat16, "highest"), ("tf32", torch.float32, "high"),
+                                   ("fp32", torch.float32, "highest")):
+        torch.set_float32_matmul_precision(precision)
+        a, b = (torch.randn(n, n, device=s.device).to(dtype) for _ in range(2))
+        ms = s.bench(lambda: a @ b, [])[0]
+        row[f"{name}_matmul_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
+        del a, b
+    torch.set_float32_matmul_precision("highest")
+    s.release()
+    return [row]
+
+
+def _timing_inputs(torch, item, device):
+    g = torch.Generator().manual_seed(0)
+    B, C, cv, side = item["batch"], item["channels"], item["value_channels"], item["side"]
+    dtype = getattr(torch, item["dtype"])
+    q, k = (torch.randn(B, C, side, side, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.rand(B, cv, side, side, generator=g).to(device, dtype)
+    grad = torch.randn(B, cv, side, side, generator=g).to(device, dtype)
+    return q, k, v, grad
+
+
+def _truth(torch, ck, q, k, v, patch_size):
+    """The float32 reference ("highest" precision) of these inputs, one batch element at a time and,
+    without patches, in blocks of query rows (exact for channel centring, which is per position), so
+    that it fits where the whole materialised call does not."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    rows = q.shape[2] if patch_size > 1 else max(1, (1 << 28) // (k.shape[2] * k.shape[3] * q.shape[3] * 4))
+    try:
+        with torch.no_grad():
+            return torch.cat([
+                torch.cat([ck.reference.correspondence_warp(q[b:b + 1, :, r:r + rows].float(), k[b:b + 1].float(),
+                                                            v[b:b + 1].float(), TEMPERATURE, patch_size=patch_size)
+                           for r in range(0, q.shape[2], rows)], dim=2)
+                for b in range(q.shape[0])])
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def timing_rows(args, item, s: _State) -> list[dict]:
+    from benchmarks.bench_correspondence_warp import flops, implementation
+    from benchmarks.harness import Refused
+
+    torch, ck, device = s.torch, s.ck, s.device
+    row = dict(item)
+    name, dtype = item["impl"], getattr(torch, item["dtype"])
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[item["precision"]])
+    reason = s.refusal(name, dtype) if name in FUSED_GPU else None
+    if reason is not None:
+        return [row | {"status": f"skipped: {reason}"}]
+    try:
+        impl = implementation(name, device, dtype)
+    except Refused as e:
+        return [row | {"status": f"skipped: {e}"}]
+    q, k, v, grad = _timing_inputs(torch, item, device)
+    key = tuple(item[f] for f in ("dtype", "value_channels", "side", "patch_size"))
+    if key not in s.truths:
+        s.truths = {key: _truth(torch, ck, q, k, v, item["patch_size"])}  # one at a time: they are large
+    backward = item["mode"] == "forward+backward"
+    inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+
+    def step():
+        if backward:
+            impl(*inputs, patch_size=item["patch_size"]).backward(grad)
+        else:
+            with torch.no_grad():
+                return impl(*inputs, patch_size=item["patch_size"])
+    out = None
+    try:
+        with torch.no_grad():
+            out = impl(*inputs, patch_size=item["patch_size"])  # compiles/autotunes outside the measurements
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        median, low, high = s.bench(step, [t for t in inputs if t.requires_grad])
+    except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
+        if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+            row["status"] = "OOM"
+        elif isinstance(e, Refused):  # an SDPA kernel declining these inputs, with torch's reasons
+            row["status"] = "unsupported"
+        else:
+            row["status"] = f"FAILED: {type(e).__name__}: {_message(e)}"
+        row["error"] = _message(e)
+    else:
+        row.update(status="ok", time_ms=median, time_ms_p20=low, time_ms_p80=high,
+                   tflops=flops(item) / (median * 1e-3) / 1e12, error_vs_float32=_rel_err(out, s.truths[key]))
+        # Only the backends under test fail the check; the others' errors are information.
+        if name in FUSED_GPU and not torch.isfinite(out).all():
+            row["status"] = "FAILED: non-finite output"
+        elif name in FUSED_GPU and row["error_vs_float32"] > TIMING_RTOL[item["dtype"]]:
+            row["status"] = f"FAILED: output off the float32 reference by {row['error_vs_float32']:.3g}"
+    finally:
+        inputs = out = None
+        torch.set_float32_matmul_precision("highest")
+        s.release()
+    return [row]
 
 
 def _warp_and_grads(ck, q, k, v, grad, **kwargs):
@@ -194,178 +470,38 @@ def _judged(exact: dict, mine: dict, theirs: dict) -> dict:
             "errors": {name: {"fused": a, "materialised": b} for name, (a, b) in errors.items()}}
 
 
-def accuracy_phase(args) -> list[dict]:
-    torch, ck, device = _setup(args.dry_run)
+def accuracy_rows(args, item, s: _State) -> list[dict]:
+    torch, ck, device = s.torch, s.ck, s.device
+    side, patch_size, cv = item["side"], item["patch_size"], 48
+    g = torch.Generator().manual_seed(side)
+    q, k = (torch.randn(1, args.channels, side, side, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
+    grad = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
+    q, k, v, grad = (t.to(device) for t in (q, k, v, grad))
+    exact = _warp_and_grads(ck, q, k, v, grad, backend="reference", patch_size=patch_size)
     rows = []
-    cv = 48
-    for side, patch_size in itertools.product(args.accuracy_sides, args.accuracy_patches):
-        g = torch.Generator().manual_seed(side)
-        q, k = (torch.randn(1, args.channels, side, side, generator=g, dtype=torch.float64) for _ in range(2))
-        v = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
-        grad = torch.randn(1, cv, side, side, generator=g, dtype=torch.float64)
-        q, k, v, grad = (t.to(device) for t in (q, k, v, grad))
-        exact = _warp_and_grads(ck, q, k, v, grad, backend="reference", patch_size=patch_size)
-        for (mode, (dtype_name, precision, matmul_precision)), backend in itertools.product(
-                ACCURACY_MODES.items(), FUSED_GPU):
-            dtype = getattr(torch, dtype_name)
-            row = {"backend": backend, "mode": mode, "side": side, "patch_size": patch_size, "channels": args.channels,
-                   "value_channels": cv}
-            reason = ck.BACKENDS[backend].refusal(device, dtype)
-            if reason is None and precision not in (None, "ieee") and not ck.BACKENDS[backend].precision_arg:
-                reason = "no precision= (its float32 products are full float32)"
-            if reason is not None:
-                rows.append(row | {"status": f"skipped: {reason}"})
-                continue
-            inputs = [t.to(dtype) for t in (q, k, v, grad)]
-            kwargs = {"precision": precision} if ck.BACKENDS[backend].precision_arg else {}
-            previous = torch.get_float32_matmul_precision()
-            torch.set_float32_matmul_precision(matmul_precision)
-            try:
-                mine = _warp_and_grads(ck, *inputs, backend=backend, patch_size=patch_size, **kwargs)
-                theirs = _warp_and_grads(ck, *inputs, backend="reference", patch_size=patch_size)
-            finally:
-                torch.set_float32_matmul_precision(previous)
-            rows.append(row | _judged(exact, mine, theirs))
-            del mine, theirs, inputs
-        del exact
-        gc.collect()
-    return rows
-
-
-def _flops(B, n, c, cv, mode) -> float:
-    forward = 2.0 * n * n * (c + cv) * B
-    return forward if mode == "forward" else 3.5 * forward
-
-
-def _timer(torch, device):
-    if device.type == "cuda":
-        import triton.testing
-
-        def bench(fn, grads):
-            return triton.testing.do_bench(fn, warmup=10, rep=40, grad_to_none=grads, quantiles=[0.5, 0.2, 0.8])
-        return bench
-
-    def bench(fn, grads):  # the dry run: a few perf_counter calls
-        times = []
-        for _ in range(3):
-            for t in grads:
-                t.grad = None
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        times.sort()
-        return [times[1], times[0], times[-1]]
-    return bench
-
-
-def _timed_impls() -> tuple[str, ...]:
-    """What phase 3 times: the benchmark suite's implementations (benchmarks/bench_correspondence_warp.py:
-    the same SDPA wrappers, prologue included, value padded where the name says)."""
-    from benchmarks.bench_correspondence_warp import SDPA_IMPLS
-
-    return ("reference", *FUSED_GPU, *SDPA_IMPLS)
-
-
-def _truth(torch, ck, q, k, v):
-    """The float32 reference ("highest" precision) of these inputs, in blocks of query rows and
-    one batch element at a time, so that it fits where the whole materialised call does not
-    (exact for channel centring, which is per position)."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    rows = max(1, (1 << 28) // (k.shape[2] * k.shape[3] * q.shape[3] * 4))  # ~1 GiB of scores a block
-    try:
-        with torch.no_grad():
-            return torch.cat([
-                torch.cat([ck.reference.correspondence_warp(q[b:b + 1, :, r:r + rows].float(), k[b:b + 1].float(),
-                                                            v[b:b + 1].float(), TEMPERATURE)
-                           for r in range(0, q.shape[2], rows)], dim=2)
-                for b in range(q.shape[0])])
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def timing_phase(args) -> list[dict]:
-    from benchmarks.bench_correspondence_warp import implementation
-    from benchmarks.harness import Refused
-
-    torch, ck, device = _setup(args.dry_run)
-    bench = _timer(torch, device)
-    started = args.started or time.time()
-    rows, truths = [], {}
-    # The targets' rows first: 128^2 float32 and 256^2 bfloat16 forward+backward.
-    order = sorted(
-        ((d, cv, side, mode) for d in args.dtypes for cv in args.value_channels for side in args.sides
-         for mode in ("forward+backward", "forward")),
-        key=lambda c: (c[3] != "forward+backward", c[1] != args.value_channels[0], c[2] not in (128, 256), c[0]),
-    )
-    for dtype_name, cv, side, mode in order:
+    for (mode, (dtype_name, precision, matmul_precision)), backend in itertools.product(ACCURACY_MODES.items(),
+                                                                                         FUSED_GPU):
         dtype = getattr(torch, dtype_name)
-        g = torch.Generator().manual_seed(0)
-        B, C = args.batch, args.channels
-        q, k = (torch.randn(B, C, side, side, generator=g).to(device, dtype) for _ in range(2))
-        v = torch.rand(B, cv, side, side, generator=g).to(device, dtype)
-        grad = torch.randn(B, cv, side, side, generator=g).to(device, dtype)
-        if (dtype_name, cv, side) not in truths and _within(started, args.budget_s, _deadline(args)):
-            truths[dtype_name, cv, side] = _truth(torch, ck, q, k, v)  # same seed: same inputs in both modes
-        expected = truths.get((dtype_name, cv, side))
-        for name in _timed_impls():
-            row = {"impl": name, "dtype": dtype_name, "side": side, "value_channels": cv, "mode": mode,
-                   "batch": B, "channels": C}
-            rows.append(row)
-            if not _within(started, args.budget_s, _deadline(args)):
-                row["status"] = "skipped: time budget"
-                continue
-            try:
-                impl = implementation(name, device, dtype)
-            except Refused as e:
-                row["status"] = f"skipped: {e}"
-                continue
-            backward = mode == "forward+backward"
-            inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
-
-            def step():
-                if backward:
-                    impl(*inputs).backward(grad)
-                else:
-                    with torch.no_grad():
-                        return impl(*inputs)
-            out = None
-            try:
-                with torch.no_grad():
-                    out = impl(*inputs)  # compiles/autotunes outside the memory measurement
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-                median, low, high = bench(step, [t for t in inputs if t.requires_grad])
-            except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
-                message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
-                    row["status"] = "OOM"
-                elif isinstance(e, Refused):  # an SDPA kernel declining these inputs, with torch's reasons
-                    row["status"] = "unsupported"
-                else:
-                    row["status"] = f"FAILED: {type(e).__name__}: {message}"
-                row["error"] = message
-            else:
-                row.update(status="ok", time_ms=median, time_ms_p20=low, time_ms_p80=high,
-                           tflops=_flops(B, side * side, C, cv, mode) / (median * 1e-3) / 1e12)
-                if expected is not None:
-                    row["error_vs_float32"] = _rel_err(out, expected)
-                # Only the backend under test fails the check; the others' errors are information.
-                if name in FUSED_GPU and not torch.isfinite(out).all():
-                    row["status"] = "FAILED: non-finite output"
-                elif name in FUSED_GPU and row.get("error_vs_float32", 0.0) > TIMING_RTOL[dtype_name]:
-                    row["status"] = f"FAILED: output off the float32 reference by {row['error_vs_float32']:.3g}"
-            finally:
-                inputs = out = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        row = {"backend": backend, "mode": mode, "side": side, "patch_size": patch_size, "channels": args.channels,
+               "value_channels": cv}
+        reason = s.refusal(backend, dtype)
+        if reason is None and precision not in (None, "ieee") and not ck.BACKENDS[backend].precision_arg:
+            reason = "no precision= (its float32 products are full float32)"
+        if reason is not None:
+            rows.append(row | {"status": f"skipped: {reason}"})
+            continue
+        inputs = [t.to(dtype) for t in (q, k, v, grad)]
+        kwargs = {"precision": precision} if ck.BACKENDS[backend].precision_arg else {}
+        torch.set_float32_matmul_precision(matmul_precision)
+        try:
+            mine = _warp_and_grads(ck, *inputs, backend=backend, patch_size=patch_size, **kwargs)
+            theirs = _warp_and_grads(ck, *inputs, backend="reference", patch_size=patch_size)
+        finally:
+            torch.set_float32_matmul_precision("highest")
+        rows.append(row | _judged(exact, mine, theirs))
+        del mine, theirs, inputs
+    s.release()
     return rows
 
 
@@ -381,127 +517,492 @@ def _fused_for(ck, device) -> list[str]:
     return [name for name, b in ck.BACKENDS.items() if b.fused and device.type in b.devices]
 
 
-def _contextual_refusal(ck, backend, device, dtype) -> str | None:
-    try:
-        ck.select(backend, device, dtype, op="contextual_loss")
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _contextual_accuracy(args, torch, ck, device) -> list[dict]:
-    rows = []
-    channels = 64 if not args.dry_run else 8
-    for side in args.accuracy_sides[:2]:
+def contextual_rows(args, item, s: _State) -> list[dict]:
+    """An accuracy item: every fused backend against float64 (loss, grad x, grad y; the accuracy phase's
+    bound). A timing item: forward+backward, time and peak memory; a row whose predicted time (from
+    the impl's rate on the smaller rows) exceeds what is left of --contextual-budget-s is skipped."""
+    torch, ck, device = s.torch, s.ck, s.device
+    if item["part"] == "accuracy":
+        channels, side, rows = (8 if args.dry_run else 64), item["side"], []
         g = torch.Generator().manual_seed(side)
         x, y = (torch.randn(2, channels, side, side, generator=g, dtype=torch.float64).relu_().to(device)
                 for _ in range(2))
         grad = torch.rand(2, generator=g, dtype=torch.float64).to(device)
         exact = _contextual_and_grads(ck, x, y, grad, "reference")
-        for backend, dtype_name in itertools.product(_fused_for(ck, device), args.dtypes):
+        for backend, dtype_name in itertools.product(_fused_for(ck, device), ("float32", "bfloat16")):
             dtype = getattr(torch, dtype_name)
-            row = {"backend": backend, "mode": dtype_name, "side": side, "channels": channels}
-            if (reason := _contextual_refusal(ck, backend, device, dtype)) is not None:
+            row = {"part": "accuracy", "backend": backend, "mode": dtype_name, "side": side, "channels": channels}
+            if (reason := s.refusal(backend, dtype, op="contextual_loss")) is not None:
                 rows.append(row | {"status": f"skipped: {reason}"})
                 continue
             inputs = [t.to(dtype) for t in (x, y, grad)]
-            mine = _contextual_and_grads(ck, *inputs, backend)
-            theirs = _contextual_and_grads(ck, *inputs, "reference")
-            rows.append(row | _judged(exact, mine, theirs))
-    return rows
+            rows.append(row | _judged(exact, _contextual_and_grads(ck, *inputs, backend),
+                                      _contextual_and_grads(ck, *inputs, "reference")))
+        return rows
+
+    row, impl, side, channels = dict(item), item["impl"], item["side"], item["channels"]
+    # forward 2 N^2 C; the backward recomputes the similarities and takes one more product
+    flop = 4.0 * side ** 4 * channels
+    if impl != "reference" and (reason := s.refusal(impl, torch.float32, op="contextual_loss")) is not None:
+        return [row | {"status": f"skipped: {reason}"}]
+    left = min(args.contextual_budget_s - (time.time() - s.started), args.deadline - time.time())
+    predicted = flop / s.rates[impl] if impl in s.rates else 0.0
+    if left <= 0 or predicted > left:
+        return [row | {"status": f"skipped: time budget (predicted {predicted:.1f} s, {max(left, 0):.0f} s left)"}]
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(1, channels, side, side, generator=g).relu_().to(device) for _ in range(2))
+    grad = torch.rand(1, generator=g).to(device)
+    x.requires_grad_(True)
+
+    def step():
+        ck.contextual_loss(x, y, CONTEXTUAL_BANDWIDTH, backend=impl).backward(grad)
+    try:
+        step()  # compiles/autotunes outside the measurement
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        once = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        once = time.perf_counter() - once
+        # Calls over a second are timed once: do_bench would repeat them for tens of seconds.
+        median = once * 1e3 if once > 1.0 else s.bench(step, [x])[0]
+    except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
+        oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))
+        row["status"] = "OOM" if oom else f"FAILED: {type(e).__name__}: {_message(e)}"
+    else:
+        row.update(status="ok", time_ms=median, tflops=flop / (median * 1e-3) / 1e12)
+        s.rates[impl] = max(s.rates.get(impl, 0.0), flop / (median * 1e-3))
+    finally:
+        x = y = grad = None
+        s.release()
+    return [row]
 
 
-def _contextual_timing(args, torch, ck, device) -> list[dict]:
-    """Reference vs fused contextual_loss forward+backward (float32, batch 1) at the VGG-19 layers,
-    cheapest rows first; each impl's rate on the rows it ran predicts the time of its next ones."""
-    started = time.time()
-    bench = _timer(torch, device)
-    impls = ["reference", *_fused_for(ck, device)]
-    configs = []
-    for image, (layer, (channels, div)) in itertools.product(args.contextual_images, CONTEXTUAL_LAYERS.items()):
-        if args.dry_run:
-            channels //= CONTEXTUAL_DRY_CHANNELS
-        side = image // div
-        if side >= 1:
-            configs.append((side * side * side * side * channels, image, layer, channels, side))
-    rates: dict[str, float] = {}  # impl -> FLOP/s measured so far
-    rows = []
-    for flops, image, layer, channels, side in sorted(configs):
-        flops *= 4.0  # forward 2 N^2 C; the backward recomputes the similarities and takes one more product
-        for impl in impls:
-            row = {"impl": impl, "image": image, "layer": layer, "channels": channels, "side": side,
-                   "dtype": "float32", "batch": 1, "mode": "forward+backward"}
-            rows.append(row)
-            left = min(args.contextual_budget_s - (time.time() - started), _deadline(args) - time.time())
-            if impl != "reference" and (reason := _contextual_refusal(ck, impl, device, torch.float32)) is not None:
-                row["status"] = f"skipped: {reason}"
-                continue
-            predicted = flops / rates[impl] if impl in rates else 0.0
-            if left <= 0 or predicted > left:
-                row["status"] = f"skipped: time budget (predicted {predicted:.1f} s, {max(left, 0):.0f} s left)"
-                continue
-            g = torch.Generator().manual_seed(0)
-            x, y = (torch.randn(1, channels, side, side, generator=g).relu_().to(device) for _ in range(2))
-            grad = torch.rand(1, generator=g).to(device)
-            x.requires_grad_(True)
-
-            def step():
-                ck.contextual_loss(x, y, CONTEXTUAL_BANDWIDTH, backend=impl).backward(grad)
-            try:
-                step()  # compiles/autotunes outside the measurement
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                once = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-                once = time.perf_counter() - once
-                # Calls over a second are timed once: do_bench would repeat them for tens of seconds.
-                median = once * 1e3 if once > 1.0 else bench(step, [x])[0]
-            except Exception as e:  # noqa: BLE001 -- recorded in the row; the run goes on
-                message = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-                oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError))
-                row["status"] = "OOM" if oom else f"FAILED: {type(e).__name__}: {message}"
-            else:
-                row.update(status="ok", time_ms=median, tflops=flops / (median * 1e-3) / 1e12)
-                rates[impl] = max(rates.get(impl, 0.0), flops / (median * 1e-3))
-            finally:
-                x = y = grad = None
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return rows
-
-
-def contextual_phase(args) -> list[dict]:
-    torch, ck, device = _setup(args.dry_run)
-    accuracy = [r | {"part": "accuracy"} for r in _contextual_accuracy(args, torch, ck, device)]
-    return accuracy + [r | {"part": "timing"} for r in _contextual_timing(args, torch, ck, device)]
-
-
-def train_step_phase(args) -> list[dict]:
-    import torch
-
+def train_step_rows(args, item, s: _State) -> list[dict]:
     from benchmarks.harness import measure
 
     cap = TRAIN_STEP_CAP_GB
     if not args.dry_run:
-        cap = min(cap, torch.cuda.get_device_properties(0).total_memory / 2**30)
-    rows, started = [], time.time()
-    for side, impl, ckpt in TRAIN_STEP_CONFIGS["dry" if args.dry_run else "gpu"]:
-        impl = impl.replace("fused", "cpu" if args.dry_run else "triton")
-        config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward", "batch": 1,
-                  "device": "cpu" if args.dry_run else "cuda", "activation_checkpointing": ckpt}
-        if not _within(started, args.train_step_budget_s, _deadline(args)):
-            rows.append({**config, "status": "skipped: time budget", "peak_bytes": None})
+        cap = min(cap, s.torch.cuda.get_device_properties(0).total_memory / 2**30)
+    config = {"op": "train_step", "impl": item["impl"], "side": item["side"], "mode": "forward+backward", "batch": 1,
+              "device": s.device.type, "activation_checkpointing": item["activation_checkpointing"]}
+    if time.time() - s.started > args.train_step_budget_s:
+        return [{**config, "status": "skipped: time budget", "peak_bytes": None}]
+    if args.dry_run:  # the step on value-less tensors: its memory in seconds, no arithmetic
+        from benchmarks.bench_train_step import trace
+
+        return [{**config, "status": "ok", "time_median_s": None, "memory_cap_gb": cap,
+                 **trace(config, item["side"])}]
+    timeout = max(10.0, min(ITEM_LIMIT_S["train_step"], args.deadline - time.time()))
+    result = measure({**config, "repeats": 1 if args.dry_run else 2, "warmup": 0, "memory_cap_gb": cap,
+                      "timeout_s": timeout})
+    return [{**result, "activation_checkpointing": item["activation_checkpointing"], "memory_cap_gb": cap}]
+
+
+RUNNERS = {"env": env_rows, "timing": timing_rows, "timing_more": timing_rows, "accuracy": accuracy_rows,
+           "contextual": contextual_rows, "train_step": train_step_rows}
+
+
+def phase_main(args) -> int:
+    """A phase's child process: runs items [--first, --last) of the phase's plan, printing
+    {"start": i} before and {"index": i, "rows": [...]} after each (one JSON line each)."""
+    items = PLANS[args.phase](args)
+    state = _State(args)
+    for index in range(args.first, len(items) if args.last is None else min(args.last, len(items))):
+        if time.time() >= args.deadline:
+            break
+        print(json.dumps({"start": index}), flush=True)
+        rows = RUNNERS[args.phase](args, items[index], state)
+        print(json.dumps({"index": index, "rows": rows}), flush=True)
+    return 0
+
+
+def compile_only() -> None:
+    """Make Triton kernel launches compile (into the on-disk cache) and launch nothing: a plain kernel
+    compiles its one specialisation, an autotuned one every config its pruning keeps (the autotuner's
+    own `warmup`), exactly as a real launch with these arguments would look them up."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    run = JITFunction.run
+
+    def compile_run(self, *args, grid, warmup, **kwargs):
+        return run(self, *args, grid=grid, warmup=True, **kwargs)
+
+    def compile_configs(self, *args, **kwargs):
+        kwargs.pop("warmup", None)
+        return self.warmup(*args, **kwargs)
+
+    JITFunction.run = compile_run
+    Autotuner.run = compile_configs
+
+
+def warm_main(args) -> int:
+    """A warmer: calls the triton rows of the headline timing plan (shard i of n) once, compiling only.
+    In the dry run (the interpreter compiles nothing) the calls run, which rehearses the same code."""
+    import torch
+
+    import cocos_kernels as ck
+
+    if not args.dry_run:
+        compile_only()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    shard, shards = map(int, args.shard.split("/"))
+    items = [it for it in timing_items(args) if it["impl"] == "triton"][shard::shards]
+    for item in items:
+        if time.time() >= args.deadline:
+            break
+        torch.set_float32_matmul_precision(MATMUL_PRECISION[item["precision"]])
+        q, k, v, grad = _timing_inputs(torch, item, device)
+        backward = item["mode"] == "forward+backward"
+        q, k, v = (t.requires_grad_(backward) for t in (q, k, v))
+        try:
+            out = ck.correspondence_warp(q, k, v, TEMPERATURE, patch_size=item["patch_size"], backend="triton")
+            if backward:
+                out.backward(grad)
+        except Exception as e:  # noqa: BLE001 -- the timing row will meet (and record) the same error
+            print(f"gpu_check warmer: {item}: {type(e).__name__}: {_message(e)}", file=sys.stderr, flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the tests phase
+
+def pytest_collection_modifyitems(config, items):
+    """pytest plugin (-p benchmarks.gpu_check): with GPU_CHECK_SHARD=i/n, keep every n-th test from i."""
+    if SHARD_VARIABLE in os.environ:
+        shard, shards = map(int, os.environ[SHARD_VARIABLE].split("/"))
+        items[:] = items[shard::shards]
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def subset_commands(args, junit_dir: Path) -> list[tuple[list[str], dict]]:
+    """(command, extra environment) of each pytest process of the tests phase."""
+    base = [sys.executable, "-m", "pytest", *GPU_TESTS, "-k", GPU_TEST_FILTER, "-q", "-rfE", "-p", "no:cacheprovider",
+            "--device", "cpu" if args.dry_run else "cuda"]
+    if args.dry_run:
+        return [([*base, "--collect-only"], {})]
+    if _importable("pytest_timeout"):
+        base += ["--timeout", "120"]
+    if _importable("xdist"):
+        return [([*base, "-n", str(args.test_workers), "--junitxml", str(junit_dir / "junit-0.xml")], {})]
+    return [([*base, "-p", "benchmarks.gpu_check", "--junitxml", str(junit_dir / f"junit-{i}.xml")],
+             {SHARD_VARIABLE: f"{i}/{args.test_workers}"}) for i in range(args.test_workers)]
+
+
+def _merge_junit(files: list[Path], target: Path) -> dict:
+    """One junit file of the shards' test suites, and the counts over all of them."""
+    root = ET.Element("testsuites")
+    counts = dict.fromkeys(("tests", "failures", "errors", "skipped"), 0)
+    for f in files:
+        try:
+            tree = ET.parse(f).getroot()
+        except (OSError, ET.ParseError):
             continue
-        timeout = max(10.0, min(600.0, _deadline(args) - time.time()))
-        rows.append({**measure({**config, "repeats": 1 if args.dry_run else 2, "warmup": 0, "memory_cap_gb": cap,
-                                "timeout_s": timeout}), "activation_checkpointing": ckpt, "memory_cap_gb": cap})
-    return rows
+        for suite in ([tree] if tree.tag == "testsuite" else list(tree)):
+            root.append(suite)
+            for k in counts:
+                counts[k] += int(suite.get(k, 0))
+    ET.ElementTree(root).write(target, encoding="utf-8", xml_declaration=True)
+    return counts
+
+
+def _stop(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Signal a child started in its own session, and its children."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tests_phase(args, log, env: dict) -> dict:
+    """Run the GPU test subset; at its limit the processes get SIGINT (pytest then still writes its
+    junit and summary), then SIGKILL."""
+    begin = time.time()
+    limit = max(1.0, min(args.test_timeout_s, args.deadline - begin))
+    with tempfile.TemporaryDirectory(prefix="gpu-check-junit-") as tmp:
+        commands = subset_commands(args, Path(tmp))
+        outputs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env | {"COCOS_KERNELS_TRITON_AUTOTUNE": "0"} | extra, stdout=out,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 for (cmd, extra), out in zip(commands, outputs)]
+        timed_out = False
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, begin + limit - time.time()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                for q in procs:
+                    _stop(q, signal.SIGINT)
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    pass
+        for p in procs:
+            if p.poll() is None:
+                _stop(p)
+                p.wait()
+        tails = []
+        for out in outputs:
+            out.seek(0)
+            text = out.read()
+            log.write(text)
+            tails.append("\n".join(text.strip().splitlines()[-12:]))
+        counts = _merge_junit(sorted(Path(tmp).glob("junit-*.xml")), args.out_dir / "gpu_check_junit.xml")
+    failed = timed_out or any(p.returncode not in (0, 5) for p in procs)  # 5: nothing collected
+    status = f"stopped at its {limit:.0f} s limit" if timed_out else "FAILED" if failed else "passed"
+    if args.dry_run and not failed:
+        status = "passed (dry run: collected only; " + (tails[0].splitlines() or ["?"])[-1] + ")"
+    return {"command": " ".join(commands[0][0][2:]), "processes": len(procs), "status": status, **counts,
+            "seconds": round(time.time() - begin, 1), "tail": "\n".join(tails)[-3000:]}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def _child_command(args, *extra: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *args.argv, "--started", str(args.started), *extra]
+
+
+def run_items(items: list[dict], first: int, last: int, command, sink, log, env: dict, limit_s: float,
+              deadline: float) -> None:
+    """Run items [first, last) in child processes (command(first, last): a phase_main process),
+    passing each item's rows to sink(index, rows) as they come. An item over `limit_s` (or running
+    at the deadline) gets its process killed and one row saying so; the next process resumes after it."""
+    index = first
+    while index < last:
+        if time.time() >= deadline:
+            sink(index, [dict(items[index], status="not run: past the deadline")])
+            index += 1
+            continue
+        proc = subprocess.Popen(command(index, last), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: ([lines.put(line) for line in proc.stdout], lines.put(None)),
+                         daemon=True).start()
+        current, since, begun = index, time.time(), False
+        allowed = limit_s + STARTUP_S  # the first item also waits for the process to start
+        while True:
+            wait = min(since + allowed, deadline + DEADLINE_GRACE_S) - time.time()
+            try:
+                line = lines.get(timeout=max(0.1, wait))
+            except queue.Empty:
+                _stop(proc)
+                proc.wait()
+                why = "past the deadline" if time.time() > deadline else f"over its {limit_s:g} s limit"
+                sink(current, [dict(items[current], status=f"stopped: {why}")])
+                index = current + 1
+                break
+            if line is None:  # the process ended: done, at the deadline, or crashed in item `current`
+                proc.wait()
+                rest = range(current, last)
+                if proc.returncode == 0:
+                    why = "not run: past the deadline"
+                elif begun:  # it crashed in an item: the next process goes on after it
+                    why, rest = f"FAILED: its process exited with {proc.returncode} (see gpu_check.log)", [current]
+                else:  # it crashed before its first item: so would the next
+                    why = f"not run: the phase process exited with {proc.returncode} (see gpu_check.log)"
+                for i in rest:
+                    sink(i, [dict(items[i], status=why)])
+                index = rest[-1] + 1 if rest else last
+                break
+            if not line.startswith("{"):
+                continue
+            message = json.loads(line)
+            if "start" in message:
+                current, since, allowed, begun = message["start"], time.time(), limit_s, True
+            else:
+                sink(message["index"], message["rows"])
+                current = index = message["index"] + 1
+                since = time.time()
+
+
+class Report:
+    """The results so far, rewritten to --out-dir after every change."""
+
+    def __init__(self, args):
+        self.args = args
+        self.meta = {"card": None, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "channels": args.channels, "batch": args.batch, "dry_run": args.dry_run}
+        self.results = {"env": [], "timing": [], "tests": {"status": "not run"}, "contextual": [], "train_step": [],
+                        "accuracy": [], "timing_more": []}
+        self.failures: list[str] = []
+
+    def sink(self, phase: str):
+        def add(index, rows):
+            self.results[phase].extend(rows)
+            self.failures.extend(f"{phase}: {_label(r)}: {r['status']}" for r in rows
+                                 if str(r.get("status", "")).startswith("FAILED"))
+            self.write(f"{phase} item {index}")
+        return add
+
+    def write(self, done: str) -> None:
+        env = self.results["env"][0] if self.results["env"] else {}
+        self.meta.update(card=env.get("card", self.meta["card"]), wall_s=time.time() - self.args.started,
+                         last_done=done, failures=self.failures)
+        stem = self.stem()
+        targets = report_targets(self.results)
+        self.args.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.args.out_dir / f"{stem}.json").write_text(json.dumps({"meta": self.meta, **self.results,
+                                                                     "targets": targets}, indent=1))
+        (self.args.out_dir / f"{stem}.md").write_text(markdown(self.meta, self.results, targets))
+
+    def stem(self) -> str:
+        return "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", (self.meta["card"] or "unknown").lower()).strip("-")
+
+
+def _label(r: dict) -> str:
+    return " ".join(str(r[k]) for k in ("impl", "backend", "dtype", "mode", "side", "patch_size", "precision")
+                    if r.get(k) is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase == "warm":
+        return warm_main(args)
+    if args.phase:
+        return phase_main(args)
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(args.out_dir / "gpu_check.log", "a")
+    report = Report(args)
+
+    def say(text):
+        print(f"gpu_check [{time.time() - args.started:4.0f} s] {text}", flush=True)
+
+    # In the background: the CUDA build and the Triton warmers, on the cores the phases leave idle.
+    build = None
+    if not args.dry_run:
+        build = subprocess.Popen([sys.executable, "-c", "from cocos_kernels import cuda; cuda.extension()"], cwd=ROOT,
+                                 env=_environment(False), stdout=log, stderr=log, start_new_session=True)
+    warmers = [subprocess.Popen(_child_command(args, "--phase", "warm", "--shard", f"{i}/{args.warmers}"), cwd=ROOT,
+                                env=_environment(args.dry_run), stdout=log, stderr=log, start_new_session=True)
+               for i in range(args.warmers)]
+    env = _environment(args.dry_run)
+
+    def run(phase, first=0, last=None, environment=env):
+        items = PLANS[phase](args)
+        last = len(items) if last is None else last
+
+        def command(a, b):
+            return _child_command(args, "--phase", phase, "--first", str(a), "--last", str(b))
+        run_items(items, first, last, command, report.sink(phase), log, environment,
+                  ITEM_LIMIT_S.get(phase, args.item_limit_s), args.deadline)
+        say(f"{phase} [{first}, {last}) done")
+
+    run("env")
+    if report.results["env"] and "card" in report.results["env"][0]:
+        say(f"card {report.results['env'][0]['card']}; writing {args.out_dir / report.stem()}.md and .json")
+
+    # Timing: triton, then cuda once its build is done (the peers first while it is not).
+    span: dict = {}  # triton, cuda, peers: each a contiguous range of the plan
+    for i, item in enumerate(timing_items(args)):
+        part = item["impl"] if item["impl"] in FUSED_GPU else "peers"
+        span[part] = (span.get(part, (i, i))[0], i + 1)
+    run("timing", *span["triton"])
+    for w in warmers:  # they compile the triton rows only
+        _stop(w)
+        w.wait()
+
+    def cuda_build_status() -> dict:
+        if build is None:
+            return {"status": "skipped (dry run)"}
+        try:
+            build.wait(timeout=max(1.0, min(args.build_timeout_s - (time.time() - args.started),
+                                            args.deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            _stop(build)
+            build.wait()
+            return {"status": f"FAILED (over {args.build_timeout_s:.0f} s)", "seconds": time.time() - args.started}
+        return {"status": "ok" if build.returncode == 0 else f"FAILED (exit {build.returncode}; see gpu_check.log)"}
+
+    building = build is not None and build.poll() is None
+    if building:
+        run("timing", *span["peers"])
+    report.meta["cuda_build"] = cuda_build_status()
+    say(f"cuda build: {report.meta['cuda_build']['status']}")
+    cuda_ok = report.meta["cuda_build"]["status"].startswith(("ok", "skipped"))
+    if not cuda_ok:
+        report.failures.append(f"cuda build: {report.meta['cuda_build']['status']}")
+    env = _environment(args.dry_run, cuda_build=cuda_ok)
+    run("timing", span["cuda"][0], span["cuda" if building else "peers"][1], environment=env)
+
+    if args.skip_tests:
+        report.results["tests"] = {"status": "skipped (--skip-tests)"}
+    elif time.time() < args.deadline:
+        report.results["tests"] = tests_phase(args, log, env)
+        if not report.results["tests"]["status"].startswith("passed"):
+            report.failures.append(f"tests: {report.results['tests']['status']}")
+        report.write("tests")
+        say(f"tests: {report.results['tests']['status']}")
+    for phase in ("contextual", "train_step", "accuracy", "timing_more"):
+        run(phase, environment=env)
+
+    report.write("all phases")
+    for t in report_targets(report.results):
+        print("  target:", t)
+    log.close()
+    if report.failures:
+        print("gpu_check: FAILED\n  " + "\n  ".join(report.failures), file=sys.stderr)
+        return 1
+    print("gpu_check: all checks passed")
+    return 0
+
+
+# ----------------------------------------------------------------------------- targets and report
+
+def _find(rows: list, **fields) -> dict | None:
+    for r in rows:
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in fields.items()):
+            return r
+    return None
+
+
+def _reference_of(rows: list, r: dict) -> dict | None:
+    return _find(rows, impl="reference", **{k: r[k] for k in ("dtype", "precision", "value_channels", "side",
+                                                              "patch_size", "mode")})
+
+
+def report_targets(results: dict) -> list[str]:
+    """The issue's targets, judged on the headline rows; train-step targets from that phase."""
+    timing = results["timing"]
+    env = results["env"][0] if results["env"] else {}
+    bf16 = env.get("bf16_matmul_tflops")
+    out = []
+    shares = {(1, "forward"): 0.50, (1, "forward+backward"): 0.35, (3, "forward"): 0.30, (3, "forward+backward"): 0.30}
+    for r in timing:
+        if r.get("status") != "ok" or r["impl"] != "triton" or r["dtype"] != "bfloat16" or not bf16:
+            continue
+        target = shares.get((r["patch_size"], r["mode"]))
+        if target is None or (r["patch_size"] == 1 and r["value_channels"] != 3):
+            continue
+        share = r["tflops"] / bf16
+        what = "3x3 windows" if r["patch_size"] == 3 else "bfloat16"
+        out.append(f"{r['side']}^2 {what} {r['mode']}: triton {r['tflops']:.0f} TFLOP/s = {share:.0%} of the bf16 "
+                   f"matmul peak (target >= {target:.0%}): {'met' if share >= target else 'NOT met'}")
+    for r in timing:
+        if r.get("status") != "ok" or r["impl"] != "triton" or r["dtype"] != "float32" or r["mode"] != "forward+backward":
+            continue
+        ref = _reference_of(timing, r)
+        if ref is None:
+            continue
+        speed = ref["time_ms"] / r["time_ms"]
+        if r["precision"] == "tf32x3":
+            out.append(f"{r['side']}^2 float32 tf32x3 fwd+bwd: triton {speed:.2f}x the reference's speed "
+                       f"(target >= 3): {'met' if speed >= 3 else 'NOT met'}")
+        if r.get("peak_bytes") is None or not ref.get("peak_bytes"):
+            continue
+        mem = r["peak_bytes"] / ref["peak_bytes"]
+        out.append(f"{r['side']}^2 float32 {r['precision']} fwd+bwd: triton peak memory {mem:.3f}x the reference's "
+                   f"(target <= 0.05): {'met' if mem <= 0.05 else 'NOT met'}")
+    return (out or ["(timing targets not measured)"]) + _train_step_targets(results["train_step"])
 
 
 def _train_step_targets(rows: list) -> list[str]:
@@ -524,82 +1025,6 @@ def _train_step_targets(rows: list) -> list[str]:
     return out
 
 
-def matmul_rate(args) -> float | None:
-    """The card's measured bfloat16 matmul TFLOP/s (8192^3), the yardstick of the bf16 target."""
-    if args.dry_run:
-        return None
-    import torch
-    import triton.testing
-
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=100)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
-
-
-# ----------------------------------------------------------------------------- driver and report
-
-def _deadline(args) -> float:
-    """The epoch second after which nothing starts (in a phase process too: it gets --started)."""
-    return (args.started or time.time()) + args.deadline_s
-
-
-def _within(started: float, budget_s: float, deadline: float) -> bool:
-    now = time.time()
-    return now - started <= budget_s and now < deadline
-
-
-def _run_phase(args, phase: str, autotune: bool) -> tuple[list, str]:
-    deadline = _deadline(args)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", phase, "--started", str(args.started),
-           "--deadline-s", str(args.deadline_s)]
-    for flag in ("sides", "accuracy_sides", "value_channels", "dtypes"):
-        cmd += [f"--{flag.replace('_', '-')}", *map(str, getattr(args, flag))]
-    cmd += ["--contextual-images", *map(str, args.contextual_images)]
-    cmd += ["--channels", str(args.channels), "--batch", str(args.batch), "--budget-s", str(args.budget_s),
-            "--contextual-budget-s", str(args.contextual_budget_s), "--train-step-budget-s",
-            str(args.train_step_budget_s)]
-    if args.dry_run:
-        cmd.append("--dry-run")
-    try:  # the phase stops starting work at the deadline; its last measurement gets a grace period
-        proc = subprocess.run(cmd, cwd=ROOT, env=_environment(args.dry_run, autotune), capture_output=True, text=True,
-                              timeout=deadline - time.time() + DEADLINE_GRACE_S)
-    except subprocess.TimeoutExpired:
-        return [], f"phase {phase} killed {DEADLINE_GRACE_S:.0f} s after the deadline"
-    sys.stderr.write(proc.stderr[-4000:])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return [], f"phase {phase} exited with {proc.returncode}: {proc.stderr.strip()[-800:]}"
-    return json.loads(lines[-1])["rows"], ""
-
-
-def _build_cuda(args, deadline: float) -> dict:
-    """Phase 0: build (or load the cached build of) the CUDA extension, in its own process."""
-    begin = time.time()
-    code = "from cocos_kernels import cuda; cuda.extension()"
-    limit = max(1.0, min(args.build_timeout_s, deadline - begin))
-    try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_environment(False, autotune=False),
-                              capture_output=True, text=True, timeout=limit)
-        status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    except subprocess.TimeoutExpired:
-        status, tail = f"FAILED (over {limit:.0f} s)", ""
-    print(f"gpu_check: cuda build {status} ({time.time() - begin:.0f} s)", flush=True)
-    return {"status": status, "seconds": time.time() - begin, "tail": tail}
-
-
-def _card(dry_run: bool) -> str:
-    """The card's name, asked in a child process: this one holds no CUDA context (its memory would
-    count against the phases' measurements)."""
-    if dry_run:
-        return "cpu-dry-run"
-    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"gpu_check: no CUDA device: {proc.stderr.strip()[-300:]}")
-    return proc.stdout.strip()
-
-
 def _fmt(x, spec):
     return "" if x is None else format(x, spec)
 
@@ -615,15 +1040,32 @@ def _accuracy_table(rows: list, columns: tuple[tuple[str, str], ...]) -> list[st
             pair = e.get(name, {})
             cells += [_fmt(pair.get("fused"), ".2e"), _fmt(pair.get("materialised"), ".2e")]
         patch = f", {r['patch_size']}x{r['patch_size']} patches" if r.get("patch_size", 1) > 1 else ""
-        lines.append(f"| {r['backend']} | {r['mode']} | {r['side']}^2{patch} | " + " | ".join(cells) + f" | {r['status']} |")
+        lines.append(f"| {r.get('backend', '')} | {r.get('mode', '')} | {r['side']}^2{patch} | " + " | ".join(cells)
+                     + f" | {r['status']} |")
+    return lines
+
+
+def _timing_table(rows: list) -> list[str]:
+    lines = ["| dtype | Cv | grid | patch | mode | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | "
+             "error vs fp32 | status |", "|" + "---|" * 12]
+    for r in rows:
+        ref = _reference_of(rows, r)
+        ratio = f"{ref['time_ms'] / r['time_ms']:.2f}x" if ref and r.get("time_ms") else ""
+        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if r.get("peak_bytes") is not None else ""
+        dtype = r["dtype"] + (f" ({r['precision']})" if r.get("precision") else "")
+        lines.append(f"| {dtype} | {r['value_channels']} | {r['side']}^2 | {r['patch_size']}x{r['patch_size']} | "
+                     f"{r['mode']} | {r['impl']} | {_fmt(r.get('time_ms'), '.3f')} | {peak} | "
+                     f"{_fmt(r.get('tflops'), '.1f')} | {ratio} | {_fmt(r.get('error_vs_float32'), '.1e')} | "
+                     f"{r.get('status', '')} |")
     return lines
 
 
 def _contextual_markdown(rows: list) -> list[str]:
     accuracy = [r for r in rows if r.get("part") == "accuracy"]
     timing = [r for r in rows if r.get("part") == "timing"]
-    lines = ["", "## contextual_loss", "", "Accuracy against float64 (bandwidth 0.1, C=64 (dry run: 8), batch 2; same bound as above):",
-             ""] + _accuracy_table(accuracy, (("loss", "loss"), ("grad x", "dx"), ("grad y", "dy")))
+    lines = ["", "## contextual_loss", "", "Accuracy against float64 (bandwidth 0.1, C=64 (dry run: 8), batch 2; same "
+             "bound as the accuracy phase):", ""] + _accuracy_table(accuracy, (("loss", "loss"), ("grad x", "dx"),
+                                                                              ("grad y", "dy")))
     lines += ["", "Forward+backward, float32, batch 1, VGG-19 layers unpooled (time: median of do_bench, or one "
               "call when it takes over a second; peak beyond the inputs; TFLOP/s counts 4*N^2*C):", "",
               "| image | layer | C | grid | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | status |",
@@ -632,7 +1074,7 @@ def _contextual_markdown(rows: list) -> list[str]:
     for r in timing:
         base = ref.get((r["image"], r["layer"]))
         ratio = f"{base['time_ms'] / r['time_ms']:.2f}x" if base and r.get("time_ms") else ""
-        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else ""
+        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if r.get("peak_bytes") is not None else ""
         lines.append(f"| {r['image']} | {r['layer']} | {r['channels']} | {r['side']}^2 | {r['impl']} | "
                      f"{_fmt(r.get('time_ms'), '.1f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
                      f"{r.get('status', '')} |")
@@ -645,164 +1087,47 @@ def _train_step_markdown(rows: list) -> list[str]:
     if not rows:
         return []
     return ["", "## Training step (benchmarks/bench_train_step.py: ADE20K recipe, batch 1, steady state, "
-            f"{rows[0].get('memory_cap_gb') or TRAIN_STEP_CAP_GB:g} GiB cap)", "",
-            *table(rows)]
+            f"{rows[0].get('memory_cap_gb') or TRAIN_STEP_CAP_GB:g} GiB cap)", "", *table(rows)]
 
 
-def markdown(meta: dict, tests: dict, accuracy: list, timing: list, targets: list, contextual: list = (),
-             train_step: list = ()) -> str:
+def markdown(meta: dict, results: dict, targets: list[str]) -> str:
+    env = results["env"][0] if results["env"] else {}
+    peaks = " · ".join(f"{name} matmul {env[f'{name}_matmul_tflops']:.4g} TFLOP/s" for name in ("bf16", "tf32", "fp32")
+                       if env.get(f"{name}_matmul_tflops") is not None)
+    versions = " · ".join(f"{k} {env[k]}" for k in ("torch", "triton", "numpy", "cuda") if env.get(k))
     lines = [f"# correspondence_warp GPU check: {meta['card']}", "",
-             f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · "
-             f"bf16 matmul {_fmt(meta['bf16_matmul_tflops'], '.0f')} TFLOP/s · {meta['wall_s']:.0f} s", ""]
-    if meta.get("phases_done", "all phases") != "all phases":
-        lines += [f"**Partial report**, written after the {meta['phases_done']} phase (the run may still be going, "
-                  "or was stopped).", ""]
-    if meta.get("not_run"):
-        lines += [f"Not run (past the --deadline-s): {', '.join(meta['not_run'])}.", ""]
-    lines += [f"## CUDA build\n\n**{meta.get('cuda_build', {}).get('status', 'not run')}** "
-              f"({_fmt(meta.get('cuda_build', {}).get('seconds'), '.0f')} s)", "",
-              f"## Tests\n\n`{tests['command']}`: **{tests['status']}**", ""]
+             f"{meta['started']} · {versions} · {peaks} · {meta.get('wall_s', 0):.0f} s", ""]
+    if meta.get("last_done") != "all phases":
+        lines += [f"**Partial report**, written after {meta.get('last_done')} (the run may still be going, or was "
+                  "stopped).", ""]
+    lines += ["## Targets", ""] + [f"- {t}" for t in targets] + [""]
+    timing_note = ("Median of triton.testing.do_bench; peak = max_memory_allocated beyond the inputs; TFLOP/s counts "
+                   "2*Nq*Nk*(D+Cv) per forward (D = C*patch^2), 3.5x that per forward+backward; SDPA as in "
+                   "benchmarks/ (the PyTorch prologue included; -pad-8 / -pad-C: the value zero-padded); error: "
+                   "max |out - float32 reference| / max(1, max |ref|); vs reference: the materialised path's time "
+                   "over this row's, at the same dtype and float32 matmul precision.")
+    lines += [f"## Headline timing (C={meta['channels']}, batch {meta['batch']})", "", timing_note, "",
+              *_timing_table(results["timing"]), ""]
+    build = meta.get("cuda_build", {})
+    lines += [f"## CUDA build\n\n**{build.get('status', 'not run')}**", ""]
+    tests = results["tests"]
+    counts = ", ".join(f"{tests[k]} {k}" for k in ("tests", "failures", "errors", "skipped") if k in tests)
+    lines += [f"## Tests\n\n`{tests.get('command', '')}` in {tests.get('processes', 0)} process(es): "
+              f"**{tests['status']}** ({counts}; gpu_check_junit.xml)", ""]
     if tests.get("tail"):
         lines += ["```", tests["tail"], "```", ""]
-    lines += ["## Accuracy against float64 (temperature 0.01, C=%s, Cv=48, batch 1)" % meta["channels"], "",
+    lines += _contextual_markdown(results["contextual"])
+    lines += _train_step_markdown(results["train_step"])
+    lines += ["", f"## Accuracy against float64 (temperature 0.01, C={meta['channels']}, Cv=48, batch 1)", "",
               "Max |error| / max(1, max |float64|); each fused backend vs the materialised PyTorch path at the "
               "same precision. Bound: fused <= 2x (3x for gradients) materialised + 1e-5.", ""]
-    lines += _accuracy_table(accuracy, (("out", "out"), ("grad query", "dq"), ("grad key", "dk"), ("grad value", "dv")))
-    lines += ["", "## Timing (C=%s, batch %s)" % (meta["channels"], meta["batch"]), "",
-              "Median of triton.testing.do_bench; peak = max_memory_allocated beyond the inputs; TFLOP/s counts "
-              "2*Nq*Nk*(C+Cv) per forward, 3.5x that per forward+backward; SDPA runs as in benchmarks/ (the "
-              "PyTorch prologue included; -pad-8 / -pad-C: the value zero-padded to suit the kernel); "
-              "error: max |out - float32 reference| / max(1, max |ref|).", "",
-              "| dtype | Cv | grid | mode | impl | time (ms) | peak (MiB) | TFLOP/s | vs reference | error vs fp32 | status |",
-              "|" + "---|" * 11]
-    ref = {(r["dtype"], r["value_channels"], r["side"], r["mode"]): r for r in timing
-           if r["impl"] == "reference" and r.get("status") == "ok"}
-    for r in sorted(timing, key=lambda r: (r["dtype"], r["value_channels"], r["side"], r["mode"])):
-        base = ref.get((r["dtype"], r["value_channels"], r["side"], r["mode"]))
-        ratio = f"{base['time_ms'] / r['time_ms']:.2f}x" if base and r.get("time_ms") else ""
-        peak = _fmt(r["peak_bytes"] / 2**20, ".0f") if "peak_bytes" in r else ""
-        lines.append(f"| {r['dtype']} | {r['value_channels']} | {r['side']}^2 | {r['mode']} | {r['impl']} | "
-                     f"{_fmt(r.get('time_ms'), '.3f')} | {peak} | {_fmt(r.get('tflops'), '.1f')} | {ratio} | "
-                     f"{_fmt(r.get('error_vs_float32'), '.1e')} | {r.get('status', '')} |")
-    lines += _contextual_markdown(list(contextual))
-    lines += _train_step_markdown(list(train_step))
-    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets] + [""]
-    return "\n".join(lines)
-
-
-def _targets(timing: list, bf16_rate: float | None) -> list[str]:
-    def row(impl, dtype, side, mode="forward+backward", cv=3):
-        for r in timing:
-            if (r["impl"], r["dtype"], r["side"], r["mode"], r["value_channels"]) == (impl, dtype, side, mode, cv):
-                return r
-        return None
-
-    out = []
-    ref, tri = row("reference", "float32", 128), row("triton", "float32", 128)
-    if ref and tri and ref.get("status") == "ok" and tri.get("status") == "ok":
-        mem = tri["peak_bytes"] / max(ref["peak_bytes"], 1)
-        speed = ref["time_ms"] / tri["time_ms"]
-        out.append(f"128^2 float32 fwd+bwd: triton peak memory {mem:.3f}x the reference's (target <= 0.05): "
-                   f"{'met' if mem <= 0.05 else 'NOT met'}")
-        out.append(f"128^2 float32 fwd+bwd: triton {speed:.2f}x faster than the reference (target >= 2): "
-                   f"{'met' if speed >= 2 else 'NOT met'}")
-    ref256 = [r for r in timing if r["impl"] == "reference" and r["side"] == 256]
-    if ref256:
-        out.append("256^2 reference: " + ", ".join(sorted({r.get("status", "") for r in ref256})))
-    bf = row("triton", "bfloat16", 256, mode="forward")
-    if bf and bf.get("status") == "ok" and bf16_rate:
-        share = bf["tflops"] / bf16_rate
-        out.append(f"256^2 bfloat16 forward: {bf['tflops']:.0f} TFLOP/s = {share:.0%} of the card's bf16 matmul "
-                   f"rate (target >= 40%): {'met' if share >= 0.4 else 'NOT met'}")
-    return out or ["(not measured)"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    for name, defaults in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[args.dry_run])
-    if args.phase:  # inside a phase process: print the rows as one JSON line
-        rows = {"accuracy": accuracy_phase, "timing": timing_phase, "contextual": contextual_phase,
-                "train_step": train_step_phase}[args.phase](args)
-        print(json.dumps({"rows": rows}))
-        return 0
-
-    started = args.started = time.time()  # the phases get it: one deadline for all
-    deadline = _deadline(args)
-    card = _card(args.dry_run)
-    stem = "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
-    failures, not_run = [], []  # not_run: phases past the deadline
-    results = {"tests": {"command": f"pytest {' '.join(args.test_paths)} --device cuda -q", "status": "skipped"},
-               "accuracy": [], "timing": [], "contextual_loss": [], "train_step": []}
-
-    def report(done: str, bf16_rate=None) -> list[str]:
-        """(Re)write the report with every phase so far: a run stopped later still leaves these."""
-        import torch
-        import triton
-
-        meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "triton": triton.__version__, "bf16_matmul_tflops": bf16_rate,
-                "channels": args.channels, "batch": args.batch, "wall_s": time.time() - started,
-                "failures": failures, "cuda_build": cuda_build, "phases_done": done, "not_run": not_run}
-        targets = _targets(results["timing"], bf16_rate) + _train_step_targets(results["train_step"])
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, **results, "targets": targets},
-                                                              indent=1))
-        (args.out_dir / f"{stem}.md").write_text(markdown(
-            meta, results["tests"], results["accuracy"], results["timing"], targets, results["contextual_loss"],
-            results["train_step"]))
-        print(f"gpu_check: {done} done ({meta['wall_s']:.0f} s); wrote {args.out_dir / stem}.md and .json",
-              flush=True)
-        return targets
-
-    cuda_build = {"status": "skipped (dry run)"} if args.dry_run else _build_cuda(args, deadline)
-    if cuda_build["status"] != "ok" and not args.dry_run:
-        failures.append(f"cuda build: {cuda_build['status']}")
-        os.environ["COCOS_KERNELS_CUDA_BUILD"] = "0"  # the phases skip "cuda" with this reason, no retries
-    report("build")
-    tests = results["tests"]
-    if not (args.skip_tests or args.dry_run):
-        limit = min(args.test_timeout_s, deadline - time.time())
-        cmd = [sys.executable, "-m", "pytest", *args.test_paths, "--device", "cuda", "-q", "-p", "no:cacheprovider"]
-        try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=_environment(False, autotune=False), capture_output=True,
-                                  text=True, timeout=max(limit, 1.0))
-            tests.update(status="passed" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})",
-                         tail="\n".join(proc.stdout.strip().splitlines()[-15:]))
-        except subprocess.TimeoutExpired:
-            tests.update(status=f"FAILED (over {limit:.0f} s)")
-        if tests["status"] != "passed":
-            failures.append("tests")
-        report("tests")
-
-    # Accuracy with one fixed config (no autotuning: it would time configs per precision for nothing).
-    phases = [("accuracy", "accuracy", False, lambda r: f"accuracy {r['backend']} {r['mode']} {r['side']}^2"),
-              ("timing", "timing", True, lambda r: f"timing {r['impl']} {r['dtype']} {r['side']}^2 {r['mode']}"),
-              ("contextual", "contextual_loss", True,
-               lambda r: f"contextual_loss {r['part']} {r.get('backend', r.get('impl'))} {r['side']}^2"),
-              ("train_step", "train_step", False, lambda r: f"train step {r['impl']} {r['side']} px")]
-    for phase, key, autotune, label in phases:
-        if phase == "train_step" and args.train_step_budget_s <= 0:
-            continue
-        if time.time() >= deadline:
-            not_run.append(phase)
-            continue
-        rows, problem = _run_phase(args, phase, autotune=autotune)
-        results[key] = rows
-        failures += [problem] if problem else []
-        failures += [f"{label(r)}: {r['status']}" for r in rows
-                     if r.get("status", "").startswith("FAILED") or r.get("status") == "error"]
-        report(phase)
-
-    targets = report("all phases", bf16_rate=matmul_rate(args))
-    for t in targets:
-        print("  target:", t)
-    if failures:
-        print("gpu_check: FAILED\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    print("gpu_check: all checks passed")
-    return 0
+    lines += _accuracy_table(results["accuracy"], (("out", "out"), ("grad query", "dq"), ("grad key", "dk"),
+                                                   ("grad value", "dv")))
+    if results["timing_more"]:
+        lines += ["", "## More timing", "", *_timing_table(results["timing_more"])]
+    if meta.get("failures"):
+        lines += ["", "## Failures", "", *[f"- {f}" for f in meta["failures"]]]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def test_topk_finds_the_float64_best_matches(dtype, patch_size, device):
     ref = s.topk(5, dim=-1)
     assert_close(sim.reshape(B, -1, 5), ref.values, RTOL[dtype], "similarity")
     # Indices agree wherever the float64 gap to the next candidate exceeds float32 rounding.
-    chosen = s.gather(-1, idx.reshape(B, -1, 5).cpu())
+    chosen = s.gather(-1, idx.reshape(B, -1, 5))
     assert_close(chosen, ref.values, RTOL[dtype], "similarity at the returned indices")
 
 
@@ -74,13 +74,17 @@ def test_topk_warp_matches_float64_reference(backend, dtype, opts, top_k, device
         assert_close(out, ck.reference.correspondence_warp(q64, k64, v64, **opts), RTOL[dtype], "all keys")
 
 
-def test_topk_warp_with_mask_and_fully_masked_sample(device):
-    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device))
-    mask = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.7
+@pytest.mark.parametrize("backend", ALL)
+def test_topk_warp_with_mask_and_fully_masked_sample(backend, device):
+    dtype = torch.float64 if ck.BACKENDS[backend].refusal(device, torch.float64) is None else torch.float32
+    skip_unless_runs(backend, device, dtype)
+    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device))
+    mask = (torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.7).to(device)
     mask[0] = False
-    out = ck.correspondence_warp(q, k, v, top_k=6, key_mask=mask, backend="cpu")
-    ref = ck.reference.correspondence_warp(q, k, v, top_k=6, key_mask=mask)
-    assert_close(out, ref, 1e-9, "out")
+    out = ck.correspondence_warp(q, k, v, top_k=6, key_mask=mask, backend=backend)
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    ref = ck.reference.correspondence_warp(q64, k64, v64, top_k=6, key_mask=mask)
+    assert_close(out, ref, RTOL[dtype], "out")
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)

@@ -4,7 +4,7 @@ import torch
 
 import cocos_kernels as ck
 from conftest import assert_close, skip_unless_runs
-from test_correspondence_warp import ALL, OPTIONS, RTOL, SHAPES, make_inputs
+from test_correspondence_warp import ALL, FUSED, OPTIONS, RTOL, SHAPES, make_inputs
 
 
 @pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["channel-p3-t0.01"], OPTIONS["spatial-t0.01"],
@@ -44,9 +44,13 @@ def test_only_the_cycle_output_used(backend, device):
         assert_close(a, b, 1e-9, "grad")
 
 
-def test_cycle_opcheck(device):
-    q, k, v = (t.requires_grad_() for t in make_inputs((2, 5, 3, (3, 4), (4, 3)), torch.float64, device))
-    torch.library.opcheck(torch.ops.cocos_kernels.cycle_warp.default, (q, k, v, 0.1, "channel", True, 3, 1e-12, "cpu", "ieee"))
+@pytest.mark.parametrize("backend", FUSED)
+def test_cycle_opcheck(backend, device):
+    # float32: the fused GPU backends take no float64.
+    skip_unless_runs(backend, device, torch.float32)
+    q, k, v = (t.requires_grad_() for t in make_inputs((2, 5, 3, (3, 4), (4, 3)), torch.float32, device))
+    torch.library.opcheck(torch.ops.cocos_kernels.cycle_warp.default,
+                          (q, k, v, 0.1, "channel", True, 3, 1e-12, backend, "ieee"))
 
 
 def test_cycle_rejects_bad_input():

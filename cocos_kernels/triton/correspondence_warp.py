@@ -70,15 +70,18 @@ def _configs() -> tuple[list, list]:
     if not AUTOTUNE:
         config = _config(64, 64, 64, 4, 2)
         return [config], [config]
-    # Every config fits an H100's 227 KiB of shared memory in the forward kernel; at Cv=151
-    # (BLOCK_CV=256) a few do not in the backward kernels (up to 321 KiB at half precision,
-    # 256 KiB for tf32x3: tests/test_triton_compile.py measures them), and the autotuner drops
-    # those (OutOfResources); at least one config fits every case. D only sets the number of chunks, so the same configs serve
-    # D=2304; at half precision BLOCK_D=256 keeps a D=256 query tile resident (ONE_CHUNK). Few
-    # configs per dtype class: each one is compiled and timed per (D, Cv).
-    float32 = [_config(32, 32, 64, 4, 2), _config(64, 64, 64, 4, 2), _config(64, 32, 128, 4, 2)]
-    half = [_config(64, 64, 64, 4, 2), _config(128, 64, 64, 8, 2), _config(64, 64, 256, 4, 2),
-            _config(128, 64, 256, 8, 2)]
+    # Chosen by `python -m benchmarks.kernel_report` (sm_90): the BLOCK_M = 128, 8-warp and 3-4-stage
+    # configs are spill-free and within an H100's 227 KiB of shared memory in the forward and in most
+    # backward cases of the headline shapes (the autotuner drops one that does not fit: OutOfResources;
+    # the compile test keeps at least one per case); float32 keeps M32 N32 (the tile that spills least in
+    # the tf32x3 / ieee backward) beside wgmma-sized ones with 32-column chunks (tf32x3 splits
+    # each operand in two, doubling its registers). D only sets the number of chunks, so the same
+    # configs serve D=2304; at half precision BLOCK_D=256 keeps a D=256 query tile resident
+    # (ONE_CHUNK). Each config is compiled and timed per (D, Cv, PATCH, dtype).
+    float32 = [_config(32, 32, 64, 4, 2), _config(64, 64, 32, 4, 3), _config(128, 64, 32, 8, 3),
+               _config(64, 64, 64, 8, 2)]
+    half = [_config(64, 64, 64, 4, 3), _config(128, 64, 64, 8, 4), _config(128, 128, 64, 8, 3),
+            _config(64, 64, 256, 4, 2), _config(128, 64, 256, 8, 2)]
     return float32, half
 
 
@@ -87,7 +90,17 @@ _FLOAT32_CONFIGS, _HALF_CONFIGS = _configs()
 
 def _configs_for_dtype(configs, named_args, **kwargs):
     wanted = _FLOAT32_CONFIGS if named_args["Q"].dtype == torch.float32 else _HALF_CONFIGS
-    return [c for c in configs if any(c is w for w in wanted)]
+    # Tiles that spill (kernel report): windows never keep a tile resident, a tap's 256-column chunk
+    # spills in their backward, and so do 128 x 128 tiles in their dQ kernel; the dK/dV kernel holds
+    # dK and dV for its BLOCK_N keys besides the forward's tiles, and spills with 128 keys, a resident
+    # 256-column dK tile or, for windows, 128 queries a block.
+    windows = kwargs.get("PATCH", 1) > 1
+    limits = {"BLOCK_D": 64} if windows else {}
+    if windows and "DQ" in named_args:
+        limits["BLOCK_N"] = 64
+    if "DK" in named_args:
+        limits.update(BLOCK_N=64, BLOCK_D=64, **({"BLOCK_M": 64} if windows else {}))
+    return [c for c in configs if any(c is w for w in wanted) and all(c.kwargs[k] <= v for k, v in limits.items())]
 
 
 def _tune(key=("D", "CV")):
@@ -103,39 +116,75 @@ def _tune(key=("D", "CV")):
 
 
 @triton.jit
-def _scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> over the D feature columns, chunk by chunk."""
+def _tap_offset(t, width, PATCH: tl.constexpr):
+    """Row offset of tap t (row-major over the PATCH x PATCH window) on a padded grid of row width `width`."""
+    return (t // PATCH - PATCH // 2) * width + (t % PATCH - PATCH // 2)
+
+
+@triton.jit
+def _window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, width_a, width_b,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                   PRECISION: tl.constexpr, PATCH: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> summed over the PATCH x PATCH taps: on a padded
+    grid of row width `width`, tap (dy, dx) of every centre is the row offset dy * width + dx
+    (windows.py). One loop over (tap, D chunk) pairs into one accumulator, so the compiler
+    pipelines one load stream (unrolled taps would each hold their own buffers and registers)."""
+    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    for i in range(0, PATCH * PATCH * CHUNKS):
+        t = i // CHUNKS
+        offs_d = (i % CHUNKS) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        a = tl.load(a_rows + offs_a[:, None] * D + offs_d[None, :], mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(b_rows + offs_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        a = tl.load(a_rows + (_tap_offset(t, width_a, PATCH) + offs_a[:, None]) * D + offs_d[None, :],
+                    mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(b_rows + (_tap_offset(t, width_b, PATCH) + offs_b[:, None]) * D + offs_d[None, :],
+                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b, accumulate,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[a, :] (+)= weights (A x B) @ src[b, :] over D in chunks, in global memory (float32).
+def _scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b,
+            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> over the D feature columns, chunk by chunk."""
+    return _window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, 0, 0, D, BLOCK_D, BLOCK_A, BLOCK_B,
+                          PRECISION, 1)
+
+
+@triton.jit
+def _accumulate_window_rows(acc_planes, plane_stride, weights, src_rows, width, offs_a, offs_b, mask_a, mask_b,
+                            accumulate, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                            PATCH: tl.constexpr):
+    """Plane t of acc: acc[t, a, :] (+)= weights (A x B) @ src[b + tap t, :] for each of the PATCH x PATCH
+    taps (offsets as in _window_scores), in global memory (float32), planes `plane_stride` apart;
+    one loop over (tap, D chunk) pairs.
 
     The program's first block (accumulate false) overwrites instead of adding, so the buffer needs no
     zeroing and a re-run (the autotuner times each config on the real buffers) leaves it right.
     """
+    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     # The previous block's stores of these rows may have come from other threads of the program
     # (the store and load layouts are the compiler's choice): make them visible before reading.
     tl.debug_barrier()
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+    for i in range(0, PATCH * PATCH * CHUNKS):
+        t = i // CHUNKS
+        offs_d = (i % CHUNKS) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        src = tl.load(src_rows + offs_b[:, None] * D + offs_d[None, :], mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        ptrs = acc_rows + offs_a[:, None] * D + offs_d[None, :]
+        src = tl.load(src_rows + (_tap_offset(t, width, PATCH) + offs_b[:, None]) * D + offs_d[None, :],
+                      mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        ptrs = acc_planes + t * plane_stride + offs_a[:, None] * D + offs_d[None, :]
         mask = mask_a[:, None] & mask_d[None, :]
         old = tl.load(ptrs, mask=mask & accumulate, other=0.0)
         tl.store(ptrs, tl.dot(weights.to(src.dtype), src, old, input_precision=PRECISION), mask=mask)
+
+
+@triton.jit
+def _accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b, accumulate,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """acc[a, :] (+)= weights (A x B) @ src[b, :] over D in chunks, in global memory (float32)."""
+    _accumulate_window_rows(acc_rows, 0, weights, src_rows, 0, offs_a, offs_b, mask_a, mask_b, accumulate, D, BLOCK_D,
+                            PRECISION, 1)
 
 
 @triton.jit
@@ -144,21 +193,6 @@ def _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         return mask_n & (tl.load(KeyMask + batch * Nk + offs_n, mask=mask_n, other=0) != 0)
     return mask_n
-
-
-@triton.jit
-def _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PRECISION: tl.constexpr, PATCH: tl.constexpr):
-    """Sum over the PATCH x PATCH taps of the score tiles of shifted rows: on a padded grid of row
-    width `width`, tap (dy, dx) of every centre is the row offset dy * width + dx (windows.py)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in tl.static_range(PATCH * PATCH):
-        dy = t // PATCH - PATCH // 2
-        dx = t % PATCH - PATCH // 2
-        acc += _scores(q_rows + (dy * width_q + dx) * D, k_rows + (dy * width_k + dx) * D, offs_m, offs_n,
-                       mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-    return acc
 
 
 @_tune(("D", "CV", "PATCH"))
@@ -292,11 +326,8 @@ def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Su
             h = ds * (aq[:, None] * ak[None, :])
             sum_hm += tl.sum(h * mk[None, :], 1)
             sum_es += tl.sum(ds * s, 1)
-            for t in tl.static_range(PATCH * PATCH):
-                off_k = (t // PATCH - PATCH // 2) * width_k + (t % PATCH - PATCH // 2)
-                plane = dq_rows + t * tl.num_programs(1).to(tl.int64) * Nq * D
-                _accumulate_rows(plane, h, k_rows + off_k * D, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D,
-                                 PRECISION)
+            _accumulate_window_rows(dq_rows, tl.num_programs(1).to(tl.int64) * Nq * D, h, k_rows, width_k, offs_m,
+                                    offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if ONE_CHUNK:
         tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
     if PATCH > 1:
@@ -364,11 +395,8 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, 
                 ht = dst * (ak[:, None] * aq[None, :])
                 sum_hm += tl.sum(ht * mq[None, :], 1)
                 sum_es += tl.sum(dst * st, 1)
-                for t in tl.static_range(PATCH * PATCH):
-                    off_q = (t // PATCH - PATCH // 2) * width_q + (t % PATCH - PATCH // 2)
-                    plane = dk_rows + t * tl.num_programs(1).to(tl.int64) * Nk * D
-                    _accumulate_rows(plane, ht, q_rows + off_q * D, offs_n, offs_m, mask_n, mask_m, m0 > 0, D,
-                                     BLOCK_D, PRECISION)
+                _accumulate_window_rows(dk_rows, tl.num_programs(1).to(tl.int64) * Nk * D, ht, q_rows, width_q,
+                                        offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if NEED_DV:
         tl.store(DV + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], dv, mask=mask_n[:, None] & mask_c[None, :])
     if NEED_DK and ONE_CHUNK:
