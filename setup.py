@@ -5,7 +5,7 @@ The CUDA extension is built here, with ninja, when torch is importable in the bu
 (`pip install --no-build-isolation .`: pyproject.toml does not pull torch into an isolated one), is
 a CUDA build, and a CUDA toolkit (nvcc) is found (see `cocos_kernels/build.py:cuda_home`). Without
 them the install is pure Python and the "cuda" backend JIT-builds on first use instead.
-COCOS_KERNELS_BUILD_CUDA=0 skips the prebuild, =1 makes a missing requirement an error.
+COCOS_KERNELS_PREBUILD_CUDA=0 skips the prebuild, =1 makes a missing requirement an error.
 Architectures: $TORCH_CUDA_ARCH_LIST, else `build.PREBUILD_ARCHS` (A100, H100, and PTX that newer
 cards compile).
 """
@@ -38,7 +38,7 @@ def _build_module():
 
 def _cuda_extension() -> tuple[list, dict]:
     """(ext_modules, cmdclass) of the prebuilt CUDA extension, or why there is none (printed)."""
-    wanted = os.environ.get("COCOS_KERNELS_BUILD_CUDA")
+    wanted = os.environ.get("COCOS_KERNELS_PREBUILD_CUDA")
     if wanted == "0":
         return [], {}
     try:
@@ -65,7 +65,7 @@ def _cuda_extension() -> tuple[list, dict]:
                       f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
             return [ext], {"build_ext": BuildExtension}
     if wanted == "1":
-        raise RuntimeError(f"COCOS_KERNELS_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        raise RuntimeError(f"COCOS_KERNELS_PREBUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     print(f"cocos_kernels: not prebuilding the CUDA extension ({reason}); the 'cuda' backend builds it on "
           "first use", file=sys.stderr)
     return [], {}

@@ -193,7 +193,7 @@ def _environment(dry_run: bool, autotune: bool = True, cuda_build: bool = True) 
     env["TRITON_INTERPRET"] = "1" if dry_run else "0"
     env["COCOS_KERNELS_TRITON_AUTOTUNE"] = "1" if autotune else "0"
     if not cuda_build:  # the build failed once: the backend refuses with that reason, no retries
-        env["COCOS_KERNELS_CUDA_BUILD"] = "0"
+        env["COCOS_KERNELS_JIT_CUDA"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 

@@ -20,7 +20,7 @@ The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py
 time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in a
 folder of its own per torch install, toolkit, architectures and sources, see `cocos_kernels/build.py`,
 so only the first use pays the ~1-3 minutes). Nothing is built on `import cocos_kernels`: only when
-the backend is first asked for, and only where a CUDA device is present (COCOS_KERNELS_CUDA_BUILD=0
+the backend is first asked for, and only where a CUDA device is present (COCOS_KERNELS_JIT_CUDA=0
 turns the JIT build off). One line on stderr says which extension the backend got; a failure says
 why, and is remembered (the backend's refusal reason) instead of being retried on every call.
 """
@@ -68,8 +68,8 @@ def _extension_or_error():
         return _cuda, None
     except ImportError:
         pass
-    if os.environ.get("COCOS_KERNELS_CUDA_BUILD") == "0":
-        return None, "no prebuilt cocos_kernels._cuda, and COCOS_KERNELS_CUDA_BUILD=0 turns the JIT build off"
+    if os.environ.get("COCOS_KERNELS_JIT_CUDA") == "0":
+        return None, "no prebuilt cocos_kernels._cuda, and COCOS_KERNELS_JIT_CUDA=0 turns the JIT build off"
     try:
         return _jit_build(), None
     except Exception as e:  # noqa: BLE001 -- remembered as the backend's refusal reason
