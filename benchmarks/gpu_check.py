@@ -354,7 +354,7 @@ def env_rows(args, item, s: _State) -> list[dict]:
                                    ("fp32", torch.float32, "highest")):
         torch.set_float32_matmul_precision(precision)
         a, b = (torch.randn(n, n, device=s.device).to(dtype) for _ in range(2))
-        ms = s.bench(lambda: a @ b, [])[0]
+        ms = s.bench(lambda a=a, b=b: a @ b, [])[0]
         row[f"{name}_matmul_tflops"] = 2 * n ** 3 / (ms * 1e-3) / 1e12
         del a, b
     torch.set_float32_matmul_precision("highest")
@@ -771,6 +771,13 @@ def _child_command(args, *extra: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *args.argv, "--started", str(args.started), *extra]
 
 
+def _pump(stream, lines: queue.Queue) -> None:
+    """Every line of `stream` into `lines`, then None."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
 def run_items(items: list[dict], first: int, last: int, command, sink, log, env: dict, limit_s: float,
               deadline: float) -> None:
     """Run items [first, last) in child processes (command(first, last): a phase_main process),
@@ -785,8 +792,9 @@ def run_items(items: list[dict], first: int, last: int, command, sink, log, env:
         proc = subprocess.Popen(command(index, last), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
                                 start_new_session=True)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: ([lines.put(line) for line in proc.stdout], lines.put(None)),
-                         daemon=True).start()
+        # The reader binds this process's stream and queue: a reader outliving its (killed) process
+        # must not feed the next process's queue.
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         current, since, begun = index, time.time(), False
         allowed = limit_s + STARTUP_S  # the first item also waits for the process to start
         while True:
