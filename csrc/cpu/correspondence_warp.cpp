@@ -242,13 +242,40 @@ Windows<T> windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
   return w;
 }
 
-// Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D.
+// K^T of each BK-key block packed for the AVX-512 GEMM, once for every query block that reads
+// it; undefined where that kernel does not run (double, or no AVX-512).
+at::Tensor pack_key_blocks(const at::Tensor& k) {
+  if (k.scalar_type() != at::kFloat || !have_avx512()) return at::Tensor();
+  const int64_t B = k.size(0), Nk = k.size(1), D = k.size(2), nkb = (Nk + BK - 1) / BK;
+  const int64_t block = avx512::packed_size(D, BK);
+  at::Tensor packed = at::empty({B * nkb * block}, k.options());
+  const float* kp = k.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nkb, j0 = (task % nkb) * BK;
+      avx512::pack_panels(kp + (b * Nk + j0) * D, D, std::min(BK, Nk - j0), 1, D, dst + task * block);
+    }
+  });
+  return packed;
+}
+
+// Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D (on K's packed blocks
+// where pack_key_blocks made them).
 template <typename T>
 struct RowTiles {
   const T *q, *k;
   int64_t Nq, Nk, D;
   T scale;
+  const T* packed_k;
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_k) {
+        const int64_t block = (b * ((Nk + BK - 1) / BK) + j0 / BK) * avx512::packed_size(D, BK);
+        avx512::gemm_packed(bq, bk, D, scale, q + (b * Nq + i0) * D, D, 1, packed_k + block, false, s, bk);
+        return;
+      }
+    }
     gemm<T>(false, true, bq, bk, D, scale, q + (b * Nq + i0) * D, D, k + (b * Nk + j0) * D, D, T(0), s, bk);
   }
 };
@@ -291,9 +318,10 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
   const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
+  const at::Tensor packed_k = pack_key_blocks(k);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
     const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), Nq, Nk, D,
-                                   static_cast<scalar_t>(scale)};
+                                   static_cast<scalar_t>(scale), data_or_null<scalar_t>(packed_k)};
     forward_impl<scalar_t>(tiles, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>(), B, Nq, Nk, Cv);
   });
@@ -330,13 +358,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
                                                : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
+  const at::Tensor packed_k = pack_key_blocks(k);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
     using T = scalar_t;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
-    T *dkp = ptr(dk), *dqp = ptr(dq), *dq_extra_p = ptr(dq_extra);
+    T *dkp = data_or_null<T>(dk), *dqp = data_or_null<T>(dq), *dq_extra_p = data_or_null<T>(dq_extra);
     const auto sc = static_cast<T>(scale);
-    const RowTiles<T> tiles{qp, kp, Nq, Nk, D, sc};
+    const RowTiles<T> tiles{qp, kp, Nq, Nk, D, sc, data_or_null<T>(packed_k)};
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                          const T* ds, const T*) {
       const T* qb = qp + (b * Nq + i0) * D;
@@ -348,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
-                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv), B,
+                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), data_or_null<T>(dv), B,
                      Nq, Nk, Cv);
   });
   for (int64_t t = 1; t < threads && need_dq; ++t) dq.add_(dq_extra[t - 1]);
@@ -436,10 +464,9 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_backward", [&] {
     using T = scalar_t;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
                                static_cast<T>(patch * patch * C), static_cast<T>(scale)};
-    T *dxq_p = ptr(dxq), *dxk_p = ptr(dxk), *rows_p = ptr(rows), *cols_p = ptr(cols);
+    T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk), *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
@@ -484,7 +511,7 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
-                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv),
+                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), data_or_null<T>(dv),
                      B, Nq, Nk, Cv);
   });
   auto total = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : at::Tensor(); };

@@ -1,7 +1,10 @@
-// Tile helpers shared by the CPU kernels: row-major GEMM on strided tiles (BLAS, or ATen's
-// addmm where torch exports no BLAS) and a vectorisable float exp.
+// Tile helpers shared by the CPU kernels: row-major GEMM on strided tiles (our AVX-512 kernel
+// for float where the processor has it, else BLAS, or ATen's addmm where torch exports no BLAS)
+// and a vectorisable float exp.
 #pragma once
 #include <ATen/ATen.h>
+
+#include "gemm_avx512.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +24,12 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 }
 
 namespace cocos_kernels {
+
+// The data of an optional tensor (undefined: not requested), or null.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
 
 template <typename T>
 void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -47,6 +56,12 @@ bool have_blas() {
 template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                  const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx512() && (beta == 0.0f || beta == 1.0f)) {
+      avx512::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta == 1.0f, c, ldc);
+      return;
+    }
+  }
   if (have_blas<T>()) {
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
