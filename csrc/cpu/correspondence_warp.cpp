@@ -26,6 +26,9 @@ constexpr int64_t BK = 128;
 // row[j] = exp(row[j] - shift), returns the row sum.
 template <typename T>
 inline T exp_shifted_sum(T* row, int64_t n, T shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx512()) return avx512::exp_shifted_sum(row, n, shift);
+  }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -36,8 +39,21 @@ inline T exp_shifted_sum(T* row, int64_t n, T shift) {
   return sum;
 }
 
+// row[j] = exp(min(row[j] - shift, 0)): a probability from the row's logsumexp, never above 1.
+template <typename T>
+inline void exp_shifted_capped(T* row, int64_t n, T shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx512()) return avx512::exp_shifted_capped(row, n, shift);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
+}
+
 template <typename T>
 inline T row_max(const T* row, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (have_avx512()) return avx512::row_max(row, n);
+  }
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
@@ -192,8 +208,7 @@ void backward_impl(const ScoreTile& score_tile, const GradTile& grad_tile, bool 
             std::fill(row, row + bk, T(0));
             continue;
           }
-#pragma omp simd
-          for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
+          exp_shifted_capped(row, bk, shift);
         }
         if (dv) accumulate_dv(dob, Nq, p.data(), bq, bk, Cv, dv + b * Cv * Nk + j0, Nk);
         if (!need_features) continue;
@@ -272,7 +287,8 @@ struct RowTiles {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_k) {
         const int64_t block = (b * ((Nk + BK - 1) / BK) + j0 / BK) * avx512::packed_size(D, BK);
-        avx512::gemm_packed(bq, bk, D, scale, q + (b * Nq + i0) * D, D, 1, packed_k + block, false, s, bk);
+        avx512::gemm_panels(bq, bk, D, scale, q + (b * Nq + i0) * D, D, 1, avx512::packed(packed_k + block, D),
+                            false, s, bk);
         return;
       }
     }
@@ -393,13 +409,34 @@ void check_windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
               m.sizes(), ", scales ", a.sizes());
 }
 
+// The key grid transposed, (B, C, ld), for the AVX-512 GEMM: every tap's key rows are then a
+// column range, read in place. ld / 16 is odd, so that the rows of a 32-column panel fall in
+// different L1 sets; the padding covers a last panel's reads past the grid. Undefined where
+// that kernel does not run.
+at::Tensor transpose_key_grid(const at::Tensor& x) {
+  if (x.scalar_type() != at::kFloat || !have_avx512()) return at::Tensor();
+  const int64_t L = x.size(1), ld = (L + 2 * avx512::kNr - 1) / avx512::kNr * avx512::kNr + 16;
+  at::Tensor t = at::zeros({x.size(0), x.size(2), ld}, x.options());
+  t.narrow(2, 0, L).copy_(x.transpose(1, 2));
+  return t;
+}
+
 template <typename T>
 struct WindowTiles {
   Windows<T> q, k;
   T D, scale;
+  const T* kt;  // transpose_key_grid(k.x), (B, C, kt_ld), or null
+  int64_t kt_ld;
   // s = scale * (sum_taps Xq_i Xk_j^T - D m_i m_j) a_i a_j
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
     for (size_t t = 0; t < q.taps.size(); ++t) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (kt) {
+          const avx512::Panels rows{kt + b * k.C * kt_ld + k.lo + j0 + k.taps[t], kt_ld, avx512::kNr};
+          avx512::gemm_panels(bq, bk, q.C, 1.0f, q.rows(b, i0, t), q.C, 1, rows, t > 0, s, bk);
+          continue;
+        }
+      }
       gemm<T>(false, true, bq, bk, q.C, T(1), q.rows(b, i0, t), q.C, k.rows(b, j0, t), k.C,
               t ? T(1) : T(0), s, bk);
     }
@@ -430,10 +467,12 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
   const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), mk.unsqueeze(2));
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, xq.options());
+  const at::Tensor kt = transpose_key_grid(xk);
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_forward", [&] {
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale)};
+                               static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale),
+                               data_or_null<T>(kt), kt.defined() ? kt.size(2) : 0};
     forward_impl<T>(tiles, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
@@ -462,10 +501,12 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
   // gradients that reach the means and the norms (see ops/correspondence_warp.py).
   at::Tensor rows = per_thread(need_dq, {2, B, Nq}), cols = per_thread(need_dk, {2, B, Nk});
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
+  const at::Tensor kt = transpose_key_grid(xk);
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_backward", [&] {
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * C), static_cast<T>(scale)};
+                               static_cast<T>(patch * patch * C), static_cast<T>(scale),
+                               data_or_null<T>(kt), kt.defined() ? kt.size(2) : 0};
     T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk), *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));

@@ -4,7 +4,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "gemm_avx512.h"
+#include "avx512.h"
 
 #include <algorithm>
 #include <cmath>
