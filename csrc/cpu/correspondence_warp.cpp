@@ -2,8 +2,8 @@
 // online softmax, never holding more than a BQ x BK tile of scores per thread.
 //
 // Layouts (all contiguous): q (B, Nq, D), k (B, Nk, D) -- normalised features, one row per
-// position, so every tile product is one BLAS call on strided views; v (B, Cv, Nk) and
-// out / grad_out (B, Cv, Nq) -- the caller's channel-first layout, read through BLAS
+// position, so every tile product is one GEMM (tile_math.h) on strided views; v (B, Cv, Nk) and
+// out / grad_out (B, Cv, Nq) -- the caller's channel-first layout, read through GEMM
 // transposes instead of copies.
 #include "correspondence_warp.h"
 #include "tile_math.h"
@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -140,9 +141,13 @@ void forward_impl(const ScoreTile& score_tile, const T* v, const bool* key_mask,
                   int64_t B, int64_t Nq, int64_t Nk, int64_t Cv) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t nqb = (Nq + BQ - 1) / BQ;
-  at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are independent and each is computed the same way on any thread: threads take the
+  // next one as they finish, balanced where the count does not divide or a thread is slowed.
+  const int64_t tasks = B * nqb;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<T> s(BQ * BK), acc(BQ * Cv), m(BQ), l(BQ);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task / nqb, i0 = (task % nqb) * BQ, bq = std::min(BQ, Nq - i0);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
@@ -257,42 +262,15 @@ Windows<T> windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
   return w;
 }
 
-// K^T of each BK-key block packed for the AVX-512 GEMM, once for every query block that reads
-// it; undefined where that kernel does not run (double, or no AVX-512).
-at::Tensor pack_key_blocks(const at::Tensor& k) {
-  if (k.scalar_type() != at::kFloat || !have_avx512()) return at::Tensor();
-  const int64_t B = k.size(0), Nk = k.size(1), D = k.size(2), nkb = (Nk + BK - 1) / BK;
-  const int64_t block = avx512::packed_size(D, BK);
-  at::Tensor packed = at::empty({B * nkb * block}, k.options());
-  const float* kp = k.data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, B * nkb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nkb, j0 = (task % nkb) * BK;
-      avx512::pack_panels(kp + (b * Nk + j0) * D, D, std::min(BK, Nk - j0), 1, D, dst + task * block);
-    }
-  });
-  return packed;
-}
-
-// Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D (on K's packed blocks
-// where pack_key_blocks made them).
+// Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D.
 template <typename T>
 struct RowTiles {
-  const T *q, *k;
-  int64_t Nq, Nk, D;
+  const T* q;
+  TransposedRows<T> k;
+  int64_t Nq, D;
   T scale;
-  const T* packed_k;
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_k) {
-        const int64_t block = (b * ((Nk + BK - 1) / BK) + j0 / BK) * avx512::packed_size(D, BK);
-        avx512::gemm_panels(bq, bk, D, scale, q + (b * Nq + i0) * D, D, 1, avx512::packed(packed_k + block, D),
-                            false, s, bk);
-        return;
-      }
-    }
-    gemm<T>(false, true, bq, bk, D, scale, q + (b * Nq + i0) * D, D, k + (b * Nk + j0) * D, D, T(0), s, bk);
+    k.product(bq, bk, scale, q + (b * Nq + i0) * D, D, b, j0, false, s);
   }
 };
 
@@ -334,10 +312,9 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
   const int64_t B = q.size(0), Nq = q.size(1), D = q.size(2), Nk = k.size(1), Cv = v.size(1);
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
-  const at::Tensor packed_k = pack_key_blocks(k);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
-    const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), Nq, Nk, D,
-                                   static_cast<scalar_t>(scale), data_or_null<scalar_t>(packed_k)};
+    const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), TransposedRows<scalar_t>(k, true), Nq, D,
+                                   static_cast<scalar_t>(scale)};
     forward_impl<scalar_t>(tiles, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>(), B, Nq, Nk, Cv);
   });
@@ -374,13 +351,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
                                                : at::Tensor();
   at::Tensor dk = need_dk ? at::zeros_like(k) : at::Tensor();
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
-  const at::Tensor packed_k = pack_key_blocks(k);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
     using T = scalar_t;
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
     T *dkp = data_or_null<T>(dk), *dqp = data_or_null<T>(dq), *dq_extra_p = data_or_null<T>(dq_extra);
     const auto sc = static_cast<T>(scale);
-    const RowTiles<T> tiles{qp, kp, Nq, Nk, D, sc, data_or_null<T>(packed_k)};
+    const RowTiles<T> tiles{qp, TransposedRows<T>(k, true), Nq, D, sc};
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                          const T* ds, const T*) {
       const T* qb = qp + (b * Nq + i0) * D;
@@ -409,36 +385,15 @@ void check_windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
               m.sizes(), ", scales ", a.sizes());
 }
 
-// The key grid transposed, (B, C, ld), for the AVX-512 GEMM: every tap's key rows are then a
-// column range, read in place. ld / 16 is odd, so that the rows of a 32-column panel fall in
-// different L1 sets; the padding covers a last panel's reads past the grid. Undefined where
-// that kernel does not run.
-at::Tensor transpose_key_grid(const at::Tensor& x) {
-  if (x.scalar_type() != at::kFloat || !have_avx512()) return at::Tensor();
-  const int64_t L = x.size(1), ld = (L + 2 * avx512::kNr - 1) / avx512::kNr * avx512::kNr + 16;
-  at::Tensor t = at::zeros({x.size(0), x.size(2), ld}, x.options());
-  t.narrow(2, 0, L).copy_(x.transpose(1, 2));
-  return t;
-}
-
 template <typename T>
 struct WindowTiles {
   Windows<T> q, k;
+  TransposedRows<T> k_rows;  // of k.x
   T D, scale;
-  const T* kt;  // transpose_key_grid(k.x), (B, C, kt_ld), or null
-  int64_t kt_ld;
   // s = scale * (sum_taps Xq_i Xk_j^T - D m_i m_j) a_i a_j
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
     for (size_t t = 0; t < q.taps.size(); ++t) {
-      if constexpr (std::is_same_v<T, float>) {
-        if (kt) {
-          const avx512::Panels rows{kt + b * k.C * kt_ld + k.lo + j0 + k.taps[t], kt_ld, avx512::kNr};
-          avx512::gemm_panels(bq, bk, q.C, 1.0f, q.rows(b, i0, t), q.C, 1, rows, t > 0, s, bk);
-          continue;
-        }
-      }
-      gemm<T>(false, true, bq, bk, q.C, T(1), q.rows(b, i0, t), q.C, k.rows(b, j0, t), k.C,
-              t ? T(1) : T(0), s, bk);
+      k_rows.product(bq, bk, T(1), q.rows(b, i0, t), q.C, b, k.lo + j0 + k.taps[t], t > 0, s);
     }
     const T *mq = q.m + b * q.N + i0, *aq = q.a + b * q.N + i0;
     const T *mk = k.m + b * k.N + j0, *ak = k.a + b * k.N + j0;
@@ -467,12 +422,11 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
   const bool* mask = key_mask_ptr(key_mask.value_or(at::Tensor()), mk.unsqueeze(2));
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, xq.options());
-  const at::Tensor kt = transpose_key_grid(xk);
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_forward", [&] {
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale),
-                               data_or_null<T>(kt), kt.defined() ? kt.size(2) : 0};
+                               TransposedRows<T>(xk, false), static_cast<T>(patch * patch * xq.size(2)),
+                               static_cast<T>(scale)};
     forward_impl<T>(tiles, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
@@ -501,12 +455,11 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
   // gradients that reach the means and the norms (see ops/correspondence_warp.py).
   at::Tensor rows = per_thread(need_dq, {2, B, Nq}), cols = per_thread(need_dk, {2, B, Nk});
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
-  const at::Tensor kt = transpose_key_grid(xk);
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_backward", [&] {
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * C), static_cast<T>(scale),
-                               data_or_null<T>(kt), kt.defined() ? kt.size(2) : 0};
+                               TransposedRows<T>(xk, false), static_cast<T>(patch * patch * C),
+                               static_cast<T>(scale)};
     T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk), *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));

@@ -77,6 +77,52 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
   at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
 }
 
+// Rows x (B, L, C) as the right operand of score tiles S = alpha * A X[b, j..j+n)^T. With the
+// AVX-512 GEMM (float), x is transposed once so that every tile reads its columns in place:
+// where every tile starts at a multiple of kNr rows (`aligned`), into contiguous panels of kNr
+// rows (a panel stays in L1 and in few pages); otherwise (the k x k window taps start anywhere)
+// to (B, C, ld) with ld / 16 odd, so that the rows of a panel fall in different L1 sets, and
+// padding for a last panel's reads past L. Without that kernel each tile is a BLAS call.
+template <typename T>
+class TransposedRows {
+ public:
+  TransposedRows(const at::Tensor& x, bool aligned)
+      : x_(x.data_ptr<T>()), L_(x.size(1)), C_(x.size(2)), aligned_(aligned) {
+    if (!std::is_same_v<T, float> || !have_avx512()) return;
+    const int64_t B = x.size(0), panels = (L_ + avx512::kNr - 1) / avx512::kNr;
+    if (aligned_) {
+      t_ = at::constant_pad_nd(x, {0, 0, 0, panels * avx512::kNr - L_})
+               .view({B, panels, avx512::kNr, C_}).permute({0, 1, 3, 2}).contiguous();
+      ld_ = panels * avx512::kNr;  // rows of a batch
+    } else {
+      ld_ = (panels + 1) * avx512::kNr + 16;
+      t_ = at::zeros({B, C_, ld_}, x.options());
+      t_.narrow(2, 0, L_).copy_(x.transpose(1, 2));
+    }
+  }
+
+  // s (m x n, row stride n) = alpha * A X[b, j..j+n)^T (+ s where accumulate), A (m x C) row-major.
+  void product(int64_t m, int64_t n, T alpha, const T* a, int64_t lda, int64_t b, int64_t j,
+               bool accumulate, T* s) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (t_.defined()) {
+        const float* base = t_.data_ptr<float>() + b * C_ * ld_;
+        const avx512::Panels columns = aligned_ ? avx512::packed(base + j * C_, C_)
+                                                : avx512::Panels{base + j, ld_, avx512::kNr};
+        avx512::gemm_panels(m, n, C_, alpha, a, lda, 1, columns, accumulate, s, n);
+        return;
+      }
+    }
+    gemm<T>(false, true, m, n, C_, alpha, a, lda, x_ + (b * L_ + j) * C_, C_, accumulate ? T(1) : T(0), s, n);
+  }
+
+ private:
+  const T* x_;
+  int64_t L_, C_, ld_ = 0;
+  bool aligned_;
+  at::Tensor t_;
+};
+
 // exp(x) for float without libm calls, so the loop vectorises: Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2/2, and the Cephes degree-6 polynomial (about 1 ulp). Returns 0
 // below the normal range, which also covers -inf.
