@@ -1,29 +1,48 @@
 // Float tile kernels for AVX-512 machines: a register-blocked GEMM and the softmax's row passes.
 //
-// The GEMM: the tiles here (128 x 128, K = C or D of a
-// few hundred) are small enough that a BLAS call's own packing and dispatch dominate, and the
-// torch build's MKL runs its AVX2 code on AMD processors: half of what the vector units do.
+// The GEMM: the tiles here (128 x 128, K = C or D of a few hundred) are small enough that a
+// BLAS call's own packing and dispatch dominate, and the torch build's MKL runs its AVX2 code
+// on AMD processors: half of what the vector units do.
 //
 // C (m x n, row-major) = alpha * A B (+ C): A read in place with any strides (each of its
 // elements is broadcast), B in panels of kNr columns whose rows are contiguous: packed (each
 // panel k x kNr contiguous, zero-padded on the right, so that it stays in L1 while the
-// micro-kernel sweeps the rows of A) or a row-major matrix read in place (`Panels`). Every output element sums its k products in order: deterministic.
+// micro-kernel sweeps the rows of A) or a row-major matrix read in place (`Panels`). Every
+// output element sums its k products in order: deterministic.
 #pragma once
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
+
+// The kernels need x86-64 and GCC or clang (target attributes, __builtin_cpu_supports); other
+// builds declare them only, for callers' branches that `kernels_for` discards.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COCOS_KERNELS_AVX512 1
+#include <immintrin.h>
+#define COCOS_KERNELS_AVX512_TARGET __attribute__((target("avx512f")))
+#else
+#define COCOS_KERNELS_AVX512 0
+#endif
 
 namespace cocos_kernels {
 
+// Whether this processor runs the kernels (built and AVX-512F present).
 inline bool have_avx512() {
+#if COCOS_KERNELS_AVX512
   static const bool yes = __builtin_cpu_supports("avx512f");
   return yes;
+#else
+  return false;
+#endif
 }
 
 namespace avx512 {
+
+// Whether this build has kernels for T.
+template <typename T>
+constexpr bool kernels_for = std::is_same_v<T, float> && COCOS_KERNELS_AVX512;
 
 constexpr int64_t kMr = 8;   // rows of C per micro-kernel: 8 x 2 accumulators, 16 of 32 zmm
 constexpr int64_t kNr = 32;  // columns of C per micro-kernel and per panel of B: two zmm
@@ -80,12 +99,11 @@ inline void pack_panels(const float* src, int64_t k, int64_t n, int64_t rs, int6
   }
 }
 
-#pragma GCC push_options
-#pragma GCC target("avx512f")
+#if COCOS_KERNELS_AVX512
 
 // C rows [0, R) x the panel's columns (the store masked to `cols`).
 template <int R>
-__attribute__((always_inline)) inline void micro_tile(int64_t k, float alpha, const float* a,
+COCOS_KERNELS_AVX512_TARGET __attribute__((always_inline)) inline void micro_tile(int64_t k, float alpha, const float* a,
                                                       int64_t rs_a, int64_t cs_a, const float* panel, int64_t ldb,
                                                       bool accumulate, float* c, int64_t ldc,
                                                       int64_t cols) {
@@ -127,7 +145,7 @@ __attribute__((always_inline)) inline void micro_tile(int64_t k, float alpha, co
 
 // C (m x n, row stride ldc) = alpha * A B (+ C where accumulate); A (m x k) element (r, p) at
 // a[r * rs_a + p * cs_a]; B (k x n) as `Panels`.
-inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rs_a,
+COCOS_KERNELS_AVX512_TARGET inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rs_a,
                         int64_t cs_a, Panels b, bool accumulate, float* c, int64_t ldc) {
   for (int64_t j0 = 0; j0 < n; j0 += kNr) {
     const float* panel = b.data + j0 / kNr * b.stride;
@@ -152,7 +170,7 @@ inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const floa
 }
 
 // exp_poly (tile_math.h) on 16 lanes: the same range reduction and polynomial, 2^n by scalef.
-__attribute__((always_inline)) inline __m512 exp_poly(__m512 x) {
+COCOS_KERNELS_AVX512_TARGET __attribute__((always_inline)) inline __m512 exp_poly(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654f);
   const __mmask16 normal = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // false below it and for -inf
   // x second: min/max return their second operand where either is NaN, so NaN stays NaN.
@@ -174,7 +192,7 @@ __attribute__((always_inline)) inline __m512 exp_poly(__m512 x) {
 // Lanes [j, n) of a row of n floats, at most 16.
 inline __mmask16 tail(int64_t j, int64_t n) { return n - j >= 16 ? 0xFFFF : (1u << (n - j)) - 1; }
 
-inline float row_max(const float* row, int64_t n) {
+COCOS_KERNELS_AVX512_TARGET inline float row_max(const float* row, int64_t n) {
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   __m512 m = neg_inf;
   for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, tail(j, n), row + j));
@@ -182,7 +200,7 @@ inline float row_max(const float* row, int64_t n) {
 }
 
 // row[j] = exp(row[j] - shift), returns the row sum.
-inline float exp_shifted_sum(float* row, int64_t n, float shift) {
+COCOS_KERNELS_AVX512_TARGET inline float exp_shifted_sum(float* row, int64_t n, float shift) {
   const __m512 s = _mm512_set1_ps(shift);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
@@ -195,7 +213,7 @@ inline float exp_shifted_sum(float* row, int64_t n, float shift) {
 }
 
 // row[j] = exp(min(row[j] - shift, 0)).
-inline void exp_shifted_capped(float* row, int64_t n, float shift) {
+COCOS_KERNELS_AVX512_TARGET inline void exp_shifted_capped(float* row, int64_t n, float shift) {
   const __m512 s = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = tail(j, n);
@@ -204,7 +222,13 @@ inline void exp_shifted_capped(float* row, int64_t n, float shift) {
   }
 }
 
-#pragma GCC pop_options
+#else
+void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rs_a, int64_t cs_a,
+                 Panels b, bool accumulate, float* c, int64_t ldc);
+float row_max(const float* row, int64_t n);
+float exp_shifted_sum(float* row, int64_t n, float shift);
+void exp_shifted_capped(float* row, int64_t n, float shift);
+#endif
 
 // Row-major C = alpha op(A) op(B) + beta C for beta 0 or 1. B is read in place where its rows
 // are whole panels; otherwise op(B) is packed into a per-thread buffer on every call.

@@ -27,7 +27,7 @@ constexpr int64_t BK = 128;
 // row[j] = exp(row[j] - shift), returns the row sum.
 template <typename T>
 inline T exp_shifted_sum(T* row, int64_t n, T shift) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (avx512::kernels_for<T>) {
     if (have_avx512()) return avx512::exp_shifted_sum(row, n, shift);
   }
   T sum = 0;
@@ -43,7 +43,7 @@ inline T exp_shifted_sum(T* row, int64_t n, T shift) {
 // row[j] = exp(min(row[j] - shift, 0)): a probability from the row's logsumexp, never above 1.
 template <typename T>
 inline void exp_shifted_capped(T* row, int64_t n, T shift) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (avx512::kernels_for<T>) {
     if (have_avx512()) return avx512::exp_shifted_capped(row, n, shift);
   }
 #pragma omp simd
@@ -52,7 +52,7 @@ inline void exp_shifted_capped(T* row, int64_t n, T shift) {
 
 template <typename T>
 inline T row_max(const T* row, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (avx512::kernels_for<T>) {
     if (have_avx512()) return avx512::row_max(row, n);
   }
   T m = -std::numeric_limits<T>::infinity();

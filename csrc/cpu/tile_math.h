@@ -56,7 +56,7 @@ bool have_blas() {
 template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                  const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (avx512::kernels_for<T>) {
     if (have_avx512() && (beta == 0.0f || beta == 1.0f)) {
       avx512::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta == 1.0f, c, ldc);
       return;
@@ -88,7 +88,7 @@ class TransposedRows {
  public:
   TransposedRows(const at::Tensor& x, bool aligned)
       : x_(x.data_ptr<T>()), L_(x.size(1)), C_(x.size(2)), aligned_(aligned) {
-    if (!std::is_same_v<T, float> || !have_avx512()) return;
+    if (!avx512::kernels_for<T> || !have_avx512()) return;
     const int64_t B = x.size(0), panels = (L_ + avx512::kNr - 1) / avx512::kNr;
     if (aligned_) {
       t_ = at::constant_pad_nd(x, {0, 0, 0, panels * avx512::kNr - L_})
@@ -104,7 +104,7 @@ class TransposedRows {
   // s (m x n, row stride n) = alpha * A X[b, j..j+n)^T (+ s where accumulate), A (m x C) row-major.
   void product(int64_t m, int64_t n, T alpha, const T* a, int64_t lda, int64_t b, int64_t j,
                bool accumulate, T* s) const {
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (avx512::kernels_for<T>) {
       if (t_.defined()) {
         const float* base = t_.data_ptr<float>() + b * C_ * ld_;
         const avx512::Panels columns = aligned_ ? avx512::packed(base + j * C_, C_)
