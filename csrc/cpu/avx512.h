@@ -103,10 +103,9 @@ inline void pack_panels(const float* src, int64_t k, int64_t n, int64_t rs, int6
 
 // C rows [0, R) x the panel's columns (the store masked to `cols`).
 template <int R>
-COCOS_KERNELS_AVX512_TARGET __attribute__((always_inline)) inline void micro_tile(int64_t k, float alpha, const float* a,
-                                                      int64_t rs_a, int64_t cs_a, const float* panel, int64_t ldb,
-                                                      bool accumulate, float* c, int64_t ldc,
-                                                      int64_t cols) {
+COCOS_KERNELS_AVX512_TARGET __attribute__((always_inline)) inline void micro_tile(
+    int64_t k, float alpha, const float* a, int64_t rs_a, int64_t cs_a, const float* panel,
+    int64_t ldb, bool accumulate, float* c, int64_t ldc, int64_t cols) {
   __m512 acc0[R], acc1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -145,14 +144,17 @@ COCOS_KERNELS_AVX512_TARGET __attribute__((always_inline)) inline void micro_til
 
 // C (m x n, row stride ldc) = alpha * A B (+ C where accumulate); A (m x k) element (r, p) at
 // a[r * rs_a + p * cs_a]; B (k x n) as `Panels`.
-COCOS_KERNELS_AVX512_TARGET inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t rs_a,
-                        int64_t cs_a, Panels b, bool accumulate, float* c, int64_t ldc) {
+COCOS_KERNELS_AVX512_TARGET inline void gemm_panels(int64_t m, int64_t n, int64_t k, float alpha,
+                                                    const float* a, int64_t rs_a, int64_t cs_a,
+                                                    Panels b, bool accumulate, float* c,
+                                                    int64_t ldc) {
   for (int64_t j0 = 0; j0 < n; j0 += kNr) {
     const float* panel = b.data + j0 / kNr * b.stride;
     const int64_t cols = std::min(kNr, n - j0);
     int64_t i0 = 0;
     for (; i0 + kMr <= m; i0 += kMr) {
-      micro_tile<kMr>(k, alpha, a + i0 * rs_a, rs_a, cs_a, panel, b.ld, accumulate, c + i0 * ldc + j0, ldc, cols);
+      micro_tile<kMr>(k, alpha, a + i0 * rs_a, rs_a, cs_a, panel, b.ld, accumulate,
+                      c + i0 * ldc + j0, ldc, cols);
     }
     const float* ai = a + i0 * rs_a;
     float* ci = c + i0 * ldc + j0;
@@ -195,7 +197,9 @@ inline __mmask16 tail(int64_t j, int64_t n) { return n - j >= 16 ? 0xFFFF : (1u 
 COCOS_KERNELS_AVX512_TARGET inline float row_max(const float* row, int64_t n) {
   const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff());
   __m512 m = neg_inf;
-  for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, tail(j, n), row + j));
+  for (int64_t j = 0; j < n; j += 16) {
+    m = _mm512_max_ps(m, _mm512_mask_loadu_ps(neg_inf, tail(j, n), row + j));
+  }
   return _mm512_reduce_max_ps(m);
 }
 
@@ -205,7 +209,8 @@ COCOS_KERNELS_AVX512_TARGET inline float exp_shifted_sum(float* row, int64_t n, 
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 lanes = tail(j, n);
-    const __m512 e = _mm512_maskz_mov_ps(lanes, exp_poly(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), s)));
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + j), s);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, exp_poly(x));
     _mm512_mask_storeu_ps(row + j, lanes, e);
     sum = _mm512_add_ps(sum, e);
   }

@@ -36,8 +36,8 @@ inline void distance_tile(const T* xb, const TransposedRows<T>& y, int64_t b, in
 }
 
 template <typename T>
-void forward_impl(const T* x, const TransposedRows<T>& y, T* m_out, int64_t* arg_out, T* s_out, T* t_out,
-                  int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
+void forward_impl(const T* x, const TransposedRows<T>& y, T* m_out, int64_t* arg_out, T* s_out,
+                  T* t_out, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
   const int64_t nxb = (Nx + BX - 1) / BX;
   at::parallel_for(0, B * nxb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tile(BX * BY), m(BX), s(BX), t(BX);
@@ -98,8 +98,8 @@ void forward_impl(const T* x, const TransposedRows<T>& y, T* m_out, int64_t* arg
 // for a given thread count without atomics, and each tile is recomputed once.
 template <typename T>
 void backward_sum_impl(const T* x, const T* y, const TransposedRows<T>& y_rows, const T* m, const T* g,
-                       T* const* dx_buffers,
-                       T* dy, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
+                       T* const* dx_buffers, T* dy, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h,
+                       T dist_eps) {
   const int64_t nyb = (Ny + BY - 1) / BY;
   at::parallel_for(0, B * nyb, 1, [&](int64_t begin, int64_t end) {
     T* dx = dx_buffers ? dx_buffers[at::get_thread_num()] : nullptr;
@@ -184,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextual_loss_forwa
   at::Tensor s = at::empty({B, Nx}, x.options());
   at::Tensor t = at::empty({B, Nx}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contextual_loss_forward", [&] {
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), TransposedRows<scalar_t>(y, true), m.data_ptr<scalar_t>(),
-                           arg.data_ptr<int64_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), TransposedRows<scalar_t>(y, true),
+                           m.data_ptr<scalar_t>(), arg.data_ptr<int64_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
                            B, Nx, Ny, C, static_cast<scalar_t>(bandwidth),
                            static_cast<scalar_t>(dist_eps));
   });
@@ -215,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> contextual_loss_backward(
       dx_buffers.push_back(ptr(dx));
       for (int64_t k = 1; k < threads; ++k) dx_buffers.push_back(ptr(dx_extra) + (k - 1) * B * Nx * C);
     }
-    backward_sum_impl<scalar_t>(ptr(x), ptr(y), TransposedRows<scalar_t>(y, true), ptr(m), ptr(grad_s), need_dx ? dx_buffers.data() : nullptr,
-                                ptr(dy), B, Nx, Ny, C, h, de);
+    backward_sum_impl<scalar_t>(ptr(x), ptr(y), TransposedRows<scalar_t>(y, true), ptr(m), ptr(grad_s),
+                                need_dx ? dx_buffers.data() : nullptr, ptr(dy), B, Nx, Ny, C, h, de);
     for (int64_t k = 1; k < threads && need_dx; ++k) dx.add_(dx_extra[k - 1]);
     backward_min_impl<scalar_t>(ptr(x), ptr(y), ptr(m), argmin.data_ptr<int64_t>(), ptr(s), ptr(t),
                                 ptr(grad_s), ptr(dx), ptr(dy), B, Nx, Ny, C, h, de);

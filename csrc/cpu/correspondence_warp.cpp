@@ -368,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
-                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), data_or_null<T>(dv), B,
-                     Nq, Nk, Cv);
+                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(),
+                     data_or_null<T>(dv), B, Nq, Nk, Cv);
   });
   for (int64_t t = 1; t < threads && need_dq; ++t) dq.add_(dq_extra[t - 1]);
   return {dq, dk, dv};
@@ -460,7 +460,8 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
                                TransposedRows<T>(xk, false), static_cast<T>(patch * patch * C),
                                static_cast<T>(scale)};
-    T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk), *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
+    T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk);
+    T *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
@@ -505,8 +506,8 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
-                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), data_or_null<T>(dv),
-                     B, Nq, Nk, Cv);
+                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(),
+                     data_or_null<T>(dv), B, Nq, Nk, Cv);
   });
   auto total = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : at::Tensor(); };
   return {total(dxq), total(dxk), dv, total(rows), total(cols)};
