@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-from benchmarks import bench_contextual_loss, bench_correspondence_warp, run
+from benchmarks import bench_contextual_loss, bench_correspondence_warp, bench_cpu_roofline, run
 from benchmarks.harness import Refused
 
 BASELINES = ["chunked", "key_chunked", "sdpa-math", "sdpa-flash-pad-C"]
@@ -101,6 +101,14 @@ def test_suite_records_oom_and_refusals_and_writes_reports(tmp_path):
     table = (tmp_path / f"{stem}.md").read_text()
     assert "| 8 | 64 | 8 | 1 | 3 | 1 | float32 | forward | reference | ok |" in table
     assert "sdpa-efficient (refused" in table
+
+
+def test_cpu_roofline_writes_shares_and_ratios(tmp_path):
+    bench_cpu_roofline.main(["--sides", "8", "--modes", "forward", "--repeats", "1", "--out", str(tmp_path / "r")])
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    assert row["share_of_peak"].keys() == {"cpu", "sdpa-flash-pad-C"} and row["speedup_vs_sdpa"] > 0
+    assert set(row["times_s"]) == {"wall", "cpu"}
+    assert "| 8 | 64 | 256 | 3 | forward |" in (tmp_path / "r.md").read_text()
 
 
 def test_train_step_trace_counts_what_a_step_allocates(tmp_path):

@@ -6,7 +6,7 @@
 // column tiles, the first for m_i (and its argmin), the second for s_i.
 //
 // Layouts (all contiguous): x (B, Nx, C), y (B, Ny, C) -- one row per position, so every tile
-// product is one BLAS call on strided views.
+// product is one GEMM (tile_math.h) on strided views.
 #include "contextual_loss.h"
 #include "tile_math.h"
 
@@ -27,16 +27,17 @@ constexpr int64_t BY = 128;  // rows of y per tile
 // tile (bx x by) = d = 1 - X_i Y_j^T. The product is taken with alpha = -1 and 1 added after,
 // so each d is rounded exactly as the reference's `1 - x @ y` rounds it.
 template <typename T>
-inline void distance_tile(const T* xb, const T* yb, int64_t bx, int64_t by, int64_t C, T* tile) {
-  gemm<T>(false, true, bx, by, C, T(-1), xb, C, yb, C, T(0), tile, by);
+inline void distance_tile(const T* xb, const TransposedRows<T>& y, int64_t b, int64_t j0, int64_t bx,
+                          int64_t by, int64_t C, T* tile) {
+  y.product(bx, by, T(-1), xb, C, b, j0, false, tile);
   const int64_t n = bx * by;
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) tile[k] = T(1) + tile[k];
 }
 
 template <typename T>
-void forward_impl(const T* x, const T* y, T* m_out, int64_t* arg_out, T* s_out, T* t_out,
-                  int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
+void forward_impl(const T* x, const TransposedRows<T>& y, T* m_out, int64_t* arg_out, T* s_out,
+                  T* t_out, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
   const int64_t nxb = (Nx + BX - 1) / BX;
   at::parallel_for(0, B * nxb, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> tile(BX * BY), m(BX), s(BX), t(BX);
@@ -50,7 +51,7 @@ void forward_impl(const T* x, const T* y, T* m_out, int64_t* arg_out, T* s_out, 
       // equal entry within one.
       for (int64_t j0 = 0; j0 < Ny; j0 += BY) {
         const int64_t by = std::min(BY, Ny - j0);
-        distance_tile(xb, y + (b * Ny + j0) * C, bx, by, C, tile.data());
+        distance_tile(xb, y, b, j0, bx, by, C, tile.data());
         for (int64_t r = 0; r < bx; ++r) {
           const T* row = tile.data() + r * by;
           T mn = std::numeric_limits<T>::infinity();
@@ -67,7 +68,7 @@ void forward_impl(const T* x, const T* y, T* m_out, int64_t* arg_out, T* s_out, 
       std::fill(t.begin(), t.end(), T(0));
       for (int64_t j0 = 0; j0 < Ny; j0 += BY) {
         const int64_t by = std::min(BY, Ny - j0);
-        distance_tile(xb, y + (b * Ny + j0) * C, bx, by, C, tile.data());
+        distance_tile(xb, y, b, j0, bx, by, C, tile.data());
         for (int64_t r = 0; r < bx; ++r) {
           const T* row = tile.data() + r * by;
           const T mi = m[r], inv_c = T(1) / (h * (mi + dist_eps));
@@ -96,8 +97,9 @@ void forward_impl(const T* x, const T* y, T* m_out, int64_t* arg_out, T* s_out, 
 // dx_buffers[k] (thread 0's is dX itself), summed afterwards in thread order: deterministic
 // for a given thread count without atomics, and each tile is recomputed once.
 template <typename T>
-void backward_sum_impl(const T* x, const T* y, const T* m, const T* g, T* const* dx_buffers,
-                       T* dy, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h, T dist_eps) {
+void backward_sum_impl(const T* x, const T* y, const TransposedRows<T>& y_rows, const T* m, const T* g,
+                       T* const* dx_buffers, T* dy, int64_t B, int64_t Nx, int64_t Ny, int64_t C, T h,
+                       T dist_eps) {
   const int64_t nyb = (Ny + BY - 1) / BY;
   at::parallel_for(0, B * nyb, 1, [&](int64_t begin, int64_t end) {
     T* dx = dx_buffers ? dx_buffers[at::get_thread_num()] : nullptr;
@@ -108,7 +110,7 @@ void backward_sum_impl(const T* x, const T* y, const T* m, const T* g, T* const*
       for (int64_t i0 = 0; i0 < Nx; i0 += BX) {
         const int64_t bx = std::min(BX, Nx - i0);
         const T* xb = x + (b * Nx + i0) * C;
-        distance_tile(xb, yb, bx, by, C, p.data());
+        distance_tile(xb, y_rows, b, j0, bx, by, C, p.data());
         for (int64_t r = 0; r < bx; ++r) {
           T* row = p.data() + r * by;
           const T mi = m[b * Nx + i0 + r], inv_c = T(1) / (h * (mi + dist_eps));
@@ -182,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contextual_loss_forwa
   at::Tensor s = at::empty({B, Nx}, x.options());
   at::Tensor t = at::empty({B, Nx}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "contextual_loss_forward", [&] {
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
-                           arg.data_ptr<int64_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
+    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), TransposedRows<scalar_t>(y, true),
+                           m.data_ptr<scalar_t>(), arg.data_ptr<int64_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
                            B, Nx, Ny, C, static_cast<scalar_t>(bandwidth),
                            static_cast<scalar_t>(dist_eps));
   });
@@ -213,8 +215,8 @@ std::tuple<at::Tensor, at::Tensor> contextual_loss_backward(
       dx_buffers.push_back(ptr(dx));
       for (int64_t k = 1; k < threads; ++k) dx_buffers.push_back(ptr(dx_extra) + (k - 1) * B * Nx * C);
     }
-    backward_sum_impl<scalar_t>(ptr(x), ptr(y), ptr(m), ptr(grad_s), need_dx ? dx_buffers.data() : nullptr,
-                                ptr(dy), B, Nx, Ny, C, h, de);
+    backward_sum_impl<scalar_t>(ptr(x), ptr(y), TransposedRows<scalar_t>(y, true), ptr(m), ptr(grad_s),
+                                need_dx ? dx_buffers.data() : nullptr, ptr(dy), B, Nx, Ny, C, h, de);
     for (int64_t k = 1; k < threads && need_dx; ++k) dx.add_(dx_extra[k - 1]);
     backward_min_impl<scalar_t>(ptr(x), ptr(y), ptr(m), argmin.data_ptr<int64_t>(), ptr(s), ptr(t),
                                 ptr(grad_s), ptr(dx), ptr(dy), B, Nx, Ny, C, h, de);

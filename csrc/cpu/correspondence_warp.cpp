@@ -2,8 +2,8 @@
 // online softmax, never holding more than a BQ x BK tile of scores per thread.
 //
 // Layouts (all contiguous): q (B, Nq, D), k (B, Nk, D) -- normalised features, one row per
-// position, so every tile product is one BLAS call on strided views; v (B, Cv, Nk) and
-// out / grad_out (B, Cv, Nq) -- the caller's channel-first layout, read through BLAS
+// position, so every tile product is one GEMM (tile_math.h) on strided views; v (B, Cv, Nk) and
+// out / grad_out (B, Cv, Nq) -- the caller's channel-first layout, read through GEMM
 // transposes instead of copies.
 #include "correspondence_warp.h"
 #include "tile_math.h"
@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -26,6 +27,9 @@ constexpr int64_t BK = 128;
 // row[j] = exp(row[j] - shift), returns the row sum.
 template <typename T>
 inline T exp_shifted_sum(T* row, int64_t n, T shift) {
+  if constexpr (avx512::kernels_for<T>) {
+    if (have_avx512()) return avx512::exp_shifted_sum(row, n, shift);
+  }
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
@@ -36,8 +40,21 @@ inline T exp_shifted_sum(T* row, int64_t n, T shift) {
   return sum;
 }
 
+// row[j] = exp(min(row[j] - shift, 0)): a probability from the row's logsumexp, never above 1.
+template <typename T>
+inline void exp_shifted_capped(T* row, int64_t n, T shift) {
+  if constexpr (avx512::kernels_for<T>) {
+    if (have_avx512()) return avx512::exp_shifted_capped(row, n, shift);
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
+}
+
 template <typename T>
 inline T row_max(const T* row, int64_t n) {
+  if constexpr (avx512::kernels_for<T>) {
+    if (have_avx512()) return avx512::row_max(row, n);
+  }
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
@@ -124,9 +141,13 @@ void forward_impl(const ScoreTile& score_tile, const T* v, const bool* key_mask,
                   int64_t B, int64_t Nq, int64_t Nk, int64_t Cv) {
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const int64_t nqb = (Nq + BQ - 1) / BQ;
-  at::parallel_for(0, B * nqb, 1, [&](int64_t begin, int64_t end) {
+  // Tasks are independent and each is computed the same way on any thread: threads take the
+  // next one as they finish, balanced where the count does not divide or a thread is slowed.
+  const int64_t tasks = B * nqb;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<T> s(BQ * BK), acc(BQ * Cv), m(BQ), l(BQ);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next++; task < tasks; task = next++) {
       const int64_t b = task / nqb, i0 = (task % nqb) * BQ, bq = std::min(BQ, Nq - i0);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), T(0));
@@ -192,8 +213,7 @@ void backward_impl(const ScoreTile& score_tile, const GradTile& grad_tile, bool 
             std::fill(row, row + bk, T(0));
             continue;
           }
-#pragma omp simd
-          for (int64_t j = 0; j < bk; ++j) row[j] = exp_fast(std::min(row[j] - shift, T(0)));
+          exp_shifted_capped(row, bk, shift);
         }
         if (dv) accumulate_dv(dob, Nq, p.data(), bq, bk, Cv, dv + b * Cv * Nk + j0, Nk);
         if (!need_features) continue;
@@ -245,11 +265,12 @@ Windows<T> windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
 // Score tiles of prepared rows: s = scale * Q_i K_j^T, one GEMM of width D.
 template <typename T>
 struct RowTiles {
-  const T *q, *k;
-  int64_t Nq, Nk, D;
+  const T* q;
+  TransposedRows<T> k;
+  int64_t Nq, D;
   T scale;
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
-    gemm<T>(false, true, bq, bk, D, scale, q + (b * Nq + i0) * D, D, k + (b * Nk + j0) * D, D, T(0), s, bk);
+    k.product(bq, bk, scale, q + (b * Nq + i0) * D, D, b, j0, false, s);
   }
 };
 
@@ -292,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor&
   at::Tensor out = at::empty({B, Cv, Nq}, v.options());
   at::Tensor lse = at::empty({B, Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_forward", [&] {
-    const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), Nq, Nk, D,
+    const RowTiles<scalar_t> tiles{q.data_ptr<scalar_t>(), TransposedRows<scalar_t>(k, true), Nq, D,
                                    static_cast<scalar_t>(scale)};
     forward_impl<scalar_t>(tiles, v.data_ptr<scalar_t>(), mask, out.data_ptr<scalar_t>(),
                            lse.data_ptr<scalar_t>(), B, Nq, Nk, Cv);
@@ -332,11 +353,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "correspondence_warp_backward", [&] {
     using T = scalar_t;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
-    T *dkp = ptr(dk), *dqp = ptr(dq), *dq_extra_p = ptr(dq_extra);
+    T *dkp = data_or_null<T>(dk), *dqp = data_or_null<T>(dq), *dq_extra_p = data_or_null<T>(dq_extra);
     const auto sc = static_cast<T>(scale);
-    const RowTiles<T> tiles{qp, kp, Nq, Nk, D, sc};
+    const RowTiles<T> tiles{qp, TransposedRows<T>(k, true), Nq, D, sc};
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
                          const T* ds, const T*) {
       const T* qb = qp + (b * Nq + i0) * D;
@@ -348,8 +368,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, false, v.data_ptr<T>(), mask,
-                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv), B,
-                     Nq, Nk, Cv);
+                     grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(),
+                     data_or_null<T>(dv), B, Nq, Nk, Cv);
   });
   for (int64_t t = 1; t < threads && need_dq; ++t) dq.add_(dq_extra[t - 1]);
   return {dq, dk, dv};
@@ -368,12 +388,12 @@ void check_windows(const at::Tensor& x, const at::Tensor& m, const at::Tensor& a
 template <typename T>
 struct WindowTiles {
   Windows<T> q, k;
+  TransposedRows<T> k_rows;  // of k.x
   T D, scale;
   // s = scale * (sum_taps Xq_i Xk_j^T - D m_i m_j) a_i a_j
   void operator()(int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk, T* s) const {
     for (size_t t = 0; t < q.taps.size(); ++t) {
-      gemm<T>(false, true, bq, bk, q.C, T(1), q.rows(b, i0, t), q.C, k.rows(b, j0, t), k.C,
-              t ? T(1) : T(0), s, bk);
+      k_rows.product(bq, bk, T(1), q.rows(b, i0, t), q.C, b, k.lo + j0 + k.taps[t], t > 0, s);
     }
     const T *mq = q.m + b * q.N + i0, *aq = q.a + b * q.N + i0;
     const T *mk = k.m + b * k.N + j0, *ak = k.a + b * k.N + j0;
@@ -405,7 +425,8 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_forward", [&] {
     using T = scalar_t;
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * xq.size(2)), static_cast<T>(scale)};
+                               TransposedRows<T>(xk, false), static_cast<T>(patch * patch * xq.size(2)),
+                               static_cast<T>(scale)};
     forward_impl<T>(tiles, v.data_ptr<T>(), mask, out.data_ptr<T>(), lse.data_ptr<T>(), B, Nq, Nk, Cv);
   });
   return {out, lse};
@@ -436,10 +457,11 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
   at::Tensor dv = need_dv ? at::zeros_like(v) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(xq.scalar_type(), "correspondence_warp_windows_backward", [&] {
     using T = scalar_t;
-    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
     const WindowTiles<T> tiles{windows<T>(xq, mq, aq, patch, width_q), windows<T>(xk, mk, ak, patch, width_k),
-                               static_cast<T>(patch * patch * C), static_cast<T>(scale)};
-    T *dxq_p = ptr(dxq), *dxk_p = ptr(dxk), *rows_p = ptr(rows), *cols_p = ptr(cols);
+                               TransposedRows<T>(xk, false), static_cast<T>(patch * patch * C),
+                               static_cast<T>(scale)};
+    T *dxq_p = data_or_null<T>(dxq), *dxk_p = data_or_null<T>(dxk);
+    T *rows_p = data_or_null<T>(rows), *cols_p = data_or_null<T>(cols);
     const int64_t Lq = xq.size(1), Lk = xk.size(1);
     std::vector<std::vector<T>> h_tiles(threads, std::vector<T>(BQ * BK));
     auto grad_tile = [&](int thread, int64_t b, int64_t i0, int64_t bq, int64_t j0, int64_t bk,
@@ -484,8 +506,8 @@ std::vector<at::Tensor> correspondence_warp_windows_backward(
       }
     };
     backward_impl<T>(tiles, grad_tile, need_dq || need_dk, need_dq || need_dk, v.data_ptr<T>(),
-                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(), ptr(dv),
-                     B, Nq, Nk, Cv);
+                     mask, grad_out.data_ptr<T>(), lse.data_ptr<T>(), delta.data_ptr<T>(),
+                     data_or_null<T>(dv), B, Nq, Nk, Cv);
   });
   auto total = [](const at::Tensor& t) { return t.defined() ? t.sum(0) : at::Tensor(); };
   return {total(dxq), total(dxk), dv, total(rows), total(cols)};

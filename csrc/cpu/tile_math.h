@@ -1,7 +1,10 @@
-// Tile helpers shared by the CPU kernels: row-major GEMM on strided tiles (BLAS, or ATen's
-// addmm where torch exports no BLAS) and a vectorisable float exp.
+// Tile helpers shared by the CPU kernels: row-major GEMM on strided tiles (our AVX-512 kernel
+// for float where the processor has it, else BLAS, or ATen's addmm where torch exports no BLAS)
+// and a vectorisable float exp.
 #pragma once
 #include <ATen/ATen.h>
+
+#include "avx512.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +24,12 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 }
 
 namespace cocos_kernels {
+
+// The data of an optional tensor (undefined: not requested), or null.
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
 
 template <typename T>
 void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
@@ -47,6 +56,12 @@ bool have_blas() {
 template <typename T>
 inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
                  const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if constexpr (avx512::kernels_for<T>) {
+    if (have_avx512() && (beta == 0.0f || beta == 1.0f)) {
+      avx512::gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta == 1.0f, c, ldc);
+      return;
+    }
+  }
   if (have_blas<T>()) {
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
@@ -61,6 +76,52 @@ inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T 
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   at::addmm_out(out, out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
 }
+
+// Rows x (B, L, C) as the right operand of score tiles S = alpha * A X[b, j..j+n)^T. With the
+// AVX-512 GEMM (float), x is transposed once so that every tile reads its columns in place:
+// where every tile starts at a multiple of kNr rows (`aligned`), into contiguous panels of kNr
+// rows (a panel stays in L1 and in few pages); otherwise (the k x k window taps start anywhere)
+// to (B, C, ld) with ld / 16 odd, so that the rows of a panel fall in different L1 sets, and
+// padding for a last panel's reads past L. Without that kernel each tile is a BLAS call.
+template <typename T>
+class TransposedRows {
+ public:
+  TransposedRows(const at::Tensor& x, bool aligned)
+      : x_(x.data_ptr<T>()), L_(x.size(1)), C_(x.size(2)), aligned_(aligned) {
+    if (!avx512::kernels_for<T> || !have_avx512()) return;
+    const int64_t B = x.size(0), panels = (L_ + avx512::kNr - 1) / avx512::kNr;
+    if (aligned_) {
+      t_ = at::constant_pad_nd(x, {0, 0, 0, panels * avx512::kNr - L_})
+               .view({B, panels, avx512::kNr, C_}).permute({0, 1, 3, 2}).contiguous();
+      ld_ = panels * avx512::kNr;  // rows of a batch
+    } else {
+      ld_ = (panels + 1) * avx512::kNr + 16;
+      t_ = at::zeros({B, C_, ld_}, x.options());
+      t_.narrow(2, 0, L_).copy_(x.transpose(1, 2));
+    }
+  }
+
+  // s (m x n, row stride n) = alpha * A X[b, j..j+n)^T (+ s where accumulate), A (m x C) row-major.
+  void product(int64_t m, int64_t n, T alpha, const T* a, int64_t lda, int64_t b, int64_t j,
+               bool accumulate, T* s) const {
+    if constexpr (avx512::kernels_for<T>) {
+      if (t_.defined()) {
+        const float* base = t_.data_ptr<float>() + b * C_ * ld_;
+        const avx512::Panels columns = aligned_ ? avx512::packed(base + j * C_, C_)
+                                                : avx512::Panels{base + j, ld_, avx512::kNr};
+        avx512::gemm_panels(m, n, C_, alpha, a, lda, 1, columns, accumulate, s, n);
+        return;
+      }
+    }
+    gemm<T>(false, true, m, n, C_, alpha, a, lda, x_ + (b * L_ + j) * C_, C_, accumulate ? T(1) : T(0), s, n);
+  }
+
+ private:
+  const T* x_;
+  int64_t L_, C_, ld_ = 0;
+  bool aligned_;
+  at::Tensor t_;
+};
 
 // exp(x) for float without libm calls, so the loop vectorises: Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2/2, and the Cephes degree-6 polynomial (about 1 ulp). Returns 0
