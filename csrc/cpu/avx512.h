@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 // The kernels need x86-64 and GCC or clang (target attributes, __builtin_cpu_supports); other
@@ -28,10 +29,14 @@
 
 namespace cocos_kernels {
 
-// Whether this processor runs the kernels (built and AVX-512F present).
+// Whether this processor runs the kernels (built, AVX-512F present, and not turned off with
+// COCOS_KERNELS_CPU_AVX512=0: how the tests run the portable path on an AVX-512 machine).
 inline bool have_avx512() {
 #if COCOS_KERNELS_AVX512
-  static const bool yes = __builtin_cpu_supports("avx512f");
+  static const bool yes = [] {
+    const char* wanted = std::getenv("COCOS_KERNELS_CPU_AVX512");
+    return __builtin_cpu_supports("avx512f") && !(wanted != nullptr && std::strcmp(wanted, "0") == 0);
+  }();
   return yes;
 #else
   return false;
