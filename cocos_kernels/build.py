@@ -140,7 +140,7 @@ def _cuda_archs() -> str:
 
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
-    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    return ";".join(sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}))
 
 
 def build_key(src: Path, cflags, ldflags=(), cuda_cflags=None) -> dict:

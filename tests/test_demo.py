@@ -51,7 +51,7 @@ def test_plot_matches_marks_the_argmax_and_rejects_bad_points(tmp_path):
         plot_matches(image[0], image, q, k)
 
 
-def test_bad_arguments_name_the_option(tmp_path):
+def test_bad_arguments_name_the_option(tmp_path, capsys):
     import pytest
 
     for argv, message in ((["--size", "30"], "--size must be a multiple of 4"),
@@ -59,7 +59,7 @@ def test_bad_arguments_name_the_option(tmp_path):
                           (["--data", str(tmp_path)], f"--data {tmp_path}: no pairing list")):
         with pytest.raises(SystemExit):
             demo.parse_args(argv)
-        # argparse prints the message on stderr before exiting
+        assert message in capsys.readouterr().err  # argparse prints it on stderr before exiting
     result = subprocess.run([sys.executable, "-m", "cocos_kernels.demo", "--data", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no pairing list" in result.stderr

@@ -63,7 +63,7 @@ def _check(report: dict, module: str, kernel: str) -> None:
             none_fit.append(f"  {dict(case)}: " + ", ".join(f"{r['config']} {r['shared']} B" for r in rs))
         too_big += [f"{dict(case)} {r['config']}: {r['shared']} B" for r in rs if not r["fits"]]
     if too_big:  # the autotuner drops these configs at run time (OutOfResources)
-        warnings.warn(f"{kernel}: {len(too_big)} configs exceed the card's shared memory: " + "; ".join(too_big))
+        warnings.warn(f"{kernel}: {len(too_big)} configs exceed the card's shared memory: " + "; ".join(too_big), stacklevel=2)
     assert not none_fit, f"{module}.{kernel}: no config fits the card's shared memory for:\n" + "\n".join(none_fit)
 
 

@@ -104,7 +104,7 @@ class Pix2pixDataset(Dataset):
 
     # ---- shared
     @classmethod
-    def file_loader(cls, opt) -> "Pix2pixDataset":
+    def file_loader(cls, opt) -> Pix2pixDataset:
         """An instance without file lists, for `load_label` / `image_to_label_path` on single files."""
         self = cls.__new__(cls)
         self.opt, self.epoch = opt, 0
