@@ -32,7 +32,8 @@ import cocos_kernels as ck
 from benchmarks.harness import cpu_model
 from cocosnet import correspondence_learning as cl
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 METRICS = {"epe": "EPE (cells, lower is better)", "label_accuracy": "label accuracy, pseudo pairs",
            "retrieval_label_accuracy": "label accuracy, retrieval pairs"}
 
@@ -96,8 +97,14 @@ def run(args, backend: str, evaluate: bool) -> tuple[dict, torch.nn.Module]:
     return history, net
 
 
+def recorded(args) -> dict:
+    """The options as the JSON records them: paths inside the repository relative to it."""
+    return {k: str(v.resolve().relative_to(ROOT)) if isinstance(v, Path) and v.resolve().is_relative_to(ROOT) else v
+            for k, v in vars(args).items()}
+
+
 def header(args, started: str) -> str:
-    command = "python -m benchmarks.correspondence_learning " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python", "-m", "benchmarks.correspondence_learning", *sys.argv[1:]])
     return (f"`{command}` -- {started} UTC, {cpu_model()}, {args.threads} thread(s), "
             f"torch {torch.__version__}; {args.size} px (a {args.size // 4}x{args.size // 4} feature grid), "
             f"width {args.width}, batch {args.batch}, Adam lr {args.lr}, warp loss x{args.warp_w}, cycle x{args.cycle_w}, "
@@ -170,14 +177,14 @@ def main(argv=None) -> None:
     if args.compare_backends:
         histories = {name: run(args, name, evaluate=False)[0] for name in ("reference", fused)}
         stem = args.out_dir / f"correspondence_learning-backends-{args.size}px"
-        stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "histories": histories}, indent=1, default=str))
+        stem.with_suffix(".json").write_text(json.dumps({"args": recorded(args), "histories": histories}, indent=1, default=str))
         stem.with_suffix(".md").write_text(backends_report(args, histories, started))
         print(stem.with_suffix(".md").read_text())
         return
     start = time.perf_counter()
     history, net = run(args, fused, evaluate=True)
     stem = args.out_dir / f"correspondence_learning-{args.size}px"
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "history": history}, indent=1, default=str))
+    stem.with_suffix(".json").write_text(json.dumps({"args": recorded(args), "history": history}, indent=1, default=str))
     plot(history, stem.with_suffix(".png"), f"CoCosNet correspondence learning, {args.size} px, CPU")
     stem.with_suffix(".md").write_text(learning_report(args, history, started))
     if args.checkpoint is not None:

@@ -51,12 +51,34 @@ def test_labels_stay_whole_and_outside_is_other():
 
 @pytest.mark.slow
 def test_a_short_run_learns_the_correspondence():
-    """A few minutes of training improve both held-out metrics clearly over the untrained network."""
+    """25 steps improve both held-out metrics clearly over the untrained network (the measured run, 150 steps:
+    EPE 8.7 -> 4.1 cells and label accuracy 0.29 -> 0.81 by step 25)."""
     opt = cl.build_options(size=64, width=8)
     torch.manual_seed(0)
     net = cl.build_network(opt)
     data = cl.load_data(opt, synthetic=16)
-    history = cl.train(net, data, steps=60, eval_every=0)
+    history = cl.train(net, data, steps=25, eval_every=0)
     (_, before), (_, after) = history["evals"]
-    assert after["epe"] < 0.8 * before["epe"], (before, after)
-    assert after["label_accuracy"] > before["label_accuracy"] + 0.05, (before, after)
+    assert after["epe"] < 0.7 * before["epe"], (before, after)
+    assert after["label_accuracy"] > before["label_accuracy"] + 0.2, (before, after)
+
+
+def test_benchmark_reports_and_option_errors(tmp_path, capsys):
+    from benchmarks import correspondence_learning as bench
+
+    args = bench.parse_args(["--steps", "2", "--eval_every", "1"])
+    metrics = [{"epe": 8.0 - s, "label_accuracy": 0.3 + s / 10, "retrieval_label_accuracy": 0.2} for s in range(3)]
+    history = {"steps": [1, 2], "seconds": [1.0, 2.0], "losses": {"domain": [2.0, 1.0], "warp": [30.0, 20.0]},
+               "evals": list(enumerate(metrics))}
+    report = bench.learning_report(args, history, "2026-01-01 00:00")
+    assert "| EPE (cells, lower is better) | 8.000 | 6.000 |" in report and report.count("\n| ") == 8
+    bench.plot(history, tmp_path / "curve.png", "title")
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    other = {**history, "losses": {"domain": [2.0, 1.5], "warp": [30.0, 20.0]}}
+    assert "Largest relative difference: 5.0e-01" in bench.backends_report(args, {"reference": history, "cpu": other}, "now")
+    assert bench.recorded(args)["data"] == "data/cocosnet-samples"
+    for argv, message in ((["--size", "100"], "--size must be a multiple of 32"), (["--width", "12"], "multiple of 8"),
+                          (["--synthetic_fraction", "2"], "--synthetic_fraction must lie in [0, 1]")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert message in capsys.readouterr().err
