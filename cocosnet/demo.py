@@ -19,8 +19,8 @@
 4. One PNG grid, a row per pair: input label map | exemplar | warped exemplar | output | ground truth.
 
 The warped exemplar is the learned correspondence (softmax of cosine similarities at temperature
-0.01 through cocos_kernels) moving the exemplar's colours onto the input's layout: a minute of
-learning on a dozen photos, so a coarse one. The generator has had a few steps on synthetic scenes
+0.01 through cocos_kernels) moving the exemplar's colours onto the input's layout: a short run
+on a dozen photos, so a coarse one. The generator has had a few steps on synthetic scenes
 and trains nothing: the generated output is not a photo.
 """
 from __future__ import annotations
@@ -247,8 +247,8 @@ def main(argv=None) -> Path:
     times["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    note = (f"Warped exemplar: {learned}, moving the exemplar's colours onto the input's layout (coarse: minutes "
-            f"of learning on a dozen photos). Generator: untrained ({args.steps} step(s) on synthetic data, random "
+    note = (f"Warped exemplar: {learned}, moving the exemplar's colours onto the input's layout (coarse: a short "
+            f"run on a dozen photos). Generator: untrained ({args.steps} step(s) on synthetic data, random "
             f"VGG), so the generated output is not a photo.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with_note(draw_grid(rows, TITLES, args.size), note, args.size).save(args.out)
