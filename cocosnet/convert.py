@@ -1,10 +1,9 @@
 """Reference checkpoints (microsoft/CoCosNet `<epoch>_net_{G,Corr,D}.pth`) -> our modules, strictly.
 
-Our modules keep the reference's module names; what differs:
-- spectral norm: the reference's old-style `<conv>.weight_orig`, `.weight_u`, `.weight_v` are our
-  parametrization's `<conv>.parametrizations.weight.original`, `.parametrizations.weight.0._u`, `._v`;
-- the discriminator's never-called segmentation decoder `discriminator_<i>.dec.*` is not built
-  here: its keys are dropped (listed in the report).
+Our modules keep the reference's module, parameter and buffer names (spectral norm's
+`weight_orig`, `weight_u`, `weight_v` included), so a reference state dict is ours except that the
+discriminator's never-called segmentation decoder `discriminator_<i>.dec.*` is not built here: its
+keys are dropped (listed in the report).
 Anything else that does not match (a missing or extra key, a shape) raises with the keys and a hint
 at the options that set those shapes -- never the reference loader's silent strict=False retry.
 
@@ -25,9 +24,6 @@ from torch import nn
 from .checkpoint import load
 
 NETWORKS = {"G": "netG", "Corr": "netCorr", "D": "netD"}  # file label -> Pix2PixModel.net key
-_SN = (("weight_orig", "parametrizations.weight.original"),
-       ("weight_u", "parametrizations.weight.0._u"),
-       ("weight_v", "parametrizations.weight.0._v"))
 _UNUSED = re.compile(r"^discriminator_\d+\.dec\.")
 SHAPE_HINT = ("shapes are set by --ngf/--ndf, --label_nc/--contain_dontcare_label (semantic_nc), --maskmix, "
               "--adaptor_kernel (4 for the released CelebA-HQ and DeepFashion models), --use_coordconv, "
@@ -35,30 +31,9 @@ SHAPE_HINT = ("shapes are set by --ngf/--ndf, --label_nc/--contain_dontcare_labe
 
 
 def from_reference(state_dict: dict) -> tuple[dict, list[str]]:
-    """Rename reference keys to ours; returns (converted state dict, dropped keys)."""
-    out, dropped = {}, []
-    for key, value in state_dict.items():
-        if _UNUSED.match(key):
-            dropped.append(key)
-            continue
-        for old, new in _SN:
-            if key.endswith("." + old):
-                key = key[: -len(old)] + new
-                break
-        out[key] = value
-    return out, dropped
-
-
-def to_reference(state_dict: dict) -> dict:
-    """Our keys -> the reference's (for exporting to the reference code; the decoder `dec` is not produced)."""
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in _SN:
-            if key.endswith("." + new):
-                key = key[: -len(new)] + old
-                break
-        out[key] = value
-    return out
+    """A reference state dict without the unused decoder's keys; returns (state dict, dropped keys)."""
+    dropped = [key for key in state_dict if _UNUSED.match(key)]
+    return {k: v for k, v in state_dict.items() if not _UNUSED.match(k)}, dropped
 
 
 def load_reference(net: nn.Module, state_dict: dict, name: str = "network") -> list[str]:

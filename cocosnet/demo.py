@@ -1,20 +1,27 @@
-"""CoCosNet end to end on the CPU in a few minutes: train a tiny model, translate a real ADE20K pair.
+"""CoCosNet end to end on the CPU in a few minutes: learn a correspondence, translate real ADE20K pairs.
 
-    python -m cocosnet.demo                       # 4 steps at 128 px, 3 pairs: outputs/cocosnet_demo.png
-    python -m cocosnet.demo --steps 1 --size 64 --pairs 1 --width 8       # the quickest run
+    python -m cocosnet.demo                       # 30 + 4 steps at 64 px, 3 pairs: outputs/cocosnet_demo.png
+    python -m cocosnet.demo --corr_steps 1 --steps 1 --pairs 1       # the quickest run
+    python -m cocosnet.demo --corr_checkpoint corr.pt                 # a network from benchmarks.correspondence_learning
 
-1. Training: `cocosnet.trainer.Trainer` with the real Pix2PixModel (the ADE20K recipe: 150
-   classes + "other", correspondence network, SPADE generator, discriminators, every loss) at a
+1. Correspondence learning (`cocosnet.correspondence_learning`): the correspondence network alone,
+   --corr_steps steps on pseudo-exemplar pairs of the ADE20K training samples and synthetic scenes
+   (domain alignment, warp and cycle losses), measured before and after on the held-out validation
+   samples (end-point error of the argmax match, accuracy of the warped exemplar labels); or a
+   network trained that way loaded from --corr_checkpoint.
+2. Training: `cocosnet.trainer.Trainer` with the real Pix2PixModel (the ADE20K recipe: 150
+   classes + "other", that correspondence network, SPADE generator, discriminators, every loss) at a
    tiny width, for --steps iterations on the synthetic dataset (generated on the fly; no download)
    with a randomly initialised VGG-19 for the losses (no VGG weights can be downloaded here).
-2. Inference: `cocosnet.infer` with the checkpoint just written, on real ADE20K sample pairs
+3. Inference: `cocosnet.infer` with the checkpoint just written, on real ADE20K sample pairs
    (input label map of a validation image, exemplar photo of a training image) from the pairing
    list of data/cocosnet-samples.
-3. One PNG grid, a row per pair: input label map | exemplar | warped exemplar | output | ground truth.
+4. One PNG grid, a row per pair: input label map | exemplar | warped exemplar | output | ground truth.
 
-A few steps on synthetic scenes train nothing: the generated output is not a photo. The warped
-exemplar shows what the model's correspondence (softmax of cosine similarities at temperature
-0.01 through cocos_kernels) does with the exemplar's colours on the input's layout.
+The warped exemplar is the learned correspondence (softmax of cosine similarities at temperature
+0.01 through cocos_kernels) moving the exemplar's colours onto the input's layout: a short run
+on a dozen photos, so a coarse one. The generator has had a few steps on synthetic scenes
+and trains nothing: the generated output is not a photo.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from cocos_kernels.demo import draw_grid, palette
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "cocosnet-samples"
 RUN_NAME = "demo"
-TITLES = ["input\nlabel map", "exemplar\nphoto", "warped\nexemplar", "generated\n(untrained)", "ground\ntruth"]
+TITLES = ["input\nlabel map", "exemplar\nphoto", "warped exemplar\n(learned)", "generated\n(untrained)", "ground\ntruth"]
 MIN_SIZE, MAX_SIZE = 64, 512
 
 
@@ -54,10 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=_positive("--steps"), default=4,
                    help="training iterations (batch of 1) on the synthetic data (default: %(default)s)")
-    p.add_argument("--size", type=int, default=128,
+    p.add_argument("--corr_steps", type=_positive("--corr_steps"), default=30,
+                   help="correspondence-learning steps (batch of 4 pseudo-exemplar pairs) before the full model's "
+                        "(default: %(default)s)")
+    p.add_argument("--corr_checkpoint", type=Path,
+                   help="instead, the correspondence network's state dict from python -m benchmarks.correspondence_learning "
+                        "--checkpoint PATH (with the same --width)")
+    p.add_argument("--size", type=int, default=64,
                    help=f"image side in pixels for training and inference, a multiple of 32 from {MIN_SIZE} to "
                         f"{MAX_SIZE}; the correspondence runs on a size/4 grid (default: %(default)s)")
-    p.add_argument("--width", type=int, default=16,
+    p.add_argument("--width", type=int, default=8,
                    help="network width: --ngf of the generator and correspondence network, --ndf of the "
                         "discriminator, a multiple of 8 (default: %(default)s)")
     p.add_argument("--pairs", type=_positive("--pairs"), default=3,
@@ -89,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"got {args.size}")
     if args.width < 8 or args.width % 8:
         p.error(f"--width must be a multiple of 8 (the attention blocks use width*4/8 channels), got {args.width}")
+    if args.corr_checkpoint is not None and not args.corr_checkpoint.is_file():
+        p.error(f"--corr_checkpoint {str(args.corr_checkpoint)!r}: no such file")
     if args.out.suffix.lower() != ".png":
         p.error(f"--out must be a .png file, got {str(args.out)!r}")
     try:
@@ -126,10 +141,30 @@ def network_args(args) -> list[str]:
             "--seed", str(args.seed)]
 
 
-def train(args) -> None:
+def learn_correspondence(args) -> tuple[dict, dict | None]:
+    """The correspondence network's state dict, and its held-out metrics before and after learning
+    (None when loaded from --corr_checkpoint)."""
+    from cocosnet import correspondence_learning as cl
+
+    if args.corr_checkpoint is not None:
+        return torch.load(args.corr_checkpoint, map_location="cpu", weights_only=True), None
+    opt = cl.build_options(size=args.size, width=args.width, backend=args.backend, seed=args.seed)
+    torch.manual_seed(args.seed)
+    net = cl.build_network(opt)
+    data = cl.load_data(opt, args.data, synthetic=16, eval_views=2)
+    history = cl.train(net, data, args.corr_steps, eval_every=0, seed=args.seed)
+    return net.state_dict(), {"untrained": history["evals"][0][1], "trained": history["evals"][-1][1]}
+
+
+def train(args, correspondence: dict) -> None:
     from cocosnet.options import parse
     from cocosnet.train import default_model
     from cocosnet.trainer import Trainer
+
+    def model(opt):
+        built = default_model(opt)
+        built.net["netCorr"].load_state_dict(correspondence)
+        return built
 
     # Synthetic scenes with ADE20K's classes (150 + "other"), so the weights fit the ADE20K samples.
     argv = network_args(args) + [
@@ -139,7 +174,7 @@ def train(args) -> None:
         "--vgg_random_init", "--ndf", str(args.width), "--niter", "1", "--niter_decay", "0",
         "--max_steps", str(args.steps), "--print_freq", "1", "--display_freq", str(args.steps),
         "--save_latest_freq", str(args.steps), "--keep_checkpoints", "1", "--no_tensorboard"]
-    Trainer(parse(argv, mode="train"), default_model).train()
+    Trainer(parse(argv, mode="train"), model).train()
 
 
 def infer(args, label_path: Path, exemplar_path: Path) -> tuple[Path, Path]:
@@ -186,7 +221,20 @@ def main(argv=None) -> Path:
     times = {}
 
     start = time.perf_counter()
-    train(args)
+    correspondence, metrics = learn_correspondence(args)
+    times["correspondence"] = time.perf_counter() - start
+    if metrics is None:
+        learned = f"the correspondence network from {args.corr_checkpoint}"
+    else:
+        before, after = metrics["untrained"], metrics["trained"]
+        learned = (f"the correspondence network after {args.corr_steps} step(s) of correspondence learning (held-out "
+                   f"end-point error {before['epe']:.2f} -> {after['epe']:.2f} cells, warped-label accuracy "
+                   f"{before['label_accuracy']:.0%} -> {after['label_accuracy']:.0%} on pseudo pairs, "
+                   f"{before['retrieval_label_accuracy']:.0%} -> {after['retrieval_label_accuracy']:.0%} on real pairs)")
+        print(f"cocosnet.demo: learned the correspondence in {times['correspondence']:.1f} s: {learned}")
+
+    start = time.perf_counter()
+    train(args, correspondence)
     times["train"] = time.perf_counter() - start
     print(f"cocosnet.demo: trained {args.steps} step(s) on synthetic data in {times['train']:.1f} s "
           f"({times['train'] / args.steps:.1f} s/step, model build and checkpoint included)")
@@ -199,8 +247,9 @@ def main(argv=None) -> Path:
     times["inference"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    note = (f"Untrained weights ({args.steps} step(s) on synthetic data, random VGG): the generated output is not "
-            f"a photo. The warped exemplar shows the correspondence: exemplar colours moved onto the input's layout.")
+    note = (f"Warped exemplar: {learned}, moving the exemplar's colours onto the input's layout (coarse: a short "
+            f"run on a dozen photos). Generator: untrained ({args.steps} step(s) on synthetic data, random "
+            f"VGG), so the generated output is not a photo.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with_note(draw_grid(rows, TITLES, args.size), note, args.size).save(args.out)
     times["grid"] = time.perf_counter() - start

@@ -36,7 +36,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cocosnet.checkpoint import CheckpointManager, save_atomic, write_atomic
-from cocosnet.convert import to_reference
 from cocosnet.data import create_dataloader, create_dataset
 
 log = logging.getLogger("cocosnet.train")
@@ -227,7 +226,7 @@ class Trainer:
         for n in NETS:
             net = getattr(self.model, n, None)
             if net is not None:
-                save_atomic(to_reference(net.state_dict()), self.run_dir / f"{label}_{n}.pth")
+                save_atomic(net.state_dict(), self.run_dir / f"{label}_{n}.pth")
         options = vars(self.opt)
         text = "".join(f"{k}: {options[k]}\n" for k in sorted(options))
         write_atomic(self.run_dir / "opt.txt", text.encode())

@@ -1,9 +1,8 @@
 """Building blocks shared by the correspondence network, the generator and the discriminator.
 
 Module and parameter names follow the reference (models/networks/{normalization,architecture}.py)
-so that its checkpoints load through `cocosnet.convert`; the only renaming is spectral norm's,
-which here uses `torch.nn.utils.parametrizations.spectral_norm` (keys
-`<conv>.parametrizations.weight.original` / `.0._u` / `.0._v` instead of `weight_orig/_u/_v`).
+so that its checkpoints load through `cocosnet.convert`; spectral norm keeps the reference's state
+and keys (`<conv>.weight_orig`, `.weight_u`, `.weight_v`) and its power iteration (`spectral_norm`).
 """
 from __future__ import annotations
 
@@ -13,12 +12,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 from torch.utils.checkpoint import checkpoint
 
 import cocos_kernels as ck
 
 PONO_EPS = 1e-5  # the reference's PositionalNorm2d epsilon (v2 uses 1e-8)
+SN_EPS = 1e-12  # spectral norm's floor on the norms of u and v (torch.nn.utils.spectral_norm's default)
 
 
 def pono(x: torch.Tensor, eps: float = PONO_EPS) -> torch.Tensor:
@@ -28,14 +27,57 @@ def pono(x: torch.Tensor, eps: float = PONO_EPS) -> torch.Tensor:
     return (x - mean) / std
 
 
+def spectral_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    """The reference's spectral norm (`torch.nn.utils.spectral_norm`, one power iteration per call) on `conv`.
+
+    State and keys as in the reference's checkpoints: the parameter `weight_orig`, the buffers
+    `weight_u` (out_channels) and `weight_v` (the rest of the weight's entries), drawn as the reference
+    draws them (normalised N(0, 1), no warm-up iterations). Before each call `conv.weight` becomes
+    weight_orig / sigma with sigma = u^T W v (W: weight_orig as an out_channels-row matrix; u, v constants
+    for autograd); in training u and v first advance in place, v = normalize(W^T u) then u = normalize(W v).
+    That order is the reference's: `torch.nn.utils.parametrizations.spectral_norm` updates u first and
+    ends half an iteration behind. Between calls `conv.weight` holds the last weight, detached (so the
+    module deep-copies).
+    """
+    weight = conv.weight
+    del conv.weight
+    conv.register_parameter("weight_orig", weight)
+    with torch.no_grad():
+        conv.register_buffer("weight_u", F.normalize(weight.new_empty(weight.shape[0]).normal_(), dim=0, eps=SN_EPS))
+        conv.register_buffer("weight_v", F.normalize(weight.new_empty(weight[0].numel()).normal_(), dim=0, eps=SN_EPS))
+        conv.weight = _normalized_weight(conv, power_iteration=False)
+    conv.register_forward_pre_hook(_set_weight)
+    conv.register_forward_hook(_detach_weight)
+    return conv
+
+
+def _normalized_weight(conv: nn.Conv2d, power_iteration: bool) -> torch.Tensor:
+    matrix = conv.weight_orig.reshape(conv.weight_orig.shape[0], -1)
+    u, v = conv.weight_u, conv.weight_v
+    if power_iteration:
+        with torch.no_grad():
+            v.copy_(F.normalize(torch.mv(matrix.t(), u), dim=0, eps=SN_EPS))
+            u.copy_(F.normalize(torch.mv(matrix, v), dim=0, eps=SN_EPS))
+        u, v = u.clone(), v.clone()  # autograd keeps these; the next call updates the buffers in place
+    return conv.weight_orig / torch.dot(u, torch.mv(matrix, v))
+
+
+def _set_weight(conv: nn.Conv2d, args) -> None:
+    conv.weight = _normalized_weight(conv, power_iteration=conv.training)
+
+
+def _detach_weight(conv: nn.Conv2d, args, output) -> None:
+    conv.weight = conv.weight.detach()
+
+
 def _spectral_norms(module: nn.Module) -> list:
-    return [m for m in module.modules() if isinstance(m, _SpectralNorm) and m.training]
+    return [m for m in module.modules() if hasattr(m, "weight_u") and m.training]
 
 
 @contextmanager
 def _recording(module: nn.Module, start: list):
     """Around the forward: the spectral norms' u, v before their power iteration."""
-    start.extend((m._u.clone(), m._v.clone()) for m in _spectral_norms(module))
+    start.extend((m.weight_u.clone(), m.weight_v.clone()) for m in _spectral_norms(module))
     yield
 
 
@@ -50,12 +92,12 @@ def _replaying(module: nn.Module, start: list):
     sns = _spectral_norms(module)
     bns = [m for m in module.modules()
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    now = [(m._u.clone(), m._v.clone()) for m in sns]
+    now = [(m.weight_u.clone(), m.weight_v.clone()) for m in sns]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
     with torch.no_grad():
         for m, (u, v) in zip(sns, start):
-            m._u.copy_(u)
-            m._v.copy_(v)
+            m.weight_u.copy_(u)
+            m.weight_v.copy_(v)
     for m in bns:
         m.momentum = 0.0
     try:
@@ -63,8 +105,8 @@ def _replaying(module: nn.Module, start: list):
     finally:
         with torch.no_grad():
             for m, (u, v) in zip(sns, now):
-                m._u.copy_(u)
-                m._v.copy_(v)
+                m.weight_u.copy_(u)
+                m.weight_v.copy_(v)
         for m, (momentum, tracked) in zip(bns, saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(tracked)
@@ -219,7 +261,7 @@ def init_weights(net: nn.Module, init_type: str = "xavier", gain: float = 0.02) 
     for m in net.modules():
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        w = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+        w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
         with torch.no_grad():
             if init_type == "normal":
                 nn.init.normal_(w, 0.0, gain)

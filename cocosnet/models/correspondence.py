@@ -117,14 +117,12 @@ class NoVGGCorrespondence(nn.Module):
             patch_size=self.opt.match_kernel, eps=EPS, backend=self.backend,
         )
 
-    def forward(self, ref_img, real_img, seg_map, ref_seg_map, temperature: float = 0.01, want_mask: bool = False):
-        """ref_img (B,3,H,W) exemplar; real_img ground truth or None; seg_map / ref_seg_map (B,S,H,W) input / exemplar maps.
-
-        want_mask: also warp the exemplar's map ('warp_mask') even when the mask loss does not need it.
-        """
+    def features(self, ref_img, real_img, seg_map, ref_seg_map) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(theta, phi, out): the input's and the exemplar's matching features on the size/down grid,
+        and in training with a ground truth real_img the domain alignment loss out['loss_novgg_featpair']."""
         opt, down = self.opt, self.down
         out = {}
-        B, _, H, W = ref_img.shape
+        H, W = ref_img.shape[2:]
         if H % down or W % down:
             raise ValueError(f"image size {H}x{W} must be divisible by the warp stride {down}")
         h, w = H // down, W // down
@@ -150,8 +148,17 @@ class NoVGGCorrespondence(nn.Module):
         else:
             cont_features = self.layer(feat_seg)
             ref_features = self.layer(feat_img)
-        theta = self.theta(cont_features)
-        phi = self.phi(ref_features)
+        return self.theta(cont_features), self.phi(ref_features), out
+
+    def forward(self, ref_img, real_img, seg_map, ref_seg_map, temperature: float = 0.01, want_mask: bool = False):
+        """ref_img (B,3,H,W) exemplar; real_img ground truth or None; seg_map / ref_seg_map (B,S,H,W) input / exemplar maps.
+
+        want_mask: also warp the exemplar's map ('warp_mask') even when the mask loss does not need it.
+        """
+        opt, down = self.opt, self.down
+        B, _, H, W = ref_img.shape
+        h, w = H // down, W // down
+        theta, phi, out = self.features(ref_img, real_img, seg_map, ref_seg_map)
 
         if opt.warp_patch:  # each cell's down x down pixel patch (3*down^2 values), folded back at the image size
             ref = F.unfold(ref_img, down, stride=down).view(B, -1, h, w)

@@ -1,5 +1,5 @@
-"""`python -m cocosnet.demo`: a tiny CoCosNet trained for a step on synthetic data, then run on a real
-ADE20K pair, written as one PNG grid; its options and their errors."""
+"""`python -m cocosnet.demo`: a tiny CoCosNet (a step of correspondence learning, a step on synthetic
+data), then run on a real ADE20K pair, written as one PNG grid; its options and their errors."""
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +13,8 @@ from PIL import Image
 from cocosnet import demo
 
 ROOT = Path(__file__).resolve().parents[2]
-OPTIONS = ("--steps", "--size", "--width", "--pairs", "--backend", "--seed", "--threads", "--data", "--work_dir",
-           "--out")
+OPTIONS = ("--steps", "--corr_steps", "--corr_checkpoint", "--size", "--width", "--pairs", "--backend", "--seed",
+           "--threads", "--data", "--work_dir", "--out")
 
 
 def test_help_lists_every_option(capsys):
@@ -37,6 +37,8 @@ def test_help_lists_every_option(capsys):
     (["--size", "big"], "argument --size: invalid int value: 'big'"),
     (["--steps", "0"], "argument --steps: --steps must be >= 1, got 0"),
     (["--steps", "x"], "argument --steps: --steps must be an integer, got 'x'"),
+    (["--corr_steps", "0"], "argument --corr_steps: --corr_steps must be >= 1, got 0"),
+    (["--corr_checkpoint", "/nonexistent.pt"], "--corr_checkpoint '/nonexistent.pt': no such file"),
     (["--pairs", "99"], "--pairs must be at most 6 (the pairs in"),
     (["--width", "12"], "--width must be a multiple of 8"),
     (["--backend", "nope"], "argument --backend: invalid choice: 'nope' (choose from"),
@@ -59,12 +61,13 @@ def test_unusable_backend_is_refused(capsys):
 
 
 def test_demo_trains_infers_and_writes_the_grid(tmp_path):
-    """The smallest run (1 step, 64 px), through the command line: ~20-40 s on 2 loaded cores."""
+    """The smallest run (1 + 1 steps, 64 px), through the command line: ~30-60 s on 2 loaded cores."""
     size, out, work = 64, tmp_path / "grid.png", tmp_path / "work"
-    run = subprocess.run([sys.executable, "-m", "cocosnet.demo", "--steps", "1", "--size", str(size), "--width", "8",
-                          "--pairs", "1", "--backend", "cpu", "--work_dir", str(work), "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "cocosnet.demo", "--corr_steps", "1", "--steps", "1", "--size", str(size),
+                          "--width", "8", "--pairs", "1", "--backend", "cpu", "--work_dir", str(work), "--out", str(out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "after 1 step(s) of correspondence learning (held-out end-point error" in run.stdout
     assert "untrained" in run.stdout.lower() and "not a photo" in run.stdout
     assert "backend cpu" in run.stdout and "train " in run.stdout and "inference " in run.stdout
     assert (work / demo.RUN_NAME / "latest_net_G.pth").is_file()

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from cocosnet.convert import from_reference, load_reference, main, to_reference
+from cocosnet.convert import from_reference, load_reference, main
 from cocosnet.convert import build_networks, load_reference_checkpoints
 from cocosnet.options import parse
 
@@ -119,8 +119,7 @@ def test_reference_checkpoints_load_strictly(recipe, adaptor_kernel, S):
         converted, _ = from_reference(state)
         for k, v in converted.items():  # the values landed where the names say
             assert torch.equal(ours[k], v), k
-        back = to_reference(ours)
-        assert set(back) == {k for k in state if ".dec." not in k}
+        assert set(ours) == {k for k in state if ".dec." not in k}  # the reference's own keys
 
 
 def test_released_ade20k_size():

@@ -4,11 +4,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import cocos_kernels as ck
 from conftest import skip_unless_runs
 from cocosnet.models import MultiscaleDiscriminator, NoVGGCorrespondence, Pix2PixModel, SPADEGenerator, VGG19Features, set_backend
-from cocosnet.models.blocks import Attention, pono
+from cocosnet.models.blocks import Attention, pono, spectral_norm
 from cocosnet.models.vgg import CONV_INDEX, MISSING_WEIGHTS, build_vgg
 from cocosnet.options import RECIPES, build_parser, parse
 
@@ -82,9 +83,13 @@ def test_attention_is_unscaled_softmax_attention(backend):
     skip_unless_runs(backend, torch.device("cpu"), torch.float64 if backend != "triton" else torch.float32)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton: the interpreter, float32
     torch.manual_seed(0)
-    attn = Attention(32, use_sn=True, backend=backend).to(dtype).eval()
+    attn = Attention(32, use_sn=True, backend=backend).to(dtype)
     with torch.no_grad():
         attn.gamma.fill_(0.7)
+        for conv in (attn.theta, attn.phi, attn.g, attn.o):  # fresh u, v underestimate sigma: iterate, as training does
+            for _ in range(10):
+                conv(torch.zeros(1, conv.in_channels, 1, 1, dtype=dtype))
+    attn.eval()
     x = torch.randn(2, 32, 8, 6, dtype=dtype, requires_grad=True)
     out = attn(x)
     theta = attn.theta(x).flatten(2)
@@ -95,6 +100,44 @@ def test_attention_is_unscaled_softmax_attention(backend):
     torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 1e-7, atol=1e-5)
     out.square().sum().backward()
     assert attn.gamma.grad is not None and x.grad.abs().sum() > 0
+
+
+def reference_power_iteration(matrix, u, v):
+    """The reference's update (torch.nn.utils.spectral_norm), written out: v from u first, then u from v."""
+    v = matrix.t() @ u
+    v = v / v.norm().clamp_min(1e-12)
+    u = matrix @ v
+    return u / u.norm().clamp_min(1e-12), v
+
+
+def test_spectral_norm_follows_the_reference_power_iteration():
+    torch.manual_seed(0)
+    conv = spectral_norm(nn.Conv2d(4, 6, 3)).double()
+    assert list(conv.state_dict()) == ["bias", "weight_orig", "weight_u", "weight_v"]  # the reference's keys
+    matrix = conv.weight_orig.detach().reshape(6, -1)
+    u, v = conv.weight_u.clone(), conv.weight_v.clone()
+    u_first, v_first = u, v  # torch.nn.utils.parametrizations' order, u from v first, for the same three calls
+    for _ in range(3):
+        u_first = F.normalize(matrix @ v_first, dim=0)
+        v_first = F.normalize(matrix.t() @ u_first, dim=0)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for _ in range(3):
+        u, v = reference_power_iteration(matrix, u, v)
+        weight = conv.weight_orig.detach().requires_grad_()
+        expected = F.conv2d(x, weight / (u @ weight.reshape(6, -1) @ v), conv.bias)
+        out = conv(x)
+        torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(conv.weight_u, u, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(conv.weight_v, v, rtol=1e-13, atol=1e-14)
+        expected.square().sum().backward()
+        out.square().sum().backward()
+        torch.testing.assert_close(conv.weight_orig.grad, weight.grad, rtol=1e-12, atol=1e-13)  # u, v constants
+        conv.weight_orig.grad = None
+    assert (conv.weight_u - u_first).abs().max() > 1e-3  # the other order ends elsewhere
+    copy.deepcopy(conv)  # between calls the module holds no graph
+    conv.eval()
+    torch.testing.assert_close(conv(x), expected.detach(), rtol=1e-13, atol=1e-13)  # eval: the stored u, v
+    torch.testing.assert_close(conv.weight_u, u, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------- networks
@@ -320,6 +363,50 @@ def test_activation_checkpointing_changes_nothing_but_memory(pono):
     assert advanced and (pono or any(k.endswith("running_mean") for k in advanced))
     for k in state:
         torch.testing.assert_close(r_state[k], state[k], rtol=0, atol=0, msg=k)
+
+
+def _run_reference_spectral_norm(model):
+    """Each spectral-normed conv of `model` runs `reference_power_iteration` instead of ours; returns their count."""
+    def hook(conv, args):
+        matrix = conv.weight_orig.reshape(len(conv.weight_u), -1)
+        if conv.training:
+            with torch.no_grad():
+                u, v = reference_power_iteration(matrix, conv.weight_u, conv.weight_v)
+                conv.weight_u.copy_(u)
+                conv.weight_v.copy_(v)
+        conv.weight = conv.weight_orig / (conv.weight_u.clone() @ matrix @ conv.weight_v.clone())
+    convs = [m for m in model.modules() if hasattr(m, "weight_u")]
+    for conv in convs:
+        conv._forward_pre_hooks.clear()
+        conv._forward_hooks.clear()
+        conv.register_forward_pre_hook(hook)
+    return len(convs)
+
+
+def test_training_step_spectral_norm_is_the_references():
+    """One generator step and the next forward in float64: the same u, v, losses, warp and output as the
+    model whose spectral norms run the written-out reference update."""
+    torch.manual_seed(0)
+    opt = tiny_opt(*SMALL_D, "--backend", "reference")
+    ours = Pix2PixModel(opt).double()
+    reference = copy.deepcopy(ours)
+    assert _run_reference_spectral_norm(reference) > 40
+    data = batch(opt, B=1, dtype=torch.float64)
+    results = []
+    for model in (ours, reference):
+        optimizer, _ = model.create_optimizers(opt)
+        losses, _ = model(data, "generator")
+        sum(losses.values()).backward()
+        optimizer.step()
+        results.append((losses, model(data, "generator")[1], model.state_dict()))
+    (losses, out, state), (r_losses, r_out, r_state) = results
+    for k in r_losses:
+        torch.testing.assert_close(losses[k], r_losses[k], rtol=1e-11, atol=1e-12, msg=k)
+    for k in ("warp_out", "fake_image"):
+        torch.testing.assert_close(out[k], r_out[k], rtol=1e-10, atol=1e-11, msg=k)
+    assert state.keys() == r_state.keys()
+    for k in state:
+        torch.testing.assert_close(state[k], r_state[k], rtol=1e-10, atol=1e-12, msg=k)
 
 
 @pytest.mark.parametrize("recipe", ["celebahq", "celebahqedge", "deepfashion"])
