@@ -138,12 +138,12 @@ def plot(history: dict, path: Path, title: str) -> None:
 
 
 def learning_report(args, history: dict, started: str) -> str:
-    (first, before), (last, after) = history["evals"][0], history["evals"][-1]
+    (_, before), (last, after) = history["evals"][0], history["evals"][-1]
     lines = [f"# Correspondence learning on the CPU: {args.size} px, {args.steps} steps", "", header(args, started), "",
              f"Training took {history['seconds'][-1] / 60:.1f} min ({history['seconds'][-1] / args.steps:.2f} s/step, "
              "evaluations excluded). Held out: the ADE20K validation samples, 4 pseudo pairs each (EPE, label "
              "accuracy), and the pairing list's 6 (validation input, training exemplar) pairs.", "",
-             "| metric | untrained (step 0) | trained (step %d) |" % last, "|---|---|---|"]
+             f"| metric | untrained (step 0) | trained (step {last}) |", "|---|---|---|"]
     lines += [f"| {METRICS[k]} | {before[k]:.3f} | {after[k]:.3f} |" for k in METRICS]
     lines += ["", "Learning curve:", "", "| step | " + " | ".join(METRICS.values()) + " |", "|---" * (len(METRICS) + 1) + "|"]
     lines += [f"| {s} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for s, m in history["evals"]]
