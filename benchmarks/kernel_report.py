@@ -678,8 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     cuda, cuda_skip = ([], "--no-cuda") if args.no_cuda else cuda_rows(archs, args.jobs)
     items = headline_items()
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    # The tools as this environment's, not this machine's paths: the files are committed.
+    env = {k: v.replace(sys.prefix, "<python env>") if isinstance(v, str) else v for k, v in report["env"].items()}
     for arch in archs:
-        part = {"env": report["env"], "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
+        part = {"env": env, "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
                 "triton": [r for r in report["results"] if r["arch"] == arch],
                 "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip,
                 "roofline": roofline(arch, report["results"], items)}

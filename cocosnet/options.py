@@ -35,7 +35,7 @@ DENSE_LABEL_DATASETS = ("celebahqedge", "deepfashion")
 
 # Flags common to every released v1 model (the reference README's commands).
 _COMMON = dict(PONO=True, PONO_C=True, vgg_normal_correct=True, use_attention=True)
-# Per-dataset flags of the reference README's commands (COCOSNET_FACTS.md section 6). adaptor_kernel 4
+# Per-dataset flags of the reference README's commands. adaptor_kernel 4
 # is what the released CelebA-HQ and DeepFashion weights need (their test commands pass it).
 RECIPES = {
     "ade20k": dict(
