@@ -69,13 +69,17 @@ def source_dir(kind: str) -> Path | None:
     return None
 
 
+def cpu_features() -> set[str]:
+    """The processor's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return set()
+
+
 def simd_flags() -> list[str]:
     """Build for the vector units this machine has: the CPU kernel's exp loops vectorise with AVX2/FMA."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= set(flags) else []
+    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= cpu_features() else []
 
 
 def cpu_cflags() -> list[str]:
