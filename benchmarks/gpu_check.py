@@ -486,13 +486,13 @@ def accuracy_rows(args, item, s: _State) -> list[dict]:
         row = {"backend": backend, "mode": mode, "side": side, "patch_size": patch_size, "channels": args.channels,
                "value_channels": cv}
         reason = s.refusal(backend, dtype)
-        if reason is None and precision not in (None, "ieee") and not ck.BACKENDS[backend].precision_arg:
+        if reason is None and precision not in (None, "ieee") and "precision" not in ck.BACKENDS[backend].features:
             reason = "no precision= (its float32 products are full float32)"
         if reason is not None:
             rows.append(row | {"status": f"skipped: {reason}"})
             continue
         inputs = [t.to(dtype) for t in (q, k, v, grad)]
-        kwargs = {"precision": precision} if ck.BACKENDS[backend].precision_arg else {}
+        kwargs = {"precision": precision} if "precision" in ck.BACKENDS[backend].features else {}
         torch.set_float32_matmul_precision(matmul_precision)
         try:
             mine = _warp_and_grads(ck, *inputs, backend=backend, patch_size=patch_size, **kwargs)

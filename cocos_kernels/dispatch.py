@@ -5,9 +5,10 @@ fused backend implements on prepared features (see `cocos_kernels/ops/correspond
   correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
   correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)
       -> (dq, dk, dv), None where not requested
-A backend declaring the feature "key_mask" takes `key_mask=` ((B, Nk) bool or None) in both.
-A backend declaring `precision_arg` takes `precision=` (one of PRECISIONS) in both, for its
-float32 tile products; a kernels object with `input_dtype(dtype)` takes the prepared features,
+A backend declaring the feature "key_mask" takes `key_mask=` ((B, Nk) bool or None) in both;
+one declaring "precision" takes `precision=` (one of PRECISIONS) in both, for its float32 tile
+products; one declaring "windows" has the k x k window kernels (see `cocos_kernels/windows.py`).
+A kernels object with `input_dtype(dtype)` takes the prepared features,
 value and grad_out in that dtype (otherwise float32 for half inputs), and returns float32 gradients;
 one with `prepare_features` / `prepare_features_backward` runs the prologue itself where they
 return a tensor (None: the op layer's PyTorch prologue runs).
@@ -30,9 +31,11 @@ import torch
 
 # How float32 tile products may use tensor cores: full float32, split tf32 (near float32), tf32.
 PRECISIONS = ("ieee", "tf32x3", "tf32")
-# Optional arguments of correspondence_warp a fused backend may implement (Backend.features):
-# "key_mask": its kernels take key_mask= ((B, Nk) bool) in forward and backward.
-OPTIONAL_FEATURES = frozenset({"key_mask"})
+# The ops a fused backend may implement (Backend.ops) and the optional parts of them
+# (Backend.features): "key_mask" and "precision" are kernel arguments, "windows" the k x k
+# window kernels. Declared, never probed: answering needs no extension loaded.
+OPS = frozenset({"correspondence_warp", "contextual_loss"})
+OPTIONAL_FEATURES = frozenset({"key_mask", "precision", "windows"})
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
@@ -49,10 +52,15 @@ class Backend:
     auto_devices: frozenset[str] | None = None
     # Further refusals beyond device and dtype: (device, dtype) -> reason or None.
     check: Callable[[torch.device, torch.dtype], str | None] | None = field(default=None, compare=False)
-    precision_arg: bool = False  # its kernels take precision= for float32 tile products
-    # Optional op arguments its kernels implement (see OPTIONAL_FEATURES); select() refuses a
-    # backend for a call that uses one it lacks.
+    # The ops (see OPS) and optional parts (see OPTIONAL_FEATURES) its kernels implement;
+    # select() refuses a backend for a call that uses one it lacks. The reference has all.
+    ops: frozenset[str] = OPS
     features: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if not self.ops <= OPS or not self.features <= OPTIONAL_FEATURES:
+            raise ValueError(f"backend {self.name!r} declares unknown ops or features: "
+                             f"{sorted(self.ops - OPS)} {sorted(self.features - OPTIONAL_FEATURES)}")
 
     def kernels(self):
         return _load(self.name)
@@ -78,18 +86,17 @@ class Backend:
         return self.unavailable()
 
     def op_refusal(self, op: str) -> str | None:
-        """Why this backend does not implement `op` ("correspondence_warp", "contextual_loss"), or
-        None: a fused backend's kernels have `<op>_forward` and `<op>_backward`; the reference has all."""
-        if not self.fused:
-            return None
-        kernels = self.kernels()
-        missing = [f"{op}_{part}" for part in ("forward", "backward") if not hasattr(kernels, f"{op}_{part}")]
-        return f"it does not implement {op} (its kernels have no {', '.join(missing)})" if missing else None
+        """Why this backend does not implement `op` (one of OPS), or None."""
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; the ops are {sorted(OPS)}")
+        return None if not self.fused or op in self.ops else f"it does not implement {op}"
 
     def feature_refusal(self, features) -> str | None:
         """Why this backend cannot take a call using these optional arguments, or None. The
         reference does everything in plain PyTorch."""
         missing = sorted(set(features) - self.features) if self.fused else []
+        if unknown := set(features) - OPTIONAL_FEATURES:
+            raise ValueError(f"unknown features {sorted(unknown)}; the features are {sorted(OPTIONAL_FEATURES)}")
         return f"it does not implement {', '.join(missing)}" if missing else None
 
     def auto_refusal(self, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -158,13 +165,13 @@ def _triton_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 register(Backend("reference", 0, frozenset({"cpu", "cuda"}), FLOAT_DTYPES, fused=False))
 register(Backend("cpu", 10, frozenset({"cpu"}), FLOAT_DTYPES, fused=True, load=_load_cpu,
-                 features=frozenset({"key_mask"})))
+                 features=frozenset({"key_mask", "windows"})))
 # float64 is refused: the kernels accumulate in float32, and tl.dot on float64 is not available
 # on every GPU triton 3.6 targets. float64 runs on the cpu backend or the reference.
 register(Backend(
     "triton", 20, frozenset({"cuda", "cpu"} if TRITON_INTERPRETED else {"cuda"}),
     frozenset({torch.float16, torch.bfloat16, torch.float32}), fused=True, load=_load_triton,
-    auto_devices=frozenset({"cuda"}), check=_triton_check, precision_arg=True, features=frozenset({"key_mask"}),
+    auto_devices=frozenset({"cuda"}), check=_triton_check, features=frozenset({"key_mask", "precision", "windows"}),
 ))
 def _cuda_check(device: torch.device, dtype: torch.dtype) -> str | None:
     # Its kernels use sm_80 instructions (cp.async, ldmatrix, mma.sync) and shared memory.
@@ -178,7 +185,7 @@ def _cuda_check(device: torch.device, dtype: torch.dtype) -> str | None:
 # Below triton until it has run on a GPU; no float64 (float32 accumulation) and no precision=
 # (its float32 products are exact FMAs).
 register(Backend("cuda", 15, frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                 fused=True, load=_load_cuda, check=_cuda_check, features=frozenset({"key_mask"})))
+                 fused=True, load=_load_cuda, check=_cuda_check, features=frozenset({"key_mask", "windows"})))
 
 
 def backend_names() -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 """contextual_loss: every backend implementing it against a float64 evaluation of the reference."""
+import dataclasses
 import math
 
 import pytest
@@ -218,17 +219,20 @@ def test_auto_picks_a_fused_backend_on_cpu():
 
 
 def test_backend_without_the_op_says_so():
-    """A fused backend whose kernels lack contextual_loss entry points is refused with that reason."""
-    kernels = type("Kernels", (), {"correspondence_warp_forward": None, "correspondence_warp_backward": None})()
+    """A fused backend that does not declare contextual_loss is refused with that reason, without
+    loading its kernels."""
+    def load():
+        raise AssertionError("selection must not load kernels to learn which ops they have")
+
     backend = ck.dispatch.Backend("no-contextual", 1, frozenset({"cpu"}), frozenset({torch.float32}),
-                                  fused=True, load=lambda: kernels)
+                                  fused=True, ops=frozenset({"correspondence_warp"}))
     ck.dispatch.register(backend)
     try:
         with pytest.raises(ValueError, match=r"backend='no-contextual' cannot run this input: it does not "
-                                             r"implement contextual_loss \(its kernels have no "
-                                             r"contextual_loss_forward, contextual_loss_backward\)"):
+                                             r"implement contextual_loss$"):
             ck.select("no-contextual", torch.device("cpu"), torch.float32, OP)
         assert ck.select("no-contextual", torch.device("cpu"), torch.float32).name == "no-contextual"
+        assert dataclasses.replace(backend, load=load).op_refusal(OP) == "it does not implement contextual_loss"
     finally:
         del ck.BACKENDS["no-contextual"]
         ck.dispatch._load.cache_clear()

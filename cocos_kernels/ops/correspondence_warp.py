@@ -46,7 +46,7 @@ def _input_dtype(kernels, dtype: torch.dtype) -> torch.dtype:
 
 
 def _precision_kwargs(backend: str, precision: str) -> dict:
-    return {"precision": precision} if BACKENDS[backend].precision_arg else {}
+    return {"precision": precision} if "precision" in BACKENDS[backend].features else {}
 
 
 def _features(kernels, x: Tensor, center, normalize, patch_size, eps, dtype) -> Tensor:
@@ -82,12 +82,9 @@ def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
     return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
 
 
-def _use_windows(kernels, center, patch_size, part: str) -> bool:
-    # Patches without the unfold where the backend has that window kernel (see windows.py); a
-    # backend may have the forward only (the backward then takes the unfolded features: the
-    # same function, so the saved logsumexp serves either).
-    return (patch_size > 1 and center in WINDOW_CENTERS
-            and hasattr(kernels, f"correspondence_warp_windows_{part}"))
+def _use_windows(backend: str, center, patch_size) -> bool:
+    # Patches without the unfold where the backend declares the window kernels (see windows.py).
+    return patch_size > 1 and center in WINDOW_CENTERS and "windows" in BACKENDS[backend].features
 
 
 def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -> Tensor:
@@ -145,7 +142,7 @@ def _correspondence_warp(
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    if _use_windows(kernels, center, patch_size, "forward"):
+    if _use_windows(backend, center, patch_size):
         return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
                                 backend, precision)
     it = _input_dtype(kernels, query.dtype)
@@ -186,7 +183,7 @@ def _correspondence_warp_backward(
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     kernels = BACKENDS[backend].kernels()
-    if _use_windows(kernels, center, patch_size, "backward"):
+    if _use_windows(backend, center, patch_size):
         return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
                                  normalize, patch_size, eps, need_query, need_key, need_value, backend, precision)
     it = _input_dtype(kernels, query.dtype)
