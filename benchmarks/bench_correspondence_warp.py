@@ -30,7 +30,7 @@ import warnings
 
 from benchmarks.harness import SEED, Refused, measure
 
-__all__ = ["flops", "implementation", "impls", "make_step", "measure"]  # measure: older tests import it from here
+__all__ = ["check", "flops", "implementation", "impls", "make_step", "measure"]  # measure: older tests import it from here
 
 TEMPERATURE = 0.01
 QUERY_CHUNK = 1024  # the chunked loop's rows per block; also Rabe & Staats' query block
@@ -172,6 +172,25 @@ def implementation(impl: str, device, dtype):
     if impl in SDPA_IMPLS:
         return _sdpa(impl)
     return _fused(impl, device, dtype)
+
+
+def check(impl: str, device: str = "cpu", side: int = 65) -> None:
+    """Raise unless `impl`'s output and gradients (query, key, value) equal the reference's in float64
+    (to 1e-9) at a side x side grid, batch 2, C=8, Cv=3; at 65 (N = 4225) past the edges of both the
+    query and key blocks, neither dividing N. Refused where the implementation declines the inputs."""
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    q, k = (torch.randn(2, 8, side, side, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    v, grad = (torch.rand(2, 3, side, side, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    results = []
+    for name in ("reference", impl):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = implementation(name, torch.device(device), torch.float64)(*inputs)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in inputs)])
+    for what, expected, got in zip(("output", "grad query", "grad key", "grad value"), *results):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m, what=what: f"{what}: {m}")
 
 
 def make_step(config: dict, side: int):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -45,6 +44,7 @@ import tempfile
 import weakref
 from pathlib import Path
 
+from benchmarks import report
 from benchmarks.harness import cpu_model, measure, mem_total_gib
 
 MIN_SIDE = 64  # the harness warms a worker up at side 16; the model needs a multiple of 32 and attention
@@ -181,12 +181,12 @@ def label(r: dict) -> str:
     return f"{r['impl']}{' + checkpointing' if r['activation_checkpointing'] else ''}"
 
 
-def row(r: dict) -> str:
+def cells(r: dict) -> list:
     ok = r["status"] == "ok"
     total = _gib(total_bytes(r)) if ok and r.get("baseline_bytes") is not None else "-"
     t = f"{r['time_median_s']:.2f}" if ok and r.get("time_median_s") else "-"
-    return (f"| {r['side']} | {r['impl']} | {'on' if r['activation_checkpointing'] else 'off'} | {r['status']} | "
-            f"{_gib(r['peak_bytes']) if ok else r['status']} | {total} | {t} |")
+    return [r["side"], r["impl"], "on" if r["activation_checkpointing"] else "off", r["status"],
+            _gib(r["peak_bytes"]) if ok else r["status"], total, t]
 
 
 def comparisons(results: list[dict], memory_cap_gb: float) -> list[str]:
@@ -211,8 +211,8 @@ def comparisons(results: list[dict], memory_cap_gb: float) -> list[str]:
 def table(results: list[dict]) -> list[str]:
     return ["peak: what the step allocates above what exists before it; total: peak + weights, buffers and "
             "Adam's moments.", "",
-            "| side (px) | impl | activation checkpointing | status | peak (GiB) | total (GiB) | time per step (s) |",
-            "|---|---|---|---|---|---|---|", *map(row, results)]
+            *report.table(["side (px)", "impl", "activation checkpointing", "status", "peak (GiB)", "total (GiB)",
+                           "time per step (s)"], [cells(r) for r in results])]
 
 
 def markdown(meta: dict, results: list[dict]) -> str:
@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                         "no memory; see the module docstring for what it leaves out)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1, help="timed steps after the memory step")
+    p.add_argument("--min-run-time-s", type=float, default=1.0,
+                   help="the timer's budget after the memory step (benchmarks/timing.py; a step slower than it is "
+                        "timed once after one warm-up step; 0: memory only)")
     p.add_argument("--memory-cap-gb", type=float, default=24.0,
                    help="memory cap of each worker (RLIMIT_DATA on the CPU, the allocator's fraction on CUDA)")
     p.add_argument("--timeout-s", type=float, default=7200.0, help="wall-clock limit of one config")
@@ -261,12 +263,13 @@ def main(argv: list[str] | None = None) -> None:
                     r = {k: config[k] for k in ("op", "impl", "side", "mode", "batch", "device")}
                     r.update(status="ok", time_median_s=None, **trace(config, side))
                 else:
-                    r = measure({**config, "repeats": args.repeats, "warmup": 0, "memory_cap_gb": args.memory_cap_gb,
+                    r = measure({**config, "min_run_time_s": args.min_run_time_s, "memory_cap_gb": args.memory_cap_gb,
                                  "timeout_s": args.timeout_s})
                     if args.device == "cpu" and impl in ("reference", "cpu"):  # RSS holds no baseline of its own
                         r["baseline_bytes"] = trace(config, side)["baseline_bytes"]
                 r["activation_checkpointing"] = ckpt == "on"
-                print(row(r), flush=True)
+                print(report.table(["side", "impl", "ckpt", "status", "peak", "total", "time"], [cells(r)])[-1],
+                      flush=True)
                 results.append(r)
     device_name = (torch.cuda.get_device_name(0) if args.device == "cuda"
                    else f"{cpu_model()}, {results[0].get('threads') or torch.get_num_threads()} threads, "
@@ -277,10 +280,8 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch, "trace": args.trace, "python": platform.python_version()}
     card = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
     tag = (f"cuda-{card}" if args.device == "cuda" else f"cpu-{os.cpu_count()}c") + ("-trace" if args.trace else "")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     base = args.out_dir / f"train_step-{tag}"
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    base.with_suffix(".md").write_text(markdown(meta, results))
+    report.write(base, {"meta": meta, "results": results}, markdown(meta, results))
     print(f"wrote {base}.json and {base}.md")
 
 

@@ -29,8 +29,10 @@ clear_refs cannot be written, VmHWM is the process's lifetime peak and peak_byte
 (peak_exact is false). RSS moves by a few MiB for reasons unrelated to the op (library code
 paged in), so small CPU peaks are only that accurate.
 
-Time: after the memory call, `warmup` untimed calls, then `repeats` calls, each timed with
-time.perf_counter (CPU) or a pair of CUDA events (GPU); the median, min and max are reported.
+Time: after the memory call, `benchmarks.timing.time_call` (torch.utils.benchmark.Timer's
+blocked_autorange on the CPU, triton.testing.do_bench on CUDA: each warms up itself) for
+`min_run_time_s` seconds (0: no timing, the memory call only); the median per call, the min, the
+max and every sample are reported.
 
 Status: "ok"; "OOM" (needed more than the cap); "refused" (the implementation declines these
 inputs, e.g. an SDPA backend or a backend unavailable here: the reason is in `error`);
@@ -45,11 +47,11 @@ import os
 import platform
 import resource
 import signal
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks.timing import time_call
 
 MODES = ("forward", "forward+backward")
 SEED = 0
@@ -67,8 +69,7 @@ DEFAULT_CONFIG = {
     "batch": 1,
     "dtype": "float32",
     "device": "cpu",
-    "repeats": 5,
-    "warmup": 2,
+    "min_run_time_s": 0.2,  # the timer's budget (0: peak memory only)
     "threads": None,  # None: torch's default
     "memory_cap_gb": 20.0,
     "timeout_s": 3600.0,
@@ -159,24 +160,10 @@ def _measure_here(config: dict) -> dict:
         result["peak_bytes"] = _proc_status_bytes("VmHWM") - baseline
     result["baseline_bytes"] = baseline
 
-    for _ in range(config["warmup"]):
-        step()
-    times = []
-    for _ in range(config["repeats"]):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    result["times_s"] = times
-    if times:
-        result.update(time_median_s=statistics.median(times), time_min_s=min(times), time_max_s=max(times))
+    if config["min_run_time_s"] > 0:
+        timed = time_call(step, config["device"], config["min_run_time_s"])
+        times = timed["times_s"]
+        result.update(times_s=times, time_median_s=timed["median_s"], time_min_s=min(times), time_max_s=max(times))
     return result
 
 

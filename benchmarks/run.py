@@ -20,7 +20,7 @@ the same way without running.
 
 Yardstick: the machine's matmul rate (a square matmul per dtype, measured by the same worker),
 so each row shows its achieved TFLOP/s as a share of what this device reaches on a plain matmul.
-Scaling: for each curve (everything fixed but the size) a least-squares fit of log peak memory
+Scaling: for each curve (everything fixed but the size) a least-squares line (numpy.polyfit) of log peak memory
 against log N over its three largest measured points gives the exponent (1: linear in N, 2:
 quadratic), reported under the tables.
 
@@ -35,7 +35,6 @@ import datetime
 import importlib
 import itertools
 import json
-import math
 import os
 import platform
 import re
@@ -43,7 +42,10 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy
+
 from benchmarks.harness import MODES, measure, cpu_model, mem_total_gib
+from benchmarks.report import table, write
 from cocos_kernels.extras import require
 
 OPS = ("correspondence_warp", "contextual_loss")
@@ -71,7 +73,7 @@ _PATCH_CONTENDERS = ["reference", "key_chunked", "cpu", "triton", "cuda"]
 # correspondence_warp: sides, channels, value_channels, batch, dtypes, modes (default both),
 # patch_sizes (default 1);
 # contextual_loss: image_sizes, layers, batch, dtypes, modes; both: impls (default every one).
-# "run": repeats, warmup, time cap.
+# "run": the timer's budget per config (benchmarks/timing.py), the time cap.
 SUITES = {
     "quick": {
         "cpu": {
@@ -91,7 +93,7 @@ SUITES = {
             ],
             "contextual_loss": [{"image_sizes": [256], "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32"]}],
-            "run": {"repeats": 3, "warmup": 1, "time_cap_s": 20.0},
+            "run": {"min_run_time_s": 0.5, "time_cap_s": 20.0},
         },
         "cuda": {
             "correspondence_warp": [
@@ -105,7 +107,7 @@ SUITES = {
             ],
             "contextual_loss": [{"image_sizes": [256, 512], "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32"]}],
-            "run": {"repeats": 10, "warmup": 3, "time_cap_s": 10.0},
+            "run": {"min_run_time_s": 0.1, "time_cap_s": 10.0},
         },
     },
     "full": {
@@ -121,7 +123,7 @@ SUITES = {
             "contextual_loss": [{"image_sizes": [256, 512, 1024],
                                  "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32"]}],
-            "run": {"repeats": 5, "warmup": 2, "time_cap_s": 60.0},
+            "run": {"min_run_time_s": 1.0, "time_cap_s": 60.0},
         },
         "cuda": {
             "correspondence_warp": [
@@ -133,7 +135,7 @@ SUITES = {
             "contextual_loss": [{"image_sizes": [256, 512, 1024],
                                  "layers": ["relu2_2", "relu3_2", "relu4_2", "relu5_2"],
                                  "batch": [1], "dtypes": ["float32", "bfloat16"]}],
-            "run": {"repeats": 20, "warmup": 5, "time_cap_s": 30.0},
+            "run": {"min_run_time_s": 0.3, "time_cap_s": 30.0},
         },
     },
 }
@@ -200,12 +202,12 @@ def run_config(config: dict, done: list[dict], time_cap_s: float) -> dict:
             return {**row, "status": "OOM", "error": f"not run: out of memory already at side {r['side']}"}
     estimate = _estimate(config, done)
     if estimate is None or estimate[0] <= time_cap_s:
-        calls = 1 + config["warmup"] + config["repeats"]
-        return {**config, **measure({**config, "timeout_s": 600.0 + 3 * calls * time_cap_s})}
+        # the warm-up and memory calls, then at most ~8 calls of the timer (benchmarks/timing.py)
+        return {**config, **measure({**config, "timeout_s": 600.0 + 10 * time_cap_s + 2 * config["min_run_time_s"]})}
     seconds, basis = estimate
     why = f"> {time_cap_s:g} s per call estimated ({seconds:.0f} s, scaled by FLOPs from {_label(basis)})"
     # Only the memory call, stopped at the cap; 60 s more for start-up and the warm-up call.
-    row = {**config, **measure({**config, "repeats": 0, "warmup": 0, "timeout_s": time_cap_s + 60.0})}
+    row = {**config, **measure({**config, "min_run_time_s": 0, "timeout_s": time_cap_s + 60.0})}
     if row["status"] == "ok":
         return {**row, "time_median_s": None, "error": f"timing skipped: {why}"}
     if row["status"] == "error" and row["error"].startswith("timed out"):
@@ -213,10 +215,10 @@ def run_config(config: dict, done: list[dict], time_cap_s: float) -> dict:
     return row
 
 
-def matmul_tflops(device: str, dtype: str, threads: int | None, repeats: int) -> float | None:
+def matmul_tflops(device: str, dtype: str, threads: int | None, min_run_time_s: float) -> float | None:
     side = MATMUL_SIDE[device]
     r = measure({"op": "matmul", "side": side, "dtype": dtype, "device": device, "mode": "forward",
-                 "repeats": max(repeats, 5), "warmup": 2, "threads": threads, "memory_cap_gb": 64.0})
+                 "min_run_time_s": max(min_run_time_s, 0.5), "threads": threads, "memory_cap_gb": 64.0})
     return 2.0 * side**3 / r["time_median_s"] / 1e12 if r["status"] == "ok" else None
 
 
@@ -232,9 +234,8 @@ def memory_fits(results: list[dict], device: str) -> list[dict]:
         points = sorted(points, key=lambda r: r["n"])[-3:]
         if len({r["n"] for r in points}) < 2:
             continue
-        xs, ys = [math.log(r["n"]) for r in points], [math.log(r["peak_bytes"]) for r in points]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        slope = float(numpy.polyfit(numpy.log([r["n"] for r in points]), numpy.log([r["peak_bytes"] for r in points]),
+                                    1)[0])
         kind = "linear" if slope < 1.25 else "quadratic" if slope > 1.75 else "between"
         fits.append({"op": points[0]["op"], **dict(zip(CURVE_KEYS[points[0]["op"]], key)),
                      "n_points": [r["n"] for r in points], "exponent": slope, "kind": kind})
@@ -264,6 +265,16 @@ def _cells(r: dict, ref: dict | None, peak_tflops: float | None) -> list[str]:
             f"{tflops:.3g}" if tflops else "-", share, ratio("time_median_s"), ratio("peak_bytes")]
 
 
+def _time_method(meta: dict) -> str:
+    if "min_run_time_s" not in meta:  # a report written before the standard timers
+        return (f"median of {meta['repeats']} calls after {meta['warmup']} warm-up calls "
+                f"({'CUDA events' if meta['device'] == 'cuda' else 'time.perf_counter'}; all samples in the JSON)")
+    timer = ("triton.testing.do_bench" if meta["device"] == "cuda"
+             else "torch.utils.benchmark.Timer.blocked_autorange")
+    return (f"median per call of {timer} over {meta['min_run_time_s']:g} s after its own warm-up "
+            "(benchmarks/timing.py; all samples in the JSON)")
+
+
 def markdown(meta: dict, op: str, results: list[dict], fits: list[dict]) -> str:
     keys = ROW_KEYS[op]
     header = [*(HEADERS.get(k, k) for k in keys), "impl", "status", "time", "peak MiB", "TFLOP/s", "of matmul peak",
@@ -287,8 +298,7 @@ def markdown(meta: dict, op: str, results: list[dict], fits: list[dict]) -> str:
         f"- torch {meta['torch_version']}, {meta['threads']} CPU threads",
         f"- Command: `{meta['command']}`",
         *([f"- Note: {meta['note']}"] if meta["note"] else []),
-        f"- Time: median of {meta['repeats']} calls after {meta['warmup']} warm-up calls "
-        f"({'CUDA events' if meta['device'] == 'cuda' else 'time.perf_counter'}; all samples in the JSON)",
+        f"- Time: {_time_method(meta)}",
         "- Peak MiB: " + ("CUDA allocator peak over the allocation before the call" if meta["device"] == "cuda"
                           else "resident memory (VmHWM) one call adds over its baseline (inputs created, "
                                "extension loaded)") + "; see benchmarks/harness.py",
@@ -299,18 +309,15 @@ def markdown(meta: dict, op: str, results: list[dict], fits: list[dict]) -> str:
         "- Ratios: reference time / impl time (above 1: faster) and reference peak / impl peak (above 1: "
         "less memory)",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i < len(keys) + 2 else "---:" for i in range(len(header))) + "|",
-        *("| " + " | ".join(row) + " |" for row in rows),
+        *table(header, rows, align="l" * (len(keys) + 2) + "r" * (len(header) - len(keys) - 2)),
     ]
     if fits:
         lines += ["", "## Memory scaling", "",
                   "Exponent of peak memory in N (least squares of log peak vs log N over the curve's three "
                   "largest measured points; 1: linear, 2: quadratic).", "",
-                  "| " + " | ".join([*(HEADERS.get(k, k) for k in CURVE_KEYS[op]), "N", "exponent", ""]) + " |",
-                  "|" + "---|" * (len(CURVE_KEYS[op]) + 1) + "---:|---|"]
-        lines += ["| " + " | ".join([*(str(f[k]) for k in CURVE_KEYS[op]), ", ".join(map(str, f["n_points"])),
-                                     f"{f['exponent']:.2f}", f["kind"]]) + " |" for f in fits]
+                  *table([*(HEADERS.get(k, k) for k in CURVE_KEYS[op]), "N", "exponent", ""],
+                         [[*(f[k] for k in CURVE_KEYS[op]), ", ".join(map(str, f["n_points"])), f"{f['exponent']:.2f}",
+                           f["kind"]] for f in fits], align="l" * (len(CURVE_KEYS[op]) + 1) + "rl")]
     notes = {}
     for r in results:
         if r["status"] != "ok" or r["error"]:
@@ -402,8 +409,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, nargs="+", help="batch sizes")
     g.add_argument("--dtypes", nargs="+", choices=DTYPES, help="dtypes")
     g.add_argument("--modes", nargs="+", choices=MODES, help="forward and/or forward+backward")
-    g.add_argument("--repeats", type=int, help="timed calls per config")
-    g.add_argument("--warmup", type=int, help="untimed calls before the timed ones")
+    g.add_argument("--min-run-time-s", type=float,
+                   help="seconds the timer spends on a config, after its own warm-up (benchmarks/timing.py)")
     g.add_argument("--time-cap-s", type=float, help="estimated seconds per call above which a config is not timed")
     p.add_argument("--memory-cap-gb", type=float, default=None,
                    help="memory cap of each worker in GiB (default: half the RAM on cpu, 90%% of the card on cuda)")
@@ -411,6 +418,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="a line for the report's header (e.g. that the machine was shared)")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="where the .json, .md and .png files go (default: benchmarks/results)")
+    p.add_argument("--check", action="store_true",
+                   help="measure nothing: check each correspondence_warp implementation (--impls, default every one "
+                        "of --device) against the reference in float64, output and gradients, at a 65x65 grid "
+                        "(past the block edges of the chunked baselines); exit 1 if one differs")
+    p.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
+                   help="measure nothing: write the reports (.md, .png, the memory fits) of these saved .json "
+                        "results again, under their names in --out-dir")
     return p
 
 
@@ -427,24 +441,68 @@ def _sweeps(args, op: str, suite: dict) -> list[dict]:
     return [{**sweeps[0], **overrides}]
 
 
+def check_implementations(device: str, impls: list[str] | None) -> list[dict]:
+    """bench_correspondence_warp.check of each implementation; one line each; SystemExit(1) if one differs."""
+    from benchmarks.harness import Refused
+
+    module = op_module("correspondence_warp")
+    rows = []
+    for impl in impls or module.impls(device):
+        try:
+            module.check(impl, device)
+        except Refused as e:
+            rows.append({"impl": impl, "status": "refused", "error": str(e)})
+        except AssertionError as e:
+            rows.append({"impl": impl, "status": "differs", "error": str(e)})
+        else:
+            rows.append({"impl": impl, "status": "ok", "error": None})
+        what = {"ok": "agrees with the reference", "refused": "refused", "differs": "DIFFERS from the reference"}
+        print(f"{impl}: {what[rows[-1]['status']]}" + (f": {rows[-1]['error']}" if rows[-1]["error"] else ""),
+              flush=True)
+    if any(r["status"] == "differs" for r in rows):
+        raise SystemExit(1)
+    return rows
+
+
+def write_reports(meta: dict, op: str, results: list[dict], stem: Path) -> None:
+    """stem.json (meta, results, memory fits), stem.md and stem.png of one op's results."""
+    fits = memory_fits(results, meta["device"])
+    text = markdown(meta, op, results, fits)
+    write(stem, {"meta": meta, "results": results, "memory_fits": fits}, text)
+    plot(meta, op, results, stem.with_name(stem.name + ".png"))
+    print(text)
+    print(f"wrote {stem}.json, .md, .png")
+
+
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.from_results:
+        by_op = {}
+        for path in args.from_results:
+            saved = json.loads(path.read_text())
+            op = saved["results"][0]["op"]
+            by_op[op] = saved["results"]
+            write_reports(saved["meta"], op, saved["results"], args.out_dir / path.stem)
+        return by_op
     if args.layers:
         unknown = sorted(set(args.layers) - set(op_module("contextual_loss").LAYERS))
         if unknown:
-            raise ValueError(f"--layers: unknown {unknown}; choose from {list(op_module('contextual_loss').LAYERS)}")
+            parser.error(f"--layers: unknown {unknown}; choose from {list(op_module('contextual_loss').LAYERS)}")
     if args.impls:
         known = {i for op in args.ops for i in op_module(op).impls(args.device)}
         if unknown := sorted(set(args.impls) - known):
-            raise ValueError(f"--impls: {unknown} is not an implementation of {args.ops} on {args.device}; "
-                             f"choose from {sorted(known)}")
+            parser.error(f"--impls: {unknown} is not an implementation of {args.ops} on {args.device}; "
+                         f"choose from {' '.join(sorted(known))}")
     import torch
     from tqdm import tqdm
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.run: --device cuda but torch sees no CUDA device")
+    if args.check:
+        return {"correspondence_warp": check_implementations(args.device, args.impls)}
     suite = SUITES[args.suite][args.device]
-    settings = {**suite["run"], **{k: getattr(args, k) for k in ("repeats", "warmup", "time_cap_s")
+    settings = {**suite["run"], **{k: getattr(args, k) for k in ("min_run_time_s", "time_cap_s")
                                    if getattr(args, k) is not None}}
     if args.memory_cap_gb is not None:
         cap = args.memory_cap_gb
@@ -465,8 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     for op in args.ops:
         module = op_module(op)
         for c in configs_of(op, _sweeps(args, op, suite), args.device, args.impls):
-            configs.append({**c, "flops": module.flops(c), "repeats": settings["repeats"],
-                            "warmup": settings["warmup"], "threads": threads, "memory_cap_gb": cap})
+            configs.append({**c, "flops": module.flops(c), "min_run_time_s": settings["min_run_time_s"],
+                            "threads": threads, "memory_cap_gb": cap})
     configs.sort(key=lambda c: c["flops"])  # estimates of the big ones rest on the small ones
     dtypes = sorted({c["dtype"] for c in configs})
     print(f"benchmarks.run: {len(configs)} configs, measuring the matmul peak first", flush=True)
@@ -477,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         "torch_version": torch.__version__, "python_version": platform.python_version(), "threads": threads,
         "command": shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None else argv)]),
         "note": args.note, "memory_cap_gb": cap, **settings,
-        "matmul_tflops": {d: matmul_tflops(args.device, d, threads, settings["repeats"]) for d in dtypes},
+        "matmul_tflops": {d: matmul_tflops(args.device, d, threads, settings["min_run_time_s"]) for d in dtypes},
         "impls": {op: [i for i in op_module(op).impls(args.device) if not args.impls or i in args.impls]
                   for op in args.ops},
     }
@@ -487,20 +545,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
             bar.set_postfix_str(f"{config['op']} {config['impl']} {_label(config)}")
             done.append(run_config(config, done, settings["time_cap_s"]))
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     by_op = {op: [r for r in done if r["op"] == op] for op in args.ops}
     for op, results in by_op.items():
-        if not results:
-            continue
-        fits = memory_fits(results, args.device)
-        stem = args.out_dir / f"{op}-{tag}-{args.suite}"
-        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "memory_fits": fits},
-                                                        indent=1) + "\n")
-        table = markdown(meta, op, results, fits)
-        stem.with_suffix(".md").write_text(table)
-        plot(meta, op, results, stem.with_suffix(".png"))
-        print(table)
-        print(f"wrote {stem}.json, .md, .png")
+        if results:
+            write_reports(meta, op, results, args.out_dir / f"{op}-{tag}-{args.suite}")
     return by_op
 
 
