@@ -266,7 +266,7 @@ def _cells(r: dict, ref: dict | None, peak_tflops: float | None) -> list[str]:
 
 
 def _time_method(meta: dict) -> str:
-    if "min_run_time_s" not in meta:  # a report written before the standard timers
+    if "min_run_time_s" not in meta:  # results that record repeats and warm-up calls instead (benchmarks/results)
         return (f"median of {meta['repeats']} calls after {meta['warmup']} warm-up calls "
                 f"({'CUDA events' if meta['device'] == 'cuda' else 'time.perf_counter'}; all samples in the JSON)")
     timer = ("triton.testing.do_bench" if meta["device"] == "cuda"
