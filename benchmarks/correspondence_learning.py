@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 import cocos_kernels as ck
 from benchmarks.harness import cpu_model
+from benchmarks.report import table, write
 from cocosnet import correspondence_learning as cl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,25 +143,25 @@ def learning_report(args, history: dict, started: str) -> str:
              f"Training took {history['seconds'][-1] / 60:.1f} min ({history['seconds'][-1] / args.steps:.2f} s/step, "
              "evaluations excluded). Held out: the ADE20K validation samples, 4 pseudo pairs each (EPE, label "
              "accuracy), and the pairing list's 6 (validation input, training exemplar) pairs.", "",
-             f"| metric | untrained (step 0) | trained (step {last}) |", "|---|---|---|"]
-    lines += [f"| {METRICS[k]} | {before[k]:.3f} | {after[k]:.3f} |" for k in METRICS]
-    lines += ["", "Learning curve:", "", "| step | " + " | ".join(METRICS.values()) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    lines += [f"| {s} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |" for s, m in history["evals"]]
+             *table(["metric", "untrained (step 0)", f"trained (step {last})"],
+                    [[METRICS[k], f"{before[k]:.3f}", f"{after[k]:.3f}"] for k in METRICS])]
+    lines += ["", "Learning curve:", "",
+              *table(["step", *METRICS.values()], [[s, *(f"{m[k]:.3f}" for k in METRICS)] for s, m in history["evals"]])]
     return "\n".join(lines) + "\n"
 
 
 def backends_report(args, histories: dict, started: str) -> str:
     (ref_name, ref), (fused_name, fused) = histories.items()
     lines = [f"# Correspondence learning, {ref_name} vs {fused_name} backend: {args.size} px, first {args.steps} steps", "",
-             header(args, started), "", "The same weights and batches; float32. Relative difference of each loss term.", "",
-             "| step | term | " + ref_name + " | " + fused_name + " | relative difference |", "|---|---|---|---|---|"]
-    worst = 0.0
+             header(args, started), "", "The same weights and batches; float32. Relative difference of each loss term.", ""]
+    worst, rows = 0.0, []
     for i, step in enumerate(ref["steps"]):
         for term in ref["losses"]:
             a, b = ref["losses"][term][i], fused["losses"][term][i]
             diff = abs(a - b) / max(abs(a), 1e-30)
             worst = max(worst, diff)
-            lines.append(f"| {step} | {term} | {a:.7g} | {b:.7g} | {diff:.1e} |")
+            rows.append([step, term, f"{a:.7g}", f"{b:.7g}", f"{diff:.1e}"])
+    lines += table(["step", "term", ref_name, fused_name, "relative difference"], rows)
     seconds = {name: h["seconds"][-1] / len(h["steps"]) for name, h in histories.items()}
     lines += ["", f"Largest relative difference: {worst:.1e}. Seconds per step: "
               + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "."]
@@ -177,20 +177,20 @@ def main(argv=None) -> None:
     if args.compare_backends:
         histories = {name: run(args, name, evaluate=False)[0] for name in ("reference", fused)}
         stem = args.out_dir / f"correspondence_learning-backends-{args.size}px"
-        stem.with_suffix(".json").write_text(json.dumps({"args": recorded(args), "histories": histories}, indent=1, default=str))
-        stem.with_suffix(".md").write_text(backends_report(args, histories, started))
-        print(stem.with_suffix(".md").read_text())
+        text = backends_report(args, histories, started)
+        write(stem, {"args": recorded(args), "histories": histories}, text)
+        print(text)
         return
     start = time.perf_counter()
     history, net = run(args, fused, evaluate=True)
     stem = args.out_dir / f"correspondence_learning-{args.size}px"
-    stem.with_suffix(".json").write_text(json.dumps({"args": recorded(args), "history": history}, indent=1, default=str))
+    text = learning_report(args, history, started)
+    write(stem, {"args": recorded(args), "history": history}, text)
     plot(history, stem.with_suffix(".png"), f"CoCosNet correspondence learning, {args.size} px, CPU")
-    stem.with_suffix(".md").write_text(learning_report(args, history, started))
     if args.checkpoint is not None:
         args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.save(net.state_dict(), args.checkpoint)
-    print(stem.with_suffix(".md").read_text())
+    print(text)
     print(f"wrote {stem}.{{json,md,png}} in {(time.perf_counter() - start) / 60:.1f} min")
 
 

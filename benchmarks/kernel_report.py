@@ -33,7 +33,6 @@ not, and marked.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -45,6 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.report import table, write
 from cocos_kernels.triton.aot import SELECT, SHARED_LIMIT, analyse_cubin, blocks_per_sm, case_of, run_matrix, tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,16 +196,7 @@ def _mix(sass: dict | None) -> str:
 
 def markdown(arch: int, report: dict) -> str:
     r = RATES[arch]
-    lines = [f"# Kernel report, sm_{arch} (static: compiled, not run)", "",
-             f"`python -m benchmarks.kernel_report` · triton {report['env'].get('triton')} · "
-             f"{len(report['triton'])} Triton compiles in {report['wall_s']} s on {report['jobs']} processes. "
-             "How each number is made: the module docstring of benchmarks/kernel_report.py.", "",
-             f"## Headline configs: roofline estimate on an {r['card']}", "",
-             "Per mode, the best config of each kernel that fits (least spilling first); time = max(matrix, exp, "
-             "l2, hbm) / last-wave fill per kernel, summed; share = useful FLOPs / time / bf16 peak "
-             f"({r['bf16'] / 1e12:.0f} TFLOP/s).", "",
-             "| dtype | grid | Cv | patch | mode | kernel: config, path, bound | est. ms | share of bf16 peak |",
-             "|---|---|---|---|---|---|---|---|"]
+    roofline_rows = []
     for e in report["roofline"]:
         parts = []
         for k in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel"):
@@ -216,33 +207,41 @@ def markdown(arch: int, report: dict) -> str:
                     "no fitting config" if v is None else f"{v['config']}, {v['path']}, {v['bound']}{spills}"))
         dtype = e["dtype"] + (f" ({e['precision']})" if e.get("precision") else "")
         ms = f"{e['seconds'] * 1e3:.2f}" if e["seconds"] < math.inf else "-"
-        lines.append(f"| {dtype} | {e['side']}^2 | {e['value_channels']} | {e['patch_size']}x{e['patch_size']} | "
-                     f"{e['mode']} | {'; '.join(parts)} | {ms} | {e['share_of_bf16_peak']:.0%} |")
-    lines += ["", "## Triton kernels", "",
-              f"Shared-memory limit per block {SHARED_LIMIT[arch]} B; stack = bytes of local memory per thread "
-              "(ptxas spills); SASS mix: static instruction counts / total.", "",
-              "| module | kernel | case | config | reg | stack | shared (B) | blocks/SM | SASS mix | compile s | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        roofline_rows.append([dtype, f"{e['side']}^2", e["value_channels"], f"{e['patch_size']}x{e['patch_size']}",
+                              e["mode"], "; ".join(parts), ms, f"{e['share_of_bf16_peak']:.0%}"])
+    triton_rows = []
     for row in report["triton"]:
         case = " ".join(f"{k}={v}" for k, v in case_of(row) if k not in ("module", "kernel", "arch"))
         status = "ok" if row["ok"] and row["fits"] else "DOES NOT FIT" if row["ok"] else "FAILED"
         status += ", SPILLS" if row.get("stack") else ""
-        lines.append(f"| {row['module']} | {row['kernel']} | {case} | {row['config']} | {row.get('reg', '')} | "
-                     f"{row.get('stack', '')} | {row.get('shared', '')} | {row.get('blocks_per_sm', '')} | "
-                     f"{_mix(row.get('sass'))} | {row['seconds']} | {status} |")
-    lines += ["", "## CUDA kernels", ""]
+        triton_rows.append([row["module"], row["kernel"], case, row["config"], row.get("reg", ""), row.get("stack", ""),
+                            row.get("shared", ""), row.get("blocks_per_sm", ""), _mix(row.get("sass")), row["seconds"],
+                            status])
+    lines = [f"# Kernel report, sm_{arch} (static: compiled, not run)", "",
+             f"`python -m benchmarks.kernel_report` · triton {report['env'].get('triton')} · "
+             f"{len(report['triton'])} Triton compiles in {report['wall_s']} s on {report['jobs']} processes. "
+             "How each number is made: the module docstring of benchmarks/kernel_report.py.", "",
+             f"## Headline configs: roofline estimate on an {r['card']}", "",
+             "Per mode, the best config of each kernel that fits (least spilling first); time = max(matrix, exp, "
+             "l2, hbm) / last-wave fill per kernel, summed; share = useful FLOPs / time / bf16 peak "
+             f"({r['bf16'] / 1e12:.0f} TFLOP/s).", "",
+             *table(["dtype", "grid", "Cv", "patch", "mode", "kernel: config, path, bound", "est. ms",
+                     "share of bf16 peak"], roofline_rows),
+             "", "## Triton kernels", "",
+             f"Shared-memory limit per block {SHARED_LIMIT[arch]} B; stack = bytes of local memory per thread "
+             "(ptxas spills); SASS mix: static instruction counts / total.", "",
+             *table(["module", "kernel", "case", "config", "reg", "stack", "shared (B)", "blocks/SM", "SASS mix",
+                     "compile s", "status"], triton_rows),
+             "", "## CUDA kernels", ""]
     if report.get("cuda_skip"):
         lines.append(f"Not compiled: {report['cuda_skip']}")
     else:
+        cuda_rows_md = [[row["file"], "FAILED", "", "", "", row["error"][:200], row["seconds"]] if not row["ok"] else
+                        [row["file"], f"`{row['kernel']}`", row["reg"], row["stack"], row["shared"], _mix(row["sass"]),
+                         row["seconds"]] for row in report["cuda"]]
         lines += ["Static shared memory only (the kernels take their tiles as dynamic shared memory).", "",
-                  "| file | kernel | reg | stack | static shared (B) | SASS mix | compile s (file) |",
-                  "|---|---|---|---|---|---|---|"]
-        for row in report["cuda"]:
-            if not row["ok"]:
-                lines.append(f"| {row['file']} | FAILED | | | | {row['error'][:200]} | {row['seconds']} |")
-                continue
-            lines.append(f"| {row['file']} | `{row['kernel']}` | {row['reg']} | {row['stack']} | {row['shared']} | "
-                         f"{_mix(row['sass'])} | {row['seconds']} |")
+                  *table(["file", "kernel", "reg", "stack", "static shared (B)", "SASS mix", "compile s (file)"],
+                         cuda_rows_md)]
     return "\n".join(lines) + "\n"
 
 
@@ -281,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip,
                 "roofline": roofline(arch, report["results"], items)}
         stem = args.out_dir / f"kernels-sm_{arch}"
-        stem.with_suffix(".json").write_text(json.dumps(part, indent=1))
-        stem.with_suffix(".md").write_text(markdown(arch, part))
+        write(stem, part, markdown(arch, part))
         print(f"kernel_report: wrote {stem}.md and .json")
     return 0
 
