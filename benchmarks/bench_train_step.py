@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import platform
 import re
@@ -253,24 +254,26 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--trace runs on the CPU with --impls reference cpu (every fused backend allocates the same tensors)")
 
     import torch
+    from tqdm import tqdm
+
     results = []
-    for side in args.sides:
-        for impl in args.impls:
-            for ckpt in args.checkpointing:
-                config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward",
-                          "batch": args.batch, "device": args.device, "activation_checkpointing": ckpt == "on"}
-                if args.trace:
-                    r = {k: config[k] for k in ("op", "impl", "side", "mode", "batch", "device")}
-                    r.update(status="ok", time_median_s=None, **trace(config, side))
-                else:
-                    r = measure({**config, "min_run_time_s": args.min_run_time_s, "memory_cap_gb": args.memory_cap_gb,
-                                 "timeout_s": args.timeout_s})
-                    if args.device == "cpu" and impl in ("reference", "cpu"):  # RSS holds no baseline of its own
-                        r["baseline_bytes"] = trace(config, side)["baseline_bytes"]
-                r["activation_checkpointing"] = ckpt == "on"
-                print(report.table(["side", "impl", "ckpt", "status", "peak", "total", "time"], [cells(r)])[-1],
-                      flush=True)
-                results.append(r)
+    with tqdm(list(itertools.product(args.sides, args.impls, args.checkpointing)), desc="train steps",
+              unit="config") as bar:
+        for side, impl, ckpt in bar:
+            bar.set_postfix_str(f"{side} px {impl} checkpointing {ckpt}")
+            config = {"op": "train_step", "impl": impl, "side": side, "mode": "forward+backward",
+                      "batch": args.batch, "device": args.device, "activation_checkpointing": ckpt == "on"}
+            if args.trace:
+                r = {k: config[k] for k in ("op", "impl", "side", "mode", "batch", "device")}
+                r.update(status="ok", time_median_s=None, **trace(config, side))
+            else:
+                r = measure({**config, "min_run_time_s": args.min_run_time_s, "memory_cap_gb": args.memory_cap_gb,
+                             "timeout_s": args.timeout_s})
+                if args.device == "cpu" and impl in ("reference", "cpu"):  # RSS holds no baseline of its own
+                    r["baseline_bytes"] = trace(config, side)["baseline_bytes"]
+            r["activation_checkpointing"] = ckpt == "on"
+            bar.write(report.table(["side", "impl", "ckpt", "status", "peak", "total", "time"], [cells(r)])[-1])
+            results.append(r)
     device_name = (torch.cuda.get_device_name(0) if args.device == "cuda"
                    else f"{cpu_model()}, {results[0].get('threads') or torch.get_num_threads()} threads, "
                         f"{mem_total_gib():.0f} GiB")
