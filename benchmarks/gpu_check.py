@@ -326,7 +326,7 @@ class _State:
 
     def bench(self, fn, grads) -> list[float]:
         """[median, p20, p80] milliseconds of fn() (benchmarks.timing.time_call: do_bench for 40 ms on the
-        GPU; in the dry run a warm-up call and one timed call); grads' .grad are reset between calls."""
+        GPU; in the dry run one call, after the caller's warm-up); grads' .grad are reset between calls."""
         from benchmarks.timing import time_call
 
         t = time_call(fn, self.device.type, 0.0 if self.args.dry_run else 0.04, grads=grads)

@@ -3,7 +3,9 @@
 CPU: `torch.utils.benchmark.Timer.blocked_autorange`. It warms up while it picks how many calls
 one timed block makes (enough that the timer's overhead is negligible, one for a call slower than
 `min_run_time_s`), then times blocks until `min_run_time_s` has passed; it runs at torch's current
-thread count (the Timer's own default is one thread). `timer` replaces its clock (e.g.
+thread count (the Timer's own default is one thread). `min_run_time_s=0` times one call
+(`Timer.timeit(1)`), for a caller that has warmed up already and can afford no more (the GPU
+check's dry run on the Triton interpreter). `timer` replaces its clock (e.g.
 time.process_time: the process's CPU time, which other processes' load does not inflate).
 
 CUDA: `triton.testing.do_bench`. It synchronises the device, flushes the L2 cache before each call,
@@ -41,8 +43,8 @@ def time_call(fn, device: str, min_run_time_s: float = 0.2, grads=(), timer=time
             for t in grads:
                 t.grad = None
             fn()
-        measurement = Timer("call()", globals={"call": call}, timer=timer,
-                            num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time_s)
+        t = Timer("call()", globals={"call": call}, timer=timer, num_threads=torch.get_num_threads())
+        measurement = t.blocked_autorange(min_run_time=min_run_time_s) if min_run_time_s > 0 else t.timeit(1)
         times = list(measurement.times)
     median, p20, p80 = numpy.quantile(times, [0.5, 0.2, 0.8]).tolist()
     return {"median_s": median, "p20_s": p20, "p80_s": p80, "times_s": times}
