@@ -107,9 +107,8 @@ GPU_TEST_FILTER = " and ".join(f"not {s}" for s in (
     "[reference-", "[cpu-", "B1-C1-", "B1-C3-", "B1-C17-Cv1-", "B3-C64", "B2-C1-7x5", "B3-C3-5x7", "B1-C64-1x3",
     "-h0.05]", "-h0.5]", "-h1]", "-1e-20-", "-1e20-", "test_nonfinite_inputs_propagate", "test_constant_feature_maps",
     "test_non_finite_input_raises["))
-SHARD_VARIABLE = "GPU_CHECK_SHARD"
-# The phases after env, in the order they run.
-PHASES = ("timing", "tests", "contextual", "train_step", "accuracy", "timing_more")  # "i/n": the pytest plugin below keeps every n-th collected test from i
+SHARD_VARIABLE = "GPU_CHECK_SHARD"  # "i/n": the pytest plugin below keeps every n-th collected test from i
+PHASES = ("timing", "tests", "contextual", "train_step", "accuracy", "timing_more")  # after env, in this order
 
 DEFAULTS = {  # option: (GPU run, dry run)
     "deadline_s": (540.0, 85.0),
@@ -885,7 +884,7 @@ class Report:
 
         targets = report_targets(self.results)
         write(self.args.out_dir / self.stem(), {"meta": self.meta, **self.results, "targets": targets},
-                     markdown(self.meta, self.results, targets))
+              markdown(self.meta, self.results, targets))
 
     def stem(self) -> str:
         return "gpu_check_" + re.sub(r"[^a-z0-9]+", "-", (self.meta["card"] or "unknown").lower()).strip("-")
