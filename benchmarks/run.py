@@ -20,13 +20,14 @@ the same way without running.
 
 Yardstick: the machine's matmul rate (a square matmul per dtype, measured by the same worker),
 so each row shows its achieved TFLOP/s as a share of what this device reaches on a plain matmul.
-Scaling: for each curve (everything fixed but the size) a least-squares line (numpy.polyfit) of log peak memory
-against log N over its three largest measured points gives the exponent (1: linear in N, 2:
-quadratic), reported under the tables.
+Scaling: for each curve (everything fixed but the size) a least-squares line (numpy.polyfit) of
+log peak memory against log N over its three largest measured points gives the exponent (1:
+linear in N, 2: quadratic), reported under the tables.
 
 Writes <op>-<device tag>-<suite>.json, .md and .png under --out-dir (device tag:
 "cpu-<model>-<threads>t" or "cuda-<card>"; options overriding the suite keep its name, and the
-command in the report says what ran).
+command in the report says what ran). --from-results writes them again from saved .json files;
+--check checks the implementations against the reference instead of measuring them.
 """
 from __future__ import annotations
 
