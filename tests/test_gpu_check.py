@@ -80,6 +80,21 @@ def test_nothing_starts_past_the_deadline(tmp_path):
     assert report["tests"]["status"] == "not run"
 
 
+def test_accuracy_phase_alone_judges_the_cpu_backends(tmp_path):
+    """The README's accuracy table: the accuracy phase only (--phases), on the CPU, for chosen backends."""
+    _gpu_check("--dry-run", "--phases", "accuracy", "--accuracy-backends", "reference", "cpu", "--accuracy-sides", "4",
+               "--accuracy-patches", "1", "--accuracy-value-channels", "3", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "gpu_check_cpu-dry-run.json").read_text())
+    assert report["timing"] == [] and report["tests"]["status"] == "skipped (--phases)"
+    judged = {(r["backend"], r["mode"]): r for r in report["accuracy"]}
+    assert {b for b, _ in judged} == {"reference", "cpu"}
+    for dtype in ("float32-ieee", "float16", "bfloat16"):
+        assert judged["cpu", dtype]["status"] == "ok" and set(judged["cpu", dtype]["errors"]) == {
+            "out", "grad query", "grad key", "grad value"}
+    assert judged["cpu", "float32-tf32"]["status"].startswith("skipped: no precision=")
+    assert "| cpu | bfloat16 | 4^2 |" in (tmp_path / "gpu_check_cpu-dry-run.md").read_text()
+
+
 def _timing_row(impl, dtype="float32", side=128, mode="forward+backward", precision="tf32x3", patch_size=1,
                 value_channels=3, **fields):
     return dict(impl=impl, dtype=dtype, side=side, mode=mode, precision=precision, patch_size=patch_size,
