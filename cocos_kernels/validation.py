@@ -7,8 +7,8 @@ import numbers
 
 import torch
 
-from .dispatch import FLOAT_DTYPES, backend_names
-from .features import CENTER_MODES
+from .constants import CENTER_MODES, FLOAT_DTYPES
+from .dispatch import backend_names
 
 
 def check_feature_map(name: str, x) -> None:

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..features import DEFAULT_EPS, normalize_features
+from ..constants import DEFAULT_EPS
+from ..features import normalize_features
 from ..validation import (
     check_backend,
     check_feature_map,

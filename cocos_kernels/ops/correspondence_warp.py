@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, PRECISIONS, choose
-from ..features import DEFAULT_EPS, normalize_features, normalize_features_backward
+from ..constants import DEFAULT_EPS, MATMUL_PRECISION, PRECISIONS, WINDOW_CENTERS
+from ..dispatch import BACKENDS, choose
+from ..features import compute_dtype, normalize_features, normalize_features_backward
 from ..validation import (
     check_backend,
     check_feature_map,
@@ -26,23 +27,14 @@ from ..validation import (
     check_same_dtype_and_device,
     check_top_k,
 )
-from ..windows import WINDOW_CENTERS, from_centres, to_centres, window_features, window_features_backward
+from ..windows import from_centres, sum_tap_planes, to_centres, window_features, window_features_backward
 from .correspondence_topk import topk_warp
-
-
-# torch.get_float32_matmul_precision() -> the float32 tile-product precision it asks for.
-_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half inputs are prepared and accumulated in float32; float64 stays float64 (gradcheck).
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _input_dtype(kernels, dtype: torch.dtype) -> torch.dtype:
     # What the kernels take the prepared tensors in: a backend with tensor-core products
-    # (triton) keeps half inputs half; the others take the compute dtype.
-    return kernels.input_dtype(dtype) if hasattr(kernels, "input_dtype") else _compute_dtype(dtype)
+    # (triton, cuda) keeps half inputs half; the cpu backend takes the compute dtype.
+    return kernels.input_dtype(dtype)
 
 
 def _precision_kwargs(backend: str, precision: str) -> dict:
@@ -55,21 +47,19 @@ def _features(kernels, x: Tensor, center, normalize, patch_size, eps, dtype) -> 
     A backend's own prologue (`kernels.prepare_features`) runs where it offers one and takes
     these options (it returns None otherwise); the PyTorch prologue of features.py elsewhere.
     """
-    if hasattr(kernels, "prepare_features"):
-        rows = kernels.prepare_features(x, center, normalize, patch_size, eps, dtype)
-        if rows is not None:
-            return rows
-    f = normalize_features(x.to(_compute_dtype(x.dtype)), center, normalize, patch_size, eps)
+    rows = kernels.prepare_features(x, center, normalize, patch_size, eps, dtype)
+    if rows is not None:
+        return rows
+    f = normalize_features(x.to(compute_dtype(x.dtype)), center, normalize, patch_size, eps)
     return f.transpose(1, 2).contiguous().to(dtype)
 
 
 def _features_backward(kernels, grad: Tensor, x: Tensor, center, normalize, patch_size, eps) -> Tensor:
     """Gradient w.r.t. x (in the compute dtype) of `_features` given `grad` (B, N, D) w.r.t. its rows."""
-    ct = _compute_dtype(x.dtype)
-    if hasattr(kernels, "prepare_features_backward"):
-        dx = kernels.prepare_features_backward(grad, x, center, normalize, patch_size, eps)
-        if dx is not None:
-            return dx
+    ct = compute_dtype(x.dtype)
+    dx = kernels.prepare_features_backward(grad, x, center, normalize, patch_size, eps)
+    if dx is not None:
+        return dx
     return normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), center, normalize, patch_size, eps)
 
 
@@ -95,7 +85,7 @@ def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -
 
 def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
                      backend, precision):
-    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
+    ct, it = compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
     wq = window_features(query, center, normalize, patch_size, eps, it, ct)
     wk = window_features(key, center, normalize, patch_size, eps, it, ct)
     out, lse = kernels.correspondence_warp_windows_forward(
@@ -109,7 +99,7 @@ def _windows_forward(kernels, query, key, value, key_mask, temperature, center, 
 
 def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize,
                       patch_size, eps, need_query, need_key, need_value, backend, precision):
-    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
+    ct, it = compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
     wq = window_features(query, center, normalize, patch_size, eps, it, ct)
     wk = window_features(key, center, normalize, patch_size, eps, it, ct)
     B, _, Hq, Wq = query.shape
@@ -120,6 +110,8 @@ def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, 
         to_centres(lse.view(B, 1, Hq, Wq), patch_size, fill=float("inf"))[:, 0].contiguous(),
         patch_size, wq.width, wk.width, 1.0 / temperature, need_query, need_key, need_value,
         key_mask=_window_key_mask(key, key_mask, patch_size), **_precision_kwargs(backend, precision))
+    if kernels.window_tap_planes:
+        dxq, dxk = sum_tap_planes(dxq, wq.rows, wq.width, patch_size), sum_tap_planes(dxk, wk.rows, wk.width, patch_size)
     prologue = (center, normalize, patch_size)
     dq = window_features_backward(wq, dxq, rows, query.shape, *prologue).to(query.dtype) if need_query else query.new_empty(0)
     dk = window_features_backward(wk, dxk, cols, key.shape, *prologue).to(key.dtype) if need_key else key.new_empty(0)
@@ -159,7 +151,7 @@ def _correspondence_warp(
 def _(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision="ieee"):
     B, _, Hq, Wq = query.shape
     out = value.new_empty((B, value.shape[1], Hq, Wq))
-    return out, query.new_empty((B, Hq * Wq), dtype=_compute_dtype(query.dtype))
+    return out, query.new_empty((B, Hq * Wq), dtype=compute_dtype(query.dtype))
 
 
 @torch.library.custom_op("cocos_kernels::correspondence_warp_backward", mutates_args=())
@@ -256,7 +248,7 @@ def _check_arguments(query, key, value, key_mask, temperature, center, normalize
 
 @torch.compiler.assume_constant_result
 def _default_precision() -> str:
-    return _MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
+    return MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def correspondence_warp(

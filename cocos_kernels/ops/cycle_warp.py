@@ -14,12 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..features import compute_dtype
 from ..dispatch import BACKENDS, choose
-from ..features import DEFAULT_EPS
+from ..constants import DEFAULT_EPS
 from ..validation import check_finite_values
 from .correspondence_warp import (
     _check_arguments,
-    _compute_dtype,
     _default_precision,
     _features,
     _features_backward,
@@ -57,7 +57,7 @@ def _cycle_warp(
 @_cycle_warp.register_fake
 def _(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision):
     B, Cv = value.shape[:2]
-    ct = _compute_dtype(query.dtype)
+    ct = compute_dtype(query.dtype)
     return (value.new_empty((B, Cv, *query.shape[2:])), value.new_empty(value.shape),
             query.new_empty((B, query.shape[2] * query.shape[3]), dtype=ct),
             query.new_empty((B, key.shape[2] * key.shape[3]), dtype=ct))

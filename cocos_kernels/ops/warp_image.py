@@ -16,7 +16,7 @@ import numbers
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import DEFAULT_EPS
+from ..constants import DEFAULT_EPS
 from ..validation import check_choice, check_feature_map
 from .correspondence_warp import correspondence_warp
 
