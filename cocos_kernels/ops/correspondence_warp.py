@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..constants import DEFAULT_EPS, MATMUL_PRECISION, PRECISIONS, WINDOW_CENTERS
-from ..dispatch import BACKENDS, choose
-from ..features import compute_dtype, normalize_features, normalize_features_backward
+from ..constants import DEFAULT_EPS, MATMUL_PRECISION, PRECISIONS
+from ..dispatch import choose
+from ..features import compute_dtype
 from ..validation import (
     check_backend,
     check_feature_map,
@@ -27,96 +27,8 @@ from ..validation import (
     check_same_dtype_and_device,
     check_top_k,
 )
-from ..windows import from_centres, sum_tap_planes, to_centres, window_features, window_features_backward
 from .correspondence_topk import topk_warp
-
-
-def _input_dtype(kernels, dtype: torch.dtype) -> torch.dtype:
-    # What the kernels take the prepared tensors in: a backend with tensor-core products
-    # (triton, cuda) keeps half inputs half; the cpu backend takes the compute dtype.
-    return kernels.input_dtype(dtype)
-
-
-def _precision_kwargs(backend: str, precision: str) -> dict:
-    return {"precision": precision} if "precision" in BACKENDS[backend].features else {}
-
-
-def _features(kernels, x: Tensor, center, normalize, patch_size, eps, dtype) -> Tensor:
-    """(B, C, H, W) -> prepared rows (B, N, D), contiguous, in `dtype` (prepared in the compute dtype).
-
-    A backend's own prologue (`kernels.prepare_features`) runs where it offers one and takes
-    these options (it returns None otherwise); the PyTorch prologue of features.py elsewhere.
-    """
-    rows = kernels.prepare_features(x, center, normalize, patch_size, eps, dtype)
-    if rows is not None:
-        return rows
-    f = normalize_features(x.to(compute_dtype(x.dtype)), center, normalize, patch_size, eps)
-    return f.transpose(1, 2).contiguous().to(dtype)
-
-
-def _features_backward(kernels, grad: Tensor, x: Tensor, center, normalize, patch_size, eps) -> Tensor:
-    """Gradient w.r.t. x (in the compute dtype) of `_features` given `grad` (B, N, D) w.r.t. its rows."""
-    ct = compute_dtype(x.dtype)
-    dx = kernels.prepare_features_backward(grad, x, center, normalize, patch_size, eps)
-    if dx is not None:
-        return dx
-    return normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), center, normalize, patch_size, eps)
-
-
-def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1).to(dtype).contiguous()
-
-
-def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
-    # Only a call with a mask passes it: backends without the "key_mask" feature never see one.
-    return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
-
-
-def _use_windows(backend: str, center, patch_size) -> bool:
-    # Patches without the unfold where the backend declares the window kernels (see windows.py).
-    return patch_size > 1 and center in WINDOW_CENTERS and "windows" in BACKENDS[backend].features
-
-
-def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -> Tensor:
-    """(B, N) on the key's centre range: False at padding centres and masked keys."""
-    keep = torch.ones_like(key[:, :1], dtype=torch.bool) if key_mask is None else key_mask[:, None]
-    return to_centres(keep, patch_size, fill=False)[:, 0].contiguous()
-
-
-def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
-                     backend, precision):
-    ct, it = compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
-    out, lse = kernels.correspondence_warp_windows_forward(
-        wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv, to_centres(value.to(it), patch_size), patch_size,
-        wq.width, wk.width, 1.0 / temperature, key_mask=_window_key_mask(key, key_mask, patch_size),
-        **_precision_kwargs(backend, precision))
-    Hq, Wq = query.shape[2:]
-    lse = from_centres(lse[:, None], Hq, Wq, patch_size).reshape(lse.shape[0], -1).contiguous()
-    return from_centres(out, Hq, Wq, patch_size).to(value.dtype).contiguous(), lse
-
-
-def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize,
-                      patch_size, eps, need_query, need_key, need_value, backend, precision):
-    ct, it = compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
-    B, _, Hq, Wq = query.shape
-    dxq, dxk, dv, rows, cols = kernels.correspondence_warp_windows_backward(
-        to_centres(grad_out.to(it), patch_size), wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv,
-        to_centres(value.to(it), patch_size), to_centres(out.to(it), patch_size),
-        # +inf at the padding centres: their P rows are 0 (their grad_out is 0 too)
-        to_centres(lse.view(B, 1, Hq, Wq), patch_size, fill=float("inf"))[:, 0].contiguous(),
-        patch_size, wq.width, wk.width, 1.0 / temperature, need_query, need_key, need_value,
-        key_mask=_window_key_mask(key, key_mask, patch_size), **_precision_kwargs(backend, precision))
-    if kernels.window_tap_planes:
-        dxq, dxk = sum_tap_planes(dxq, wq.rows, wq.width, patch_size), sum_tap_planes(dxk, wk.rows, wk.width, patch_size)
-    prologue = (center, normalize, patch_size)
-    dq = window_features_backward(wq, dxq, rows, query.shape, *prologue).to(query.dtype) if need_query else query.new_empty(0)
-    dk = window_features_backward(wk, dxk, cols, key.shape, *prologue).to(key.dtype) if need_key else key.new_empty(0)
-    dv = from_centres(dv, *key.shape[2:], patch_size).to(value.dtype).contiguous() if need_value else value.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv
+from .warp_core import WarpCore
 
 
 @torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
@@ -133,18 +45,9 @@ def _correspondence_warp(
     backend: str,
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    if _use_windows(backend, center, patch_size):
-        return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
-                                backend, precision)
-    it = _input_dtype(kernels, query.dtype)
-    qf = _features(kernels, query, center, normalize, patch_size, eps, it)
-    kf = _features(kernels, key, center, normalize, patch_size, eps, it)
-    out, lse = kernels.correspondence_warp_forward(
-        qf, kf, _flat(value, it), 1.0 / temperature, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision)
-    )
-    B, Cv, (_, _, Hq, Wq) = value.shape[0], value.shape[1], query.shape
-    return out.view(B, Cv, Hq, Wq).to(value.dtype), lse
+    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    out, lse = core.forward(core.prepare(query), core.prepare(key), value, key_mask, 1.0 / temperature)
+    return out.to(value.dtype), lse
 
 
 @_correspondence_warp.register_fake
@@ -174,27 +77,14 @@ def _correspondence_warp_backward(
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    if _use_windows(backend, center, patch_size):
-        return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
-                                 normalize, patch_size, eps, need_query, need_key, need_value, backend, precision)
-    it = _input_dtype(kernels, query.dtype)
-    prologue = (center, normalize, patch_size, eps)
-    qf = _features(kernels, query, *prologue, it)
-    kf = _features(kernels, key, *prologue, it)
-    dqf, dkf, dv = kernels.correspondence_warp_backward(
-        _flat(grad_out, it), qf, kf, _flat(value, it), _flat(out, it), lse, 1.0 / temperature,
-        need_query, need_key, need_value, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision),
-    )
-    del qf, kf  # the prologue's backward below is the op's memory peak
-
-    def grad_input(g, x):  # (B, N, D) w.r.t. the prepared rows -> w.r.t. x
-        if g is None:
-            return x.new_empty(0)
-        return _features_backward(kernels, g, x, *prologue).to(x.dtype)
-
-    dv = value.new_empty(0) if dv is None else dv.view(value.shape).to(value.dtype)
-    return grad_input(dqf, query), grad_input(dkf, key), dv
+    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    pq, pk = core.prepare(query), core.prepare(key)
+    gq, gk, dv = core.backward(grad_out, pq, pk, value, out, lse, key_mask, 1.0 / temperature, need_query, need_key,
+                               need_value)
+    pq, pk = pq.released(), pk.released()  # the prologue's backward below is the op's memory peak
+    return (core.prepared_backward(gq, pq) if need_query else query.new_empty(0),
+            core.prepared_backward(gk, pk) if need_key else key.new_empty(0),
+            dv.to(value.dtype) if need_value else value.new_empty(0))
 
 
 @_correspondence_warp_backward.register_fake
@@ -226,7 +116,8 @@ def _backward(ctx, grad_out, _grad_lse):
 _correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
+def check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
+    """The public warp ops' arguments, each error naming the argument."""
     maps = {"query": query, "key": key, "value": value}
     for name, x in maps.items():
         check_feature_map(name, x)
@@ -247,7 +138,8 @@ def _check_arguments(query, key, value, key_mask, temperature, center, normalize
 
 
 @torch.compiler.assume_constant_result
-def _default_precision() -> str:
+def default_precision() -> str:
+    """The precision torch.get_float32_matmul_precision() asks for (precision=None)."""
     return MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
@@ -302,7 +194,7 @@ def correspondence_warp(
     Returns:
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
-    _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
+    check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
     if top_k is not None:
         check_top_k("top_k", top_k, key)
     check_finite_values({"query": query, "key": key, "value": value}, check_finite)
@@ -316,7 +208,7 @@ def correspondence_warp(
         return topk_warp(query, key, value, top_k, temperature, center, normalize, patch_size, eps, key_mask)
     out, _ = torch.ops.cocos_kernels.correspondence_warp(
         query, key, value, key_mask, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
-        _default_precision() if precision is None else precision,
+        default_precision() if precision is None else precision,
     )
     return out
 
