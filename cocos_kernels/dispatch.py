@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .constants import FLOAT_DTYPES, OPS, OPTIONAL_FEATURES, PRECISIONS, TRITON_INTERPRETED
+from .kernels import Kernels
 
 __all__ = ["BACKENDS", "FLOAT_DTYPES", "OPS", "OPTIONAL_FEATURES", "PRECISIONS", "TRITON_INTERPRETED", "Backend",
            "backend_names", "choose", "register", "select"]
@@ -26,7 +27,7 @@ class Backend:
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
     fused: bool  # False: plain differentiable PyTorch (the reference)
-    load: Callable[[], object] | None = field(default=None, compare=False)
+    load: Callable[[], Kernels] | None = field(default=None, compare=False)
     # Devices "auto" may pick it for (None: all of `devices`); a backend can run somewhere
     # without being the right choice there (Triton's interpreter on CPU tensors: tests only).
     auto_devices: frozenset[str] | None = None
@@ -42,7 +43,8 @@ class Backend:
             raise ValueError(f"backend {self.name!r} declares unknown ops or features: "
                              f"{sorted(self.ops - OPS)} {sorted(self.features - OPTIONAL_FEATURES)}")
 
-    def kernels(self):
+    def kernels(self) -> Kernels:
+        """The fused backend's kernels object, loaded once (ImportError / RuntimeError saying why not)."""
         return _load(self.name)
 
     def unavailable(self) -> str | None:

@@ -8,27 +8,20 @@ recomputed in backward: the op saves its inputs, output and logsumexp, never an 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..constants import DEFAULT_EPS, MATMUL_PRECISION, PRECISIONS
+from ..constants import DEFAULT_EPS
 from ..dispatch import choose
 from ..features import compute_dtype
-from ..validation import (
-    check_backend,
-    check_feature_map,
-    check_finite_values,
-    check_key_mask,
-    check_positive,
-    check_prologue_options,
-    check_same_dtype_and_device,
-    check_top_k,
-)
+from ..validation import check_backend, check_finite_values, check_top_k, check_warp_maps
 from .correspondence_topk import topk_warp
 from .warp_core import WarpCore
+from .warp_options import WarpOptions
 
 
 @torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
@@ -45,7 +38,7 @@ def _correspondence_warp(
     backend: str,
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
-    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
     out, lse = core.forward(core.prepare(query), core.prepare(key), value, key_mask, 1.0 / temperature)
     return out.to(value.dtype), lse
 
@@ -77,7 +70,7 @@ def _correspondence_warp_backward(
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
     pq, pk = core.prepare(query), core.prepare(key)
     gq, gk, dv = core.backward(grad_out, pq, pk, value, out, lse, key_mask, 1.0 / temperature, need_query, need_key,
                                need_value)
@@ -114,33 +107,6 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
-
-
-def check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
-    """The public warp ops' arguments, each error naming the argument."""
-    maps = {"query": query, "key": key, "value": value}
-    for name, x in maps.items():
-        check_feature_map(name, x)
-    check_same_dtype_and_device(maps)
-    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
-    if not (query.shape[0] == key.shape[0] == value.shape[0]):
-        raise ValueError(f"query, key and value must have the same batch size: {shapes}")
-    if query.shape[1] != key.shape[1]:
-        raise ValueError(f"query and key must have the same number of channels: {shapes}")
-    if value.shape[2:] != key.shape[2:]:
-        raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
-    check_key_mask(key_mask, key)
-    check_positive("temperature", temperature)
-    check_prologue_options(center, normalize, patch_size, eps)
-    check_backend(backend)
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
-
-
-@torch.compiler.assume_constant_result
-def default_precision() -> str:
-    """The precision torch.get_float32_matmul_precision() asks for (precision=None)."""
-    return MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def correspondence_warp(
@@ -180,7 +146,8 @@ def correspondence_warp(
             matched (padding, occlusions): they get softmax weight 0. A query whose keys are all
             masked warps to zeros, with zero gradients (never NaN).
         top_k: None, or k in [1, Hk*Wk]: each query softmaxes over its k most similar keys only
-            (sparse correspondence); blockwise PyTorch on every backend, see `correspondence_topk`.
+            (sparse correspondence); blockwise PyTorch on every fused backend (materialised on
+            the reference), see `correspondence_topk`.
         check_finite: raise ValueError if query, key or value hold NaN/Inf (costs one pass over
             each). By default they are not checked and propagate as in the reference: a bad query
             entry spoils its position's output (its neighbourhood's with patches), a bad key or
@@ -194,27 +161,43 @@ def correspondence_warp(
     Returns:
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
-    check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
+    options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+    return warp(query, key, value, options, key_mask=key_mask, top_k=top_k, check_finite=check_finite, backend=backend)
+
+
+def warp(query: Tensor, key: Tensor, value: Tensor, options: WarpOptions, *, key_mask: Tensor | None = None,
+         top_k: int | None = None, check_finite: bool = False, backend: str = "auto") -> Tensor:
+    """`correspondence_warp` with its matching options in one `WarpOptions` (checked already)."""
+    check_warp_maps(query, key, value, key_mask)
+    check_backend(backend)
     if top_k is not None:
         check_top_k("top_k", top_k, key)
     check_finite_values({"query": query, "key": key, "value": value}, check_finite)
     features = () if key_mask is None else ("key_mask",)
     chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
-        return reference.correspondence_warp(
-            query, key, value, temperature, center, normalize, patch_size, eps, key_mask, top_k
-        )
+        return reference.correspondence_warp(query, key, value, options.temperature, *options.prologue, key_mask, top_k)
     if top_k is not None:
-        return topk_warp(query, key, value, top_k, temperature, center, normalize, patch_size, eps, key_mask)
-    out, _ = torch.ops.cocos_kernels.correspondence_warp(
-        query, key, value, key_mask, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
-        default_precision() if precision is None else precision,
-    )
+        return topk_warp(query, key, value, top_k, options, key_mask)
+    out, _ = torch.ops.cocos_kernels.correspondence_warp(query, key, value, key_mask, *options.op_args(chosen.name))
     return out
 
 
+def _option(name: str) -> property:
+    def get(self):
+        return getattr(self.options, name)
+
+    def replace(self, value):
+        self.options = dataclasses.replace(self.options, **{name: value})
+
+    return property(get, replace, doc=f"`{name}` of `correspondence_warp` (stored in `options`)")
+
+
 class CorrespondenceWarp(torch.nn.Module):
-    """`correspondence_warp` as a module: `CorrespondenceWarp(temperature=0.01)(query, key, value)`."""
+    """`correspondence_warp` as a module: `CorrespondenceWarp(temperature=0.01)(query, key, value)`.
+
+    Arguments as `correspondence_warp`; the matching options are checked here, once, and kept in
+    `options` (a `WarpOptions`; the attributes of their names read and replace it)."""
 
     def __init__(
         self,
@@ -230,17 +213,19 @@ class CorrespondenceWarp(torch.nn.Module):
         precision: str | None = None,
     ):
         super().__init__()
-        self.temperature, self.center, self.normalize = temperature, center, normalize
-        self.patch_size, self.eps, self.top_k, self.check_finite = patch_size, eps, top_k, check_finite
-        self.backend, self.precision = backend, precision
+        self.options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+        self.top_k, self.check_finite, self.backend = top_k, check_finite, backend
+
+    temperature = _option("temperature")
+    center = _option("center")
+    normalize = _option("normalize")
+    patch_size = _option("patch_size")
+    eps = _option("eps")
+    precision = _option("precision")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        return correspondence_warp(
-            query, key, value, self.temperature, center=self.center, normalize=self.normalize,
-            patch_size=self.patch_size, eps=self.eps, key_mask=key_mask, top_k=self.top_k,
-            check_finite=self.check_finite, backend=self.backend,
-            precision=self.precision,
-        )
+        return warp(query, key, value, self.options, key_mask=key_mask, top_k=self.top_k,
+                    check_finite=self.check_finite, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, center={self.center!r}, normalize={self.normalize}, "

@@ -18,9 +18,9 @@ from .. import reference
 from ..constants import DEFAULT_EPS
 from ..dispatch import choose
 from ..features import compute_dtype
-from ..validation import check_finite_values
-from .correspondence_warp import check_arguments, default_precision
+from ..validation import check_backend, check_finite_values, check_warp_maps
 from .warp_core import WarpCore, add_grads
+from .warp_options import WarpOptions
 
 
 @torch.library.custom_op("cocos_kernels::cycle_warp", mutates_args=())
@@ -37,7 +37,7 @@ def _cycle_warp(
     backend: str,
     precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
     pq, pk = core.prepare(query), core.prepare(key)
     out, lse = core.forward(pq, pk, value, key_mask, 1.0 / temperature)
     back, lse_back = core.forward(pk, pq, out, None, 1.0 / temperature)  # its keys, the query grid, are all kept
@@ -76,7 +76,7 @@ def _cycle_warp_backward(
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    core = WarpCore(backend, center, normalize, patch_size, eps, precision)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
     pq, pk = core.prepare(query), core.prepare(key)
     scale = 1.0 / temperature
     # Second pass first: its value (the first warp's output) takes a gradient into the first pass.
@@ -146,16 +146,15 @@ def cycle_warp(
     (B, Cv, Hk, Wk), both differentiable w.r.t. query, key and value; each map's features are
     prepared once.
     """
-    check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
+    options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+    check_warp_maps(query, key, value, key_mask)
+    check_backend(backend)
     check_finite_values({"query": query, "key": key, "value": value}, check_finite)
     features = () if key_mask is None else ("key_mask",)
     chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
-        args = (temperature, center, normalize, patch_size, eps)
+        args = (options.temperature, *options.prologue)
         out = reference.correspondence_warp(query, key, value, *args, key_mask)
         return out, reference.correspondence_warp(key, query, out, *args)
-    out, back, _, _ = torch.ops.cocos_kernels.cycle_warp(
-        query, key, value, key_mask, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
-        default_precision() if precision is None else precision,
-    )
+    out, back, _, _ = torch.ops.cocos_kernels.cycle_warp(query, key, value, key_mask, *options.op_args(chosen.name))
     return out, back

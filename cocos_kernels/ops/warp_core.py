@@ -18,7 +18,9 @@ from torch import Tensor
 from ..constants import WINDOW_CENTERS
 from ..dispatch import BACKENDS
 from ..features import compute_dtype, normalize_features, normalize_features_backward
+from ..kernels import WarpKernels
 from ..windows import Windows, from_centres, sum_tap_planes, to_centres, window_features, window_features_backward
+from .warp_options import WarpOptions
 
 
 class Prepared(NamedTuple):
@@ -42,21 +44,22 @@ def add_grads(a, b):
     return tuple(x + y for x, y in zip(a, b))
 
 
-def flat(x: Tensor, dtype: torch.dtype) -> Tensor:
+def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
     """(B, C, H, W) -> contiguous (B, C, H*W) in `dtype`."""
     return x.reshape(x.shape[0], x.shape[1], -1).to(dtype).contiguous()
 
 
 class WarpCore:
-    """A backend's kernels with one call's prologue options and precision."""
+    """A backend's kernels with one call's options (their precision resolved: not None)."""
 
-    def __init__(self, backend: str, center, normalize: bool, patch_size: int, eps: float, precision: str):
+    def __init__(self, backend: str, options: WarpOptions):
         declared = BACKENDS[backend].features
-        self.kernels = BACKENDS[backend].kernels()
-        self.center, self.normalize, self.patch_size, self.eps = center, normalize, patch_size, eps
+        self.kernels: WarpKernels = BACKENDS[backend].kernels()
+        self.prologue = options.prologue
+        self.center, self.normalize, self.patch_size, self.eps = self.prologue
         # Patches without the unfold where the backend declares the window kernels (see windows.py).
-        self.windows = patch_size > 1 and center in WINDOW_CENTERS and "windows" in declared
-        self._precision = {"precision": precision} if "precision" in declared else {}
+        self.windows = self.patch_size > 1 and self.center in WINDOW_CENTERS and "windows" in declared
+        self._precision = {"precision": options.precision} if "precision" in declared else {}
 
     def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
         return self.kernels.input_dtype(dtype)
@@ -65,10 +68,9 @@ class WarpCore:
         it, ct = self.input_dtype(x.dtype), compute_dtype(x.dtype)
         if self.windows:
             return Prepared(x, None, window_features(x, self.center, self.normalize, self.patch_size, self.eps, it, ct))
-        prologue = (self.center, self.normalize, self.patch_size, self.eps)
-        rows = self.kernels.prepare_features(x, *prologue, it)
+        rows = self.kernels.prepare_features(x, *self.prologue, it)
         if rows is None:  # the backend leaves this prologue to PyTorch
-            rows = normalize_features(x.to(ct), *prologue).transpose(1, 2).contiguous().to(it)
+            rows = normalize_features(x.to(ct), *self.prologue).transpose(1, 2).contiguous().to(it)
         return Prepared(x, rows, None)
 
     def prepared_backward(self, grad, p: Prepared) -> Tensor:
@@ -79,11 +81,10 @@ class WarpCore:
             dx = window_features_backward(p.windows, d_rows, sums, x.shape, self.center, self.normalize,
                                           self.patch_size)
             return dx.to(x.dtype).contiguous()
-        prologue = (self.center, self.normalize, self.patch_size, self.eps)
-        dx = self.kernels.prepare_features_backward(grad, x, *prologue)
+        dx = self.kernels.prepare_features_backward(grad, x, *self.prologue)
         if dx is None:
             ct = compute_dtype(x.dtype)
-            dx = normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), *prologue)
+            dx = normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), *self.prologue)
         return dx.to(x.dtype)
 
     def _key_mask(self, pk: Prepared, key_mask: Tensor | None) -> dict:
@@ -95,7 +96,7 @@ class WarpCore:
 
     def _to_kernel(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """(B, C, H, W) -> (B, C, N) as the kernels take it: on the centre range for windows."""
-        return to_centres(t.to(dtype), self.patch_size) if self.windows else flat(t, dtype)
+        return to_centres(t.to(dtype), self.patch_size) if self.windows else _flat(t, dtype)
 
     def _from_kernel(self, t: Tensor, like: Tensor) -> Tensor:
         """(B, C, N) from the kernels -> (B, C, H, W) on the grid of `like`."""

@@ -16,8 +16,8 @@ def tap_offset(t, width, PATCH: tl.constexpr):
 
 @triton.jit
 def window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, width_a, width_b,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                   PRECISION: tl.constexpr, PATCH: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                  PRECISION: tl.constexpr, PATCH: tl.constexpr):
     """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> summed over the PATCH x PATCH taps: on a padded
     grid of row width `width`, tap (dy, dx) of every centre is the row offset dy * width + dx
     (windows.py). One loop over (tap, D chunk) pairs into one accumulator, so the compiler
@@ -42,13 +42,13 @@ def scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b,
             PRECISION: tl.constexpr):
     """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> over the D feature columns, chunk by chunk."""
     return window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, 0, 0, D, BLOCK_D, BLOCK_A, BLOCK_B,
-                          PRECISION, 1)
+                         PRECISION, 1)
 
 
 @triton.jit
 def accumulate_window_rows(acc_planes, plane_stride, weights, src_rows, width, offs_a, offs_b, mask_a, mask_b,
-                            accumulate, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                            PATCH: tl.constexpr):
+                           accumulate, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                           PATCH: tl.constexpr):
     """Plane t of acc: acc[t, a, :] (+)= weights (A x B) @ src[b + tap t, :] for each of the PATCH x PATCH
     taps (offsets as in window_scores), in global memory (float32), planes `plane_stride` apart;
     one loop over (tap, D chunk) pairs.
@@ -74,10 +74,10 @@ def accumulate_window_rows(acc_planes, plane_stride, weights, src_rows, width, o
 
 @triton.jit
 def accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b, accumulate,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """acc[a, :] (+)= weights (A x B) @ src[b, :] over D in chunks, in global memory (float32)."""
     accumulate_window_rows(acc_rows, 0, weights, src_rows, 0, offs_a, offs_b, mask_a, mask_b, accumulate, D, BLOCK_D,
-                            PRECISION, 1)
+                           PRECISION, 1)
 
 
 def check_contiguous(*tensors: torch.Tensor) -> None:

@@ -118,10 +118,10 @@ def _backward_kernel(X, Y, M, Arg, G, Q, Out, h, dist_eps, Nx, Ny, C: tl.constex
                        C, BLOCK_D, BLOCK, BLOCK)
         if FOR_Y:
             accumulate_rows(Out + b * Ny * C, tl.trans(p), x_rows, offs_n, offs_m, mask_n, mask_m, k0 > 0,
-                             C, BLOCK_D, "ieee")
+                            C, BLOCK_D, "ieee")
         else:
             accumulate_rows(Out + b * Nx * C, p, y_rows, offs_m, offs_n, mask_m, mask_n, k0 > 0,
-                             C, BLOCK_D, "ieee")
+                            C, BLOCK_D, "ieee")
 
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:

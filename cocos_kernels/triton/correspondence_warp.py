@@ -162,7 +162,7 @@ def _forward_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, Out, Lse, scale_log2, dwin
             s = scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
         else:
             s = window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
-                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+                              D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
             mk = tl.load(MK + batch * Nk + offs_n, mask=mask_n, other=0.0)
             ak = tl.load(AK + batch * Nk + offs_n, mask=mask_n, other=0.0)
             s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
@@ -234,7 +234,7 @@ def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Su
             s = scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
         else:
             s = window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
-                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+                              D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
             mk, ak = _window_factors(MK, AK, batch, Nk, offs_n, mask_n)
             s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
         keep = _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)
@@ -252,7 +252,7 @@ def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Su
             sum_hm += tl.sum(h * mk[None, :], 1)
             sum_es += tl.sum(ds * s, 1)
             accumulate_window_rows(dq_rows, tl.num_programs(1).to(tl.int64) * Nq * D, h, k_rows, width_k, offs_m,
-                                    offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION, PATCH)
+                                   offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if ONE_CHUNK:
         tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
     if PATCH > 1:
@@ -300,7 +300,7 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, 
             st = scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
         else:
             st = window_scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, width_k, width_q,
-                                D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION, PATCH)
+                               D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION, PATCH)
             mq, aq = _window_factors(MQ, AQ, batch, Nq, offs_m, mask_m)
             st = (st - dwin * mk[:, None] * mq[None, :]) * (ak[:, None] * aq[None, :])
         lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
@@ -321,7 +321,7 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, 
                 sum_hm += tl.sum(ht * mq[None, :], 1)
                 sum_es += tl.sum(dst * st, 1)
                 accumulate_window_rows(dk_rows, tl.num_programs(1).to(tl.int64) * Nk * D, ht, q_rows, width_q,
-                                        offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION, PATCH)
+                                       offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if NEED_DV:
         tl.store(DV + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], dv, mask=mask_n[:, None] & mask_c[None, :])
     if NEED_DK and ONE_CHUNK:
