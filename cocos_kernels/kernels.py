@@ -3,10 +3,10 @@
 Every fused backend module (`cpu`, `cuda`, `triton`) has a `kernels()` function returning one
 object with every method below; the op layer calls them without probing. What a backend supports
 is declared on its `dispatch.Backend` (`ops`, `features`), never asked of this object: the op
-layer passes `key_mask=` a tensor only to a backend declaring "key_mask" (None otherwise),
-`precision=` (one of `constants.PRECISIONS`) only to one declaring "precision", and calls the
-window methods only on one declaring "windows", and the contextual_loss methods only on one
-implementing that op.
+layer passes the row kernels `key_mask=` a tensor only where the backend declares "key_mask"
+(None otherwise), `precision=` (one of `constants.PRECISIONS`) only where it declares
+"precision", calls the window methods only where it declares "windows" (always with a key_mask:
+the padding centres take no part), and the contextual_loss methods only where it implements that op.
 
 Shapes: prepared feature rows q (B, Nq, D), k (B, Nk, D); value v (B, Cv, Nk); out (B, Cv, Nq);
 lse (B, Nq) the row logsumexp of scale * q k^T. Gradients are float32 (float64 for float64
