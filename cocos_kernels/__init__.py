@@ -9,7 +9,7 @@
 """
 from . import reference
 from .dispatch import BACKENDS, backend_names, select
-from .features import DEFAULT_EPS
+from .constants import DEFAULT_EPS
 from .ops.contextual_loss import ContextualLoss, contextual_loss
 from .ops.correspondence_topk import correspondence_argmax, correspondence_topk
 from .ops.correspondence_warp import CorrespondenceWarp, correspondence_warp

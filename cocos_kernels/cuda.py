@@ -1,20 +1,15 @@
 """The CUDA C++ backend ("cuda"): loader of the extension built from `csrc/cuda`, and its kernels.
 
-Entry points (the contract every fused backend implements, see `cocos_kernels/dispatch.py`):
-  correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
-  correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv) -> (dq, dk, dv)
-both with `key_mask=`; `input_dtype` (float16/bfloat16 features stay half: tensor-core products)
-and the prologue `prepare_features` / `prepare_features_backward` (patch_size 1, channel or no
-centring; None otherwise, and the op layer's PyTorch prologue runs). k x k patches with channel or
-no centring are never unfolded: `correspondence_warp_windows_forward` / `_backward` take the C-wide
-rows on a padded grid and per-centre window scalars (cocos_kernels/windows.py), with the triton
-backend's contract; the same three kernels sum the k*k tap products per tile, and the backward's
-per-tap gradient planes are added here (`windows.sum_tap_planes`). Spatial centring with patches
-unfolds in PyTorch (it has no window form). float32 products are full float32 FMAs: there is no
-precision= (no tf32 path). And contextual_loss, on float32 rows (the op layer prepares half inputs
-in float32):
-  contextual_loss_forward(x (B,Nx,C), y (B,Ny,C), bandwidth, dist_eps) -> (m, argmin, s, t), each (B, Nx)
-  contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy) -> (dx, dy)
+`kernels()` returns its `CudaKernels` object (the contract every fused backend implements, see
+`cocos_kernels/kernels.py`), with `key_mask=` and the "windows" kernels: `input_dtype` keeps
+float16/bfloat16 features half (tensor-core products); the prologue `prepare_features` /
+`prepare_features_backward` runs in CUDA for patch_size 1 with channel or no centring (None
+otherwise, and the op layer's PyTorch prologue runs). k x k patches with channel or no centring are
+never unfolded: the window kernels take the C-wide rows on a padded grid and per-centre window
+scalars (cocos_kernels/windows.py), sum the k*k tap products per tile, and the backward returns one
+gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has no window form).
+float32 products are full float32 FMAs: there is no precision= (no tf32 path). contextual_loss
+takes float32 rows (the op layer prepares half inputs in float32).
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
 time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in a
@@ -32,7 +27,6 @@ import os
 import torch
 
 from . import build
-from .windows import sum_tap_planes
 
 
 def _why_not() -> str | None:
@@ -87,93 +81,90 @@ def extension():
     return module
 
 
-def input_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype these kernels take features, value and grad_out in, for inputs of `dtype`."""
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
-
-
-def correspondence_warp_forward(q, k, v, scale, key_mask=None):
-    """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T;
-    keys where key_mask ((B, Nk) bool) is False get no weight."""
-    return extension().correspondence_warp_forward(q, k, v, float(scale), key_mask)
-
-
-def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None):
-    """(dq, dk, dv) in float32, None where not requested."""
-    return extension().correspondence_warp_backward(
-        grad_out, q, k, v, out, lse.float().contiguous(), float(scale), bool(need_dq), bool(need_dk), bool(need_dv),
-        key_mask,
-    )
-
-
-def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None):
-    """The forward on k x k windows without the unfold (windows.py): xq (B, Lq, C) / xk (B, Lk, C)
-    padded grids of rows of width width_q / width_k, mq / aq and mk / ak (B, N) float32 per-centre
-    window means and score factors, v (B, Cv, Nk) and key_mask ((B, Nk) bool) on the key centres.
-    Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres."""
-    return extension().correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, int(patch), int(width_q),
-                                                           int(width_k), float(scale), key_mask)
-
-
-def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k,
-                                         scale, need_dq, need_dk, need_dv, key_mask=None):
-    """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
-    and lse on the query centres, +inf at padding centres). Returns [dxq (B, Lq, C), dxk (B, Lk, C),
-    dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk)], float32, None where not requested: the
-    gradients w.r.t. the padded rows through the window products, and per centre
-    [sum_j H_ij m_j, sum_j dS_ij logit_ij] (see csrc/cpu/correspondence_warp.h)."""
-    planes_q, planes_k, dv, rows, cols = extension().correspondence_warp_windows_backward(
-        grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
-        float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask,
-    )
-    return [sum_tap_planes(planes_q, xq, width_q, patch), sum_tap_planes(planes_k, xk, width_k, patch), dv, rows,
-            cols]
-
-
 def _prologue_supported(center, patch_size) -> bool:
     # Spatial centring (a mean across positions) and patches (windows.py, or the unfold with spatial
     # centring) stay in PyTorch.
     return patch_size == 1 and center in ("channel", None)
 
 
-def prepare_features(x, center, normalize, patch_size, eps, dtype):
-    """(B, C, H, W) -> rows (B, N, C) in `dtype`, centred/normalised in float32; None where the op
-    layer's PyTorch prologue must do it (patches, spatial centring)."""
-    if not _prologue_supported(center, patch_size):
-        return None
-    B, C = x.shape[:2]
-    xs = x.reshape(B, C, -1).float().contiguous()
-    rows = torch.empty((B, xs.shape[2], C), device=x.device, dtype=dtype)
-    extension().prepare_features(xs, rows, center == "channel", bool(normalize), float(eps))
-    return rows
+class CudaKernels:
+    """The `cocos_kernels.kernels.Kernels` contract over the extension (see the module doc)."""
+
+    window_tap_planes = True
+
+    def input_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype these kernels take features, value and grad_out in, for inputs of `dtype`."""
+        return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+    def correspondence_warp_forward(self, q, k, v, scale, key_mask=None):
+        """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T;
+        keys where key_mask ((B, Nk) bool) is False get no weight."""
+        return extension().correspondence_warp_forward(q, k, v, float(scale), key_mask)
+
+    def correspondence_warp_backward(self, grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None):
+        """(dq, dk, dv) in float32, None where not requested."""
+        return extension().correspondence_warp_backward(
+            grad_out, q, k, v, out, lse.float().contiguous(), float(scale), bool(need_dq), bool(need_dk), bool(need_dv),
+            key_mask,
+        )
+
+    def correspondence_warp_windows_forward(self, xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None):
+        """The forward on k x k windows without the unfold (windows.py): xq (B, Lq, C) / xk (B, Lk, C)
+        padded grids of rows of width width_q / width_k, mq / aq and mk / ak (B, N) float32 per-centre
+        window means and score factors, v (B, Cv, Nk) and key_mask ((B, Nk) bool) on the key centres.
+        Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres."""
+        return extension().correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, int(patch), int(width_q),
+                                                               int(width_k), float(scale), key_mask)
+
+    def correspondence_warp_windows_backward(self, grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k,
+                                             scale, need_dq, need_dk, need_dv, key_mask=None):
+        """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
+        and lse on the query centres, +inf at padding centres). Returns [planes_q (k*k, B, Nq, C), planes_k
+        (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk)], float32, None where not
+        requested: the per-tap gradient planes w.r.t. the padded rows through the window products (the op
+        layer adds them, windows.sum_tap_planes), and per centre [sum_j H_ij m_j, sum_j dS_ij logit_ij]
+        (see csrc/cpu/correspondence_warp.h)."""
+        return extension().correspondence_warp_windows_backward(
+            grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
+            float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask,
+        )
+
+    def prepare_features(self, x, center, normalize, patch_size, eps, dtype):
+        """(B, C, H, W) -> rows (B, N, C) in `dtype`, centred/normalised in float32; None where the op
+        layer's PyTorch prologue must do it (patches, spatial centring)."""
+        if not _prologue_supported(center, patch_size):
+            return None
+        B, C = x.shape[:2]
+        xs = x.reshape(B, C, -1).float().contiguous()
+        rows = torch.empty((B, xs.shape[2], C), device=x.device, dtype=dtype)
+        extension().prepare_features(xs, rows, center == "channel", bool(normalize), float(eps))
+        return rows
+
+    def prepare_features_backward(self, grad_rows, x, center, normalize, patch_size, eps):
+        """Gradient w.r.t. x (float32, x's shape) of `prepare_features` given `grad_rows` (B, N, C);
+        None where `prepare_features` is None."""
+        if not _prologue_supported(center, patch_size):
+            return None
+        B, C = x.shape[:2]
+        xs = x.reshape(B, C, -1).float().contiguous()
+        dx = extension().prepare_features_backward(grad_rows.float().contiguous(), xs, center == "channel",
+                                                    bool(normalize), float(eps))
+        return dx.view(x.shape)
+
+    def contextual_loss_forward(self, x, y, bandwidth, dist_eps):
+        """Per-row (m, argmin, s, t), each (B, Nx), of float32 rows x (B, Nx, C), y (B, Ny, C): m, s, t
+        float32, argmin int64 (the lowest j reaching the row minimum). See csrc/cuda/contextual_loss.h."""
+        return extension().contextual_loss_forward(x, y, float(bandwidth), float(dist_eps))
+
+    def contextual_loss_backward(self, grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy):
+        """(dx, dy) in float32 w.r.t. the rows, None where not requested."""
+        return extension().contextual_loss_backward(
+            grad_s.float().contiguous(), x, y, m, argmin, s, t, float(bandwidth), float(dist_eps), bool(need_dx),
+            bool(need_dy),
+        )
 
 
-def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
-    """Gradient w.r.t. x (float32, x's shape) of `prepare_features` given `grad_rows` (B, N, C);
-    None where `prepare_features` is None."""
-    if not _prologue_supported(center, patch_size):
-        return None
-    B, C = x.shape[:2]
-    xs = x.reshape(B, C, -1).float().contiguous()
-    dx = extension().prepare_features_backward(grad_rows.float().contiguous(), xs, center == "channel",
-                                                bool(normalize), float(eps))
-    return dx.view(x.shape)
-
-
-def contextual_loss_forward(x, y, bandwidth, dist_eps):
-    """Per-row (m, argmin, s, t), each (B, Nx), of float32 rows x (B, Nx, C), y (B, Ny, C): m, s, t
-    float32, argmin int64 (the lowest j reaching the row minimum). See csrc/cuda/contextual_loss.h."""
-    return extension().contextual_loss_forward(x, y, float(bandwidth), float(dist_eps))
-
-
-def contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy):
-    """(dx, dy) in float32 w.r.t. the rows, None where not requested."""
-    return extension().contextual_loss_backward(
-        grad_s.float().contiguous(), x, y, m, argmin, s, t, float(bandwidth), float(dist_eps), bool(need_dx),
-        bool(need_dy),
-    )
-
-
-__all__ = ["contextual_loss_backward", "contextual_loss_forward", "correspondence_warp_backward",
-           "correspondence_warp_forward", "correspondence_warp_windows_backward", "correspondence_warp_windows_forward",
-           "extension", "input_dtype", "prepare_features", "prepare_features_backward"]
+def kernels() -> CudaKernels:
+    """The backend's kernels object. Raises RuntimeError saying why where there is no extension."""
+    extension()
+    return CudaKernels()

@@ -1,42 +1,23 @@
 """Backends declare what they support; `select` picks one or says why none can run.
 
-A fused backend's `kernels()` returns an object with the two kernel entry points that every
-fused backend implements on prepared features (see `cocos_kernels/ops/correspondence_warp.py`):
-  correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
-  correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv)
-      -> (dq, dk, dv), None where not requested
-A backend declaring the feature "key_mask" takes `key_mask=` ((B, Nk) bool or None) in both;
-one declaring "precision" takes `precision=` (one of PRECISIONS) in both, for its float32 tile
-products; one declaring "windows" has the k x k window kernels (see `cocos_kernels/windows.py`).
-A kernels object with `input_dtype(dtype)` takes the prepared features,
-value and grad_out in that dtype (otherwise float32 for half inputs), and returns float32 gradients;
-one with `prepare_features` / `prepare_features_backward` runs the prologue itself where they
-return a tensor (None: the op layer's PyTorch prologue runs).
-
-A backend implementing `contextual_loss` has two more (see `cocos_kernels/ops/contextual_loss.py`
-and `csrc/cpu/contextual_loss.h`); `select(..., op=...)` skips or refuses one without them:
-  contextual_loss_forward(x (B,Nx,C), y (B,Ny,C), bandwidth, dist_eps) -> (m, argmin, s, t), each (B, Nx)
-  contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy)
-      -> (dx, dy), None where not requested
+A fused backend's `kernels()` returns one object implementing `cocos_kernels.kernels.Kernels`;
+what it supports (`Backend.ops`, `Backend.features`) is declared here and never probed, so
+answering needs no extension loaded.
 """
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-# How float32 tile products may use tensor cores: full float32, split tf32 (near float32), tf32.
-PRECISIONS = ("ieee", "tf32x3", "tf32")
-# The ops a fused backend may implement (Backend.ops) and the optional parts of them
-# (Backend.features): "key_mask" and "precision" are kernel arguments, "windows" the k x k
-# window kernels. Declared, never probed: answering needs no extension loaded.
-OPS = frozenset({"correspondence_warp", "contextual_loss"})
-OPTIONAL_FEATURES = frozenset({"key_mask", "precision", "windows"})
-FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+from .constants import FLOAT_DTYPES, OPS, OPTIONAL_FEATURES, PRECISIONS, TRITON_INTERPRETED
+from .kernels import Kernels
+
+__all__ = ["BACKENDS", "FLOAT_DTYPES", "OPS", "OPTIONAL_FEATURES", "PRECISIONS", "TRITON_INTERPRETED", "Backend",
+           "backend_names", "choose", "register", "select"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +27,7 @@ class Backend:
     devices: frozenset[str]
     dtypes: frozenset[torch.dtype]
     fused: bool  # False: plain differentiable PyTorch (the reference)
-    load: Callable[[], object] | None = field(default=None, compare=False)
+    load: Callable[[], Kernels] | None = field(default=None, compare=False)
     # Devices "auto" may pick it for (None: all of `devices`); a backend can run somewhere
     # without being the right choice there (Triton's interpreter on CPU tensors: tests only).
     auto_devices: frozenset[str] | None = None
@@ -62,7 +43,8 @@ class Backend:
             raise ValueError(f"backend {self.name!r} declares unknown ops or features: "
                              f"{sorted(self.ops - OPS)} {sorted(self.features - OPTIONAL_FEATURES)}")
 
-    def kernels(self):
+    def kernels(self) -> Kernels:
+        """The fused backend's kernels object, loaded once (ImportError / RuntimeError saying why not)."""
         return _load(self.name)
 
     def unavailable(self) -> str | None:
@@ -120,41 +102,21 @@ def _load(name: str):
 
 
 def _load_cpu():
-    from .cpu import extension
+    from .cpu import kernels
 
-    return extension()
-
-
-class _OpKernels:
-    """A backend's kernels kept in one module per op: each attribute comes from the first module
-    that has it, so the op layers see one kernels object."""
-
-    def __init__(self, *modules):
-        self._modules = modules
-
-    def __getattr__(self, name: str):
-        for module in self._modules:
-            if hasattr(module, name):
-                return getattr(module, name)
-        raise AttributeError(f"no kernel module has {name!r}")
+    return kernels()
 
 
 def _load_cuda():
-    from . import cuda
+    from .cuda import kernels
 
-    cuda.extension()  # raises RuntimeError saying why it cannot run here (no device, failed build)
-    return cuda
+    return kernels()  # raises RuntimeError saying why it cannot run here (no device, failed build)
 
 
 def _load_triton():
-    from .triton import contextual_loss, correspondence_warp
+    from .triton import kernels
 
-    return _OpKernels(correspondence_warp, contextual_loss)
-
-
-# With TRITON_INTERPRET=1 (set before triton is imported) Triton kernels run on CPU tensors,
-# slowly: that is how CI tests the Triton backend, never what "auto" should choose.
-TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+    return kernels()
 
 
 def _triton_check(device: torch.device, dtype: torch.dtype) -> str | None:

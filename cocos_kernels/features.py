@@ -9,9 +9,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# The reference code adds this to the L2 norm (not inside the square root).
-DEFAULT_EPS = 2.220446049250313e-16
-CENTER_MODES = ("channel", "spatial", None)
+from .constants import CENTER_MODES, DEFAULT_EPS
+
+__all__ = ["CENTER_MODES", "DEFAULT_EPS", "compute_dtype", "contextual_features", "contextual_features_backward", "normalize_features",
+           "normalize_features_backward"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the fused ops prepare features and accumulate in: half inputs in float32; float64
+    stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _unfold(x: torch.Tensor, patch_size: int) -> torch.Tensor:

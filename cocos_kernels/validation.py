@@ -7,8 +7,8 @@ import numbers
 
 import torch
 
-from .dispatch import FLOAT_DTYPES, backend_names
-from .features import CENTER_MODES
+from .constants import CENTER_MODES, FLOAT_DTYPES
+from .dispatch import backend_names
 
 
 def check_feature_map(name: str, x) -> None:
@@ -21,6 +21,23 @@ def check_feature_map(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+
+
+def check_warp_maps(query, key, value, key_mask) -> None:
+    """The maps of the warp ops: query (B, C, Hq, Wq), key (B, C, Hk, Wk), value (B, Cv, Hk, Wk) of one
+    dtype and device, and key_mask (see `check_key_mask`)."""
+    maps = {"query": query, "key": key, "value": value}
+    for name, x in maps.items():
+        check_feature_map(name, x)
+    check_same_dtype_and_device(maps)
+    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+    if not (query.shape[0] == key.shape[0] == value.shape[0]):
+        raise ValueError(f"query, key and value must have the same batch size: {shapes}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key must have the same number of channels: {shapes}")
+    if value.shape[2:] != key.shape[2:]:
+        raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
+    check_key_mask(key_mask, key)
 
 
 def check_same_dtype_and_device(tensors: dict[str, torch.Tensor]) -> None:

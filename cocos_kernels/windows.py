@@ -27,7 +27,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-WINDOW_CENTERS = ("channel", None)
+from .constants import WINDOW_CENTERS
+
+__all__ = ["WINDOW_CENTERS", "Windows", "from_centres", "sum_tap_planes", "to_centres", "window_count",
+           "window_features", "window_features_backward"]
 
 
 class Windows(NamedTuple):

@@ -3,9 +3,24 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-from conftest import assert_close, skip_unless_runs
-from test_correspondence_warp import ALL, OPTIONS, RTOL, SHAPES, make_inputs
+from conftest import assert_close
+from test_correspondence_warp import FUSED, OPTIONS, RTOL, SHAPES, make_inputs
 from cocos_kernels.features import normalize_features
+
+
+# The two computations behind the backend names of the top-k warp: the materialised reference, and
+# the blockwise PyTorch path that every fused backend runs (no backend has a top-k kernel).
+PATHS = ["materialised", "blockwise"]
+
+
+def _backend(path, device, dtype):
+    """A backend name running `path` for these tensors."""
+    if path == "materialised":
+        return "reference"
+    fused = [name for name in FUSED if ck.BACKENDS[name].refusal(device, dtype) is None]
+    if not fused:
+        pytest.skip(f"no fused backend takes {device.type} {dtype}")
+    return fused[0]
 
 
 def _scores64(q, k, center="channel", normalize=True, patch_size=1):
@@ -43,6 +58,24 @@ def test_argmax_and_blocks(monkeypatch, device):
     assert torch.equal(idx.reshape(2, -1), s.argmax(-1))
 
 
+def test_reference_topk_is_the_materialised_search(monkeypatch, device):
+    # backend="reference" scores all query rows in one block; the other names search blockwise.
+    import cocos_kernels.ops.correspondence_topk as topk
+
+    q, k, _ = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device)
+    monkeypatch.setattr(topk, "_BLOCK_SCORES", 7)
+    blocks = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: blocks.append(a.shape[1]) or real_bmm(a, b))
+    idx, sim = ck.correspondence_topk(q, k, 3, backend="reference")
+    assert blocks == [q.shape[2] * q.shape[3]]
+    blocks.clear()
+    idx2, sim2 = ck.correspondence_topk(q, k, 3, backend="cpu")
+    assert len(blocks) > 1
+    assert torch.equal(idx, idx2)
+    assert_close(sim2, sim, 1e-12, "similarity")
+
+
 def test_topk_respects_the_key_mask(device):
     q, k, _ = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device)
     mask = torch.zeros(2, 9, 11, dtype=torch.bool, device=device)
@@ -57,9 +90,9 @@ def test_topk_respects_the_key_mask(device):
 @pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["channel-p3-t0.01"], OPTIONS["attention-t1"]],
                          ids=["channel", "channel-p3", "attention"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("backend", ALL)
-def test_topk_warp_matches_float64_reference(backend, dtype, opts, top_k, device):
-    skip_unless_runs(backend, device, dtype)
+@pytest.mark.parametrize("path", PATHS)
+def test_topk_warp_matches_float64_reference(path, dtype, opts, top_k, device):
+    backend = _backend(path, device, dtype)
     q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device))
     out = ck.correspondence_warp(q, k, v, top_k=top_k, backend=backend, **opts)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -74,10 +107,10 @@ def test_topk_warp_matches_float64_reference(backend, dtype, opts, top_k, device
         assert_close(out, ck.reference.correspondence_warp(q64, k64, v64, **opts), RTOL[dtype], "all keys")
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_topk_warp_with_mask_and_fully_masked_sample(backend, device):
-    dtype = torch.float64 if ck.BACKENDS[backend].refusal(device, torch.float64) is None else torch.float32
-    skip_unless_runs(backend, device, dtype)
+@pytest.mark.parametrize("path", PATHS)
+def test_topk_warp_with_mask_and_fully_masked_sample(path, device):
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    backend = _backend(path, device, dtype)
     q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device))
     mask = (torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0)) > 0.7).to(device)
     mask[0] = False

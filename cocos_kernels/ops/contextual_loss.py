@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .. import reference
 from ..dispatch import BACKENDS, choose
-from ..features import DEFAULT_EPS, contextual_features, contextual_features_backward
+from ..constants import DEFAULT_EPS
+from ..features import compute_dtype, contextual_features, contextual_features_backward
 from ..validation import (
     check_backend,
     check_choice,
@@ -29,7 +30,6 @@ from ..validation import (
     check_positive,
     check_same_dtype_and_device,
 )
-from .correspondence_warp import _compute_dtype
 
 OP = "contextual_loss"
 CENTER_MODES = ("channel", "spatial")
@@ -39,7 +39,7 @@ DIST_EPS = reference.CONTEXTUAL_LOSS_DIST_EPS
 
 def _rows(x: Tensor, y: Tensor, center: str, eps: float) -> tuple[Tensor, Tensor]:
     """(B, C, H, W) x 2 -> prepared rows (B, N, C) x 2, contiguous, in the compute dtype."""
-    ct = _compute_dtype(x.dtype)
+    ct = compute_dtype(x.dtype)
     xh, yh = contextual_features(x.to(ct), y.to(ct), center, eps)
     return xh.transpose(1, 2).contiguous(), yh.transpose(1, 2).contiguous()
 
@@ -59,7 +59,7 @@ def _contextual_loss(
 @_contextual_loss.register_fake
 def _(x, y, bandwidth, center, eps, backend):
     B, N = x.shape[0], x.shape[2] * x.shape[3]
-    row = x.new_empty((B, N), dtype=_compute_dtype(x.dtype))
+    row = x.new_empty((B, N), dtype=compute_dtype(x.dtype))
     return x.new_empty((B,)), row, x.new_empty((B, N), dtype=torch.int64), torch.empty_like(row), torch.empty_like(row)
 
 

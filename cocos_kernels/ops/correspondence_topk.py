@@ -5,8 +5,10 @@ Scores are computed for a block of query rows against all keys at a time (at mos
 of them, 64 MiB in float32), reduced to each row's k best, and dropped: memory O(N * D + N * k)
 whatever the grid. The top-k warp gathers each query's k keys and values and softmaxes over
 them, one query block at a time under activation checkpointing, so its backward too holds one
-block's (rows x k x D) gather at a time. These run as blockwise PyTorch on every device; the
-backend argument only chooses where "auto" would have run (they share no kernel with the warp).
+block's (rows x k x D) gather at a time. These are plain PyTorch on every device: no backend has
+a top-k kernel. backend="reference" is the materialised computation instead (one block holding
+each sample's whole score matrix, for `correspondence_topk`; `reference.correspondence_warp` for
+the warp).
 """
 from __future__ import annotations
 
@@ -14,37 +16,39 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from ..features import DEFAULT_EPS, normalize_features
+from ..constants import DEFAULT_EPS
+from ..features import compute_dtype, normalize_features
 from ..validation import (
     check_backend,
     check_feature_map,
     check_finite_values,
     check_key_mask,
-    check_prologue_options,
     check_same_dtype_and_device,
     check_top_k,
 )
+from .warp_options import WarpOptions
 
 _BLOCK_SCORES = 1 << 24  # score entries per query block
 
 
-def _rows(x: Tensor, center, normalize, patch_size, eps) -> Tensor:
+def _rows(x: Tensor, options: WarpOptions) -> Tensor:
     """(B, C, H, W) -> prepared rows (B, N, D) in float32 (float64 stays float64)."""
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return normalize_features(x.to(ct), center, normalize, patch_size, eps).transpose(1, 2)
+    return normalize_features(x.to(compute_dtype(x.dtype)), *options.prologue).transpose(1, 2)
 
 
 def _block_rows(nk: int, width: int = 1) -> int:
     return max(1, _BLOCK_SCORES // max(1, nk * width))
 
 
-def _topk_rows(qf: Tensor, kf: Tensor, k: int, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+def _topk_rows(qf: Tensor, kf: Tensor, k: int, key_mask: Tensor | None,
+               materialised: bool = False) -> tuple[Tensor, Tensor]:
     """Each query row's k largest <q, k_j> over unmasked keys j: (values, indices), each (B, Nq, k).
-    Where fewer than k keys are unmasked the remaining slots hold -inf (at an arbitrary index)."""
+    Where fewer than k keys are unmasked the remaining slots hold -inf (at an arbitrary index).
+    Blockwise, or with `materialised` all query rows in one block."""
     B, Nq, _ = qf.shape
     values = qf.new_empty((B, Nq, k))
     indices = torch.empty((B, Nq, k), dtype=torch.long, device=qf.device)
-    step = _block_rows(kf.shape[1])
+    step = Nq if materialised else _block_rows(kf.shape[1])
     keep = None if key_mask is None else key_mask.reshape(B, 1, -1)
     for i0 in range(0, Nq, step):
         s = torch.bmm(qf[:, i0:i0 + step], kf.transpose(1, 2))
@@ -54,7 +58,7 @@ def _topk_rows(qf: Tensor, kf: Tensor, k: int, key_mask: Tensor | None) -> tuple
     return values, indices
 
 
-def _check_pair(query, key, center, normalize, patch_size, eps, key_mask, backend) -> None:
+def _check_pair(query, key, key_mask, backend) -> None:
     maps = {"query": query, "key": key}
     for name, x in maps.items():
         check_feature_map(name, x)
@@ -62,7 +66,6 @@ def _check_pair(query, key, center, normalize, patch_size, eps, key_mask, backen
     if query.shape[:2] != key.shape[:2]:
         raise ValueError(f"query and key must have the same batch size and channels: query {tuple(query.shape)}, "
                          f"key {tuple(key.shape)}")
-    check_prologue_options(center, normalize, patch_size, eps)
     check_key_mask(key_mask, key)
     check_backend(backend)
 
@@ -80,10 +83,13 @@ def correspondence_topk(
     check_finite: bool = False,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """The k best exemplar matches of every query position, computed blockwise.
+    """The k best exemplar matches of every query position.
 
-    Features are prepared as `correspondence_warp` prepares them; the similarity is their cosine
-    <q_hat(u), k_hat(v)> (before the temperature), largest first.
+    Features are prepared as `correspondence_warp` prepares them (center, normalize, patch_size,
+    eps, key_mask and check_finite as there); the similarity is their cosine <q_hat(u), k_hat(v)>
+    (before the temperature), largest first. backend: "reference" scores each sample's whole
+    (Hq*Wq) x (Hk*Wk) matrix at once; "auto" and the other registered names all run the same
+    blockwise PyTorch search (no backend has a top-k kernel), holding at most 64 MiB of scores.
 
     Returns:
         (indices, similarity), each (B, Hq, Wq, k): indices are flat positions v = y * Wk + x in
@@ -91,13 +97,14 @@ def correspondence_topk(
         differentiable. Masked keys are never returned while k unmasked ones remain; slots beyond
         them hold similarity -inf. Among equal similarities the order is unspecified.
     """
-    _check_pair(query, key, center, normalize, patch_size, eps, key_mask, backend)
+    options = WarpOptions(center=center, normalize=normalize, patch_size=patch_size, eps=eps)
+    _check_pair(query, key, key_mask, backend)
     check_top_k("k", k, key)
     check_finite_values({"query": query, "key": key}, check_finite)
     B, _, Hq, Wq = query.shape
     with torch.no_grad():
-        prologue = (center, normalize, patch_size, eps)
-        values, indices = _topk_rows(_rows(query, *prologue), _rows(key, *prologue), int(k), key_mask)
+        values, indices = _topk_rows(_rows(query, options), _rows(key, options), int(k), key_mask,
+                                     materialised=backend == "reference")
     return indices.view(B, Hq, Wq, -1), values.view(B, Hq, Wq, -1)
 
 
@@ -133,12 +140,11 @@ def _topk_warp_block(q: Tensor, kf: Tensor, v: Tensor, idx: Tensor, sel_ok: Tens
     return torch.einsum("bck,bckv->bcv", a, v[b, idx])
 
 
-def topk_warp(query, key, value, top_k, temperature, center, normalize, patch_size, eps, key_mask) -> Tensor:
+def topk_warp(query, key, value, top_k, options: WarpOptions, key_mask) -> Tensor:
     """`correspondence_warp` restricted to each query's `top_k` most similar keys (see module doc)."""
     B, Cv = value.shape[:2]
     _, _, Hq, Wq = query.shape
-    prologue = (center, normalize, patch_size, eps)
-    qf, kf = _rows(query, *prologue), _rows(key, *prologue)  # differentiable
+    qf, kf = _rows(query, options), _rows(key, options)  # differentiable
     with torch.no_grad():
         values, idx = _topk_rows(qf.detach(), kf.detach(), int(top_k), key_mask)
     sel_ok = None if key_mask is None else torch.isfinite(values)
@@ -147,7 +153,7 @@ def topk_warp(query, key, value, top_k, temperature, center, normalize, patch_si
     blocks = []
     for i0 in range(0, qf.shape[1], step):
         args = (qf[:, i0:i0 + step], kf, v, idx[:, i0:i0 + step],
-                None if sel_ok is None else sel_ok[:, i0:i0 + step], 1.0 / temperature)
+                None if sel_ok is None else sel_ok[:, i0:i0 + step], 1.0 / options.temperature)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qf, kf, v))
         blocks.append(checkpoint(_topk_warp_block, *args, use_reentrant=False) if grad else _topk_warp_block(*args))
     out = torch.cat(blocks, dim=1)

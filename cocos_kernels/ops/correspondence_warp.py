@@ -8,123 +8,20 @@ recomputed in backward: the op saves its inputs, output and logsumexp, never an 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, PRECISIONS, choose
-from ..features import DEFAULT_EPS, normalize_features, normalize_features_backward
-from ..validation import (
-    check_backend,
-    check_feature_map,
-    check_finite_values,
-    check_key_mask,
-    check_positive,
-    check_prologue_options,
-    check_same_dtype_and_device,
-    check_top_k,
-)
-from ..windows import WINDOW_CENTERS, from_centres, to_centres, window_features, window_features_backward
+from ..constants import DEFAULT_EPS
+from ..dispatch import choose
+from ..features import compute_dtype
+from ..validation import check_backend, check_finite_values, check_top_k, check_warp_maps
 from .correspondence_topk import topk_warp
-
-
-# torch.get_float32_matmul_precision() -> the float32 tile-product precision it asks for.
-_MATMUL_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half inputs are prepared and accumulated in float32; float64 stays float64 (gradcheck).
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _input_dtype(kernels, dtype: torch.dtype) -> torch.dtype:
-    # What the kernels take the prepared tensors in: a backend with tensor-core products
-    # (triton) keeps half inputs half; the others take the compute dtype.
-    return kernels.input_dtype(dtype) if hasattr(kernels, "input_dtype") else _compute_dtype(dtype)
-
-
-def _precision_kwargs(backend: str, precision: str) -> dict:
-    return {"precision": precision} if "precision" in BACKENDS[backend].features else {}
-
-
-def _features(kernels, x: Tensor, center, normalize, patch_size, eps, dtype) -> Tensor:
-    """(B, C, H, W) -> prepared rows (B, N, D), contiguous, in `dtype` (prepared in the compute dtype).
-
-    A backend's own prologue (`kernels.prepare_features`) runs where it offers one and takes
-    these options (it returns None otherwise); the PyTorch prologue of features.py elsewhere.
-    """
-    if hasattr(kernels, "prepare_features"):
-        rows = kernels.prepare_features(x, center, normalize, patch_size, eps, dtype)
-        if rows is not None:
-            return rows
-    f = normalize_features(x.to(_compute_dtype(x.dtype)), center, normalize, patch_size, eps)
-    return f.transpose(1, 2).contiguous().to(dtype)
-
-
-def _features_backward(kernels, grad: Tensor, x: Tensor, center, normalize, patch_size, eps) -> Tensor:
-    """Gradient w.r.t. x (in the compute dtype) of `_features` given `grad` (B, N, D) w.r.t. its rows."""
-    ct = _compute_dtype(x.dtype)
-    if hasattr(kernels, "prepare_features_backward"):
-        dx = kernels.prepare_features_backward(grad, x, center, normalize, patch_size, eps)
-        if dx is not None:
-            return dx
-    return normalize_features_backward(grad.transpose(1, 2).to(ct), x.to(ct), center, normalize, patch_size, eps)
-
-
-def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
-    return x.reshape(x.shape[0], x.shape[1], -1).to(dtype).contiguous()
-
-
-def _mask_kwargs(key_mask: Optional[Tensor]) -> dict:
-    # Only a call with a mask passes it: backends without the "key_mask" feature never see one.
-    return {} if key_mask is None else {"key_mask": key_mask.reshape(key_mask.shape[0], -1).contiguous()}
-
-
-def _use_windows(backend: str, center, patch_size) -> bool:
-    # Patches without the unfold where the backend declares the window kernels (see windows.py).
-    return patch_size > 1 and center in WINDOW_CENTERS and "windows" in BACKENDS[backend].features
-
-
-def _window_key_mask(key: Tensor, key_mask: Optional[Tensor], patch_size: int) -> Tensor:
-    """(B, N) on the key's centre range: False at padding centres and masked keys."""
-    keep = torch.ones_like(key[:, :1], dtype=torch.bool) if key_mask is None else key_mask[:, None]
-    return to_centres(keep, patch_size, fill=False)[:, 0].contiguous()
-
-
-def _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
-                     backend, precision):
-    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
-    out, lse = kernels.correspondence_warp_windows_forward(
-        wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv, to_centres(value.to(it), patch_size), patch_size,
-        wq.width, wk.width, 1.0 / temperature, key_mask=_window_key_mask(key, key_mask, patch_size),
-        **_precision_kwargs(backend, precision))
-    Hq, Wq = query.shape[2:]
-    lse = from_centres(lse[:, None], Hq, Wq, patch_size).reshape(lse.shape[0], -1).contiguous()
-    return from_centres(out, Hq, Wq, patch_size).to(value.dtype).contiguous(), lse
-
-
-def _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center, normalize,
-                      patch_size, eps, need_query, need_key, need_value, backend, precision):
-    ct, it = _compute_dtype(query.dtype), _input_dtype(kernels, query.dtype)
-    wq = window_features(query, center, normalize, patch_size, eps, it, ct)
-    wk = window_features(key, center, normalize, patch_size, eps, it, ct)
-    B, _, Hq, Wq = query.shape
-    dxq, dxk, dv, rows, cols = kernels.correspondence_warp_windows_backward(
-        to_centres(grad_out.to(it), patch_size), wq.rows, wq.mean, wq.inv, wk.rows, wk.mean, wk.inv,
-        to_centres(value.to(it), patch_size), to_centres(out.to(it), patch_size),
-        # +inf at the padding centres: their P rows are 0 (their grad_out is 0 too)
-        to_centres(lse.view(B, 1, Hq, Wq), patch_size, fill=float("inf"))[:, 0].contiguous(),
-        patch_size, wq.width, wk.width, 1.0 / temperature, need_query, need_key, need_value,
-        key_mask=_window_key_mask(key, key_mask, patch_size), **_precision_kwargs(backend, precision))
-    prologue = (center, normalize, patch_size)
-    dq = window_features_backward(wq, dxq, rows, query.shape, *prologue).to(query.dtype) if need_query else query.new_empty(0)
-    dk = window_features_backward(wk, dxk, cols, key.shape, *prologue).to(key.dtype) if need_key else key.new_empty(0)
-    dv = from_centres(dv, *key.shape[2:], patch_size).to(value.dtype).contiguous() if need_value else value.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv
+from .warp_core import WarpCore
+from .warp_options import WarpOptions
 
 
 @torch.library.custom_op("cocos_kernels::correspondence_warp", mutates_args=())
@@ -141,25 +38,16 @@ def _correspondence_warp(
     backend: str,
     precision: str = "ieee",
 ) -> tuple[Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    if _use_windows(backend, center, patch_size):
-        return _windows_forward(kernels, query, key, value, key_mask, temperature, center, normalize, patch_size, eps,
-                                backend, precision)
-    it = _input_dtype(kernels, query.dtype)
-    qf = _features(kernels, query, center, normalize, patch_size, eps, it)
-    kf = _features(kernels, key, center, normalize, patch_size, eps, it)
-    out, lse = kernels.correspondence_warp_forward(
-        qf, kf, _flat(value, it), 1.0 / temperature, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision)
-    )
-    B, Cv, (_, _, Hq, Wq) = value.shape[0], value.shape[1], query.shape
-    return out.view(B, Cv, Hq, Wq).to(value.dtype), lse
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
+    out, lse = core.forward(core.prepare(query), core.prepare(key), value, key_mask, 1.0 / temperature)
+    return out.to(value.dtype), lse
 
 
 @_correspondence_warp.register_fake
 def _(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision="ieee"):
     B, _, Hq, Wq = query.shape
     out = value.new_empty((B, value.shape[1], Hq, Wq))
-    return out, query.new_empty((B, Hq * Wq), dtype=_compute_dtype(query.dtype))
+    return out, query.new_empty((B, Hq * Wq), dtype=compute_dtype(query.dtype))
 
 
 @torch.library.custom_op("cocos_kernels::correspondence_warp_backward", mutates_args=())
@@ -182,27 +70,14 @@ def _correspondence_warp_backward(
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    if _use_windows(backend, center, patch_size):
-        return _windows_backward(kernels, grad_out, query, key, value, key_mask, out, lse, temperature, center,
-                                 normalize, patch_size, eps, need_query, need_key, need_value, backend, precision)
-    it = _input_dtype(kernels, query.dtype)
-    prologue = (center, normalize, patch_size, eps)
-    qf = _features(kernels, query, *prologue, it)
-    kf = _features(kernels, key, *prologue, it)
-    dqf, dkf, dv = kernels.correspondence_warp_backward(
-        _flat(grad_out, it), qf, kf, _flat(value, it), _flat(out, it), lse, 1.0 / temperature,
-        need_query, need_key, need_value, **_mask_kwargs(key_mask), **_precision_kwargs(backend, precision),
-    )
-    del qf, kf  # the prologue's backward below is the op's memory peak
-
-    def grad_input(g, x):  # (B, N, D) w.r.t. the prepared rows -> w.r.t. x
-        if g is None:
-            return x.new_empty(0)
-        return _features_backward(kernels, g, x, *prologue).to(x.dtype)
-
-    dv = value.new_empty(0) if dv is None else dv.view(value.shape).to(value.dtype)
-    return grad_input(dqf, query), grad_input(dkf, key), dv
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
+    pq, pk = core.prepare(query), core.prepare(key)
+    gq, gk, dv = core.backward(grad_out, pq, pk, value, out, lse, key_mask, 1.0 / temperature, need_query, need_key,
+                               need_value)
+    pq, pk = pq.released(), pk.released()  # the prologue's backward below is the op's memory peak
+    return (core.prepared_backward(gq, pq) if need_query else query.new_empty(0),
+            core.prepared_backward(gk, pk) if need_key else key.new_empty(0),
+            dv.to(value.dtype) if need_value else value.new_empty(0))
 
 
 @_correspondence_warp_backward.register_fake
@@ -232,31 +107,6 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _correspondence_warp.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
-    maps = {"query": query, "key": key, "value": value}
-    for name, x in maps.items():
-        check_feature_map(name, x)
-    check_same_dtype_and_device(maps)
-    shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
-    if not (query.shape[0] == key.shape[0] == value.shape[0]):
-        raise ValueError(f"query, key and value must have the same batch size: {shapes}")
-    if query.shape[1] != key.shape[1]:
-        raise ValueError(f"query and key must have the same number of channels: {shapes}")
-    if value.shape[2:] != key.shape[2:]:
-        raise ValueError(f"value must be on the key's grid (H, W): {shapes}")
-    check_key_mask(key_mask, key)
-    check_positive("temperature", temperature)
-    check_prologue_options(center, normalize, patch_size, eps)
-    check_backend(backend)
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
-
-
-@torch.compiler.assume_constant_result
-def _default_precision() -> str:
-    return _MATMUL_PRECISION.get(torch.get_float32_matmul_precision(), "ieee")
 
 
 def correspondence_warp(
@@ -296,7 +146,8 @@ def correspondence_warp(
             matched (padding, occlusions): they get softmax weight 0. A query whose keys are all
             masked warps to zeros, with zero gradients (never NaN).
         top_k: None, or k in [1, Hk*Wk]: each query softmaxes over its k most similar keys only
-            (sparse correspondence); blockwise PyTorch on every backend, see `correspondence_topk`.
+            (sparse correspondence); blockwise PyTorch on every fused backend (materialised on
+            the reference), see `correspondence_topk`.
         check_finite: raise ValueError if query, key or value hold NaN/Inf (costs one pass over
             each). By default they are not checked and propagate as in the reference: a bad query
             entry spoils its position's output (its neighbourhood's with patches), a bad key or
@@ -310,27 +161,43 @@ def correspondence_warp(
     Returns:
         (B, Cv, Hq, Wq) tensor in value's dtype; differentiable w.r.t. query, key and value.
     """
-    _check_arguments(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision)
+    options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+    return warp(query, key, value, options, key_mask=key_mask, top_k=top_k, check_finite=check_finite, backend=backend)
+
+
+def warp(query: Tensor, key: Tensor, value: Tensor, options: WarpOptions, *, key_mask: Tensor | None = None,
+         top_k: int | None = None, check_finite: bool = False, backend: str = "auto") -> Tensor:
+    """`correspondence_warp` with its matching options in one `WarpOptions` (checked already)."""
+    check_warp_maps(query, key, value, key_mask)
+    check_backend(backend)
     if top_k is not None:
         check_top_k("top_k", top_k, key)
     check_finite_values({"query": query, "key": key, "value": value}, check_finite)
     features = () if key_mask is None else ("key_mask",)
     chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
-        return reference.correspondence_warp(
-            query, key, value, temperature, center, normalize, patch_size, eps, key_mask, top_k
-        )
+        return reference.correspondence_warp(query, key, value, options.temperature, *options.prologue, key_mask, top_k)
     if top_k is not None:
-        return topk_warp(query, key, value, top_k, temperature, center, normalize, patch_size, eps, key_mask)
-    out, _ = torch.ops.cocos_kernels.correspondence_warp(
-        query, key, value, key_mask, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
-        _default_precision() if precision is None else precision,
-    )
+        return topk_warp(query, key, value, top_k, options, key_mask)
+    out, _ = torch.ops.cocos_kernels.correspondence_warp(query, key, value, key_mask, *options.op_args(chosen.name))
     return out
 
 
+def _option(name: str) -> property:
+    def get(self):
+        return getattr(self.options, name)
+
+    def replace(self, value):
+        self.options = dataclasses.replace(self.options, **{name: value})
+
+    return property(get, replace, doc=f"`{name}` of `correspondence_warp` (stored in `options`)")
+
+
 class CorrespondenceWarp(torch.nn.Module):
-    """`correspondence_warp` as a module: `CorrespondenceWarp(temperature=0.01)(query, key, value)`."""
+    """`correspondence_warp` as a module: `CorrespondenceWarp(temperature=0.01)(query, key, value)`.
+
+    Arguments as `correspondence_warp`; the matching options are checked here, once, and kept in
+    `options` (a `WarpOptions`; the attributes of their names read and replace it)."""
 
     def __init__(
         self,
@@ -346,17 +213,19 @@ class CorrespondenceWarp(torch.nn.Module):
         precision: str | None = None,
     ):
         super().__init__()
-        self.temperature, self.center, self.normalize = temperature, center, normalize
-        self.patch_size, self.eps, self.top_k, self.check_finite = patch_size, eps, top_k, check_finite
-        self.backend, self.precision = backend, precision
+        self.options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+        self.top_k, self.check_finite, self.backend = top_k, check_finite, backend
+
+    temperature = _option("temperature")
+    center = _option("center")
+    normalize = _option("normalize")
+    patch_size = _option("patch_size")
+    eps = _option("eps")
+    precision = _option("precision")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None = None) -> Tensor:
-        return correspondence_warp(
-            query, key, value, self.temperature, center=self.center, normalize=self.normalize,
-            patch_size=self.patch_size, eps=self.eps, key_mask=key_mask, top_k=self.top_k,
-            check_finite=self.check_finite, backend=self.backend,
-            precision=self.precision,
-        )
+        return warp(query, key, value, self.options, key_mask=key_mask, top_k=self.top_k,
+                    check_finite=self.check_finite, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, center={self.center!r}, normalize={self.normalize}, "

@@ -2,9 +2,10 @@
 
 warped[u] = sum_v softmax_v(M(u, v) / T) value[v],  warped_back[v] = sum_u softmax_u(M(u, v) / T) warped[u]
 
-The second pass is the same fused kernel with query and key swapped; one op prepares each map's
-features once for both passes (forward and backward), where two `correspondence_warp` calls would
-run the prologue (with 3x3 patches, a 9C-wide unfold) twice per map.
+The second pass is the same kernel with the prepared maps swapped (warp_core.py): one op prepares
+each map once for both passes, in forward and in backward (with k x k patches on a backend with
+window kernels, their window form: no unfold), where two `correspondence_warp` calls would run each
+map's prologue twice.
 """
 from __future__ import annotations
 
@@ -14,19 +15,12 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..dispatch import BACKENDS, choose
-from ..features import DEFAULT_EPS
-from ..validation import check_finite_values
-from .correspondence_warp import (
-    _check_arguments,
-    _compute_dtype,
-    _default_precision,
-    _features,
-    _features_backward,
-    _flat,
-    _input_dtype,
-    _precision_kwargs,
-)
+from ..constants import DEFAULT_EPS
+from ..dispatch import choose
+from ..features import compute_dtype
+from ..validation import check_backend, check_finite_values, check_warp_maps
+from .warp_core import WarpCore, add_grads
+from .warp_options import WarpOptions
 
 
 @torch.library.custom_op("cocos_kernels::cycle_warp", mutates_args=())
@@ -34,6 +28,7 @@ def _cycle_warp(
     query: Tensor,
     key: Tensor,
     value: Tensor,
+    key_mask: Optional[Tensor],
     temperature: float,
     center: Optional[str],
     normalize: bool,
@@ -42,22 +37,17 @@ def _cycle_warp(
     backend: str,
     precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    it = _input_dtype(kernels, query.dtype)
-    qf = _features(kernels, query, center, normalize, patch_size, eps, it)
-    kf = _features(kernels, key, center, normalize, patch_size, eps, it)
-    extra = _precision_kwargs(backend, precision)
-    out, lse = kernels.correspondence_warp_forward(qf, kf, _flat(value, it), 1.0 / temperature, **extra)
-    back, lse_back = kernels.correspondence_warp_forward(kf, qf, out.to(it).contiguous(), 1.0 / temperature, **extra)
-    B, Cv = value.shape[:2]
-    return (out.view(B, Cv, *query.shape[2:]).to(value.dtype), back.view(value.shape).to(value.dtype),
-            lse, lse_back)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
+    pq, pk = core.prepare(query), core.prepare(key)
+    out, lse = core.forward(pq, pk, value, key_mask, 1.0 / temperature)
+    back, lse_back = core.forward(pk, pq, out, None, 1.0 / temperature)  # its keys, the query grid, are all kept
+    return out.to(value.dtype), back.to(value.dtype), lse, lse_back
 
 
 @_cycle_warp.register_fake
-def _(query, key, value, temperature, center, normalize, patch_size, eps, backend, precision):
+def _(query, key, value, key_mask, temperature, center, normalize, patch_size, eps, backend, precision):
     B, Cv = value.shape[:2]
-    ct = _compute_dtype(query.dtype)
+    ct = compute_dtype(query.dtype)
     return (value.new_empty((B, Cv, *query.shape[2:])), value.new_empty(value.shape),
             query.new_empty((B, query.shape[2] * query.shape[3]), dtype=ct),
             query.new_empty((B, key.shape[2] * key.shape[3]), dtype=ct))
@@ -70,6 +60,7 @@ def _cycle_warp_backward(
     query: Tensor,
     key: Tensor,
     value: Tensor,
+    key_mask: Optional[Tensor],
     out: Tensor,
     back: Tensor,
     lse: Tensor,
@@ -85,35 +76,22 @@ def _cycle_warp_backward(
     need_key: bool,
     need_value: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    kernels = BACKENDS[backend].kernels()
-    it = _input_dtype(kernels, query.dtype)
-    prologue = (center, normalize, patch_size, eps)
-    qf = _features(kernels, query, *prologue, it)
-    kf = _features(kernels, key, *prologue, it)
-    extra = _precision_kwargs(backend, precision)
+    core = WarpCore(backend, WarpOptions(temperature, center, normalize, patch_size, eps, precision))
+    pq, pk = core.prepare(query), core.prepare(key)
     scale = 1.0 / temperature
-    out_rows = _flat(out, it)
     # Second pass first: its value (the first warp's output) takes a gradient into the first pass.
-    dkf, dqf, dout = kernels.correspondence_warp_backward(
-        _flat(grad_back, it), kf, qf, out_rows, _flat(back, it), lse_back, scale,
-        need_key, need_query, True, **extra)
-    g_out = (_flat(grad_out, dout.dtype) + dout).to(it).contiguous()
-    dqf1, dkf1, dv = kernels.correspondence_warp_backward(
-        g_out, qf, kf, _flat(value, it), out_rows, lse, scale,
-        need_query, need_key, need_value, **extra)
-    del qf, kf, out_rows
-
-    def grad_input(a, b, x):  # the two passes' gradients w.r.t. x's prepared rows -> w.r.t. x
-        if a is None:
-            return x.new_empty(0)
-        return _features_backward(kernels, a + b, x, *prologue).to(x.dtype)
-
-    dv = value.new_empty(0) if dv is None else dv.view(value.shape).to(value.dtype)
-    return grad_input(dqf, dqf1, query), grad_input(dkf, dkf1, key), dv
+    gk_back, gq_back, d_out = core.backward(grad_back, pk, pq, out, back, lse_back, None, scale, need_key, need_query,
+                                            True)
+    gq, gk, dv = core.backward(grad_out.to(d_out.dtype) + d_out, pq, pk, value, out, lse, key_mask, scale,
+                               need_query, need_key, need_value)
+    pq, pk = pq.released(), pk.released()  # the prologue's backward below is the op's memory peak
+    return (core.prepared_backward(add_grads(gq, gq_back), pq) if need_query else query.new_empty(0),
+            core.prepared_backward(add_grads(gk, gk_back), pk) if need_key else key.new_empty(0),
+            dv.to(value.dtype) if need_value else value.new_empty(0))
 
 
 @_cycle_warp_backward.register_fake
-def _(grad_out, grad_back, query, key, value, out, back, lse, lse_back, temperature, center, normalize,
+def _(grad_out, grad_back, query, key, value, key_mask, out, back, lse, lse_back, temperature, center, normalize,
       patch_size, eps, backend, precision, need_query, need_key, need_value):
     def like(x, needed):
         return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
@@ -122,21 +100,21 @@ def _(grad_out, grad_back, query, key, value, out, back, lse, lse_back, temperat
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, *params = inputs
+    query, key, value, key_mask, *params = inputs
     out, back, lse, lse_back = output
-    ctx.save_for_backward(query, key, value, out, back, lse, lse_back)
+    ctx.save_for_backward(query, key, value, key_mask, out, back, lse, lse_back)
     ctx.params = params
     ctx.mark_non_differentiable(lse, lse_back)
 
 
 def _backward(ctx, grad_out, grad_back, _grad_lse, _grad_lse_back):
-    query, key, value, out, back, lse, lse_back = ctx.saved_tensors
+    query, key, value, key_mask, out, back, lse, lse_back = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_back = torch.zeros_like(back) if grad_back is None else grad_back.contiguous()
     grads = torch.ops.cocos_kernels.cycle_warp_backward(
-        grad_out, grad_back, query, key, value, out, back, lse, lse_back, *ctx.params, *needs)
-    return (*(g if need else None for g, need in zip(grads, needs)), *([None] * len(ctx.params)))
+        grad_out, grad_back, query, key, value, key_mask, out, back, lse, lse_back, *ctx.params, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, *([None] * len(ctx.params)))
 
 
 _cycle_warp.register_autograd(_backward, setup_context=_setup_context)
@@ -152,6 +130,7 @@ def cycle_warp(
     normalize: bool = True,
     patch_size: int = 1,
     eps: float = DEFAULT_EPS,
+    key_mask: Tensor | None = None,
     check_finite: bool = False,
     backend: str = "auto",
     precision: str | None = None,
@@ -160,18 +139,22 @@ def cycle_warp(
     to the key grid through the same similarities, softmaxed over the query axis, as CoCosNet's
     correspondence (cycle) regularisation does (it penalises |warped_back - value|).
 
-    Arguments as `correspondence_warp` (no key_mask or top_k). Returns (B, Cv, Hq, Wq) and (B, Cv, Hk, Wk),
-    both differentiable w.r.t. query, key and value; each map's features are prepared once.
+    Arguments as `correspondence_warp` (no top_k). key_mask applies to the first pass, whose keys
+    are the exemplar's positions; the back pass's keys are the query grid, all kept, so every
+    exemplar position, masked or not, gets warped_back from the softmax over the query positions
+    (the same as `correspondence_warp(key, query, warped)`). Returns (B, Cv, Hq, Wq) and
+    (B, Cv, Hk, Wk), both differentiable w.r.t. query, key and value; each map's features are
+    prepared once.
     """
-    _check_arguments(query, key, value, None, temperature, center, normalize, patch_size, eps, backend, precision)
+    options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
+    check_warp_maps(query, key, value, key_mask)
+    check_backend(backend)
     check_finite_values({"query": query, "key": key, "value": value}, check_finite)
-    chosen = choose("correspondence_warp", backend, query.device, query.dtype)
+    features = () if key_mask is None else ("key_mask",)
+    chosen = choose("correspondence_warp", backend, query.device, query.dtype, features)
     if not chosen.fused:
-        args = (temperature, center, normalize, patch_size, eps)
-        out = reference.correspondence_warp(query, key, value, *args)
+        args = (options.temperature, *options.prologue)
+        out = reference.correspondence_warp(query, key, value, *args, key_mask)
         return out, reference.correspondence_warp(key, query, out, *args)
-    out, back, _, _ = torch.ops.cocos_kernels.cycle_warp(
-        query, key, value, float(temperature), center, normalize, int(patch_size), float(eps), chosen.name,
-        _default_precision() if precision is None else precision,
-    )
+    out, back, _, _ = torch.ops.cocos_kernels.cycle_warp(query, key, value, key_mask, *options.op_args(chosen.name))
     return out, back

@@ -16,9 +16,10 @@ import numbers
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..features import DEFAULT_EPS
+from ..constants import DEFAULT_EPS
 from ..validation import check_choice, check_feature_map
-from .correspondence_warp import correspondence_warp
+from .correspondence_warp import warp
+from .warp_options import WarpOptions
 
 WARP_MODES = ("patch", "pool")
 UPSAMPLE_MODES = ("nearest", "bilinear", None)
@@ -55,6 +56,7 @@ def warp_image(
     Returns:
         (B, Ce, Hq*stride, Wq*stride), or (B, Ce, Hq, Wq) for mode "pool" with upsample None.
     """
+    options = WarpOptions(temperature, center, normalize, patch_size, eps, precision)
     check_feature_map("exemplar", exemplar)
     if isinstance(stride, bool) or not isinstance(stride, numbers.Integral) or stride < 1:
         raise ValueError(f"stride must be an integer >= 1, got {stride!r}")
@@ -66,14 +68,13 @@ def warp_image(
     B, Ce = exemplar.shape[:2]
     Hk, Wk = key.shape[2:]
     Hq, Wq = query.shape[2:]
-    options = dict(center=center, normalize=normalize, patch_size=patch_size, eps=eps, key_mask=key_mask,
-                   check_finite=check_finite, backend=backend, precision=precision)
+    call = dict(key_mask=key_mask, check_finite=check_finite, backend=backend)
     if mode == "patch":
         patches = F.unfold(exemplar, stride, stride=stride).view(B, Ce * stride * stride, Hk, Wk)
-        warped = correspondence_warp(query, key, patches, temperature, **options)
+        warped = warp(query, key, patches, options, **call)
         return F.fold(warped.reshape(B, Ce * stride * stride, Hq * Wq), (Hq * stride, Wq * stride), stride,
                       stride=stride)
-    warped = correspondence_warp(query, key, F.avg_pool2d(exemplar, stride), temperature, **options)
+    warped = warp(query, key, F.avg_pool2d(exemplar, stride), options, **call)
     if upsample is None:
         return warped
     return F.interpolate(warped, scale_factor=stride, mode=upsample)

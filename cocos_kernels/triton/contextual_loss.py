@@ -21,18 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .correspondence_warp import INTERPRETED, _accumulate_rows, _check, _scores
+from ..constants import TRITON_INTERPRETED
+from .common import accumulate_rows, check_contiguous, scores
 
 # Fixed square tiles (rows of x and of y): under the interpreter small ones (few Python-level
 # steps, still several partly filled blocks at the tests' sizes); on a GPU 64 x 64 tiles over
 # 64 feature columns at a time.
-BLOCK, BLOCK_D = (32, 128) if INTERPRETED else (64, 64)
+BLOCK, BLOCK_D = (32, 128) if TRITON_INTERPRETED else (64, 64)
 
 
 @triton.jit
 def _distance_tile(x_rows, y_rows, offs_m, offs_n, mask_m, mask_n, C: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    return 1.0 - _scores(x_rows, y_rows, offs_m, offs_n, mask_m, mask_n, C, BLOCK_D, BLOCK_M, BLOCK_N, "ieee")
+    return 1.0 - scores(x_rows, y_rows, offs_m, offs_n, mask_m, mask_n, C, BLOCK_D, BLOCK_M, BLOCK_N, "ieee")
 
 
 @triton.jit
@@ -116,15 +117,15 @@ def _backward_kernel(X, Y, M, Arg, G, Q, Out, h, dist_eps, Nx, Ny, C: tl.constex
         p = _grad_tile(x_rows, y_rows, M, Arg, G, Q, b * Nx, offs_m, offs_n, mask_m, mask_n, h, dist_eps,
                        C, BLOCK_D, BLOCK, BLOCK)
         if FOR_Y:
-            _accumulate_rows(Out + b * Ny * C, tl.trans(p), x_rows, offs_n, offs_m, mask_n, mask_m, k0 > 0,
-                             C, BLOCK_D, "ieee")
+            accumulate_rows(Out + b * Ny * C, tl.trans(p), x_rows, offs_n, offs_m, mask_n, mask_m, k0 > 0,
+                            C, BLOCK_D, "ieee")
         else:
-            _accumulate_rows(Out + b * Nx * C, p, y_rows, offs_m, offs_n, mask_m, mask_n, k0 > 0,
-                             C, BLOCK_D, "ieee")
+            accumulate_rows(Out + b * Nx * C, p, y_rows, offs_m, offs_n, mask_m, mask_n, k0 > 0,
+                            C, BLOCK_D, "ieee")
 
 
 def _check_rows(x: torch.Tensor, y: torch.Tensor) -> None:
-    _check(x, y)
+    check_contiguous(x, y)
     if x.dtype != torch.float32 or y.dtype != torch.float32:
         raise ValueError(f"the Triton contextual_loss kernels take float32 rows, got {x.dtype}, {y.dtype}")
 
@@ -146,7 +147,7 @@ def contextual_loss_forward(x, y, bandwidth, dist_eps):
 def contextual_loss_backward(grad_s, x, y, m, argmin, s, t, bandwidth, dist_eps, need_dx, need_dy):
     """(dx, dy) in float32 w.r.t. the rows, None where not requested."""
     _check_rows(x, y)
-    _check(grad_s, m, argmin, s, t)
+    check_contiguous(grad_s, m, argmin, s, t)
     B, Nx, C = x.shape
     Ny = y.shape[1]
     # The minimum's term: m_i = d_{i, argmin_i} moves every e_ij, ds_i/dm_i = (t_i + eps s_i) / (c_i (m_i + eps)).

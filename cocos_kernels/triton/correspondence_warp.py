@@ -1,10 +1,9 @@
 """Triton kernels for `correspondence_warp` on prepared features (the fused backend "triton").
 
-Entry points (the contract every fused backend implements, see `cocos_kernels/dispatch.py`):
-  correspondence_warp_forward(q (B,Nq,D), k (B,Nk,D), v (B,Cv,Nk), scale) -> (out (B,Cv,Nq), lse (B,Nq))
-  correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv) -> (dq, dk, dv)
-plus `precision=` ("ieee", "tf32x3", "tf32": how float32 tile products use the tensor cores) and
-`input_dtype`, which tells the op layer to hand half-precision features over as they are.
+The backend's kernels object (`cocos_kernels/triton/backend.py`, the contract of
+`cocos_kernels/kernels.py`) calls these entry points; besides `key_mask=` they take `precision=`
+("ieee", "tf32x3", "tf32": how float32 tile products use the tensor cores), and `input_dtype`
+tells the op layer to hand half-precision features over as they are.
 
 Forward: one program per (query block, batch[, key split]); it loops over key blocks, builds the
 score tile from D in chunks of BLOCK_D (D reaches 2304 with 3x3 patches), keeps an online softmax
@@ -36,13 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import PRECISIONS
-from ..windows import sum_tap_planes
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ..constants import PRECISIONS, TRITON_INTERPRETED
+from .common import accumulate_rows, accumulate_window_rows, check_contiguous, scores, window_scores
 # Autotuning compiles and times every config for each new (D, Cv, dtype): worth it for a
 # training run, not for a test suite sweeping dozens of shapes (`COCOS_KERNELS_TRITON_AUTOTUNE=0`).
-AUTOTUNE = not INTERPRETED and os.environ.get("COCOS_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+AUTOTUNE = not TRITON_INTERPRETED and os.environ.get("COCOS_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 # Every BLOCK_N of the configs divides this, so a key split of a multiple of it never leaves a
 # program a partial block in the middle of the key axis.
@@ -62,7 +59,7 @@ def _config(block_m, block_n, block_d, warps, stages):
 
 def _configs() -> tuple[list, list]:
     """(float32 configs, half configs)."""
-    if INTERPRETED:
+    if TRITON_INTERPRETED:
         # One small config: big enough that the suite's shapes take few (slow, Python-level)
         # interpreter steps, small enough that they still span several, partly filled blocks.
         config = _config(32, 32, 128, 4, 1)
@@ -116,78 +113,6 @@ def _tune(key=("D", "CV")):
 
 
 @triton.jit
-def _tap_offset(t, width, PATCH: tl.constexpr):
-    """Row offset of tap t (row-major over the PATCH x PATCH window) on a padded grid of row width `width`."""
-    return (t // PATCH - PATCH // 2) * width + (t % PATCH - PATCH // 2)
-
-
-@triton.jit
-def _window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, width_a, width_b,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                   PRECISION: tl.constexpr, PATCH: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> summed over the PATCH x PATCH taps: on a padded
-    grid of row width `width`, tap (dy, dx) of every centre is the row offset dy * width + dx
-    (windows.py). One loop over (tap, D chunk) pairs into one accumulator, so the compiler
-    pipelines one load stream (unrolled taps would each hold their own buffers and registers)."""
-    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for i in range(0, PATCH * PATCH * CHUNKS):
-        t = i // CHUNKS
-        offs_d = (i % CHUNKS) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        a = tl.load(a_rows + (_tap_offset(t, width_a, PATCH) + offs_a[:, None]) * D + offs_d[None, :],
-                    mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(b_rows + (_tap_offset(t, width_b, PATCH) + offs_b[:, None]) * D + offs_d[None, :],
-                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b,
-            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-            PRECISION: tl.constexpr):
-    """(BLOCK_A, BLOCK_B) float32 tile of <a_i, b_j> over the D feature columns, chunk by chunk."""
-    return _window_scores(a_rows, b_rows, offs_a, offs_b, mask_a, mask_b, 0, 0, D, BLOCK_D, BLOCK_A, BLOCK_B,
-                          PRECISION, 1)
-
-
-@triton.jit
-def _accumulate_window_rows(acc_planes, plane_stride, weights, src_rows, width, offs_a, offs_b, mask_a, mask_b,
-                            accumulate, D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-                            PATCH: tl.constexpr):
-    """Plane t of acc: acc[t, a, :] (+)= weights (A x B) @ src[b + tap t, :] for each of the PATCH x PATCH
-    taps (offsets as in _window_scores), in global memory (float32), planes `plane_stride` apart;
-    one loop over (tap, D chunk) pairs.
-
-    The program's first block (accumulate false) overwrites instead of adding, so the buffer needs no
-    zeroing and a re-run (the autotuner times each config on the real buffers) leaves it right.
-    """
-    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-    # The previous block's stores of these rows may have come from other threads of the program
-    # (the store and load layouts are the compiler's choice): make them visible before reading.
-    tl.debug_barrier()
-    for i in range(0, PATCH * PATCH * CHUNKS):
-        t = i // CHUNKS
-        offs_d = (i % CHUNKS) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        src = tl.load(src_rows + (_tap_offset(t, width, PATCH) + offs_b[:, None]) * D + offs_d[None, :],
-                      mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        ptrs = acc_planes + t * plane_stride + offs_a[:, None] * D + offs_d[None, :]
-        mask = mask_a[:, None] & mask_d[None, :]
-        old = tl.load(ptrs, mask=mask & accumulate, other=0.0)
-        tl.store(ptrs, tl.dot(weights.to(src.dtype), src, old, input_precision=PRECISION), mask=mask)
-
-
-@triton.jit
-def _accumulate_rows(acc_rows, weights, src_rows, offs_a, offs_b, mask_a, mask_b, accumulate,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """acc[a, :] (+)= weights (A x B) @ src[b, :] over D in chunks, in global memory (float32)."""
-    _accumulate_window_rows(acc_rows, 0, weights, src_rows, 0, offs_a, offs_b, mask_a, mask_b, accumulate, D, BLOCK_D,
-                            PRECISION, 1)
-
-
-@triton.jit
 def _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK: tl.constexpr):
     """Which keys of the block take part: in range and, with a key mask, not masked out."""
     if HAS_MASK:
@@ -234,10 +159,10 @@ def _forward_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, Out, Lse, scale_log2, dwin
             k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         elif PATCH == 1:
-            s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+            s = scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
         else:
-            s = _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
-                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+            s = window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
+                              D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
             mk = tl.load(MK + batch * Nk + offs_n, mask=mask_n, other=0.0)
             ak = tl.load(AK + batch * Nk + offs_n, mask=mask_n, other=0.0)
             s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
@@ -306,10 +231,10 @@ def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Su
             k = tl.load(k_rows + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & (offs_d[None, :] < D), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         elif PATCH == 1:
-            s = _scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+            s = scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
         else:
-            s = _window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
-                               D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
+            s = window_scores(q_rows, k_rows, offs_m, offs_n, mask_m, mask_n, width_q, width_k,
+                              D, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, PATCH)
             mk, ak = _window_factors(MK, AK, batch, Nk, offs_n, mask_n)
             s = (s - dwin * mq[:, None] * mk[None, :]) * (aq[:, None] * ak[None, :])
         keep = _keys_kept(KeyMask, batch, Nk, offs_n, mask_n, HAS_MASK)
@@ -321,13 +246,13 @@ def _backward_dq_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DQ, Su
         if ONE_CHUNK:
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         elif PATCH == 1:
-            _accumulate_rows(dq_rows, ds, k_rows, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION)
+            accumulate_rows(dq_rows, ds, k_rows, offs_m, offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION)
         else:
             h = ds * (aq[:, None] * ak[None, :])
             sum_hm += tl.sum(h * mk[None, :], 1)
             sum_es += tl.sum(ds * s, 1)
-            _accumulate_window_rows(dq_rows, tl.num_programs(1).to(tl.int64) * Nq * D, h, k_rows, width_k, offs_m,
-                                    offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION, PATCH)
+            accumulate_window_rows(dq_rows, tl.num_programs(1).to(tl.int64) * Nq * D, h, k_rows, width_k, offs_m,
+                                   offs_n, mask_m, mask_n, n0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if ONE_CHUNK:
         tl.store(dq_rows + offs_m[:, None] * D + offs_d[None, :], dq, mask=mask_m[:, None] & (offs_d[None, :] < D))
     if PATCH > 1:
@@ -372,10 +297,10 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, 
             q = tl.load(q_rows + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         elif PATCH == 1:
-            st = _scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
+            st = scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION)
         else:
-            st = _window_scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, width_k, width_q,
-                                D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION, PATCH)
+            st = window_scores(k_rows, q_rows, offs_n, offs_m, mask_n, mask_m, width_k, width_q,
+                               D, BLOCK_D, BLOCK_N, BLOCK_M, PRECISION, PATCH)
             mq, aq = _window_factors(MQ, AQ, batch, Nq, offs_m, mask_m)
             st = (st - dwin * mk[:, None] * mq[None, :]) * (ak[:, None] * aq[None, :])
         lse2 = tl.load(Lse + batch * Nq + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
@@ -390,13 +315,13 @@ def _backward_dkdv_kernel(Q, K, V, KeyMask, MQ, AQ, MK, AK, DO, Lse, Delta, DK, 
             if ONE_CHUNK:
                 dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
             elif PATCH == 1:
-                _accumulate_rows(dk_rows, dst, q_rows, offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION)
+                accumulate_rows(dk_rows, dst, q_rows, offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION)
             else:
                 ht = dst * (ak[:, None] * aq[None, :])
                 sum_hm += tl.sum(ht * mq[None, :], 1)
                 sum_es += tl.sum(dst * st, 1)
-                _accumulate_window_rows(dk_rows, tl.num_programs(1).to(tl.int64) * Nk * D, ht, q_rows, width_q,
-                                        offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION, PATCH)
+                accumulate_window_rows(dk_rows, tl.num_programs(1).to(tl.int64) * Nk * D, ht, q_rows, width_q,
+                                       offs_n, offs_m, mask_n, mask_m, m0 > 0, D, BLOCK_D, PRECISION, PATCH)
     if NEED_DV:
         tl.store(DV + batch * CV * Nk + offs_c[None, :] * Nk + offs_n[:, None], dv, mask=mask_n[:, None] & mask_c[None, :])
     if NEED_DK and ONE_CHUNK:
@@ -417,23 +342,17 @@ def _dot_precision(dtype: torch.dtype, precision: str) -> str:
     return precision if dtype == torch.float32 else "tf32"
 
 
-def _check(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if not t.is_contiguous():
-            raise ValueError("the Triton correspondence_warp kernels take contiguous tensors")
-
-
 def _mask_args(key_mask, q):
     """(tensor for the KeyMask pointer, HAS_MASK): without a mask the kernels never read it."""
     if key_mask is None:
         return q, False
-    _check(key_mask)
+    check_contiguous(key_mask)
     return key_mask.view(torch.uint8), True
 
 
 def _num_key_splits(batch: int, nq: int, nk: int, device: torch.device) -> int:
     """How many programs share each query block's keys: enough for ~2 programs per SM."""
-    if INTERPRETED or device.type != "cuda":
+    if TRITON_INTERPRETED or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = batch * triton.cdiv(nq, 128)  # the largest BLOCK_M: the fewest query programs
@@ -449,7 +368,7 @@ def correspondence_warp_forward(q, k, v, scale, key_mask=None, precision="ieee",
     gets out 0 and lse -inf). num_splits: how many programs share one query block's keys (None:
     as the grid needs).
     """
-    _check(q, k, v)
+    check_contiguous(q, k, v)
     return _forward(q, k, v, scale, key_mask, precision, num_splits, _row_geometry(q, k))
 
 
@@ -486,7 +405,7 @@ def correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, patch, width_
     csrc/cpu/correspondence_warp.h): xq (B, Lq, C) / xk padded grids of rows, mq / aq and mk / ak
     (B, N) float32 per-centre means and score factors, v (B, Cv, Nk) on the key centres.
     Returns out (B, Cv, Nq) and lse (B, Nq) on the query centres."""
-    _check(xq, mq, aq, xk, mk, ak, v)
+    check_contiguous(xq, mq, aq, xk, mk, ak, v)
     geometry = _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k)
     return _forward(xq, xk, v, scale, key_mask, precision, num_splits, geometry)
 
@@ -525,7 +444,7 @@ def _forward(q, k, v, scale, key_mask, precision, num_splits, g: _Geometry):
 def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None,
                                  precision="ieee"):
     """(dq, dk, dv) in float32, None where not requested."""
-    _check(grad_out, q, k, v, out, lse)
+    check_contiguous(grad_out, q, k, v, out, lse)
     dq, dk, dv, _, _ = _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision,
                                  _row_geometry(q, k))
     return dq, dk, dv
@@ -534,13 +453,12 @@ def correspondence_warp_backward(grad_out, q, k, v, out, lse, scale, need_dq, ne
 def correspondence_warp_windows_backward(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k, scale,
                                          need_dq, need_dk, need_dv, key_mask=None, precision="ieee"):
     """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
-    and lse on the query centres). Returns [dxq (B, Lq, C), dxk (B, Lk, C), dv, rows (2, B, Nq),
-    cols (2, B, Nk)] as the cpu backend does (csrc/cpu/correspondence_warp.h), None where not requested."""
-    _check(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse)
+    and lse on the query centres). Returns [planes_q (k*k, B, Nq, C), planes_k (k*k, B, Nk, C), dv,
+    rows (2, B, Nq), cols (2, B, Nk)], None where not requested: one gradient plane per tap, each
+    written by one program (no atomics), for the op layer to add (windows.sum_tap_planes)."""
+    check_contiguous(grad_out, xq, mq, aq, xk, mk, ak, v, out, lse)
     g = _window_geometry(xq, mq, aq, xk, mk, ak, patch, width_q, width_k)
-    planes_q, planes_k, dv, rows, cols = _backward(grad_out, xq, xk, v, out, lse, scale, need_dq, need_dk, need_dv,
-                                                   key_mask, precision, g)
-    return [sum_tap_planes(planes_q, xq, width_q, patch), sum_tap_planes(planes_k, xk, width_k, patch), dv, rows, cols]
+    return list(_backward(grad_out, xq, xk, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, g))
 
 
 def _backward(grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask, precision, g: _Geometry):
@@ -714,6 +632,6 @@ def prepare_features_backward(grad_rows, x, center, normalize, patch_size, eps):
     return dx.view(x.shape)
 
 
-__all__ = ["PRECISIONS", "correspondence_warp_backward", "correspondence_warp_forward",
+__all__ = ["correspondence_warp_backward", "correspondence_warp_forward",
            "correspondence_warp_windows_backward", "correspondence_warp_windows_forward", "input_dtype",
            "prepare_features", "prepare_features_backward"]

@@ -3,8 +3,9 @@
 Two domain adaptors map the input map and the exemplar image to 256-channel features at 1/down of
 the image side; a shared residual trunk (with the one-hot maps mixed in under --maskmix) and the
 theta/phi 1x1 convs give the matching features; `cocos_kernels.correspondence_warp` (k x k patch
-matching, channel centring, temperature 0.01) warps the exemplar, its one-hot mask and, for the
-cycle, the warped exemplar back -- without the (hw x hw) matrix on a fused backend.
+matching, channel centring, temperature 0.01) warps the exemplar and its one-hot mask, and
+`cocos_kernels.cycle_warp` also the warped exemplar back for the cycle -- without the (hw x hw)
+matrix on a fused backend.
 """
 from __future__ import annotations
 
@@ -105,17 +106,28 @@ class NoVGGCorrespondence(nn.Module):
         self.phi = nn.Conv2d(channels, self.inter_channels, 1)
         self.theta = nn.Conv2d(channels, self.inter_channels, 1)
 
-    def warp(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, temperature: float) -> torch.Tensor:
-        """softmax over key positions of <q_hat(u), k_hat(v)> / temperature, applied to value (the reference's f_div_C @ value).
+    def _matching(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """The three maps in one dtype, and the matching options (k x k patches, centring, temperature aside).
 
         Under autocast the features arrive in half precision and the exemplar in float32: all go in
         the wider dtype, since logits up to 1/temperature = 100 would carry ~0.4 of bfloat16 error.
         """
         dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
-        return ck.correspondence_warp(
-            query.to(dtype), key.to(dtype), value.to(dtype), temperature, center="channel" if self.opt.PONO_C else "spatial", normalize=True,
-            patch_size=self.opt.match_kernel, eps=EPS, backend=self.backend,
-        )
+        options = dict(center="channel" if self.opt.PONO_C else "spatial", normalize=True,
+                       patch_size=self.opt.match_kernel, eps=EPS, backend=self.backend)
+        return (query.to(dtype), key.to(dtype), value.to(dtype)), options
+
+    def warp(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, temperature: float) -> torch.Tensor:
+        """softmax over key positions of <q_hat(u), k_hat(v)> / temperature, applied to value (the reference's f_div_C @ value)."""
+        maps, options = self._matching(query, key, value)
+        return ck.correspondence_warp(*maps, temperature, **options)
+
+    def cycle(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(warp(query, key, value), warp(key, query, that)): the warp and its way back (the reference's
+        column softmax), each map's features prepared once."""
+        maps, options = self._matching(query, key, value)
+        return ck.cycle_warp(*maps, temperature, **options)
 
     def features(self, ref_img, real_img, seg_map, ref_seg_map) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(theta, phi, out): the input's and the exemplar's matching features on the size/down grid,
@@ -172,13 +184,18 @@ class NoVGGCorrespondence(nn.Module):
         values = [ref]
         if mask_mode == "direct":  # warp_out and warp_mask share the softmax: one pass over both
             values.append(ref_seg_small)
-        warped = self.warp(theta, phi, torch.cat(values, 1), temperature)
+        want_cycle = opt.isTrain and opt.warp_cycle_w > 0
+        if want_cycle:
+            # Each channel is warped on its own: the mask channels' way back is computed and dropped.
+            warped, back = self.cycle(theta, phi, torch.cat(values, 1), temperature)
+        else:
+            warped = self.warp(theta, phi, torch.cat(values, 1), temperature)
         y = warped[:, : ref.shape[1]]
         if mask_mode == "direct":
             out["warp_mask"] = warped[:, ref.shape[1]:]
         elif mask_mode == "cycle":  # the input's map to the exemplar (column softmax) and back
             seg_small = F.interpolate(seg_map, size=(h, w), mode="nearest")
-            out["warp_mask"] = self.warp(theta, phi, self.warp(phi, theta, seg_small, temperature), temperature)
+            out["warp_mask"] = self.cycle(phi, theta, seg_small, temperature)[1]
 
         if opt.warp_patch:
             y_full = F.fold(y.reshape(B, -1, h * w), (H, W), down, stride=down)
@@ -191,14 +208,12 @@ class NoVGGCorrespondence(nn.Module):
             if not opt.isTrain and opt.show_corr:
                 out["warp_out_bi"] = F.interpolate(y, scale_factor=down, mode="bilinear", align_corners=False)
 
-        if opt.isTrain and opt.warp_cycle_w > 0:
-            # The same op with query and key swapped is the column softmax of the reference.
-            cycle = self.warp(phi, theta, y, temperature)
+        if want_cycle:
+            # The way back (the same op with query and key swapped) is the column softmax of the reference.
+            cycle = back[:, : ref.shape[1]]
             if opt.warp_patch:
                 cycle = F.fold(cycle.reshape(B, -1, h * w), (H, W), down, stride=down)
             out["warp_cycle"] = cycle
             if opt.two_cycle and not opt.warp_patch and real_img is not None:
-                i2r = self.warp(phi, theta, F.avg_pool2d(real_img, down), temperature)
-                out["warp_i2r"] = i2r
-                out["warp_i2r2i"] = self.warp(theta, phi, i2r, temperature)
+                out["warp_i2r"], out["warp_i2r2i"] = self.cycle(phi, theta, F.avg_pool2d(real_img, down), temperature)
         return out
