@@ -121,8 +121,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
-    # Per 16-bit dtype and architecture: the forward's 6 tile widths, the backward kernels' 4 each.
-    assert len(mma) == 2 * 2 * (6 + 4 + 4), sorted(mma)
+    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each;
+    # float32 (tf32x3 and tf32) the forward's 3, the backward kernels' 1 each.
+    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 1 + 1)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -139,13 +140,22 @@ template <class T> void show(const char* dtype) {
 }
 template <int DT, int CVT> void show_mma() {  // forward and dQ; dK/dV where D <= 128
   using L = MmaTiles<__nv_bfloat16, DT, CVT>;
-  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kBytes);
+  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kForwardBytes);
   if (DT <= kMmaMaxBackwardD) std::printf("backward_dkdv_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kDkDvBytes);
+}
+template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident tiles in shared memory
+  using L = MmaTiles<float, DT, CVT>;
+  std::printf("forward_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kForwardBytes);
+  if (DT <= kTf32MaxBackwardD && CVT <= kTf32MaxBackwardCv) {
+    std::printf("backward_dq_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDqBytes);
+    std::printf("backward_dkdv_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDkDvBytes);
+  }
 }
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
   show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
   show_mma<256, 64>();
+  show_tf32<64, 16>(); show_tf32<64, 64>(); show_tf32<128, 16>();
   std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
 }
@@ -161,7 +171,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 24
+    assert len(sizes) == 29
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -426,15 +436,17 @@ def test_emulated_kernels_match_float64(emulation, case):
         assert_close(mine[name], theirs[name], RTOL[dtype] / (100.0 if name == "lse" else 1.0), name)
 
 
-# float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8),
-# each beside the FMA path (ieee) on the same inputs. D 37: element copies, D not a multiple of 8,
-# ragged query and key blocks, Cv 3 in a chunk of 16, a fully masked batch element (the backward
-# too: D <= 64). D 100: 16-byte copies, tiles of 128, Cv 48 in a chunk of 64; its backward (D > 64)
-# is the FMA path's. D 64 with Cv 48: the backward's widest tiles, copied with cp.async.
+# float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
+# forward D <= 128, backward D <= 64 and Cv <= 16), each beside the FMA path (ieee) on the same
+# inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
+# chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
+# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64 (the
+# backward: FMA). D 64 with Cv 16: the backward's tiles, every operand copied with cp.async.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
     "B2-Nq65-Nk64-D64-Cv48-mask": (2, 65, 64, 64, 48, True),
+    "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
 }
 
 

@@ -548,12 +548,13 @@ cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, cons
                                         T* out, float* lse, WarpShape shape, WarpGeometry geometry,
                                         float scale, Precision precision, cudaStream_t stream) {
   if (uses_mma_forward<T>(shape, geometry, precision)) {
-    return with_mma_tiles<T, kMmaForwardD<T>>(shape, precision, [&](auto p, auto dt, auto cvt) {
+    return with_mma_tiles<T, kMmaForwardD<T>, 64>(shape, precision, [&](auto p, auto dt, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
       const MmaGrid grid = forward_mma_grid(shape, CVT);
-      return launch(forward_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch), MmaTiles<T, DT, CVT>::kBytes,
-                    stream, q, k, v, key_mask, out, lse, shape, scale * kLog2e, grid);
+      return launch(forward_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
+                    MmaTiles<T, DT, CVT>::kForwardBytes, stream, q, k, v, key_mask, out, lse, shape,
+                    scale * kLog2e, grid);
     });
   }
   const int64_t m_blocks = ceil_div(shape.nq, BM);
@@ -570,13 +571,13 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
                                          WarpGeometry geometry, float scale, Precision precision,
                                          cudaStream_t stream) {
   if (uses_mma_backward<T>(shape, geometry, precision)) {
-    return with_mma_tiles<T, kMmaBackwardD<T>>(shape, precision, [&](auto p, auto dt, auto cvt) {
+    return with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(shape, precision, [&](auto p, auto dt, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
       if (dq != nullptr) {
         const MmaGrid grid = backward_mma_grid(shape.nq);
         const cudaError_t err = launch(backward_dq_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
-                                       MmaTiles<T, DT, CVT>::kBytes, stream,
+                                       MmaTiles<T, DT, CVT>::kDqBytes, stream,
                                        grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid);
         if (err != cudaSuccess) return err;
       }

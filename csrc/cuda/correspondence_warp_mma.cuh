@@ -33,10 +33,12 @@
 // the A fragments made from accumulators hold columns 2t, 2t + 1 of their C layout in the k
 // slots t and t + 4 (no shuffles), and their B fragments are loaded with that order. With row
 // strides of 4 words mod 32 for feature rows and 8 for value-like tiles, every one of these loads
-// hits 32 distinct banks. tf32x3 keeps the float values in the fragments and splits each at use
-// (hi = cvt.rna(x), lo = cvt.rna(x - hi)): three products hi hi + hi lo + lo hi per step; tf32
-// rounds them once. Their fragments take twice the registers of 16-bit ones: the forward holds
-// D <= 128, the backward D <= 64.
+// hits 32 distinct banks. tf32x3 keeps the float values and splits each at use (hi = cvt.rna(x),
+// lo = cvt.rna(x - hi)): three products hi hi + hi lo + lo hi per step; tf32 rounds them once.
+// 32-bit fragments take twice the registers of 16-bit ones, so the resident tiles (Q; Q and dOut;
+// K and V) stay in shared memory and their A fragments are read there per k step: the forward
+// takes D <= 128 (value chunks of 16 channels at D > 64, for the shared memory), the backward
+// D <= 64 and Cv <= 16.
 #pragma once
 
 #include "correspondence_warp.h"
@@ -53,6 +55,7 @@ constexpr int kMmaMaxBackwardD = 128;  // the backward's D-wide accumulators sta
 constexpr int kMmaMaxBackwardCv = 64;  // dP needs every channel in one block
 constexpr int kTf32MaxD = 128;
 constexpr int kTf32MaxBackwardD = 64;  // also what dK/dV's resident tiles leave of sm_80's shared memory
+constexpr int kTf32MaxBackwardCv = 16;  // wider dV accumulators spill
 static_assert(kMmaRows == 16 * kWarps && kMmaRows == 2 * kMmaBN, "resident rows are staged in the two row stages");
 
 template <class T>
@@ -65,22 +68,29 @@ constexpr int kMmaForwardD = kIsFloat<T> ? kTf32MaxD : kMmaMaxD;
 template <class T>
 constexpr int kMmaBackwardD = kIsFloat<T> ? kTf32MaxBackwardD : kMmaMaxBackwardD;
 template <class T>
+constexpr int kMmaBackwardCv = kIsFloat<T> ? kTf32MaxBackwardCv : kMmaMaxBackwardCv;
+template <class T>
 bool uses_mma_forward(const WarpShape& s, const WarpGeometry& g, Precision p) {
   return (!kIsFloat<T> || p != Precision::kIeee) && g.patch == 1 && s.d <= kMmaForwardD<T>;
 }
 template <class T>
 bool uses_mma_backward(const WarpShape& s, const WarpGeometry& g, Precision p) {
   return (!kIsFloat<T> || p != Precision::kIeee) && g.patch == 1 && s.d <= kMmaBackwardD<T> &&
-         s.cv <= kMmaMaxBackwardCv;
+         s.cv <= kMmaBackwardCv<T>;
 }
 
 // Calls f(P, DT, CVT) (std::integral_constant) with the precision (kIeee for 16-bit T, which
-// ignores it), the padded widths of D (up to MAX_D) and of the value chunk; instantiates f for
-// those only.
-template <class T, int MAX_D, class F>
+// ignores it), the padded widths of D (up to MAX_D) and of the value chunk (up to MAX_CV);
+// instantiates f for those only.
+template <class T, int MAX_D, int MAX_CV, class F>
 auto with_mma_tiles(const WarpShape& s, Precision precision, F&& f) {
   auto by_cv = [&](auto p, auto dt) {
-    return s.cv <= 16 ? f(p, dt, std::integral_constant<int, 16>{}) : f(p, dt, std::integral_constant<int, 64>{});
+    // Float32 at D > 64: chunks of 16 channels, or the resident Q would not fit sm_80's shared memory.
+    if constexpr (MAX_CV == 16 || (kIsFloat<T> && decltype(dt)::value > 64)) {
+      return f(p, dt, std::integral_constant<int, 16>{});
+    } else {
+      return s.cv <= 16 ? f(p, dt, std::integral_constant<int, 16>{}) : f(p, dt, std::integral_constant<int, 64>{});
+    }
   };
   auto by_d = [&](auto p) {
     if constexpr (MAX_D > 128) {
@@ -103,20 +113,48 @@ auto with_mma_tiles(const WarpShape& s, Precision precision, F&& f) {
 template <class T>
 constexpr int kMmaK = kIsFloat<T> ? 8 : 16;
 
-// Float32 A fragments, one k8 step per x[s]: RESIDENT ones loaded in the ISA's register order
-// (k t, t + 4), the others the accumulators of n8 tile s in their C order (columns 2t, 2t + 1 in
-// c0, c1 and c2, c3). P is the precision of the products they enter.
-template <Precision P, int STEPS, bool RESIDENT>
-struct Tf32Fragments {
+// Float32 A fragments made from accumulators, one k8 step per x[s]: the accumulators of n8 tile
+// s in their C order (columns 2t, 2t + 1 in c0, c1 and c2, c3). P is the precision of the
+// products they enter.
+template <Precision P, int STEPS>
+struct Tf32Accumulators {
+  static constexpr Precision kPrecision = P;
+  static constexpr int kSteps = STEPS;
+  static constexpr bool kIsaOrder = false;
   float x[STEPS][4];
+  __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
+    a[0] = x[kk][0];  // the ISA's register order: rows g, g + 8 at k slot t, then at t + 4
+    a[1] = x[kk][2];
+    a[2] = x[kk][1];
+    a[3] = x[kk][3];
+  }
 };
 
-// The A fragments of a W-wide k extent, loaded from shared memory (ResidentA) or made from
-// accumulators (AccumulatorA).
+// Float32 A fragments of a resident shared tile, read per k step in the ISA's order (k t, t + 4):
+// element offsets of this lane's a0, of k step kk + 1 from kk, of rows g + 8 from g, of k t + 4
+// from t.
+template <Precision P, int STEPS>
+struct Tf32SharedA {
+  static constexpr Precision kPrecision = P;
+  static constexpr int kSteps = STEPS;
+  static constexpr bool kIsaOrder = true;
+  const float* tile;
+  int base, step, rows8, k4;
+  __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
+    const int i = base + kk * step;
+    a[0] = lds(tile, i);
+    a[1] = lds(tile, i + rows8);
+    a[2] = lds(tile, i + k4);
+    a[3] = lds(tile, i + rows8 + k4);
+  }
+};
+
+// The A fragments of a W-wide k extent: of a resident tile (ResidentA: registers for 16-bit T,
+// the shared tile for float32) or made from accumulators (AccumulatorA).
 template <class T, Precision P, int W>
-using ResidentA = std::conditional_t<kIsFloat<T>, Tf32Fragments<P, W / 8, true>, uint32_t[W / 16][4]>;
+using ResidentA = std::conditional_t<kIsFloat<T>, Tf32SharedA<P, W / 8>, uint32_t[W / 16][4]>;
 template <class T, Precision P, int W>
-using AccumulatorA = std::conditional_t<kIsFloat<T>, Tf32Fragments<P, W / 8, false>, uint32_t[W / 16][4]>;
+using AccumulatorA = std::conditional_t<kIsFloat<T>, Tf32Accumulators<P, W / 8>, uint32_t[W / 16][4]>;
 
 template <class T, int DT, int CVT>
 struct MmaTiles {
@@ -133,6 +171,9 @@ struct MmaTiles {
   // fragments are read per query block instead of held, which keeps D = 128 with Cv = 64 within
   // the registers.
   static constexpr size_t kDkDvBytes = kBytes + (kMmaRows * LD_D + CVT * LD_R) * sizeof(T);
+  // Float32 keeps every resident tile there: Q after the stages (forward), Q and dOut (dQ).
+  static constexpr size_t kForwardBytes = kIsFloat<T> ? kBytes + kMmaRows * LD_D * sizeof(T) : kBytes;
+  static constexpr size_t kDqBytes = kIsFloat<T> ? kDkDvBytes : kBytes;
 };
 
 // One launch's grid: blocks iterate over (batch, value chunk, block of resident rows), the
@@ -154,11 +195,19 @@ __device__ __forceinline__ void load_tile_async(T* dst, int ldd, const T* src, i
                                                 int64_t r0, int64_t c0) {
   constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
   static_assert(COLS % E == 0, "whole 16-byte chunks");
+  // Both loops stay rolled: unrolled, their addresses and loads sit in registers beside the
+  // accumulators of the key loop, and the float32 kernels spill.
   if (cols % E != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    load_tile<R, COLS>(dst, ldd, src, rows, cols, r0, c0);
+#pragma unroll 1
+    for (int i = threadIdx.x; i < R * COLS; i += kThreads) {
+      const int r = i / COLS, c = i % COLS;
+      const int64_t gr = r0 + r, gc = c0 + c;
+      dst[r * ldd + c] = gr < rows && gc < cols ? src[gr * cols + gc] : from_float<T>(0.0f);
+    }
     return;
   }
   constexpr int CHUNKS = COLS / E;
+#pragma unroll 1
   for (int i = threadIdx.x; i < R * CHUNKS; i += kThreads) {
     const int r = i / CHUNKS, c = i % CHUNKS * E;
     const int64_t gr = r0 + r, gc = c0 + c;
@@ -223,9 +272,9 @@ __device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const f
   }
 }
 
-// Float32: the accumulators are the A fragments as they are (Tf32Fragments' accumulator order).
+// Float32: the accumulators are the A fragments as they are (Tf32Accumulators' order).
 template <class T, Precision P, int NT>
-__device__ __forceinline__ void to_a_fragments(Tf32Fragments<P, NT, false>& a, const float (&acc)[NT][4]) {
+__device__ __forceinline__ void to_a_fragments(Tf32Accumulators<P, NT>& a, const float (&acc)[NT][4]) {
 #pragma unroll
   for (int kk = 0; kk < NT; ++kk) {
 #pragma unroll
@@ -245,9 +294,12 @@ __device__ __forceinline__ void split_tf32(const float (&x)[N], uint32_t (&hi)[N
 
 // acc (16 x 8 NT, float) += A B for float32 tiles, B(k, n) = tile[n][k] (B_ROWS) or tile[k][n],
 // over the first k_steps k8 steps and n_pairs pairs of n8 tiles; B is loaded in A's k order.
-template <bool B_ROWS, Precision P, int STEPS, bool RESIDENT, int NT>
-__device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const Tf32Fragments<P, STEPS, RESIDENT>& a,
-                                         const float* tile, int ld, int k_steps, int n_pairs, int lane) {
+template <bool B_ROWS, class A, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const A& a, const float* tile, int ld, int k_steps,
+                                         int n_pairs, int lane) {
+  constexpr Precision P = A::kPrecision;
+  constexpr int STEPS = A::kSteps;
+  constexpr bool RESIDENT = A::kIsaOrder;
   static_assert(P != Precision::kIeee, "float32 tiles on tensor cores are tf32x3 or tf32");
   const int g = lane / 4, kt = RESIDENT ? lane % 4 : 2 * (lane % 4);  // this lane's first k of B
   // This lane's B elements (k kt, n g) and its second k (kt + 4, or kt + 1 for accumulator order),
@@ -257,9 +309,8 @@ __device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const Tf32Fragment
 #pragma unroll
   for (int kk = 0; kk < STEPS; ++kk) {
     if (kk >= k_steps) continue;
-    const float* x = a.x[kk];
-    // The ISA's register order: rows g, g + 8 (k slot t), then rows g, g + 8 (k slot t + 4).
-    const float ax[4] = {x[0], x[RESIDENT ? 1 : 2], x[RESIDENT ? 2 : 1], x[3]};
+    float ax[4];
+    a.fragment(ax, kk);
     uint32_t ahi[4], alo[4];
     split_tf32<P>(ax, ahi, alo);
 #pragma unroll
@@ -314,34 +365,18 @@ __device__ __forceinline__ void column_fragments(uint32_t (&f)[CVT / 16][4], con
   for (int c = 0; c < CVT / 16; ++c) ldmatrix_x4<true>(f[c], ldsm_rows(vs, ld, 16 * c, 16 * warp, lane));
 }
 
-// The same for float32 tiles, in the ISA's order: x[s] = rows (g, g + 8) x k (t, t + 4) of step s.
+// The same for float32 tiles: the fragments stay in the shared tile, read per k step.
 template <class T, int DT, Precision P, int STEPS>
-__device__ __forceinline__ void row_fragments(Tf32Fragments<P, STEPS, true>& f, const float* tile, int ld,
-                                              int d_steps) {
+__device__ __forceinline__ void row_fragments(Tf32SharedA<P, STEPS>& f, const float* tile, int ld, int) {
   static_assert(STEPS == DT / 8, "one k8 step per 8 columns");
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-  const float* row = tile + (16 * warp + g) * ld + t;
-#pragma unroll
-  for (int s = 0; s < STEPS; ++s) {
-    if (s >= d_steps) continue;
-    f.x[s][0] = row[8 * s];
-    f.x[s][1] = row[8 * ld + 8 * s];
-    f.x[s][2] = row[8 * s + 4];
-    f.x[s][3] = row[8 * ld + 8 * s + 4];
-  }
+  f = {tile, (16 * warp + g) * ld + t, 8, 8 * ld, 4};
 }
 template <class T, int CVT, Precision P, int STEPS>
-__device__ __forceinline__ void column_fragments(Tf32Fragments<P, STEPS, true>& f, const float* vs, int ld) {
+__device__ __forceinline__ void column_fragments(Tf32SharedA<P, STEPS>& f, const float* vs, int ld) {
   static_assert(STEPS == CVT / 8, "one k8 step per 8 channels");
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-  const float* col = vs + t * ld + 16 * warp + g;
-#pragma unroll
-  for (int c = 0; c < STEPS; ++c) {
-    f.x[c][0] = col[8 * c * ld];
-    f.x[c][1] = col[8 * c * ld + 8];
-    f.x[c][2] = col[(8 * c + 4) * ld];
-    f.x[c][3] = col[(8 * c + 4) * ld + 8];
-  }
+  f = {vs, t * ld + 16 * warp + g, 8 * ld, 8, 4 * ld};
 }
 
 // Streams the 64-row blocks of `rows` (n x d) and of `vals` (cv x n, channels c0 .. c0 + CVT)
@@ -417,6 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
   T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]
+  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;  // float32: Q stays, after the stages
 
   const int64_t block = blockIdx.x;
   const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
@@ -431,8 +467,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int d_steps = (d + K - 1) / K;  // k steps of the score product; the rest of DT is zeros
 
   ResidentA<T, P, DT> qf = {};
-  stage_resident<T, DT, CVT>(rs, vs, q, nullptr, nq, d, cv, m0);
-  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
+  stage_resident<T, DT, CVT>(qs, vs, q, nullptr, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
   __syncthreads();  // the stages are free for the keys
 
   // Rows g and g + 8: running max (base 2), and this lane's share of the row sum (its quad's
@@ -519,6 +555,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
   T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]; dOut [c][m] before
+  // Float32: Q and dOut stay, after the stages.
+  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;
+  T* const os = kIsFloat<T> ? qs + kMmaRows * L::LD_D : vs;
 
   const int64_t m0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
   const int64_t b = blockIdx.x / grid.row_blocks;
@@ -534,9 +573,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   ResidentA<T, P, DT> qf = {};
   ResidentA<T, P, CVT> of;
-  stage_resident<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, m0);
-  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
-  column_fragments<T, CVT>(of, vs, L::LD_R);
+  stage_resident<T, DT, CVT>(qs, os, q, grad_out, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
+  column_fragments<T, CVT>(of, os, L::LD_R);
   __syncthreads();  // the stages are free for the keys
   // Rows g and g + 8: lse in base 2 and delta; rows past Nq get P = 0.
   const int64_t row0 = m0 + 16 * warp + lane / 4;

@@ -30,10 +30,10 @@ template <class T>
 int forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
             WarpGeometry g, float scale, Precision precision) {
   if (uses_mma_forward<T>(s, g, precision)) {
-    with_mma_tiles<T, kMmaForwardD<T>>(s, precision, [&](auto p, auto dt, auto cvt) {
+    with_mma_tiles<T, kMmaForwardD<T>, 64>(s, precision, [&](auto p, auto dt, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-      check_smem(MmaTiles<T, DT, CVT>::kBytes);
+      check_smem(MmaTiles<T, DT, CVT>::kForwardBytes);
       const MmaGrid grid = forward_mma_grid(s, CVT);
       emu::launch(grid.blocks(s.batch), kThreads, [&] {
         forward_mma_kernel<T, P, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
@@ -59,7 +59,7 @@ int backward(const void* grad_out, const void* q, const void* k, const void* v, 
               WarpShape s, WarpGeometry g, float scale, Precision precision) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   if (uses_mma_backward<T>(s, g, precision)) {
-    with_mma_tiles<T, kMmaBackwardD<T>>(s, precision, [&](auto p, auto dt, auto cvt) {
+    with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(s, precision, [&](auto p, auto dt, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
       check_smem(MmaTiles<T, DT, CVT>::kDkDvBytes);
