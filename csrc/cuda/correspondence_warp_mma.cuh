@@ -311,11 +311,13 @@ __device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const A& a, const 
     if (kk >= k_steps) continue;
     float ax[4];
     a.fragment(ax, kk);
-    uint32_t ahi[4], alo[4];
-    split_tf32<P>(ax, ahi, alo);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       if (nt >= 2 * n_pairs) continue;
+      // A is split again per n8 tile and B's lo made after the first two products: split once
+      // per k step, tf32x3's dK/dV spills on sm_90a (ptxas keeps several tiles' splits in flight).
+      uint32_t ahi[4], alo[4];
+      split_tf32<P>(ax, ahi, alo);
       const int step = B_ROWS ? 8 * nt * ld + 8 * kk : 8 * kk * ld + 8 * nt;
       float b[2];
       if constexpr (B_ROWS && !RESIDENT) {
@@ -324,11 +326,11 @@ __device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const A& a, const 
         b[0] = lds(tile, b0 + step);
         b[1] = lds(tile, b1 + step);
       }
-      uint32_t bhi[2], blo[2];
-      split_tf32<P>(b, bhi, blo);
+      const uint32_t bhi[2] = {to_tf32(b[0]), to_tf32(b[1])};
       mma_1688_tf32(acc[nt], ahi, bhi);
       if constexpr (P == Precision::kTf32x3) {
         mma_1688_tf32(acc[nt], alo, bhi);
+        const uint32_t blo[2] = {to_tf32(b[0] - float_bits(bhi[0])), to_tf32(b[1] - float_bits(bhi[1]))};
         mma_1688_tf32(acc[nt], ahi, blo);
       }
     }
