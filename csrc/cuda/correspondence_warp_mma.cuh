@@ -54,8 +54,8 @@ constexpr int kMmaMaxD = 256;
 constexpr int kMmaMaxBackwardD = 128;  // the backward's D-wide accumulators stay in registers
 constexpr int kMmaMaxBackwardCv = 64;  // dP needs every channel in one block
 constexpr int kTf32MaxD = 128;
-constexpr int kTf32MaxBackwardD = 64;  // also what dK/dV's resident tiles leave of sm_80's shared memory
-constexpr int kTf32MaxBackwardCv = 16;  // wider dV accumulators spill
+constexpr int kTf32MaxBackwardD = 64;   // D-wide accumulators: tf32x3's dK/dV takes 249-255 registers at 64
+constexpr int kTf32MaxBackwardCv = 16;  // with 64-channel dV accumulators it spills
 static_assert(kMmaRows == 16 * kWarps && kMmaRows == 2 * kMmaBN, "resident rows are staged in the two row stages");
 
 template <class T>
@@ -171,7 +171,8 @@ struct MmaTiles {
   // fragments are read per query block instead of held, which keeps D = 128 with Cv = 64 within
   // the registers.
   static constexpr size_t kDkDvBytes = kBytes + (kMmaRows * LD_D + CVT * LD_R) * sizeof(T);
-  // Float32 keeps every resident tile there: Q after the stages (forward), Q and dOut (dQ).
+  // Float32 keeps every resident tile in shared memory of its own, after the stages: Q (forward),
+  // Q and dOut (dQ; the layout of dK/dV's K and V).
   static constexpr size_t kForwardBytes = kIsFloat<T> ? kBytes + kMmaRows * LD_D * sizeof(T) : kBytes;
   static constexpr size_t kDqBytes = kIsFloat<T> ? kDkDvBytes : kBytes;
 };
