@@ -22,6 +22,9 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   autograd over the unfolded windows of the same rows in float64; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
+* float32 rows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane layouts and
+  cvt.rna.tf32 emulated and checked against the PTX ISA's tables) beside the FMA path on the same
+  inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -457,9 +460,9 @@ def test_emulated_tf32_kernels_match_float64(emulation, case):
     errors = {p: {name: _relative_error(mine[name], theirs[name]) for name in mine} for p, (mine, theirs) in runs.items()}
     print(case, errors)
     for name, ieee in errors["ieee"].items():
-        # tf32x3 drops lo * lo and lo's rounding (~2^-24 of a product) but rounds the float32
-        # accumulator three times per product: 1.3-8x the FMA path's error here (~1e-6 relative),
-        # hundreds of times below tf32's.
+        # tf32x3 drops lo * lo and lo's rounding (~2^-24 of a product) but rounds its float32
+        # accumulator three times per product, k8 step after k8 step, where the FMA path sums D in
+        # chunks of 32: 1.2-8x the FMA path's error here (~1e-6 relative), hundreds of times below tf32's.
         assert errors["tf32x3"][name] <= 10 * ieee, (name, errors)
         # tf32 rounds every input to 10 mantissa bits (2^-11 ~ 5e-4 relative): ~1e-3 here, far
         # above float32 (so the emulation does round), and bounded by those bits at 1 / temperature = 100.
