@@ -8,8 +8,11 @@ otherwise, and the op layer's PyTorch prologue runs). k x k patches with channel
 never unfolded: the window kernels take the C-wide rows on a padded grid and per-centre window
 scalars (cocos_kernels/windows.py), sum the k*k tap products per tile, and the backward returns one
 gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has no window form).
-float32 products are full float32 FMAs: there is no precision= (no tf32 path). contextual_loss
-takes float32 rows (the op layer prepares half inputs in float32).
+`precision=` ("ieee", "tf32x3", "tf32", as triton's) says how float32 rows' tile products run:
+float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, for
+D <= 128 (forward) and D <= 64, Cv <= 16 (backward); FMAs elsewhere and for windows (which accept
+and ignore it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
+half inputs in float32).
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
 time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in a
@@ -96,34 +99,37 @@ class CudaKernels:
         """The dtype these kernels take features, value and grad_out in, for inputs of `dtype`."""
         return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
-    def correspondence_warp_forward(self, q, k, v, scale, key_mask=None):
+    def correspondence_warp_forward(self, q, k, v, scale, key_mask=None, precision="ieee"):
         """out (B, Cv, Nq) in v's dtype and the float32 row logsumexp lse (B, Nq) of scale * q k^T;
         keys where key_mask ((B, Nk) bool) is False get no weight."""
-        return extension().correspondence_warp_forward(q, k, v, float(scale), key_mask)
+        return extension().correspondence_warp_forward(q, k, v, float(scale), key_mask, precision)
 
-    def correspondence_warp_backward(self, grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None):
+    def correspondence_warp_backward(self, grad_out, q, k, v, out, lse, scale, need_dq, need_dk, need_dv, key_mask=None,
+                                     precision="ieee"):
         """(dq, dk, dv) in float32, None where not requested."""
         return extension().correspondence_warp_backward(
             grad_out, q, k, v, out, lse.float().contiguous(), float(scale), bool(need_dq), bool(need_dk), bool(need_dv),
-            key_mask,
+            key_mask, precision,
         )
 
-    def correspondence_warp_windows_forward(self, xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None):
+    def correspondence_warp_windows_forward(self, xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k, scale, key_mask=None,
+                                            precision="ieee"):
         """The forward on k x k windows without the unfold (windows.py): xq (B, Lq, C) / xk (B, Lk, C)
         padded grids of rows of width width_q / width_k, mq / aq and mk / ak (B, N) float32 per-centre
         window means and score factors, v (B, Cv, Nk) and key_mask ((B, Nk) bool) on the key centres.
-        Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres."""
+        Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres.
+        `precision` is accepted for the contract and ignored: the window products are float32 FMAs."""
         return extension().correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, int(patch), int(width_q),
                                                                int(width_k), float(scale), key_mask)
 
     def correspondence_warp_windows_backward(self, grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k,
-                                             scale, need_dq, need_dk, need_dv, key_mask=None):
+                                             scale, need_dq, need_dk, need_dv, key_mask=None, precision="ieee"):
         """The backward on k x k windows (arguments as `correspondence_warp_windows_forward`, plus its out
         and lse on the query centres, +inf at padding centres). Returns [planes_q (k*k, B, Nq, C), planes_k
         (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk)], float32, None where not
         requested: the per-tap gradient planes w.r.t. the padded rows through the window products (the op
         layer adds them, windows.sum_tap_planes), and per centre [sum_j H_ij m_j, sum_j dS_ij logit_ij]
-        (see csrc/cpu/correspondence_warp.h)."""
+        (see csrc/cpu/correspondence_warp.h). `precision` as for the forward: ignored."""
         return extension().correspondence_warp_windows_backward(
             grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
             float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask,

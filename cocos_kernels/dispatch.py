@@ -144,10 +144,10 @@ def _cuda_check(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-# Below triton until it has run on a GPU; no float64 (float32 accumulation) and no precision=
-# (its float32 products are exact FMAs).
+# Below triton until it has run on a GPU; no float64 (float32 accumulation).
 register(Backend("cuda", 15, frozenset({"cuda"}), frozenset({torch.float16, torch.bfloat16, torch.float32}),
-                 fused=True, load=_load_cuda, check=_cuda_check, features=frozenset({"key_mask", "windows"})))
+                 fused=True, load=_load_cuda, check=_cuda_check,
+                 features=frozenset({"key_mask", "precision", "windows"})))
 
 
 def backend_names() -> tuple[str, ...]:

@@ -22,6 +22,9 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   autograd over the unfolded windows of the same rows in float64; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
+* float32 rows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane layouts and
+  cvt.rna.tf32 emulated and checked against the PTX ISA's tables) beside the FMA path on the same
+  inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -32,6 +35,7 @@ Skipped, with the reason, where nvcc or a CUDA build of torch is absent.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import shutil
@@ -120,8 +124,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
-    # Per 16-bit dtype and architecture: the forward's 6 tile widths, the backward kernels' 4 each.
-    assert len(mma) == 2 * 2 * (6 + 4 + 4), sorted(mma)
+    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each;
+    # float32 (tf32x3 and tf32) the forward's 3, the backward kernels' 1 each.
+    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 1 + 1)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -138,13 +143,22 @@ template <class T> void show(const char* dtype) {
 }
 template <int DT, int CVT> void show_mma() {  // forward and dQ; dK/dV where D <= 128
   using L = MmaTiles<__nv_bfloat16, DT, CVT>;
-  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kBytes);
+  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kForwardBytes);
   if (DT <= kMmaMaxBackwardD) std::printf("backward_dkdv_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kDkDvBytes);
+}
+template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident tiles in shared memory
+  using L = MmaTiles<float, DT, CVT>;
+  std::printf("forward_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kForwardBytes);
+  if (DT <= kTf32MaxBackwardD && CVT <= kTf32MaxBackwardCv) {
+    std::printf("backward_dq_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDqBytes);
+    std::printf("backward_dkdv_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDkDvBytes);
+  }
 }
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
   show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
   show_mma<256, 64>();
+  show_tf32<64, 16>(); show_tf32<64, 64>(); show_tf32<128, 16>();
   std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
 }
@@ -160,7 +174,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 24
+    assert len(sizes) == 29
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -309,6 +323,60 @@ def test_emulated_mma_16816_follows_the_ptx_layout(emulation, dtype):
     assert_close(d, a.double() @ b.double() + c.double(), 1e-6, "d")
 
 
+def _ptx_a_tf32(i, k):
+    """(lane, register) holding element (i, k) of mma.m16n8k8's A (16 x 8, row, tf32)."""
+    return 4 * (i % 8) + k % 4, i // 8 + 2 * (k // 4)
+
+
+def _ptx_b_tf32(k, n):
+    """(lane, register) holding element (k, n) of mma.m16n8k8's B (8 x 8, col, tf32)."""
+    return 4 * n + k % 4, k // 4
+
+
+def _tf32_bits(x):
+    """float32 bit patterns of x, as Python ints."""
+    return (x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).tolist()
+
+
+def test_emulated_mma_1688_tf32_follows_the_ptx_layout(emulation):
+    lib = emulation("fma")
+    g = torch.Generator().manual_seed(0)
+    a, b, c = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g), torch.randn(16, 8, generator=g)
+    fa, fb, fc = [[0] * 4 for _ in range(32)], [[0] * 2 for _ in range(32)], torch.zeros(32, 4)
+    for (i, k), x in zip(((i, k) for i in range(16) for k in range(8)), _tf32_bits(a.flatten())):
+        lane, reg = _ptx_a_tf32(i, k)
+        fa[lane][reg] = x
+    for (k, n), x in zip(((k, n) for k in range(8) for n in range(8)), _tf32_bits(b.flatten())):
+        lane, reg = _ptx_b_tf32(k, n)
+        fb[lane][reg] = x
+    for i in range(16):
+        for n in range(8):
+            fc[_ptx_c(i, n)] = c[i, n]
+    as_int32 = lambda regs: torch.tensor(regs, dtype=torch.int64).to(torch.int32)  # noqa: E731 (bit pattern kept)
+    fd = fc.clone()
+    assert lib.emu_mma_1688_tf32(_p(as_int32(fa)), _p(as_int32(fb)), _p(fd)) == 0
+    d = torch.stack([torch.stack([fd[_ptx_c(i, n)] for n in range(8)]) for i in range(16)])
+    # The operands' low 13 mantissa bits are ignored (truncated): what tensor cores read of a float.
+    truncate = lambda x: (x.view(torch.int32) & ~0x1FFF).view(torch.float32).double()  # noqa: E731
+    assert_close(d, truncate(a) @ truncate(b) + c.double(), 1e-6, "d")
+
+
+def test_emulated_cvt_rna_tf32(emulation):
+    lib = emulation("fma")
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-15, 15).repeat(34)[:1000]
+    # Exact ties (low 13 bits 0x1000) of both signs, and their neighbours, then infinities and NaN.
+    base = torch.tensor([0x3F800000, 0x3FAAA000, 0x4B7FE000], dtype=torch.int32)
+    near = torch.cat([base + 0x1000, base + 0xFFF, base + 0x1001]).view(torch.float32)
+    x = torch.cat([x, near, -near, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    bits = torch.zeros(x.numel(), dtype=torch.int32)
+    assert lib.emu_to_tf32(_p(x), _p(bits), ctypes.c_int(x.numel())) == 0
+    got = bits.view(torch.float32)
+    for xi, yi in zip(x[:-3].double().tolist(), got[:-3].double().tolist()):
+        m, e = math.frexp(xi)  # 11 significant bits, to nearest, ties away from zero
+        assert yi == math.copysign(math.floor(abs(m) * 2 ** 11 + 0.5), m) * 2.0 ** (e - 11), (xi, yi)
+    assert got[-3] == float("inf") and got[-2] == float("-inf") and torch.isnan(got[-1])
+
+
 def test_emulated_cp_async_completes_at_wait_group(emulation):
     lib = emulation("fma")
     src = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -321,10 +389,11 @@ def test_emulated_cp_async_completes_at_wait_group(emulation):
         assert torch.equal(snapshot, torch.cat(parts))
 
 
-@pytest.mark.parametrize("case", EMULATED_CASES.values(), ids=EMULATED_CASES.keys())
-def test_emulated_kernels_match_float64(emulation, case):
-    B, Nq, Nk, D, Cv, dtype, masked, tiles = case
-    emulated = emulation(tiles)
+PRECISION_CODES = {"ieee": 0, "tf32x3": 1, "tf32": 2}  # csrc/cuda/correspondence_warp.h: Precision
+
+
+def _emulated_warp(emulated, B, Nq, Nk, D, Cv, dtype, masked, precision="ieee"):
+    """The emulated kernels' out, lse, dq, dk, dv and the float64 reference's, for inputs from seed 0."""
     scale = 100.0  # 1 / temperature 0.01 on unit rows: the online softmax's hard case
     g = torch.Generator().manual_seed(0)
     q, k = (torch.nn.functional.normalize(torch.randn(B, n, D, generator=g, dtype=torch.float64), dim=-1)
@@ -337,23 +406,67 @@ def test_emulated_kernels_match_float64(emulation, case):
         mask[-1] = False
     q, k, v, grad = (t.to(dtype).contiguous() for t in (q, k, v, grad))  # the kernels' inputs, and the judge's
     code, shape = EMULATED_DTYPES[dtype], (*_i(B, Nq, Nk), D, Cv)
+    options = (ctypes.c_float(scale), ctypes.c_int(PRECISION_CODES[precision]))
     out, lse = torch.empty(B, Cv, Nq, dtype=dtype), torch.empty(B, Nq)
     mask_bytes = None if mask is None else mask.to(torch.uint8)
-    assert emulated.emu_forward(code, _p(q), _p(k), _p(v), _p(mask_bytes), _p(out), _p(lse), *shape,
-                                ctypes.c_float(scale)) == 0
+    assert emulated.emu_forward(code, _p(q), _p(k), _p(v), _p(mask_bytes), _p(out), _p(lse), *shape, *options) == 0
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = _reference_warp(q64, k64, v64, scale, mask)
     ref.backward(grad.double())
-    assert_close(out, ref, RTOL[dtype], "out")
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)) and (lse[~torch.isfinite(ref_lse)] < 0).all()
-    assert_close(torch.where(torch.isfinite(lse), lse, 0.0), torch.where(torch.isfinite(ref_lse), ref_lse, 0.0),
-                 RTOL[dtype] / scale, "lse / scale")
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] < 0).all()
     delta = (grad.float() * out.float()).sum(1).contiguous()
     dq, dk, dv = torch.empty(B, Nq, D), torch.empty(B, Nk, D), torch.empty(B, Cv, Nk)
     assert emulated.emu_backward(code, _p(grad), _p(q), _p(k), _p(v), _p(mask_bytes), _p(lse), _p(delta), _p(dq),
-                                 _p(dk), _p(dv), *shape, ctypes.c_float(scale)) == 0
-    for name, mine, theirs in (("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
-        assert_close(mine, theirs, RTOL[dtype], name)
+                                 _p(dk), _p(dv), *shape, *options) == 0
+    # lse compared in units of the logits' scale; rows whose keys are all masked out as 0.
+    mine = dict(out=out, lse=torch.where(finite, lse, 0.0) / scale, dq=dq, dk=dk, dv=dv)
+    theirs = dict(out=ref, lse=torch.where(finite, ref_lse, 0.0) / scale, dq=q64.grad, dk=k64.grad, dv=v64.grad)
+    return mine, theirs
+
+
+def _relative_error(mine, theirs):
+    """max |mine - theirs| / max(1, max |theirs|), as assert_close measures it."""
+    theirs = theirs.detach().double()
+    return ((mine.double() - theirs).abs().max() / max(1.0, theirs.abs().max().item())).item()
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES.values(), ids=EMULATED_CASES.keys())
+def test_emulated_kernels_match_float64(emulation, case):
+    B, Nq, Nk, D, Cv, dtype, masked, tiles = case
+    mine, theirs = _emulated_warp(emulation(tiles), B, Nq, Nk, D, Cv, dtype, masked)
+    for name in mine:
+        assert_close(mine[name], theirs[name], RTOL[dtype] / (100.0 if name == "lse" else 1.0), name)
+
+
+# float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
+# forward D <= 128, backward D <= 64 and Cv <= 16), each beside the FMA path (ieee) on the same
+# inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
+# chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
+# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64 (the
+# backward: FMA). D 64 with Cv 16: the backward's tiles, every operand copied with cp.async.
+TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
+    "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
+    "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
+    "B2-Nq65-Nk64-D64-Cv48-mask": (2, 65, 64, 64, 48, True),
+    "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
+}
+
+
+@pytest.mark.parametrize("case", TF32_CASES.values(), ids=TF32_CASES.keys())
+def test_emulated_tf32_kernels_match_float64(emulation, case):
+    emulated = emulation("fma")
+    runs = {p: _emulated_warp(emulated, *case[:5], torch.float32, case[5], p) for p in ("ieee", "tf32x3", "tf32")}
+    errors = {p: {name: _relative_error(mine[name], theirs[name]) for name in mine} for p, (mine, theirs) in runs.items()}
+    print(case, errors)
+    for name, ieee in errors["ieee"].items():
+        # tf32x3 drops lo * lo and lo's rounding (~2^-24 of a product) but rounds its float32
+        # accumulator three times per product, k8 step after k8 step, where the FMA path sums D in
+        # chunks of 32: 1.2-8x the FMA path's error here (~1e-6 relative), hundreds of times below tf32's.
+        assert errors["tf32x3"][name] <= 10 * ieee, (name, errors)
+        # tf32 rounds every input to 10 mantissa bits (2^-11 ~ 5e-4 relative): ~1e-3 here, far
+        # above float32 (so the emulation does round), and bounded by those bits at 1 / temperature = 100.
+        assert 100 * errors["tf32x3"][name] < errors["tf32"][name] < 2e-2, (name, errors)
 
 
 def _tap_rows(patch, width, n):

@@ -19,6 +19,7 @@ namespace cocos_kernels {
 namespace bindings {
 namespace {
 
+using cuda::Precision;
 using cuda::WarpGeometry;
 using cuda::WarpShape;
 
@@ -63,6 +64,14 @@ const uint8_t* mask_pointer(const c10::optional<at::Tensor>& key_mask, const War
   return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
 }
 
+// precision= as the Triton backend spells it.
+Precision parse_precision(const std::string& precision) {
+  if (precision == "ieee") return Precision::kIeee;
+  if (precision == "tf32x3") return Precision::kTf32x3;
+  if (precision == "tf32") return Precision::kTf32;
+  TORCH_CHECK(false, "precision must be one of ('ieee', 'tf32x3', 'tf32'), got '", precision, "'");
+}
+
 // The CUDA type of a tensor's elements, for the launcher templates.
 template <class T>
 struct CudaType {
@@ -98,7 +107,7 @@ float* float_ptr_or_null(at::Tensor& t) { return t.defined() ? t.data_ptr<float>
 // The forward on checked arguments: out (B, Cv, Nq) in v's dtype, lse (B, Nq) float32.
 std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const uint8_t* mask, const WarpShape& s, const WarpGeometry& g,
-                                               double scale) {
+                                               double scale, Precision precision) {
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({s.batch, s.cv, s.nq}, v.options());
   at::Tensor lse = at::empty({s.batch, s.nq}, q.options().dtype(at::kFloat));
@@ -106,16 +115,18 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Te
   COCOS_KERNELS_DISPATCH(q.scalar_type(), "correspondence_warp_forward", [&] {
     C10_CUDA_CHECK((cuda::correspondence_warp_forward(ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(v), mask,
                                                       mutable_ptr<scalar_t>(out), lse.data_ptr<float>(), s, g,
-                                                      static_cast<float>(scale), stream)));
+                                                      static_cast<float>(scale), precision, stream)));
   });
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> correspondence_warp_forward(const at::Tensor& q, const at::Tensor& k,
                                                                const at::Tensor& v, double scale,
-                                                               const c10::optional<at::Tensor>& key_mask) {
+                                                               const c10::optional<at::Tensor>& key_mask,
+                                                               const std::string& precision) {
+  const Precision p = parse_precision(precision);
   const WarpShape s = warp_shape(q, k, v);
-  return run_forward(q, k, v, mask_pointer(key_mask, s, q), s, cuda::prepared_rows(s), scale);
+  return run_forward(q, k, v, mask_pointer(key_mask, s, q), s, cuda::prepared_rows(s), scale, p);
 }
 
 // grad_out, out (B, Cv, Nq) in q's dtype and lse (B, Nq) float32, checked.
@@ -144,7 +155,7 @@ struct Grads {
 // whole by its kernel unless there is nothing to sum over: then they must come zeroed).
 void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, const uint8_t* mask, const WarpShape& s,
-                  const WarpGeometry& geometry, double scale, Grads& g) {
+                  const WarpGeometry& geometry, double scale, Precision precision, Grads& g) {
   if (s.nq == 0 || s.nk == 0) return;
   const at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(1);  // (B, Nq)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -153,7 +164,7 @@ void run_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Ten
         ptr<scalar_t>(grad_out), ptr<scalar_t>(q), ptr<scalar_t>(k), ptr<scalar_t>(v), mask, lse.data_ptr<float>(),
         delta.data_ptr<float>(), float_ptr_or_null(g.dq), float_ptr_or_null(g.dk), float_ptr_or_null(g.dv),
         float_ptr_or_null(g.sums_q), float_ptr_or_null(g.sums_k), s, geometry, static_cast<float>(scale),
-        stream)));
+        precision, stream)));
   });
 }
 
@@ -169,7 +180,8 @@ auto allocator(const at::Tensor& q, const WarpShape& s) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, double scale, bool need_dq, bool need_dk, bool need_dv,
-    const c10::optional<at::Tensor>& key_mask) {
+    const c10::optional<at::Tensor>& key_mask, const std::string& precision) {
+  const Precision p = parse_precision(precision);
   const WarpShape s = warp_shape(q, k, v);
   const uint8_t* mask = mask_pointer(key_mask, s, q);
   check_saved(grad_out, out, lse, s, q);
@@ -177,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> correspondence_warp_backward(
   const auto alloc = allocator(q, s);
   Grads g{alloc(need_dq, {s.batch, s.nq, s.d}), alloc(need_dk, {s.batch, s.nk, s.d}),
           alloc(need_dv, {s.batch, s.cv, s.nk}), at::Tensor(), at::Tensor()};
-  run_backward(grad_out, q, k, v, out, lse, mask, s, cuda::prepared_rows(s), scale, g);
+  run_backward(grad_out, q, k, v, out, lse, mask, s, cuda::prepared_rows(s), scale, p, g);
   return {g.dq, g.dk, g.dv};
 }
 
@@ -224,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
     const at::Tensor& ak, const at::Tensor& v, int64_t patch, int64_t width_q, int64_t width_k, double scale,
     const c10::optional<at::Tensor>& key_mask) {
   const auto [s, g] = window_shape(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k);
-  return run_forward(xq, xk, v, mask_pointer(key_mask, s, xq), s, g, scale);
+  return run_forward(xq, xk, v, mask_pointer(key_mask, s, xq), s, g, scale, Precision::kIeee);
 }
 
 // Returns (planes_q (k*k, B, Nq, C), planes_k (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq),
@@ -243,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> correspon
   Grads g{alloc(need_dq, {taps, s.batch, s.nq, s.d}), alloc(need_dk, {taps, s.batch, s.nk, s.d}),
           alloc(need_dv, {s.batch, s.cv, s.nk}), alloc(need_dq, {2, s.batch, s.nq}),
           alloc(need_dk, {2, s.batch, s.nk})};
-  run_backward(grad_out, xq, xk, v, out, lse, mask, s, geometry, scale, g);
+  run_backward(grad_out, xq, xk, v, out, lse, mask, s, geometry, scale, Precision::kIeee, g);
   return {g.dq, g.dk, g.dv, g.sums_q, g.sums_k};
 }
 
@@ -356,11 +368,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace ck = cocos_kernels::bindings;
   m.def("correspondence_warp_forward", &ck::correspondence_warp_forward,
         "fused correspondence warp forward (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
-        py::arg("key_mask") = py::none());
+        py::arg("key_mask") = py::none(), py::arg("precision") = "ieee");
   m.def("correspondence_warp_backward", &ck::correspondence_warp_backward,
         "fused correspondence warp backward (dq, dk, dv)", py::arg("grad_out"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("need_dq"), py::arg("need_dk"),
-        py::arg("need_dv"), py::arg("key_mask") = py::none());
+        py::arg("need_dv"), py::arg("key_mask") = py::none(), py::arg("precision") = "ieee");
   m.def("correspondence_warp_windows_forward", &ck::correspondence_warp_windows_forward,
         "fused correspondence warp forward on k x k windows of padded grids of rows (out, lse)", py::arg("xq"),
         py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"), py::arg("ak"), py::arg("v"), py::arg("patch"),

@@ -8,8 +8,9 @@
 // row (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk
 // is accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
 // (bit-identical, so their row statistics agree); the first chunk's block writes the lse.
-// float16/bfloat16 prepared rows take the kernels of correspondence_warp_mma.cuh instead, with
-// their tiles in registers, where they fit (uses_mma_forward, uses_mma_backward).
+// float16/bfloat16 prepared rows, and float32 ones with precision tf32x3 or tf32, take the
+// kernels of correspondence_warp_mma.cuh instead, with their tiles in registers, where they fit
+// (uses_mma_forward, uses_mma_backward).
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -545,16 +546,16 @@ cudaError_t launch(Kernel kernel, int64_t blocks, size_t bytes, cudaStream_t str
 template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
                                         T* out, float* lse, WarpShape shape, WarpGeometry geometry,
-                                        float scale, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (uses_mma_forward<T>(shape, geometry)) {
-      return with_mma_tiles<kMmaMaxD>(shape, [&](auto dt, auto cvt) {
-        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-        const MmaGrid grid = forward_mma_grid(shape, CVT);
-        return launch(forward_mma_kernel<T, DT, CVT>, grid.blocks(shape.batch), MmaTiles<T, DT, CVT>::kBytes,
-                      stream, q, k, v, key_mask, out, lse, shape, scale * kLog2e, grid);
-      });
-    }
+                                        float scale, Precision precision, cudaStream_t stream) {
+  if (uses_mma_forward<T>(shape, geometry, precision)) {
+    return with_mma_tiles<T, kMmaForwardD<T>, 64>(shape, precision, [&](auto p, auto dt, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+      const MmaGrid grid = forward_mma_grid(shape, CVT);
+      return launch(forward_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
+                    MmaTiles<T, DT, CVT>::kForwardBytes, stream, q, k, v, key_mask, out, lse, shape,
+                    scale * kLog2e, grid);
+    });
   }
   const int64_t m_blocks = ceil_div(shape.nq, BM);
   const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
@@ -567,25 +568,25 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
                                          const uint8_t* key_mask, const float* lse,
                                          const float* delta, float* dq, float* dk, float* dv,
                                          float* sums_q, float* sums_k, WarpShape shape,
-                                         WarpGeometry geometry, float scale, cudaStream_t stream) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (uses_mma_backward<T>(shape, geometry)) {
-      return with_mma_tiles<kMmaMaxBackwardD>(shape, [&](auto dt, auto cvt) {
-        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-        if (dq != nullptr) {
-          const MmaGrid grid = backward_mma_grid(shape.nq);
-          const cudaError_t err = launch(backward_dq_mma_kernel<T, DT, CVT>, grid.blocks(shape.batch),
-                                         MmaTiles<T, DT, CVT>::kBytes, stream,
-                                         grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid);
-          if (err != cudaSuccess) return err;
-        }
-        if (dk == nullptr && dv == nullptr) return cudaSuccess;
-        const MmaGrid grid = backward_mma_grid(shape.nk);
-        return launch(backward_dkdv_mma_kernel<T, DT, CVT>, grid.blocks(shape.batch),
-                      MmaTiles<T, DT, CVT>::kDkDvBytes, stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv,
-                      shape, scale, grid);
-      });
-    }
+                                         WarpGeometry geometry, float scale, Precision precision,
+                                         cudaStream_t stream) {
+  if (uses_mma_backward<T>(shape, geometry, precision)) {
+    return with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(shape, precision, [&](auto p, auto dt, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+      if (dq != nullptr) {
+        const MmaGrid grid = backward_mma_grid(shape.nq);
+        const cudaError_t err = launch(backward_dq_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
+                                       MmaTiles<T, DT, CVT>::kDqBytes, stream,
+                                       grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid);
+        if (err != cudaSuccess) return err;
+      }
+      if (dk == nullptr && dv == nullptr) return cudaSuccess;
+      const MmaGrid grid = backward_mma_grid(shape.nk);
+      return launch(backward_dkdv_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
+                    MmaTiles<T, DT, CVT>::kDkDvBytes, stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv,
+                    shape, scale, grid);
+    });
   }
   if (dq != nullptr) {
     const int64_t m_blocks = ceil_div(shape.nq, BM);
@@ -608,10 +609,10 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
 #define COCOS_KERNELS_INSTANTIATE_WARP(T)                                                          \
   template cudaError_t correspondence_warp_forward<T>(const T*, const T*, const T*, const uint8_t*,   \
                                                       T*, float*, WarpShape, WarpGeometry, float,     \
-                                                      cudaStream_t);                                  \
+                                                      Precision, cudaStream_t);                       \
   template cudaError_t correspondence_warp_backward<T>(                                             \
       const T*, const T*, const T*, const T*, const uint8_t*, const float*, const float*, float*,    \
-      float*, float*, float*, float*, WarpShape, WarpGeometry, float, cudaStream_t);
+      float*, float*, float*, float*, WarpShape, WarpGeometry, float, Precision, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace cocos_kernels

@@ -51,12 +51,17 @@ inline WarpGeometry window_geometry(const WarpShape& s, int patch, int64_t len_q
                       static_cast<float>(patch * patch) * static_cast<float>(s.d), mq, aq, mk, ak};
 }
 
+// How float32 tile products are computed (the Triton backend's precision=): kIeee float32 FMAs;
+// kTf32x3 tensor cores on tf32 inputs split in two, a = hi + lo, each product hi hi + hi lo + lo hi
+// (near float32); kTf32 tensor cores on the inputs rounded to tf32. 16-bit inputs ignore it.
+enum class Precision : int { kIeee = 0, kTf32x3 = 1, kTf32 = 2 };
+
 // out = softmax(scale * scores) v per batch element, lse = the row logsumexp (natural log);
 // a row whose keys are all masked gets out = 0 and lse = -inf.
 template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
                                         T* out, float* lse, WarpShape shape, WarpGeometry geometry,
-                                        float scale, cudaStream_t stream);
+                                        float scale, Precision precision, cudaStream_t stream);
 
 // dq, dk, dv (B, Cv, Nk), each null where not requested; delta = rowsum(grad_out * out) (B, Nq).
 // Prepared rows: dq (B, Nq, D), dk (B, Nk, D); sums_q, sums_k unused. Windows: dq (k*k, B, Nq, C)
@@ -65,12 +70,14 @@ cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, cons
 // sums_q (2, B, Nq) = per query [sum_j H_ij m_j, sum_j dL/dscore_ij score_ij], written with dq;
 // sums_k (2, B, Nk) the same summed over i for each key, written with dk. Rows with lse = +inf
 // (padding centres) get P = 0. Every requested output is overwritten, never accumulated.
+// Windows ignore the precision (float32 windows take FMAs).
 template <class T>
 cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T* k, const T* v,
                                          const uint8_t* key_mask, const float* lse,
                                          const float* delta, float* dq, float* dk, float* dv,
                                          float* sums_q, float* sums_k, WarpShape shape,
-                                         WarpGeometry geometry, float scale, cudaStream_t stream);
+                                         WarpGeometry geometry, float scale, Precision precision,
+                                         cudaStream_t stream);
 
 // Prologue for patch_size 1: x (B, C, N) float -> rows (B, N, C) in T, each position centred
 // over channels (if center) and divided by (|x - mean| + eps) (if normalize).

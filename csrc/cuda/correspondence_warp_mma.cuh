@@ -1,5 +1,7 @@
-// The kernels of correspondence_warp for float16/bfloat16 prepared rows (patch 1), built as
-// FlashAttention-2 builds them, from the PTX operations of mma.cuh (sm_80 and newer).
+// The kernels of correspondence_warp for prepared rows (patch 1) on tensor cores, built as
+// FlashAttention-2 builds them, from the PTX operations of mma.cuh (sm_80 and newer): float16 and
+// bfloat16 rows through mma.sync m16n8k16, float32 rows with precision tf32x3 or tf32 through
+// m16n8k8 on tf32 inputs (below: "float32 rows").
 //
 // Every kernel has one shape: a block of 8 warps keeps 128 rows resident (warp w owns rows
 // 16 w .. 16 w + 15), copied to shared memory once and, where the registers allow, held as mma A
@@ -21,7 +23,22 @@
 //
 // D is padded to DT (64, 128 or 256) in the tiles and fragments, the value chunk to CVT (16 or 64)
 // channels: Cv = 3 pays for 16, not 64. Rows whose length (D; Nq or Nk for value-like tiles) is
-// not a multiple of 8, or whose base is not 16-byte aligned, are copied element by element.
+// not a whole number of 16-byte chunks, or whose base is not 16-byte aligned, are copied element
+// by element.
+//
+// Float32 rows: the same kernels with k8 steps. There is no ldmatrix for 32-bit elements: the
+// fragments are plain 32-bit shared loads (64-bit where a fragment's two elements are adjacent).
+// Since a product sums over k, any permutation of k within a k8 step gives the same result if A
+// and B agree on it. Fragments loaded from shared memory hold k in the ISA's order (t, t + 4);
+// the A fragments made from accumulators hold columns 2t, 2t + 1 of their C layout in the k
+// slots t and t + 4 (no shuffles), and their B fragments are loaded with that order. With row
+// strides of 4 words mod 32 for feature rows and 8 for value-like tiles, every one of these loads
+// hits 32 distinct banks. tf32x3 keeps the float values and splits each at use (hi = cvt.rna(x),
+// lo = cvt.rna(x - hi)): three products hi hi + hi lo + lo hi per step; tf32 rounds them once.
+// 32-bit fragments take twice the registers of 16-bit ones, so the resident tiles (Q; Q and dOut;
+// K and V) stay in shared memory and their A fragments are read there per k step: the forward
+// takes D <= 128 (value chunks of 16 channels at D > 64, for the shared memory), the backward
+// D <= 64 and Cv <= 16.
 #pragma once
 
 #include "correspondence_warp.h"
@@ -36,36 +53,114 @@ constexpr int kMmaBN = 64;     // streamed rows per pipeline stage
 constexpr int kMmaMaxD = 256;
 constexpr int kMmaMaxBackwardD = 128;  // the backward's D-wide accumulators stay in registers
 constexpr int kMmaMaxBackwardCv = 64;  // dP needs every channel in one block
+constexpr int kTf32MaxD = 128;
+constexpr int kTf32MaxBackwardD = 64;   // D-wide accumulators: tf32x3's dK/dV takes 249-255 registers at 64
+constexpr int kTf32MaxBackwardCv = 16;  // with 64-channel dV accumulators it spills
 static_assert(kMmaRows == 16 * kWarps && kMmaRows == 2 * kMmaBN, "resident rows are staged in the two row stages");
 
-// Whether correspondence_warp_forward<T> / _backward<T> run the kernels of this file.
 template <class T>
-bool uses_mma_forward(const WarpShape& s, const WarpGeometry& g) {
-  return !std::is_same_v<T, float> && g.patch == 1 && s.d <= kMmaMaxD;
+constexpr bool kIsFloat = std::is_same_v<T, float>;
+
+// Whether correspondence_warp_forward<T> / _backward<T> run the kernels of this file (float32
+// with precision ieee takes the FMA kernels), and up to which D.
+template <class T>
+constexpr int kMmaForwardD = kIsFloat<T> ? kTf32MaxD : kMmaMaxD;
+template <class T>
+constexpr int kMmaBackwardD = kIsFloat<T> ? kTf32MaxBackwardD : kMmaMaxBackwardD;
+template <class T>
+constexpr int kMmaBackwardCv = kIsFloat<T> ? kTf32MaxBackwardCv : kMmaMaxBackwardCv;
+template <class T>
+bool uses_mma_forward(const WarpShape& s, const WarpGeometry& g, Precision p) {
+  return (!kIsFloat<T> || p != Precision::kIeee) && g.patch == 1 && s.d <= kMmaForwardD<T>;
 }
 template <class T>
-bool uses_mma_backward(const WarpShape& s, const WarpGeometry& g) {
-  return !std::is_same_v<T, float> && g.patch == 1 && s.d <= kMmaMaxBackwardD && s.cv <= kMmaMaxBackwardCv;
+bool uses_mma_backward(const WarpShape& s, const WarpGeometry& g, Precision p) {
+  return (!kIsFloat<T> || p != Precision::kIeee) && g.patch == 1 && s.d <= kMmaBackwardD<T> &&
+         s.cv <= kMmaBackwardCv<T>;
 }
 
-// Calls f(DT, CVT) (std::integral_constant) with the padded widths of D (up to MAX_D) and of the
-// value chunk; instantiates f for those widths only.
-template <int MAX_D, class F>
-auto with_mma_tiles(const WarpShape& s, F&& f) {
-  auto by_cv = [&](auto dt) {
-    return s.cv <= 16 ? f(dt, std::integral_constant<int, 16>{}) : f(dt, std::integral_constant<int, 64>{});
+// Calls f(P, DT, CVT) (std::integral_constant) with the precision (kIeee for 16-bit T, which
+// ignores it), the padded widths of D (up to MAX_D) and of the value chunk (up to MAX_CV);
+// instantiates f for those only.
+template <class T, int MAX_D, int MAX_CV, class F>
+auto with_mma_tiles(const WarpShape& s, Precision precision, F&& f) {
+  auto by_cv = [&](auto p, auto dt) {
+    // Float32 at D > 64: chunks of 16 channels, or the resident Q would not fit sm_80's shared memory.
+    if constexpr (MAX_CV == 16 || (kIsFloat<T> && decltype(dt)::value > 64)) {
+      return f(p, dt, std::integral_constant<int, 16>{});
+    } else {
+      return s.cv <= 16 ? f(p, dt, std::integral_constant<int, 16>{}) : f(p, dt, std::integral_constant<int, 64>{});
+    }
   };
-  if constexpr (MAX_D > 128) {
-    if (s.d > 128) return by_cv(std::integral_constant<int, MAX_D>{});
+  auto by_d = [&](auto p) {
+    if constexpr (MAX_D > 128) {
+      if (s.d > 128) return by_cv(p, std::integral_constant<int, MAX_D>{});
+    }
+    if constexpr (MAX_D > 64) {
+      if (s.d > 64) return by_cv(p, std::integral_constant<int, 128>{});
+    }
+    return by_cv(p, std::integral_constant<int, 64>{});
+  };
+  if constexpr (kIsFloat<T>) {
+    if (precision == Precision::kTf32) return by_d(std::integral_constant<Precision, Precision::kTf32>{});
+    return by_d(std::integral_constant<Precision, Precision::kTf32x3>{});
+  } else {
+    return by_d(std::integral_constant<Precision, Precision::kIeee>{});
   }
-  if (s.d > 64) return by_cv(std::integral_constant<int, 128>{});
-  return by_cv(std::integral_constant<int, 64>{});
 }
+
+// k per mma step: m16n8k16 for 16-bit inputs, m16n8k8 for tf32.
+template <class T>
+constexpr int kMmaK = kIsFloat<T> ? 8 : 16;
+
+// Float32 A fragments made from accumulators, one k8 step per x[s]: the accumulators of n8 tile
+// s in their C order (columns 2t, 2t + 1 in c0, c1 and c2, c3). P is the precision of the
+// products they enter.
+template <Precision P, int STEPS>
+struct Tf32Accumulators {
+  static constexpr Precision kPrecision = P;
+  static constexpr int kSteps = STEPS;
+  static constexpr bool kIsaOrder = false;
+  float x[STEPS][4];
+  __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
+    a[0] = x[kk][0];  // the ISA's register order: rows g, g + 8 at k slot t, then at t + 4
+    a[1] = x[kk][2];
+    a[2] = x[kk][1];
+    a[3] = x[kk][3];
+  }
+};
+
+// Float32 A fragments of a resident shared tile, read per k step in the ISA's order (k t, t + 4):
+// element offsets of this lane's a0, of k step kk + 1 from kk, of rows g + 8 from g, of k t + 4
+// from t.
+template <Precision P, int STEPS>
+struct Tf32SharedA {
+  static constexpr Precision kPrecision = P;
+  static constexpr int kSteps = STEPS;
+  static constexpr bool kIsaOrder = true;
+  const float* tile;
+  int base, step, rows8, k4;
+  __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
+    const int i = base + kk * step;
+    a[0] = lds(tile, i);
+    a[1] = lds(tile, i + rows8);
+    a[2] = lds(tile, i + k4);
+    a[3] = lds(tile, i + rows8 + k4);
+  }
+};
+
+// The A fragments of a W-wide k extent: of a resident tile (ResidentA: registers for 16-bit T,
+// the shared tile for float32) or made from accumulators (AccumulatorA).
+template <class T, Precision P, int W>
+using ResidentA = std::conditional_t<kIsFloat<T>, Tf32SharedA<P, W / 8>, uint32_t[W / 16][4]>;
+template <class T, Precision P, int W>
+using AccumulatorA = std::conditional_t<kIsFloat<T>, Tf32Accumulators<P, W / 8>, uint32_t[W / 16][4]>;
 
 template <class T, int DT, int CVT>
 struct MmaTiles {
-  // Element strides of the shared rows: 16 bytes of padding put ldmatrix's 8 rows in distinct banks.
-  static constexpr int LD_D = DT + 8;          // feature rows
+  // Element strides of the shared rows: 16 bytes of padding put ldmatrix's 8 rows in distinct banks;
+  // float32 tiles: 4 words mod 32 for feature rows, 8 for value-like tiles (see the top).
+  static constexpr int LD_D = DT + 16 / static_cast<int>(sizeof(T));  // feature rows
   static constexpr int LD_N = kMmaBN + 8;      // value-like tiles of a stage, [c][64 rows]
   static constexpr int LD_R = kMmaRows + 8;    // the resident value-like tile, [c][128 rows]
   static constexpr int ROW_STAGE = kMmaBN * LD_D;  // elements
@@ -76,6 +171,10 @@ struct MmaTiles {
   // fragments are read per query block instead of held, which keeps D = 128 with Cv = 64 within
   // the registers.
   static constexpr size_t kDkDvBytes = kBytes + (kMmaRows * LD_D + CVT * LD_R) * sizeof(T);
+  // Float32 keeps every resident tile in shared memory of its own, after the stages: Q (forward),
+  // Q and dOut (dQ; the layout of dK/dV's K and V).
+  static constexpr size_t kForwardBytes = kIsFloat<T> ? kBytes + kMmaRows * LD_D * sizeof(T) : kBytes;
+  static constexpr size_t kDqBytes = kIsFloat<T> ? kDkDvBytes : kBytes;
 };
 
 // One launch's grid: blocks iterate over (batch, value chunk, block of resident rows), the
@@ -95,16 +194,25 @@ inline MmaGrid backward_mma_grid(int64_t rows) { return {ceil_div(rows, kMmaRows
 template <int R, int COLS, class T>
 __device__ __forceinline__ void load_tile_async(T* dst, int ldd, const T* src, int64_t rows, int64_t cols,
                                                 int64_t r0, int64_t c0) {
-  static_assert(COLS % 8 == 0, "whole 16-byte chunks");
-  if (cols % 8 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
-    load_tile<R, COLS>(dst, ldd, src, rows, cols, r0, c0);
+  constexpr int E = 16 / sizeof(T);  // elements per 16-byte chunk
+  static_assert(COLS % E == 0, "whole 16-byte chunks");
+  // Both loops stay rolled: unrolled, their addresses and loads sit in registers beside the
+  // accumulators of the key loop, and the float32 kernels spill.
+  if (cols % E != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+#pragma unroll 1
+    for (int i = threadIdx.x; i < R * COLS; i += kThreads) {
+      const int r = i / COLS, c = i % COLS;
+      const int64_t gr = r0 + r, gc = c0 + c;
+      dst[r * ldd + c] = gr < rows && gc < cols ? src[gr * cols + gc] : from_float<T>(0.0f);
+    }
     return;
   }
-  constexpr int CHUNKS = COLS / 8;
+  constexpr int CHUNKS = COLS / E;
+#pragma unroll 1
   for (int i = threadIdx.x; i < R * CHUNKS; i += kThreads) {
-    const int r = i / CHUNKS, c = i % CHUNKS * 8;
+    const int r = i / CHUNKS, c = i % CHUNKS * E;
     const int64_t gr = r0 + r, gc = c0 + c;
-    const bool valid = gr < rows && gc < cols;  // a chunk is all in or all out: cols % 8 == 0
+    const bool valid = gr < rows && gc < cols;  // a chunk is all in or all out: cols % E == 0
     cp_async_16(dst + r * ldd + c, valid ? src + gr * cols + gc : src, valid);
   }
 }
@@ -165,6 +273,71 @@ __device__ __forceinline__ void to_a_fragments(uint32_t (&a)[NT / 2][4], const f
   }
 }
 
+// Float32: the accumulators are the A fragments as they are (Tf32Accumulators' order).
+template <class T, Precision P, int NT>
+__device__ __forceinline__ void to_a_fragments(Tf32Accumulators<P, NT>& a, const float (&acc)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a.x[kk][e] = acc[kk][e];
+  }
+}
+
+// x as tf32 hi (and, for tf32x3, lo = x - hi rounded to tf32; else 0).
+template <Precision P, int N>
+__device__ __forceinline__ void split_tf32(const float (&x)[N], uint32_t (&hi)[N], uint32_t (&lo)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    hi[i] = to_tf32(x[i]);
+    lo[i] = P == Precision::kTf32x3 ? to_tf32(x[i] - float_bits(hi[i])) : 0u;
+  }
+}
+
+// acc (16 x 8 NT, float) += A B for float32 tiles, B(k, n) = tile[n][k] (B_ROWS) or tile[k][n],
+// over the first k_steps k8 steps and n_pairs pairs of n8 tiles; B is loaded in A's k order.
+template <bool B_ROWS, class A, int NT>
+__device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const A& a, const float* tile, int ld, int k_steps,
+                                         int n_pairs, int lane) {
+  constexpr Precision P = A::kPrecision;
+  constexpr int STEPS = A::kSteps;
+  constexpr bool RESIDENT = A::kIsaOrder;
+  static_assert(P != Precision::kIeee, "float32 tiles on tensor cores are tf32x3 or tf32");
+  const int g = lane / 4, kt = RESIDENT ? lane % 4 : 2 * (lane % 4);  // this lane's first k of B
+  // This lane's B elements (k kt, n g) and its second k (kt + 4, or kt + 1 for accumulator order),
+  // at n8 tile 0 of k step 0; the others are constant offsets from them.
+  const int b0 = B_ROWS ? g * ld + kt : kt * ld + g;
+  const int b1 = b0 + (RESIDENT ? 4 : 1) * (B_ROWS ? 1 : ld);
+#pragma unroll
+  for (int kk = 0; kk < STEPS; ++kk) {
+    if (kk >= k_steps) continue;
+    float ax[4];
+    a.fragment(ax, kk);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (nt >= 2 * n_pairs) continue;
+      // A is split again per n8 tile and B's lo made after the first two products: split once
+      // per k step, tf32x3's dK/dV spills on sm_90a (ptxas keeps several tiles' splits in flight).
+      uint32_t ahi[4], alo[4];
+      split_tf32<P>(ax, ahi, alo);
+      const int step = B_ROWS ? 8 * nt * ld + 8 * kk : 8 * kk * ld + 8 * nt;
+      float b[2];
+      if constexpr (B_ROWS && !RESIDENT) {
+        lds_pair(b, tile, b0 + step);  // k contiguous and adjacent
+      } else {
+        b[0] = lds(tile, b0 + step);
+        b[1] = lds(tile, b1 + step);
+      }
+      const uint32_t bhi[2] = {to_tf32(b[0]), to_tf32(b[1])};
+      mma_1688_tf32(acc[nt], ahi, bhi);
+      if constexpr (P == Precision::kTf32x3) {
+        mma_1688_tf32(acc[nt], alo, bhi);
+        const uint32_t blo[2] = {to_tf32(b[0] - float_bits(bhi[0])), to_tf32(b[1] - float_bits(bhi[1]))};
+        mma_1688_tf32(acc[nt], ahi, blo);
+      }
+    }
+  }
+}
+
 // Copies the block's resident rows r0 .. r0 + 127 of `rows` (n x d) to rdst (stride LD_D) and,
 // with `vals`, their value-like columns (cv x n) to vs ([c][row], stride LD_R), for every thread.
 template <class T, int DT, int CVT>
@@ -193,6 +366,20 @@ __device__ __forceinline__ void column_fragments(uint32_t (&f)[CVT / 16][4], con
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int c = 0; c < CVT / 16; ++c) ldmatrix_x4<true>(f[c], ldsm_rows(vs, ld, 16 * c, 16 * warp, lane));
+}
+
+// The same for float32 tiles: the fragments stay in the shared tile, read per k step.
+template <class T, int DT, Precision P, int STEPS>
+__device__ __forceinline__ void row_fragments(Tf32SharedA<P, STEPS>& f, const float* tile, int ld, int) {
+  static_assert(STEPS == DT / 8, "one k8 step per 8 columns");
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  f = {tile, (16 * warp + g) * ld + t, 8, 8 * ld, 4};
+}
+template <class T, int CVT, Precision P, int STEPS>
+__device__ __forceinline__ void column_fragments(Tf32SharedA<P, STEPS>& f, const float* vs, int ld) {
+  static_assert(STEPS == CVT / 8, "one k8 step per 8 channels");
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  f = {vs, t * ld + 16 * warp + g, 8 * ld, 8, 4 * ld};
 }
 
 // Streams the 64-row blocks of `rows` (n x d) and of `vals` (cv x n, channels c0 .. c0 + CVT)
@@ -258,7 +445,7 @@ __device__ __forceinline__ void store_accumulators(float* dst, const float (&acc
 
 // One block (8 warps) per SM as the register budget: 128 registers a thread would make ptxas
 // spill the fragments of most tile widths. FlashAttention-2 runs two blocks of 4 warps.
-template <class T, int DT, int CVT>
+template <class T, Precision P, int DT, int CVT>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                        const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
@@ -268,6 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
   T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]
+  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;  // float32: Q stays, after the stages
 
   const int64_t block = blockIdx.x;
   const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
@@ -278,11 +466,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   to_batch(b, shape, q, k, v, key_mask);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = lane % 4;
-  const int d_steps = (d + 15) / 16;  // k16 steps of the score product; the rest of DT is zeros
+  constexpr int K = kMmaK<T>;
+  const int d_steps = (d + K - 1) / K;  // k steps of the score product; the rest of DT is zeros
 
-  uint32_t qf[DT / 16][4] = {};
-  stage_resident<T, DT, CVT>(rs, vs, q, nullptr, nq, d, cv, m0);
-  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
+  ResidentA<T, P, DT> qf = {};
+  stage_resident<T, DT, CVT>(qs, vs, q, nullptr, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
   __syncthreads();  // the stages are free for the keys
 
   // Rows g and g + 8: running max (base 2), and this lane's share of the row sum (its quad's
@@ -327,9 +516,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[c][e] *= alpha[e / 2];
     }
-    uint32_t pf[BN / 16][4];
+    AccumulatorA<T, P, BN> pf;
     to_a_fragments<T>(pf, s);
-    mma_tile<true>(o, pf, vt, L::LD_N, BN / 16, CVT / 16, lane);  // O += P V, V stored [c][n]
+    mma_tile<true>(o, pf, vt, L::LD_N, BN / K, CVT / 16, lane);  // O += P V, V stored [c][n]
   });
 
   // out (Cv, Nq), lse (natural log) from the first chunk's blocks.
@@ -358,7 +547,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <class T, int DT, int CVT>
+template <class T, Precision P, int DT, int CVT>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_dq_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
@@ -369,6 +558,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem[];
   T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
   T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]; dOut [c][m] before
+  // Float32: Q and dOut stay, after the stages.
+  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;
+  T* const os = kIsFloat<T> ? qs + kMmaRows * L::LD_D : vs;
 
   const int64_t m0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
   const int64_t b = blockIdx.x / grid.row_blocks;
@@ -378,13 +570,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   grad_out += b * cv * nq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = lane % 4;
-  const int d_steps = (d + 15) / 16;
+  constexpr int K = kMmaK<T>;
+  const int d_steps = (d + K - 1) / K, d_pairs = (d + 15) / 16;
   const float scale_log2 = scale * kLog2e;
 
-  uint32_t qf[DT / 16][4] = {}, of[CVT / 16][4];
-  stage_resident<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, m0);
-  row_fragments<T, DT>(qf, rs, L::LD_D, d_steps);
-  column_fragments<T, CVT>(of, vs, L::LD_R);
+  ResidentA<T, P, DT> qf = {};
+  ResidentA<T, P, CVT> of;
+  stage_resident<T, DT, CVT>(qs, os, q, grad_out, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
+  column_fragments<T, CVT>(of, os, L::LD_R);
   __syncthreads();  // the stages are free for the keys
   // Rows g and g + 8: lse in base 2 and delta; rows past Nq get P = 0.
   const int64_t row0 = m0 + 16 * warp + lane / 4;
@@ -400,7 +594,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, 0, [&](int64_t n0, const T* kt, const T* vt) {
     float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
     mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
-    mma_tile<false>(dp, of, vt, L::LD_N, CVT / 16, BN / 16, lane);  // dP = dOut V^T, V stored [c][n]
+    mma_tile<false>(dp, of, vt, L::LD_N, CVT / K, BN / 16, lane);  // dP = dOut V^T, V stored [c][n]
     const KeyBlock keys(key_mask, nk, n0);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
@@ -410,15 +604,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         s[nt][e] = p * (dp[nt][e] - dlt[e / 2]) * scale;
       }
     }
-    uint32_t dsf[BN / 16][4];
+    AccumulatorA<T, P, BN> dsf;
     to_a_fragments<T>(dsf, s);
-    mma_tile<false>(acc, dsf, kt, L::LD_D, BN / 16, d_steps, lane);  // dQ += dS K, K stored [n][d]
+    mma_tile<false>(acc, dsf, kt, L::LD_D, BN / K, d_pairs, lane);  // dQ += dS K, K stored [n][d]
   });
 
   store_accumulators<false>(dq + b * nq * d, acc, row0, nq, d);
 }
 
-template <class T, int DT, int CVT>
+template <class T, Precision P, int DT, int CVT>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_dkdv_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
@@ -443,7 +637,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   delta += b * nq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = lane % 4;
-  const int d_steps = (d + 15) / 16;
+  constexpr int K = kMmaK<T>;
+  const int d_steps = (d + K - 1) / K, d_pairs = (d + 15) / 16;
   const float scale_log2 = scale * kLog2e;
 
   stage_resident<T, DT, CVT>(ks, vr, k, v, nk, d, cv, n0);
@@ -453,11 +648,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc_dk[DT / 8][4] = {}, acc_dv[CVT / 8][4] = {};
   stream_blocks<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, 0, [&](int64_t m0, const T* qt, const T* ot) {
     float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
-    uint32_t kf[DT / 16][4] = {}, vf[CVT / 16][4];
+    ResidentA<T, P, DT> kf = {};
+    ResidentA<T, P, CVT> vf;
     row_fragments<T, DT>(kf, ks, L::LD_D, d_steps);
     mma_tile<true>(s, kf, qt, L::LD_D, d_steps, BM / 16, lane);      // S^T = K Q^T, Q stored [m][d]
     column_fragments<T, CVT>(vf, vr, L::LD_R);
-    mma_tile<false>(dp, vf, ot, L::LD_N, CVT / 16, BM / 16, lane);   // dP^T = V dOut^T, dOut stored [c][m]
+    mma_tile<false>(dp, vf, ot, L::LD_N, CVT / K, BM / 16, lane);    // dP^T = V dOut^T, dOut stored [c][m]
     // lse (base 2) and delta of query columns 2 lane and 2 lane + 1: column c's are in lane c / 2
     // (two registers a lane instead of sixteen).
     float lane_lse2[2], lane_delta[2];
@@ -483,11 +679,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    uint32_t f[BM / 16][4];
+    AccumulatorA<T, P, BM> f;
     to_a_fragments<T>(f, s);
-    mma_tile<true>(acc_dv, f, ot, L::LD_N, BM / 16, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
+    mma_tile<true>(acc_dv, f, ot, L::LD_N, BM / K, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
     to_a_fragments<T>(f, dp);
-    mma_tile<false>(acc_dk, f, qt, L::LD_D, BM / 16, d_steps, lane);  // dK += dS^T Q, Q stored [m][d]
+    mma_tile<false>(acc_dk, f, qt, L::LD_D, BM / K, d_pairs, lane);  // dK += dS^T Q, Q stored [m][d]
   });
 
   if (dk != nullptr) store_accumulators<false>(dk + b * nk * d, acc_dk, row0, nk, d);

@@ -7,8 +7,9 @@
 // float accumulators), hand-written and CUTLASS-free: its fragments load straight from the shared
 // tiles in either layout (row- or column-major), so each product is the same few lines for every
 // operand orientation the backward needs. (The half forward on rows keeps its fragments in
-// registers instead, with raw mma.sync: correspondence_warp_mma.cuh.) float32 products are plain
-// FMAs in float32 (the exact path: no tf32).
+// registers instead, with raw mma.sync: correspondence_warp_mma.cuh.) float32 products here are
+// plain FMAs in float32 (precision ieee, and every float32 window product; tf32 on rows is in
+// correspondence_warp_mma.cuh).
 #pragma once
 
 #include <cuda_bf16.h>

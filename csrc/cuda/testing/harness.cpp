@@ -1,6 +1,7 @@
 // C entry points (for ctypes) running the correspondence_warp and contextual_loss kernels under
 // host_emulation.h, with the grids of the real launchers. dtype: 0 float32, 1 float16, 2 bfloat16
-// (q, k, v, out, grad_out, the prologue's rows); contextual_loss takes float32 only. The emu_windows_*
+// (q, k, v, out, grad_out, the prologue's rows); precision (float32 products) 0 ieee, 1 tf32x3,
+// 2 tf32 (correspondence_warp.h: Precision); contextual_loss takes float32 only. The emu_windows_*
 // entry points take the k x k window geometry (correspondence_warp.h: WarpGeometry).
 #include <cstring>
 #include <stdexcept>
@@ -27,21 +28,20 @@ void check_smem(size_t bytes) {
 // the emulation's first fault (a misaligned cp.async or ldmatrix address) as 3.
 template <class T>
 int forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
-            WarpGeometry g, float scale) {
-  if constexpr (!std::is_same_v<T, float>) {
-    if (uses_mma_forward<T>(s, g)) {
-      with_mma_tiles<kMmaMaxD>(s, [&](auto dt, auto cvt) {
-        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-        check_smem(MmaTiles<T, DT, CVT>::kBytes);
-        const MmaGrid grid = forward_mma_grid(s, CVT);
-        emu::launch(grid.blocks(s.batch), kThreads, [&] {
-          forward_mma_kernel<T, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                         static_cast<const T*>(v), mask, static_cast<T*>(out), lse, s,
-                                         scale * kLog2e, grid);
-        });
+            WarpGeometry g, float scale, Precision precision) {
+  if (uses_mma_forward<T>(s, g, precision)) {
+    with_mma_tiles<T, kMmaForwardD<T>, 64>(s, precision, [&](auto p, auto dt, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+      check_smem(MmaTiles<T, DT, CVT>::kForwardBytes);
+      const MmaGrid grid = forward_mma_grid(s, CVT);
+      emu::launch(grid.blocks(s.batch), kThreads, [&] {
+        forward_mma_kernel<T, P, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                          static_cast<const T*>(v), mask, static_cast<T*>(out), lse, s,
+                                          scale * kLog2e, grid);
       });
-      return emu::take_fault() == nullptr ? 0 : 3;
-    }
+    });
+    return emu::take_fault() == nullptr ? 0 : 3;
   }
   check_smem(ForwardSmem<T>::carve(nullptr, nullptr));
   const int64_t m_blocks = ceil_div(s.nq, BM), cv_chunks = s.cv > 0 ? ceil_div(s.cv, BCV) : 1;
@@ -56,30 +56,29 @@ int forward(const void* q, const void* k, const void* v, const uint8_t* mask, vo
 template <class T>
 int backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
               const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
-              WarpShape s, WarpGeometry g, float scale) {
+              WarpShape s, WarpGeometry g, float scale, Precision precision) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
-  if constexpr (!std::is_same_v<T, float>) {
-    if (uses_mma_backward<T>(s, g)) {
-      with_mma_tiles<kMmaMaxBackwardD>(s, [&](auto dt, auto cvt) {
-        constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-        check_smem(MmaTiles<T, DT, CVT>::kDkDvBytes);
-        if (dq != nullptr) {
-          const MmaGrid grid = backward_mma_grid(s.nq);
-          emu::launch(grid.blocks(s.batch), kThreads, [&] {
-            backward_dq_mma_kernel<T, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale,
-                                               grid);
-          });
-        }
-        if (dk != nullptr || dv != nullptr) {
-          const MmaGrid grid = backward_mma_grid(s.nk);
-          emu::launch(grid.blocks(s.batch), kThreads, [&] {
-            backward_dkdv_mma_kernel<T, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s,
-                                                 scale, grid);
-          });
-        }
-      });
-      return emu::take_fault() == nullptr ? 0 : 3;
-    }
+  if (uses_mma_backward<T>(s, g, precision)) {
+    with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(s, precision, [&](auto p, auto dt, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+      check_smem(MmaTiles<T, DT, CVT>::kDkDvBytes);
+      if (dq != nullptr) {
+        const MmaGrid grid = backward_mma_grid(s.nq);
+        emu::launch(grid.blocks(s.batch), kThreads, [&] {
+          backward_dq_mma_kernel<T, P, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale,
+                                                grid);
+        });
+      }
+      if (dk != nullptr || dv != nullptr) {
+        const MmaGrid grid = backward_mma_grid(s.nk);
+        emu::launch(grid.blocks(s.batch), kThreads, [&] {
+          backward_dkdv_mma_kernel<T, P, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s,
+                                                  scale, grid);
+        });
+      }
+    });
+    return emu::take_fault() == nullptr ? 0 : 3;
   }
   check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));
   check_smem(BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(g)));
@@ -151,6 +150,27 @@ int emu_mma_16816(bool bf16, const uint32_t* a, const uint32_t* b, float* d) {
   return 0;
 }
 
+// mma.sync m16n8k8 on tf32 inputs: as emu_mma_16816, with A (32, 4) and B (32, 2) one element per register.
+int emu_mma_1688_tf32(const uint32_t* a, const uint32_t* b, float* d) {
+  emu::launch(1, 32, [&] {
+    const int lane = threadIdx.x;
+    uint32_t fa[4], fb[2];
+    float fd[4];
+    std::memcpy(fa, a + 4 * lane, sizeof(fa));
+    std::memcpy(fb, b + 2 * lane, sizeof(fb));
+    std::memcpy(fd, d + 4 * lane, sizeof(fd));
+    mma_1688_tf32(fd, fa, fb);
+    std::memcpy(d + 4 * lane, fd, sizeof(fd));
+  });
+  return 0;
+}
+
+// cvt.rna.tf32.f32 of n floats: bits[i] gets the result's bit pattern.
+int emu_to_tf32(const float* x, uint32_t* bits, int n) {
+  for (int i = 0; i < n; ++i) bits[i] = to_tf32(x[i]);
+  return 0;
+}
+
 // cp.async commit groups: each of 32 threads copies its 16 bytes of src[0, 512) in group 0, of
 // src[512, 1024) in group 1 and a zero-fill (src-size 0) in group 2, into shared bytes [0, 1536)
 // filled with 0xab; snapshots (3, 1536) is that shared memory after wait_group 2, 1 and 0.
@@ -199,27 +219,30 @@ int emu_prepare_features_backward(const float* grad_rows, const float* x, float*
 }
 
 int emu_forward(int dtype, const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse,
-                int64_t batch, int64_t nq, int64_t nk, int d, int cv, float scale) {
+                int64_t batch, int64_t nq, int64_t nk, int d, int cv, float scale, int precision) {
   const WarpShape s{batch, nq, nk, d, cv};
   const WarpGeometry g = prepared_rows(s);
+  const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
-    case 0: return forward<float>(q, k, v, mask, out, lse, s, g, scale);
-    case 1: return forward<__half>(q, k, v, mask, out, lse, s, g, scale);
-    case 2: return forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, g, scale);
+    case 0: return forward<float>(q, k, v, mask, out, lse, s, g, scale, p);
+    case 1: return forward<__half>(q, k, v, mask, out, lse, s, g, scale, p);
+    case 2: return forward<__nv_bfloat16>(q, k, v, mask, out, lse, s, g, scale, p);
   }
   return 1;
 }
 
 int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
                  const float* lse, const float* delta, float* dq, float* dk, float* dv, int64_t batch, int64_t nq,
-                 int64_t nk, int d, int cv, float scale) {
+                 int64_t nk, int d, int cv, float scale, int precision) {
   const WarpShape s{batch, nq, nk, d, cv};
   const WarpGeometry g = prepared_rows(s);
+  const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
-    case 0: return backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
-    case 1: return backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
+    case 0: return backward<float>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale, p);
+    case 1: return backward<__half>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale, p);
     case 2:
-      return backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale);
+      return backward<__nv_bfloat16>(grad_out, q, k, v, mask, lse, delta, dq, dk, dv, nullptr, nullptr, s, g, scale,
+                                     p);
   }
   return 1;
 }
@@ -233,9 +256,9 @@ int emu_windows_forward(int dtype, const void* xq, const float* mq, const float*
   const WarpShape s{batch, nq, nk, c, cv};
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
   switch (dtype) {
-    case 0: return forward<float>(xq, xk, v, mask, out, lse, s, g, scale);
-    case 1: return forward<__half>(xq, xk, v, mask, out, lse, s, g, scale);
-    case 2: return forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale);
+    case 0: return forward<float>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
+    case 1: return forward<__half>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
+    case 2: return forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
   }
   return 1;
 }
@@ -250,12 +273,12 @@ int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const 
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
   switch (dtype) {
     case 0:
-      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
+      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
     case 1:
-      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale);
+      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
     case 2:
       return backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
-                                     scale);
+                                     scale, Precision::kIeee);
   }
   return 1;
 }

@@ -177,6 +177,42 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
     d[e] = acc;
   }
 }
+
+// cvt.rna.tf32.f32: 10 mantissa bits, to nearest with ties away from zero (add half of the
+// dropped range to the magnitude, then truncate); infinities and NaNs pass unchanged.
+inline uint32_t to_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits += 0x1000u;
+  return bits & ~0x1fffu;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 with d as c (g = lane / 4, t = lane % 4):
+// A(i, k) is in lane 4 (i % 8) + k % 4, register i / 8 + 2 (k / 4); B(k, n) in lane 4 n + k % 4,
+// register k / 4; d as m16n8k16. An operand's low 13 bits are ignored, so an operand the kernel
+// did not round is truncated. The products of tf32 values are exact in float.
+inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  struct Operands {
+    uint32_t a[4], b[2];
+  };
+  Operands all[32];
+  warp_gather(Operands{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}}, all);
+  auto value = [](uint32_t bits) {
+    bits &= ~0x1fffu;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  };
+  auto A = [&](int i, int k) { return value(all[4 * (i % 8) + k % 4].a[i / 8 + 2 * (k / 4)]); };
+  auto B = [&](int k, int n) { return value(all[4 * n + k % 4].b[k / 4]); };
+  const int g = static_cast<int>(threadIdx.x % 32) / 4, t = static_cast<int>(threadIdx.x % 4);
+  for (int e = 0; e < 4; ++e) {
+    const int i = g + 8 * (e / 2), j = 2 * t + e % 2;
+    float acc = d[e];
+    for (int k = 0; k < 8; ++k) acc = std::fma(A(i, k), B(k, j), acc);
+    d[e] = acc;
+  }
+}
 }  // namespace emu
 
 #ifdef COCOS_KERNELS_EMULATE_WMMA
