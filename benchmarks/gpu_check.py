@@ -237,9 +237,7 @@ def timing_items(args, more: bool = False) -> list[dict]:
         sweep = [config(d, side, c, precision="ieee" if d == "float32" else None)
                  for d, c, side in itertools.product(args.dtypes, args.value_channels, args.sides)]
         configs, impls = [c for c in sweep if c not in headline], ("reference", *FUSED_GPU, *SDPA_IMPLS)
-    # cuda's float32 products are full float32: it has no tf32x3 row.
-    return [dict(c, impl=impl, mode=mode) for impl in impls for c in configs for mode in MODES
-            if not (impl == "cuda" and c["precision"] not in (None, "ieee"))]
+    return [dict(c, impl=impl, mode=mode) for impl in impls for c in configs for mode in MODES]
 
 
 def accuracy_items(args) -> list[dict]:
