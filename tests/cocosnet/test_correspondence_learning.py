@@ -1,5 +1,9 @@
 """Pseudo-exemplar pairs with a known correspondence, and a short learning run (slow)."""
+import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +11,7 @@ import torch
 from cocosnet import correspondence_learning as cl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _scene(side: int) -> cl.Scene:
@@ -63,22 +68,30 @@ def test_a_short_run_learns_the_correspondence():
     assert after["label_accuracy"] > before["label_accuracy"] + 0.2, (before, after)
 
 
-def test_benchmark_reports_and_option_errors(tmp_path, capsys):
-    from benchmarks import correspondence_learning as bench
+def _benchmark(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.correspondence_learning ARGV` from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.correspondence_learning", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
 
-    args = bench.parse_args(["--steps", "2", "--eval_every", "1"])
-    metrics = [{"epe": 8.0 - s, "label_accuracy": 0.3 + s / 10, "retrieval_label_accuracy": 0.2} for s in range(3)]
-    history = {"steps": [1, 2], "seconds": [1.0, 2.0], "losses": {"domain": [2.0, 1.0], "warp": [30.0, 20.0]},
-               "evals": list(enumerate(metrics))}
-    report = bench.learning_report(args, history, "2026-01-01 00:00")
-    assert "| EPE (cells, lower is better) | 8.000 | 6.000 |" in report and report.count("\n| ") == 8
-    bench.plot(history, tmp_path / "curve.png", "title")
-    assert (tmp_path / "curve.png").stat().st_size > 0
-    other = {**history, "losses": {"domain": [2.0, 1.5], "warp": [30.0, 20.0]}}
-    assert "Largest relative difference: 5.0e-01" in bench.backends_report(args, {"reference": history, "cpu": other}, "now")
-    assert bench.recorded(args)["data"] == "data/cocosnet-samples"
-    for argv, message in ((["--size", "100"], "--size must be a multiple of 32"), (["--width", "12"], "multiple of 8"),
-                          (["--synthetic_fraction", "2"], "--synthetic_fraction must lie in [0, 1]")):
-        with pytest.raises(SystemExit):
-            bench.parse_args(argv)
-        assert message in capsys.readouterr().err
+
+def test_benchmark_writes_its_reports(tmp_path):
+    small = ("--size", "64", "--width", "8", "--batch", "2", "--synthetic", "4", "--threads", "1",
+             "--out_dir", str(tmp_path))
+    proc = _benchmark(*small, "--steps", "2", "--eval_every", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (tmp_path / "correspondence_learning-64px.md").read_text()
+    assert "| EPE (cells, lower is better) |" in report and "| step |" in report
+    # the data folder as the repository names it, not this machine's path
+    assert json.loads((tmp_path / "correspondence_learning-64px.json").read_text())["args"]["data"] == "data/cocosnet-samples"
+    assert (tmp_path / "correspondence_learning-64px.png").stat().st_size > 0
+    proc = _benchmark(*small, "--steps", "1", "--compare_backends", "--backend", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Largest relative difference:" in (tmp_path / "correspondence_learning-backends-64px.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [(("--size", "100"), "--size must be a multiple of 32"),
+                                           (("--width", "12"), "multiple of 8"),
+                                           (("--synthetic_fraction", "2"), "--synthetic_fraction must lie in [0, 1]")])
+def test_benchmark_option_errors(argv, message):
+    proc = _benchmark(*argv)
+    assert proc.returncode == 2 and message in proc.stderr
