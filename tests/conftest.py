@@ -1,11 +1,10 @@
 """Shared test set-up: the device option and the backend x dtype matrix, built from what each backend declares.
 
-A test marked `@pytest.mark.backends(op, dtypes, features=(), fused=True)` takes the parameters
-`backend` and `dtype`, generated at collection for every backend that declares the op, the optional
-features and the --device type, at each of `dtypes` it declares; the reference (not fused) is the
-yardstick of those tests, not a case, unless fused=False. At run time a case is skipped only for
-its environment (`Backend.refusal`: the extension cannot build, the Triton interpreter's bfloat16,
-no CUDA device, a GPU too old).
+A test marked `@pytest.mark.backends(op, dtypes, features=())` takes the parameters `backend` and
+`dtype`, generated at collection for every fused backend that declares the op, the optional
+features and the --device type, at each of `dtypes` it declares; the reference is those tests'
+yardstick, not a case. At run time a case is skipped only for its environment (`Backend.refusal`:
+the extension cannot build, the Triton interpreter's bfloat16, no CUDA device, a GPU too old).
 """
 import os
 
@@ -24,21 +23,21 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "backends(op, dtypes, features=(), fused=True): parametrize backend and "
-                                       "dtype over the backends declaring them for --device (see conftest.py)")
+    config.addinivalue_line("markers", "backends(op, dtypes, features=()): parametrize backend and dtype "
+                                       "over the fused backends declaring them for --device (see conftest.py)")
 
 
 def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def cases(device_type: str, op: str, dtypes, features=(), fused: bool = True) -> list:
-    """pytest.param(backend, dtype) for each backend declaring `op`, `features` and `device_type`, at
-    each of `dtypes` it declares (no extension is loaded to answer)."""
+def cases(device_type: str, op: str, dtypes, features=()) -> list:
+    """pytest.param(backend, dtype) for each fused backend declaring `op`, `features` and
+    `device_type`, at each of `dtypes` it declares (no extension is loaded to answer)."""
     return [
         pytest.param(name, dtype, id=f"{name}-{dtype_id(dtype)}")
         for name, b in ck.BACKENDS.items()
-        if (b.fused or not fused) and device_type in b.devices and b.op_refusal(op) is None
+        if b.fused and device_type in b.devices and b.op_refusal(op) is None
         and b.feature_refusal(features) is None
         for dtype in dtypes if dtype in b.dtypes
     ]
