@@ -13,10 +13,10 @@ from cocos_kernels.features import normalize_features
 from cocos_kernels.testing import assert_close, softmax_floor
 
 OP = "correspondence_warp"
+# Backend lists and plain per-dtype tolerances (relative to the largest reference magnitude at
+# temperature 0.01) of the modules not on the declared matrix and the rule: cycle, top-k, image warps.
 FUSED = [name for name, b in ck.BACKENDS.items() if b.fused]
 ALL = list(ck.BACKENDS)
-# Plain per-dtype tolerances, relative to the largest reference magnitude at temperature 0.01, for
-# the modules that judge a result without its materialised peer (cycle, top-k, image warps).
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 HALF = [torch.float16, torch.bfloat16]
 
@@ -145,12 +145,13 @@ def test_half_precision(backend, dtype, opts, device):
     check_against_reference(backend, *make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device), **opts)
 
 
-@pytest.mark.parametrize("opts", [OPTIONS["channel-p3-t0.01"], OPTIONS["attention-t1"]], ids=["channel-p3", "attention"])
-@pytest.mark.parametrize("center", ["channel", None])
-def test_reference_matches_a_naive_float64_formula(center, opts):
+NAIVE = ("channel-t0.01", "channel-p3-t0.01", "nocenter-p3-t0.01", "attention-t1")
+
+
+@pytest.mark.parametrize("opts", [OPTIONS[name] for name in NAIVE], ids=NAIVE)
+def test_reference_matches_a_naive_float64_formula(opts):
     """The yardstick itself, against the textbook formula written out per position: zero-padded k x k
     patches, centred over their C * k * k entries, unit norm, softmax(cos / T) weights of the values."""
-    opts = opts | {"center": center if opts.get("normalize", True) else None}
     q, k, v = make_inputs((2, 5, 3, (3, 4), (4, 3)), torch.float64, "cpu")
     p, T = opts.get("patch_size", 1), opts["temperature"]
 
