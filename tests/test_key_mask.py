@@ -1,10 +1,10 @@
-"""correspondence_warp(key_mask=...): masked exemplar positions get no weight, on every backend."""
+"""correspondence_warp(key_mask=...): masked exemplar positions get no weight, on every fused backend."""
 import pytest
 import torch
 
 import cocos_kernels as ck
-from conftest import assert_close, skip_unless_runs
-from test_correspondence_warp import ALL, OPTIONS, RTOL, SHAPES, make_inputs
+from cocos_kernels.testing import assert_close
+from test_correspondence_warp import OP, OPTIONS, SHAPES, check_against_reference, make_inputs
 
 def _one_key_left(shape, g):
     mask = torch.zeros(shape, dtype=torch.bool)
@@ -34,34 +34,18 @@ def _mask(kind, key, seed=0):
 @pytest.mark.parametrize("kind", MASKS, ids=MASKS.keys())
 @pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["channel-p3-t0.01"], OPTIONS["attention-t1"]],
                          ids=["channel", "channel-p3", "attention"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.backends(OP, [torch.float32, torch.float64], features=("key_mask",))
 def test_masked_matches_float64_reference(backend, dtype, opts, kind, device):
-    skip_unless_runs(backend, device, dtype)
-    q, k, v = (t.requires_grad_() for t in make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device))
-    mask = _mask(kind, k)
-    out = ck.correspondence_warp(q, k, v, key_mask=mask, backend=backend, **opts)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = ck.reference.correspondence_warp(q64, k64, v64, key_mask=mask, **opts)
-    assert_close(out, ref, RTOL[dtype], "out")
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out.backward(grad.to(out.device, out.dtype))
-    ref.backward(grad)
-    # With one key left its softmax weight is 1 and the feature gradients vanish exactly: float32
-    # sees the rounding of dP - rowsum(dO * O) times 1/temperature there, not a relative error.
-    grad_rtol = RTOL[dtype] * (5 if kind == "one-key-left" else 1)
-    for name, mine, theirs in (("query", q, q64), ("key", k, k64), ("value", v, v64)):
-        assert_close(mine.grad, theirs.grad, grad_rtol, f"grad {name}")
+    q, k, v = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device)
+    mine = check_against_reference(backend, q, k, v, key_mask=_mask(kind, k), **opts)
     if kind == "sample-fully-masked":
-        assert torch.equal(out[0], torch.zeros_like(out[0]))
-        assert all(torch.equal(t.grad[0], torch.zeros_like(t.grad[0])) for t in (q, k, v))
+        assert all(torch.equal(t[0], torch.zeros_like(t[0])) for t in mine.values())
 
 
-@pytest.mark.parametrize("backend", ALL)
-def test_masked_keys_take_no_part(backend, device):
+@pytest.mark.backends(OP, [torch.float64], features=("key_mask",))
+def test_masked_keys_take_no_part(backend, dtype, device):
     # Changing what sits at masked positions (features and values) changes nothing.
-    skip_unless_runs(backend, device, torch.float64)
-    q, k, v = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], torch.float64, device)
+    q, k, v = make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device)
     mask = _mask("random", k)
     k2, v2 = k.clone(), v.clone()
     hidden = ~mask[:, None].expand_as(k)
@@ -69,13 +53,14 @@ def test_masked_keys_take_no_part(backend, device):
     v2[~mask[:, None].expand_as(v)] = -7.0
     a = ck.correspondence_warp(q, k, v, key_mask=mask, center="channel", backend=backend)
     b = ck.correspondence_warp(q, k2, v2, key_mask=mask, center="channel", backend=backend)
-    assert_close(a, b, 1e-12, "out")
+    assert_close(a, b, rtol=1e-12, name="out")
 
 
 def test_all_true_mask_is_no_mask(device):
     q, k, v = make_inputs(SHAPES["B1-C3-Cv3-q7x5-k9x11"], torch.float64, device)
     mask = torch.ones(k.shape[0], *k.shape[2:], dtype=torch.bool, device=device)
-    assert_close(ck.correspondence_warp(q, k, v, key_mask=mask), ck.correspondence_warp(q, k, v), 1e-12, "out")
+    assert_close(ck.correspondence_warp(q, k, v, key_mask=mask), ck.correspondence_warp(q, k, v), rtol=1e-12,
+                 name="out")
 
 
 def _good():

@@ -4,18 +4,17 @@ import torch
 
 import cocos_kernels as ck
 import cocos_kernels.features as features
+from cocos_kernels.testing import assert_close
 from cocos_kernels.windows import from_centres, to_centres, window_count, window_features
-from conftest import assert_close, skip_unless_runs
-from test_correspondence_warp import make_inputs
+from test_correspondence_warp import OP, make_inputs, materialised
 
 # backend -> which passes run on windows (the others unfold)
 WINDOW_PASSES = {"cpu": ("forward", "backward"), "triton": ("forward", "backward"), "cuda": ("forward", "backward")}
 
 
-@pytest.mark.parametrize("backend", WINDOW_PASSES)
-def test_patches_are_never_unfolded(backend, monkeypatch, device):
-    skip_unless_runs(backend, device, torch.float32)
-    q, k, v = (t.requires_grad_() for t in make_inputs((2, 17, 5, (6, 5), (4, 7)), torch.float32, device))
+@pytest.mark.backends(OP, [torch.float32], features=("windows",))
+def test_patches_are_never_unfolded(backend, dtype, monkeypatch, device):
+    q, k, v = (t.requires_grad_() for t in make_inputs((2, 17, 5, (6, 5), (4, 7)), dtype, device))
     real_unfold = features._unfold
 
     def forbidden(x, patch_size):
@@ -29,7 +28,7 @@ def test_patches_are_never_unfolded(backend, monkeypatch, device):
         out.sum().backward()
     monkeypatch.setattr(features, "_unfold", real_unfold)
     ref = ck.reference.correspondence_warp(*(t.detach().double() for t in (q, k, v)), patch_size=3)
-    assert_close(out, ref, 1e-4, "out")
+    assert_close(out, ref, materialised(*(t.detach() for t in (q, k, v)), patch_size=3), name="out")
 
 
 @pytest.mark.parametrize("center", ["channel", None])
@@ -49,7 +48,7 @@ def test_window_scalars_match_the_unfolded_features(center, normalize, patch_siz
     raw = sum(wx.rows[:, lo_x + a:lo_x + a + nx] @ wy.rows[:, lo_y + b:lo_y + b + ny].transpose(1, 2) for a, b in taps)
     scores = (raw - D * wx.mean[:, :, None] * wy.mean[:, None, :]) * wx.inv[:, :, None] * wy.inv[:, None, :]
     got = from_centres(from_centres(scores, 4, 3, patch_size).flatten(2).transpose(1, 2), 5, 7, patch_size)
-    assert_close(got.flatten(2).transpose(1, 2), expected, 1e-12, "scores")
+    assert_close(got.flatten(2).transpose(1, 2), expected, rtol=1e-12, name="scores")
 
 
 def test_centre_range_round_trip():
