@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-from conftest import peak_memory_mib
 from cocos_kernels.features import normalize_features
 from cocos_kernels.testing import assert_close, softmax_floor
+from conftest import peak_memory_mib
 
 OP = "correspondence_warp"
 HALF = [torch.float16, torch.bfloat16]

@@ -79,12 +79,13 @@ def test_pono_uses_unbiased_variance():
 
 
 def unscaled_attention(attn, x):
-    """The reference's attention written out: no 1/sqrt(d), no centring."""
+    """The reference's attention written out (no 1/sqrt(d), no centring), and its largest |logit|."""
     theta = attn.theta(x).flatten(2)
     phi = F.max_pool2d(attn.phi(x), 2).flatten(2)
     g = F.max_pool2d(attn.g(x), 2).flatten(2)
-    beta = torch.softmax(theta.transpose(1, 2) @ phi, -1)
-    return attn.gamma * attn.o((g @ beta.transpose(1, 2)).view(x.shape[0], -1, *x.shape[2:])) + x, (theta.transpose(1, 2) @ phi).abs().max().item()
+    logits = theta.transpose(1, 2) @ phi
+    attended = (g @ torch.softmax(logits, -1).transpose(1, 2)).view(x.shape[0], -1, *x.shape[2:])
+    return attn.gamma * attn.o(attended) + x, logits.abs().max().item()
 
 
 @pytest.mark.backends("correspondence_warp", [torch.float32, torch.float64])
