@@ -6,7 +6,11 @@ features and the --device type, at each of `dtypes` it declares; the reference i
 yardstick, not a case. At run time a case is skipped only for its environment (`Backend.refusal`:
 the extension cannot build, the Triton interpreter's bfloat16, no CUDA device, a GPU too old).
 """
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Triton reads this when first imported: kernels then run on the CPU interpreter.
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -15,7 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import cocos_kernels as ck  # noqa: E402
-from cocos_kernels import testing  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser):
@@ -53,8 +58,10 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _skip_where_the_environment_refuses(request):
     if request.node.get_closest_marker("backends") is not None:
-        params = request.node.callspec.params
-        skip_unless_runs(params["backend"], torch.device(request.config.getoption("--device")), params["dtype"])
+        backend, dtype = request.node.callspec.params["backend"], request.node.callspec.params["dtype"]
+        reason = ck.BACKENDS[backend].refusal(torch.device(request.config.getoption("--device")), dtype)
+        if reason is not None:
+            pytest.skip(f"{backend}: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +83,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def skip_unless_runs(backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Skip (with the backend's own reason) where it cannot take this device/dtype."""
-    reason = ck.BACKENDS[backend].refusal(device, dtype)
-    if reason is not None:
-        pytest.skip(f"{backend}: {reason}")
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "") -> None:
-    """A plain relative bound on cocos_kernels.testing's metric, for the modules that still judge by
-    per-dtype tolerances instead of the materialised path's error."""
-    testing.assert_close(actual, expected, name=name, rtol=rtol)
+def peak_memory_mib(config: dict) -> float:
+    """Peak memory of one benchmark call in MiB, measured as a user runs the worker:
+    `python -m benchmarks.harness '<json>'` from the repository root, with no timing runs. The worker
+    fills in no defaults, so the ones every memory test shares are given here."""
+    config = {"op": "correspondence_warp", "value_channels": 3, "batch": 1, "dtype": "float32", "device": "cpu",
+              "threads": None, **config, "min_run_time_s": 0}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", json.dumps(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, f"the worker failed (exit code {proc.returncode}): {proc.stderr[-2000:]}"
+    result = json.loads(lines[-1])
+    assert result["status"] == "ok", result["error"]
+    return result["peak_bytes"] / 2**20

@@ -11,6 +11,7 @@ import torch
 
 import cocos_kernels as ck
 from cocos_kernels.testing import assert_close
+from conftest import peak_memory_mib
 
 OP = "contextual_loss"
 
@@ -310,12 +311,8 @@ CPU_PEAK_BOUND_MIB = 16 * SIDE * SIDE * CHANNELS * 4 / 2**20 + 8
 
 
 def _peak_mib(impl: str) -> float:
-    from benchmarks.bench_correspondence_warp import measure
-
-    result = measure(dict(op=OP, impl=impl, side=SIDE, channels=CHANNELS, mode="forward+backward",
-                          repeats=0, warmup=0, threads=2, memory_cap_gb=8.0))
-    assert result["status"] == "ok", result["error"]
-    return result["peak_bytes"] / 2**20
+    return peak_memory_mib(dict(op=OP, impl=impl, side=SIDE, channels=CHANNELS, mode="forward+backward", threads=2,
+                                memory_cap_gb=8.0))
 
 
 def test_cpu_peak_memory_at_96x96():

@@ -11,13 +11,9 @@ import torch
 import cocos_kernels as ck
 from cocos_kernels.features import normalize_features
 from cocos_kernels.testing import assert_close, softmax_floor
+from conftest import peak_memory_mib
 
 OP = "correspondence_warp"
-# Backend lists and plain per-dtype tolerances (relative to the largest reference magnitude at
-# temperature 0.01) of the modules not on the declared matrix and the rule: cycle, top-k, image warps.
-FUSED = [name for name, b in ck.BACKENDS.items() if b.fused]
-ALL = list(ck.BACKENDS)
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 HALF = [torch.float16, torch.bfloat16]
 
 SHAPES = {  # id: (B, C, Cv, query grid, key grid)
@@ -350,12 +346,8 @@ CPU_PEAK_BOUND_MIB = 128
 
 
 def _peak_mib(impl: str) -> float:
-    from benchmarks.bench_correspondence_warp import measure
-
-    result = measure(dict(impl=impl, side=128, channels=64, value_channels=3, mode="forward+backward",
-                          repeats=1, warmup=0, memory_cap_gb=8.0))
-    assert result["status"] == "ok", result["error"]
-    return result["peak_bytes"] / 2**20
+    return peak_memory_mib(dict(impl=impl, side=128, channels=64, value_channels=3, mode="forward+backward",
+                                memory_cap_gb=8.0))
 
 
 def test_cpu_peak_memory_at_128x128():

@@ -11,14 +11,20 @@ import torch
 
 import cocos_kernels as ck
 from cocos_kernels.testing import assert_close, softmax_floor
-from conftest import skip_unless_runs
 
 pytestmark = pytest.mark.usefixtures("triton_runs")
 
 
+def skip_unless_triton_takes(device, dtype):
+    """Skip, with the backend's reason, where this environment refuses triton for `dtype`."""
+    reason = ck.BACKENDS["triton"].refusal(device, dtype)
+    if reason is not None:
+        pytest.skip(f"triton: {reason}")
+
+
 @pytest.fixture
 def triton_runs(device):
-    skip_unless_runs("triton", device, torch.float32)
+    skip_unless_triton_takes(device, torch.float32)
 
 
 @pytest.fixture
@@ -105,7 +111,7 @@ def test_logits_far_beyond_exp_range_keep_the_running_max(kernels, device):
 
 
 def test_float16_features_stay_half_in_the_products(kernels, device):
-    skip_unless_runs("triton", device, torch.float16)
+    skip_unless_triton_takes(device, torch.float16)
     assert kernels.input_dtype(torch.float16) == torch.float16
     assert kernels.input_dtype(torch.float32) == torch.float32
     check(kernels, 2, 33, 40, 140, 7, device, dtype=torch.float16)
@@ -200,7 +206,7 @@ def test_prologue_matches_features_py(kernels, case, device):
     from cocos_kernels.features import normalize_features, normalize_features_backward
 
     C, H, W, center, normalize, dtype = case
-    skip_unless_runs("triton", device, dtype)
+    skip_unless_triton_takes(device, dtype)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, C, H, W, generator=g) + 3.0).to(device, dtype)  # a mean that dwarfs the spread
     x[0, :, 0, 0] = 1.5  # constant over channels: zero after centring, a zero norm

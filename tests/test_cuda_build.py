@@ -51,8 +51,8 @@ import torch
 import cocos_kernels as ck
 from cocos_kernels import build
 from cocos_kernels.features import DEFAULT_EPS, normalize_features, normalize_features_backward
+from cocos_kernels.testing import assert_close
 from cocos_kernels.windows import sum_tap_planes, to_centres, window_features
-from conftest import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "csrc" / "cuda"
@@ -203,7 +203,7 @@ def emulation(tmp_path_factory):
 
 
 EMULATED_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # as test_correspondence_warp.py
+RTOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def _p(t):
@@ -320,7 +320,7 @@ def test_emulated_mma_16816_follows_the_ptx_layout(emulation, dtype):
     fa32, fb32, fd = as_int32(fa), as_int32(fb), fc.clone()
     assert lib.emu_mma_16816(ctypes.c_bool(dtype == torch.bfloat16), _p(fa32), _p(fb32), _p(fd)) == 0
     d = torch.stack([torch.stack([fd[_ptx_c(i, n)] for n in range(8)]) for i in range(16)])
-    assert_close(d, a.double() @ b.double() + c.double(), 1e-6, "d")
+    assert_close(d, a.double() @ b.double() + c.double(), name="d", rtol=1e-6)
 
 
 def _ptx_a_tf32(i, k):
@@ -358,7 +358,7 @@ def test_emulated_mma_1688_tf32_follows_the_ptx_layout(emulation):
     d = torch.stack([torch.stack([fd[_ptx_c(i, n)] for n in range(8)]) for i in range(16)])
     # The operands' low 13 mantissa bits are ignored (truncated): what tensor cores read of a float.
     truncate = lambda x: (x.view(torch.int32) & ~0x1FFF).view(torch.float32).double()  # noqa: E731
-    assert_close(d, truncate(a) @ truncate(b) + c.double(), 1e-6, "d")
+    assert_close(d, truncate(a) @ truncate(b) + c.double(), name="d", rtol=1e-6)
 
 
 def test_emulated_cvt_rna_tf32(emulation):
@@ -436,7 +436,7 @@ def test_emulated_kernels_match_float64(emulation, case):
     B, Nq, Nk, D, Cv, dtype, masked, tiles = case
     mine, theirs = _emulated_warp(emulation(tiles), B, Nq, Nk, D, Cv, dtype, masked)
     for name in mine:
-        assert_close(mine[name], theirs[name], RTOL[dtype] / (100.0 if name == "lse" else 1.0), name)
+        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
 
 
 # float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
@@ -529,10 +529,10 @@ def test_emulated_window_kernels_match_float64(emulation, case):
 
     rq, rk, v64 = (t.double().requires_grad_() for t in (wq.rows, wk.rows, v))
     ref, ref_lse, scores = _reference_windows(wq._replace(rows=rq), wk._replace(rows=rk), v64, patch, scale, mask)
-    assert_close(out, ref, RTOL[dtype], "out")
+    assert_close(out, ref, name="out", rtol=RTOL[dtype])
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] < 0).all()
-    assert_close(torch.where(finite, lse, 0.0), torch.where(finite, ref_lse, 0.0), RTOL[dtype] / scale, "lse / scale")
+    assert_close(torch.where(finite, lse, 0.0), torch.where(finite, ref_lse, 0.0), name="lse / scale", rtol=RTOL[dtype] / scale)
 
     ref.backward(grad.double())
     G = scores.grad  # dL/dscore
@@ -551,7 +551,7 @@ def test_emulated_window_kernels_match_float64(emulation, case):
     dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
     for name, mine, theirs in (("dxq", dxq, rq.grad), ("dxk", dxk, rk.grad), ("dv", dv, v64.grad),
                                ("rows", rows, ref_rows), ("cols", cols, ref_cols)):
-        assert_close(mine, theirs, RTOL[dtype], name)
+        assert_close(mine, theirs, name=name, rtol=RTOL[dtype])
 
 
 CONTEXTUAL_DIST_EPS = 1e-3  # the op layer's dist_eps (reference.CONTEXTUAL_LOSS_DIST_EPS)
@@ -598,9 +598,9 @@ def test_emulated_contextual_loss_matches_float64(emulation, case):
         assert (d[:, :10, TIED[0]] == d[:, :10, TIED[1]]).all() and (d[:, :10, TIED[0]] == d[:, :10, TIED[3]]).all()
         assert (ref_argmin[:, :10] == TIED[0]).sum() >= 10
     assert torch.equal(argmin, ref_argmin)
-    assert_close(m, ref_m, 1e-6, "m")
-    assert_close(s, ref_s, 1e-5, "s")
-    assert_close(t, ref_t, 1e-5, "t")
+    assert_close(m, ref_m, name="m", rtol=1e-6)
+    assert_close(s, ref_s, name="s", rtol=1e-5)
+    assert_close(t, ref_t, name="t", rtol=1e-5)
     (ref_s * grad_s.double()).sum().backward()
     dx = torch.full((B, Nx, C), float("nan")) if need_dx else None
     dy = torch.full((B, Ny, C), float("nan")) if need_dy else None
@@ -608,7 +608,7 @@ def test_emulated_contextual_loss_matches_float64(emulation, case):
                                                  _p(dy), *shape) == 0
     for name, mine, theirs in (("dx", dx, x64.grad), ("dy", dy, y64.grad)):
         if mine is not None:
-            assert_close(mine, theirs, 1e-4, name)
+            assert_close(mine, theirs, name=name, rtol=1e-4)
 
 
 @pytest.mark.parametrize("center", ["channel", None])
@@ -625,9 +625,9 @@ def test_emulated_prologue_matches_float64(emulation, center, normalize):
     assert emulated.emu_prepare_features_backward(_p(grad), _p(xs), _p(dx), *_i(B, C, H * W), *flags) == 0
     x64 = x.double()
     expected = normalize_features(x64, center, normalize, 1, DEFAULT_EPS).transpose(1, 2)
-    assert_close(rows, expected, 1e-5, "rows")
+    assert_close(rows, expected, name="rows", rtol=1e-5)
     expected_dx = normalize_features_backward(grad.double().transpose(1, 2), x64, center, normalize, 1, DEFAULT_EPS)
-    assert_close(dx, expected_dx.reshape(B, C, -1), 1e-5, "dx")
+    assert_close(dx, expected_dx.reshape(B, C, -1), name="dx", rtol=1e-5)
 
 
 def test_toolkit_found_through_a_wrapper_script(tmp_path):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cocos_kernels as ck
-from conftest import skip_unless_runs
+from cocos_kernels.testing import assert_close, softmax_floor
 from cocosnet.models import MultiscaleDiscriminator, NoVGGCorrespondence, Pix2PixModel, SPADEGenerator, VGG19Features, set_backend
 from cocosnet.models.blocks import Attention, pono, spectral_norm
 from cocosnet.models.vgg import CONV_INDEX, MISSING_WEIGHTS, build_vgg
@@ -78,26 +78,34 @@ def test_pono_uses_unbiased_variance():
     torch.testing.assert_close(pono(x), expected)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-def test_attention_is_unscaled_softmax_attention(backend):
-    skip_unless_runs(backend, torch.device("cpu"), torch.float64 if backend != "triton" else torch.float32)
-    dtype = torch.float32 if backend == "triton" else torch.float64  # triton: the interpreter, float32
+def unscaled_attention(attn, x):
+    """The reference's attention written out (no 1/sqrt(d), no centring), and its largest |logit|."""
+    theta = attn.theta(x).flatten(2)
+    phi = F.max_pool2d(attn.phi(x), 2).flatten(2)
+    g = F.max_pool2d(attn.g(x), 2).flatten(2)
+    logits = theta.transpose(1, 2) @ phi
+    attended = (g @ torch.softmax(logits, -1).transpose(1, 2)).view(x.shape[0], -1, *x.shape[2:])
+    return attn.gamma * attn.o(attended) + x, logits.abs().max().item()
+
+
+@pytest.mark.backends("correspondence_warp", [torch.float32, torch.float64])
+def test_attention_is_unscaled_softmax_attention(backend, dtype, device):
     torch.manual_seed(0)
-    attn = Attention(32, use_sn=True, backend=backend).to(dtype)
+    attn = Attention(32, use_sn=True, backend=backend).double()
     with torch.no_grad():
         attn.gamma.fill_(0.7)
         for conv in (attn.theta, attn.phi, attn.g, attn.o):  # fresh u, v underestimate sigma: iterate, as training does
             for _ in range(10):
-                conv(torch.zeros(1, conv.in_channels, 1, 1, dtype=dtype))
+                conv(torch.zeros(1, conv.in_channels, 1, 1, dtype=torch.float64))
     attn.eval()
-    x = torch.randn(2, 32, 8, 6, dtype=dtype, requires_grad=True)
+    x64 = torch.randn(2, 32, 8, 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected, max_logit = unscaled_attention(attn.to(device), x64.to(device))
+    attn = attn.to(dtype)
+    x = x64.to(device, dtype).requires_grad_()
     out = attn(x)
-    theta = attn.theta(x).flatten(2)
-    phi = F.max_pool2d(attn.phi(x), 2).flatten(2)
-    g = F.max_pool2d(attn.g(x), 2).flatten(2)
-    beta = torch.softmax(theta.transpose(1, 2) @ phi, -1)  # the reference: no 1/sqrt(d), no centring
-    expected = 0.7 * attn.o((g @ beta.transpose(1, 2)).view(2, 16, 8, 6)) + x
-    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 1e-7, atol=1e-5)
+    same = None if dtype == torch.float64 else unscaled_attention(attn, x)[0]
+    assert_close(out, expected, same, name="out", floor=softmax_floor(dtype, max_logit))
     out.square().sum().backward()
     assert attn.gamma.grad is not None and x.grad.abs().sum() > 0
 
@@ -179,21 +187,23 @@ def test_correspondence_shapes_and_gradients(extra, H, W):
     assert all(p.grad is not None for p in corr.parameters())
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_correspondence_backends_agree(backend):
-    skip_unless_runs(backend, torch.device("cpu"), torch.float32)  # triton: the interpreter (TRITON_INTERPRET=1)
+@pytest.mark.backends("correspondence_warp", [torch.float32])
+def test_correspondence_backends_agree(backend, dtype, device):
     torch.manual_seed(0)
     opt = tiny_opt("--warp_cycle_w", "1", "--backend", "reference")
-    corr = NoVGGCorrespondence(opt).eval()
+    corr = NoVGGCorrespondence(opt).eval().to(device)
     fused = copy.deepcopy(corr)
     set_backend(fused, backend)
     S = opt.semantic_nc
     ref, real = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32)
     seg, ref_seg = (F.one_hot(torch.randint(0, S, (1, 32, 32)), S).permute(0, 3, 1, 2).float() for _ in range(2))
-    expected, out = corr(ref, real, seg, ref_seg), fused(ref, real, seg, ref_seg)
+    inputs = [t.to(device, dtype) for t in (ref, real, seg, ref_seg)]
+    with torch.no_grad():
+        exact = copy.deepcopy(corr).double()(*(t.double() for t in inputs))
+        same, out = corr(*inputs), fused(*inputs)
     assert sorted(out) == ["loss_novgg_featpair", "warp_cycle", "warp_mask", "warp_out"]
-    for k in expected:
-        torch.testing.assert_close(out[k], expected[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in exact:
+        assert_close(out[k], exact[k], same[k], name=k)
 
 
 def test_warp_patch_of_a_uniform_exemplar_is_that_exemplar():
