@@ -11,8 +11,9 @@ on 2 cores): every config compiles, and for each case (kernel, target, dtype, pr
 flags) at least one config fits the card's shared memory (sm_90: 232448 bytes = 227 KiB; sm_80:
 166912 bytes). A config that does not fit is only reported (a warning): the autotuner drops it at
 run time (OutOfResources). On the GPU check's headline bfloat16 configs (D = 256, Cv = 3 and 48,
-sm_90, every autotune config): no register spills and every config within shared memory. Behind
-`-m slow`: the full matrix (every flag combination, both targets).
+sm_90, every autotune config): no register spills and every config within shared memory; nor do
+the contextual_loss kernels spill (sm_90, C = 256). Behind `-m slow`: the full matrix (every flag
+combination, both targets).
 """
 from __future__ import annotations
 
@@ -83,6 +84,16 @@ def test_headline_bfloat16_configs_neither_spill_nor_overflow_shared_memory(tmp_
     bad = [f"{dict(aot.case_of(r))} {r['config']}: shared {r.get('shared')} B, stack {r.get('stack')} B" for r in rows
            if not (r["ok"] and r["fits"] and r.get("stack", 0) == 0)]
     assert not bad, "headline configs that spill or cannot launch:\n" + "\n".join(bad)
+
+
+def test_contextual_loss_kernels_do_not_spill(tmp_path_factory):
+    """The contextual_loss kernels (float32 tile products on FMAs, fixed tiles: no autotuner to
+    drop a config that spills) on sm_90 at C = 256, the default matrix's case."""
+    rows = [r for r in _report("default", tmp_path_factory)["results"] if r["module"] == "contextual_loss"]
+    assert {r["kernel"] for r in rows} == set(aot.CONTEXTUAL)
+    bad = [f"{dict(aot.case_of(r))} {r['config']}: stack {r.get('stack')} B" for r in rows
+           if not (r["ok"] and r.get("stack", 0) == 0)]
+    assert not bad, "contextual_loss kernels that spill:\n" + "\n".join(bad)
 
 
 def test_sass_mix_and_occupancy():

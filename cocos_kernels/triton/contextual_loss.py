@@ -26,8 +26,10 @@ from .common import accumulate_rows, check_contiguous, scores
 
 # Fixed square tiles (rows of x and of y): under the interpreter small ones (few Python-level
 # steps, still several partly filled blocks at the tests' sizes); on a GPU 64 x 64 tiles over
-# 64 feature columns at a time.
-BLOCK, BLOCK_D = (32, 128) if TRITON_INTERPRETED else (64, 64)
+# 16 feature columns at a time: the float32 tile products run on FMAs, each thread holding its
+# operand slices of a chunk in registers, and wider chunks spill in the backward (d, P and the
+# output chunk are live together) and in the forward on sm_80.
+BLOCK, BLOCK_D = (32, 128) if TRITON_INTERPRETED else (64, 16)
 
 
 @triton.jit
