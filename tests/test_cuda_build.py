@@ -125,8 +125,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
     # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each;
-    # float32 (tf32x3 and tf32) the forward's 3, the backward kernels' 1 each.
-    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 1 + 1)), sorted(mma)
+    # float32 (tf32x3 and tf32) the forward's 3, dQ's 2 (value chunks of 16, 64), dK/dV's 2 (at
+    # chunks of 64 dK only) and the dV blocks of chunks of 64.
+    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 2 + 3)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -174,7 +175,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 29
+    assert len(sizes) == 31
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -440,16 +441,21 @@ def test_emulated_kernels_match_float64(emulation, case):
 
 
 # float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
-# forward D <= 128, backward D <= 64 and Cv <= 16), each beside the FMA path (ieee) on the same
+# forward D <= 128, backward D <= 64 and Cv <= 64), each beside the FMA path (ieee) on the same
 # inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
 # chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
-# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64 (the
-# backward: FMA). D 64 with Cv 16: the backward's tiles, every operand copied with cp.async.
+# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64, dK
+# blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
+# backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
+# resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
+# values' rows (Nk 131) copied element by element, a masked key block.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
     "B2-Nq65-Nk64-D64-Cv48-mask": (2, 65, 64, 64, 48, True),
     "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
+    "B1-Nq70-Nk136-D40-Cv64": (1, 70, 136, 40, 64, False),
+    "B2-Nq65-Nk131-D64-Cv17-mask": (2, 65, 131, 64, 17, True),
 }
 
 

@@ -583,9 +583,21 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
       }
       if (dk == nullptr && dv == nullptr) return cudaSuccess;
       const MmaGrid grid = backward_mma_grid(shape.nk);
-      return launch(backward_dkdv_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
-                    MmaTiles<T, DT, CVT>::kDkDvBytes, stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv,
-                    shape, scale, grid);
+      constexpr size_t bytes = MmaTiles<T, DT, CVT>::kDkDvBytes;
+      if constexpr (kDvSplit<T, CVT>) {  // dK blocks, then dV blocks
+        if (dk != nullptr) {
+          const cudaError_t err = launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(shape.batch),
+                                         bytes, stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape,
+                                         scale, grid);
+          if (err != cudaSuccess || dv == nullptr) return err;
+        }
+        const MmaGrid dv_grid = backward_dv_mma_grid<T, CVT>(shape);
+        return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, true>, dv_grid.blocks(shape.batch), bytes, stream,
+                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, dv_grid);
+      } else {
+        return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(shape.batch), bytes, stream,
+                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, grid);
+      }
     });
   }
   if (dq != nullptr) {

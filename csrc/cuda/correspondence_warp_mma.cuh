@@ -38,7 +38,7 @@
 // 32-bit fragments take twice the registers of 16-bit ones, so the resident tiles (Q; Q and dOut;
 // K and V) stay in shared memory and their A fragments are read there per k step: the forward
 // takes D <= 128 (value chunks of 16 channels at D > 64, for the shared memory), the backward
-// D <= 64 and Cv <= 16.
+// D <= 64 and Cv <= 64 (at Cv > 16 dK blocks and dV blocks of 16 channels: kDvSplit).
 #pragma once
 
 #include "correspondence_warp.h"
@@ -55,7 +55,8 @@ constexpr int kMmaMaxBackwardD = 128;  // the backward's D-wide accumulators sta
 constexpr int kMmaMaxBackwardCv = 64;  // dP needs every channel in one block
 constexpr int kTf32MaxD = 128;
 constexpr int kTf32MaxBackwardD = 64;   // D-wide accumulators: tf32x3's dK/dV takes 249-255 registers at 64
-constexpr int kTf32MaxBackwardCv = 16;  // with 64-channel dV accumulators it spills
+constexpr int kTf32MaxBackwardCv = 64;  // dP needs every channel in one block
+constexpr int kTf32DvChunk = 16;        // dV channels per dV block where dK and dV are split (kDvSplit)
 static_assert(kMmaRows == 16 * kWarps && kMmaRows == 2 * kMmaBN, "resident rows are staged in the two row stages");
 
 template <class T>
@@ -140,6 +141,11 @@ struct Tf32SharedA {
   static constexpr bool kIsaOrder = true;
   const float* tile;
   int base, step, rows8, k4;
+  // The N k steps from step `first` on.
+  template <int N>
+  __device__ __forceinline__ Tf32SharedA<P, N> steps(int first) const {
+    return {tile, base + first * step, step, rows8, k4};
+  }
   __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
     const int i = base + kk * step;
     a[0] = lds(tile, i);
@@ -187,6 +193,18 @@ inline MmaGrid forward_mma_grid(const WarpShape& s, int cvt) {
   return {ceil_div(s.nq, kMmaRows), s.cv > 0 ? ceil_div(s.cv, cvt) : 1};  // chunk 0 writes the lse
 }
 inline MmaGrid backward_mma_grid(int64_t rows) { return {ceil_div(rows, kMmaRows), 1}; }
+
+// dV channels per dK/dV block: all of the value chunk, but for float32 with 64-channel chunks
+// (kDvSplit) dK blocks and dV-only blocks of 16 channels each: beside dK, S and dP, dV
+// accumulators of 64 channels (or even 16 in a dK block with 64-channel dP) spill.
+template <class T, int CVT>
+constexpr int kDvChunk = kIsFloat<T> && CVT > kTf32DvChunk ? kTf32DvChunk : CVT;
+template <class T, int CVT>
+constexpr bool kDvSplit = kDvChunk<T, CVT> < CVT;
+template <class T, int CVT>
+MmaGrid backward_dv_mma_grid(const WarpShape& s) {
+  return {ceil_div(s.nk, kMmaRows), ceil_div(s.cv, kDvChunk<T, CVT>)};
+}
 
 // dst[r][c] = src[r0 + r][c0 + c] for an R x COLS tile of a row-major (rows x cols) matrix, zero
 // outside it. 16-byte cp.async copies (complete at the caller's cp_async_wait) where every row
@@ -338,6 +356,23 @@ __device__ __forceinline__ void mma_tile(float (&acc)[NT][4], const A& a, const 
   }
 }
 
+// dP (16 x 8 NT) += A B over the value channels, B(c, n) = tile[c][n]: for float32 with CVT > 16,
+// in a rolled loop over the first cv channels, 16 (two k8 steps) at a time: fully unrolled over
+// 64 channels, dQ and dK/dV spill (ptxas -v).
+template <class T, int CVT, class A, int NT>
+__device__ __forceinline__ void mma_value_channels(float (&acc)[NT][4], const A& a, const T* tile, int ld, int cv,
+                                                   int lane) {
+  if constexpr (kIsFloat<T> && CVT > 16) {
+    const int chunks = (cv + 15) / 16;
+#pragma unroll 1
+    for (int c = 0; c < chunks; ++c) {
+      mma_tile<false>(acc, a.template steps<2>(2 * c), tile + 16 * c * ld, ld, 2, NT / 2, lane);
+    }
+  } else {
+    mma_tile<false>(acc, a, tile, ld, CVT / kMmaK<T>, NT / 2, lane);
+  }
+}
+
 // Copies the block's resident rows r0 .. r0 + 127 of `rows` (n x d) to rdst (stride LD_D) and,
 // with `vals`, their value-like columns (cv x n) to vs ([c][row], stride LD_R), for every thread.
 template <class T, int DT, int CVT>
@@ -384,14 +419,14 @@ __device__ __forceinline__ void column_fragments(Tf32SharedA<P, STEPS>& f, const
 
 // Streams the 64-row blocks of `rows` (n x d) and of `vals` (cv x n, channels c0 .. c0 + CVT)
 // through the two-stage pipeline: body(n0, rows tile [row][d], vals tile [c][row]) per block.
-template <class T, int DT, int CVT, class Body>
+template <class T, int DT, int CVT, int LOAD_CV = CVT, class Body>
 __device__ __forceinline__ void stream_blocks(T* rs, T* vs, const T* rows, const T* vals, int64_t n, int d, int cv,
                                               int64_t c0, Body&& body) {
   using L = MmaTiles<T, DT, CVT>;
   const int64_t blocks = ceil_div(n, kMmaBN);
   auto fetch = [&](int64_t n0, int stage) {
     load_tile_async<kMmaBN, DT>(rs + stage * L::ROW_STAGE, L::LD_D, rows, n, d, n0, 0);
-    load_tile_async<CVT, kMmaBN>(vs + stage * L::VAL_STAGE, L::LD_N, vals, cv, n, c0, n0);
+    load_tile_async<LOAD_CV, kMmaBN>(vs + stage * L::VAL_STAGE, L::LD_N, vals, cv, n, c0, n0);
   };
   if (blocks > 0) fetch(0, 0);
   cp_async_commit();
@@ -594,7 +629,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, 0, [&](int64_t n0, const T* kt, const T* vt) {
     float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
     mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
-    mma_tile<false>(dp, of, vt, L::LD_N, CVT / K, BN / 16, lane);  // dP = dOut V^T, V stored [c][n]
+    mma_value_channels<T, CVT>(dp, of, vt, L::LD_N, cv, lane);  // dP = dOut V^T, V stored [c][n]
     const KeyBlock keys(key_mask, nk, n0);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
@@ -612,7 +647,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_accumulators<false>(dq + b * nq * d, acc, row0, nq, d);
 }
 
-template <class T, Precision P, int DT, int CVT>
+// With kDvSplit, DV_ONLY blocks accumulate dV for the 16 channels of their chunk, the others dK
+// only; otherwise (DV_ONLY false) a block accumulates both.
+template <class T, Precision P, int DT, int CVT, bool DV_ONLY>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_dkdv_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
@@ -626,9 +663,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const vs = rs + 2 * L::ROW_STAGE;       // two dOut stages, [c][m]
   T* const ks = vs + 2 * L::VAL_STAGE;       // the resident K rows
   T* const vr = ks + kMmaRows * L::LD_D;     // the resident V columns, [c][n]
+  constexpr int DVT = kDvChunk<T, CVT>;
+  static_assert(!DV_ONLY || kDvSplit<T, CVT>, "dV-only blocks only where dK and dV are split");
+  constexpr bool WITH_DV = DV_ONLY || !kDvSplit<T, CVT>;
 
-  const int64_t n0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
-  const int64_t b = blockIdx.x / grid.row_blocks;
+  const int64_t block = blockIdx.x;
+  const int64_t n0 = (block % grid.row_blocks) * kMmaRows;
+  const int c0 = DV_ONLY ? static_cast<int>(block / grid.row_blocks % grid.cv_chunks) * DVT : 0;
+  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
   to_batch(b, shape, q, k, v, key_mask);
@@ -641,19 +683,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int d_steps = (d + K - 1) / K, d_pairs = (d + 15) / 16;
   const float scale_log2 = scale * kLog2e;
 
-  stage_resident<T, DT, CVT>(ks, vr, k, v, nk, d, cv, n0);
+  stage_resident<T, DT, CVT>(ks, vr, k, DV_ONLY ? nullptr : v, nk, d, cv, n0);
   const int64_t row0 = n0 + 16 * warp + lane / 4;  // keys g and g + 8 of the warp
   const bool kept[2] = {key_kept(key_mask, nk, row0), key_kept(key_mask, nk, row0 + 8)};
 
-  float acc_dk[DT / 8][4] = {}, acc_dv[CVT / 8][4] = {};
-  stream_blocks<T, DT, CVT>(rs, vs, q, grad_out, nq, d, cv, 0, [&](int64_t m0, const T* qt, const T* ot) {
+  float acc_dk[DV_ONLY ? 1 : DT / 8][4] = {}, acc_dv[WITH_DV ? DVT / 8 : 1][4] = {};
+  // dOut channels c0 .. c0 + 15 (DV_ONLY), else every channel of the chunk: dP sums over them.
+  constexpr int LOAD_CV = DV_ONLY ? DVT : CVT;
+  stream_blocks<T, DT, CVT, LOAD_CV>(rs, vs, q, grad_out, nq, d, cv, c0, [&](int64_t m0, const T* qt, const T* ot) {
     float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
     ResidentA<T, P, DT> kf = {};
-    ResidentA<T, P, CVT> vf;
     row_fragments<T, DT>(kf, ks, L::LD_D, d_steps);
     mma_tile<true>(s, kf, qt, L::LD_D, d_steps, BM / 16, lane);      // S^T = K Q^T, Q stored [m][d]
-    column_fragments<T, CVT>(vf, vr, L::LD_R);
-    mma_tile<false>(dp, vf, ot, L::LD_N, CVT / K, BM / 16, lane);    // dP^T = V dOut^T, dOut stored [c][m]
+    if constexpr (!DV_ONLY) {
+      ResidentA<T, P, CVT> vf;
+      column_fragments<T, CVT>(vf, vr, L::LD_R);
+      mma_value_channels<T, CVT>(dp, vf, ot, L::LD_N, cv, lane);  // dP^T = V dOut^T, dOut stored [c][m]
+    }
     // lse (base 2) and delta of query columns 2 lane and 2 lane + 1: column c's are in lane c / 2
     // (two registers a lane instead of sixteen).
     float lane_lse2[2], lane_delta[2];
@@ -675,19 +721,21 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int e = 2 * r + j;
           const float p = kept[r] && m < nq ? exp2f(s[nt][e] * scale_log2 - lse2) : 0.0f;
           s[nt][e] = p;
-          dp[nt][e] = p * (dp[nt][e] - dlt) * scale;
+          if constexpr (!DV_ONLY) dp[nt][e] = p * (dp[nt][e] - dlt) * scale;
         }
       }
     }
     AccumulatorA<T, P, BM> f;
     to_a_fragments<T>(f, s);
-    mma_tile<true>(acc_dv, f, ot, L::LD_N, BM / K, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
-    to_a_fragments<T>(f, dp);
-    mma_tile<false>(acc_dk, f, qt, L::LD_D, BM / K, d_pairs, lane);  // dK += dS^T Q, Q stored [m][d]
+    if constexpr (WITH_DV) mma_tile<true>(acc_dv, f, ot, L::LD_N, BM / K, DVT / 16, lane);  // dV += P^T dOut
+    if constexpr (!DV_ONLY) {
+      to_a_fragments<T>(f, dp);
+      mma_tile<false>(acc_dk, f, qt, L::LD_D, BM / K, d_pairs, lane);  // dK += dS^T Q, Q stored [m][d]
+    }
   });
 
-  if (dk != nullptr) store_accumulators<false>(dk + b * nk * d, acc_dk, row0, nk, d);
-  if (dv != nullptr) store_accumulators<true>(dv + b * cv * nk, acc_dv, row0, nk, cv);
+  if (!DV_ONLY && dk != nullptr) store_accumulators<false>(dk + b * nk * d, acc_dk, row0, nk, d);
+  if (WITH_DV && dv != nullptr) store_accumulators<true>(dv + (b * cv + c0) * nk, acc_dv, row0, nk, cv - c0);
 }
 
 }  // namespace cuda

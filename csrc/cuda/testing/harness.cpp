@@ -72,10 +72,21 @@ int backward(const void* grad_out, const void* q, const void* k, const void* v, 
       }
       if (dk != nullptr || dv != nullptr) {
         const MmaGrid grid = backward_mma_grid(s.nk);
-        emu::launch(grid.blocks(s.batch), kThreads, [&] {
-          backward_dkdv_mma_kernel<T, P, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, s,
-                                                  scale, grid);
-        });
+        if (!kDvSplit<T, CVT> || dk != nullptr) {  // dK and dV, or with kDvSplit dK blocks
+          emu::launch(grid.blocks(s.batch), kThreads, [&] {
+            backward_dkdv_mma_kernel<T, P, DT, CVT, false>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk,
+                                                           dv, s, scale, grid);
+          });
+        }
+        if constexpr (kDvSplit<T, CVT>) {  // then dV blocks
+          const MmaGrid dv_grid = backward_dv_mma_grid<T, CVT>(s);
+          if (dv != nullptr) {
+            emu::launch(dv_grid.blocks(s.batch), kThreads, [&] {
+              backward_dkdv_mma_kernel<T, P, DT, CVT, true>(in(grad_out), in(q), in(k), in(v), mask, lse, delta,
+                                                            dk, dv, s, scale, dv_grid);
+            });
+          }
+        }
       }
     });
     return emu::take_fault() == nullptr ? 0 : 3;
