@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import cocos_kernels as ck
-import cocos_kernels.features as features
 from cocos_kernels.testing import assert_close, softmax_floor
 from test_correspondence_warp import OP, OPTIONS, SHAPES, feature_grad_floor, make_inputs, max_logit
+from test_windows import unfold_forbidden
 
 
 def cycle_and_grads(backend, q, k, v, g_out, g_back, **opts):
@@ -111,19 +111,11 @@ def test_cycle_windows_with_key_mask_match_float64(backend, dtype, center, devic
 
 
 @pytest.mark.backends(OP, [torch.float32], features=("windows",))
-def test_cycle_patches_are_never_unfolded(backend, dtype, monkeypatch, device):
+def test_cycle_patches_are_never_unfolded(backend, dtype, device):
     q, k, v = (t.requires_grad_() for t in make_inputs((2, 17, 5, (6, 5), (4, 7)), dtype, device))
-    real_unfold = features._unfold
-
-    def forbidden(x, patch_size):
-        if patch_size > 1:
-            raise AssertionError("the D-wide unfold ran")
-        return real_unfold(x, patch_size)
-
-    monkeypatch.setattr(features, "_unfold", forbidden)
-    out, back = ck.cycle_warp(q, k, v, patch_size=3, backend=backend)
-    (out.sum() + back.square().sum()).backward()
-    monkeypatch.setattr(features, "_unfold", real_unfold)
+    with unfold_forbidden():
+        out, back = ck.cycle_warp(q, k, v, patch_size=3, backend=backend)
+        (out.sum() + back.square().sum()).backward()
     q, k, v = (t.detach() for t in (q, k, v))
     q64, k64, v64 = (t.double() for t in (q, k, v))
     ref = ck.reference.correspondence_warp(q64, k64, v64, patch_size=3)

@@ -1,4 +1,6 @@
 """The window form of k x k patch features (windows.py): no D-wide unfold on backends with window kernels."""
+import contextlib
+
 import pytest
 import torch
 
@@ -8,13 +10,9 @@ from cocos_kernels.testing import assert_close
 from cocos_kernels.windows import from_centres, to_centres, window_count, window_features
 from test_correspondence_warp import OP, make_inputs, materialised
 
-# backend -> which passes run on windows (the others unfold)
-WINDOW_PASSES = {"cpu": ("forward", "backward"), "triton": ("forward", "backward"), "cuda": ("forward", "backward")}
-
-
-@pytest.mark.backends(OP, [torch.float32], features=("windows",))
-def test_patches_are_never_unfolded(backend, dtype, monkeypatch, device):
-    q, k, v = (t.requires_grad_() for t in make_inputs((2, 17, 5, (6, 5), (4, 7)), dtype, device))
+@contextlib.contextmanager
+def unfold_forbidden():
+    """Fails the code inside that runs the D-wide patch unfold."""
     real_unfold = features._unfold
 
     def forbidden(x, patch_size):
@@ -22,11 +20,19 @@ def test_patches_are_never_unfolded(backend, dtype, monkeypatch, device):
             raise AssertionError("the D-wide unfold ran")
         return real_unfold(x, patch_size)
 
-    monkeypatch.setattr(features, "_unfold", forbidden)
-    out = ck.correspondence_warp(q, k, v, patch_size=3, backend=backend)
-    if "backward" in WINDOW_PASSES[backend]:
+    features._unfold = forbidden
+    try:
+        yield
+    finally:
+        features._unfold = real_unfold
+
+
+@pytest.mark.backends(OP, [torch.float32], features=("windows",))
+def test_patches_are_never_unfolded(backend, dtype, device):
+    q, k, v = (t.requires_grad_() for t in make_inputs((2, 17, 5, (6, 5), (4, 7)), dtype, device))
+    with unfold_forbidden():
+        out = ck.correspondence_warp(q, k, v, patch_size=3, backend=backend)
         out.sum().backward()
-    monkeypatch.setattr(features, "_unfold", real_unfold)
     ref = ck.reference.correspondence_warp(*(t.detach().double() for t in (q, k, v)), patch_size=3)
     assert_close(out, ref, materialised(*(t.detach() for t in (q, k, v)), patch_size=3), name="out")
 
