@@ -116,6 +116,22 @@ void prologue(const float* x, void* rows, int64_t batch, int64_t channels, int64
     prologue_kernel<T>(x, static_cast<T*>(rows), batch, channels, n, center, normalize, eps);
   });
 }
+
+// One warp: each lane takes its A (4 registers), B (2) and D (4 floats) fragments from the arrays,
+// runs `mma` on them and writes its D back.
+template <class Mma>
+void run_on_lanes(const uint32_t* a, const uint32_t* b, float* d, Mma mma) {
+  emu::launch(1, 32, [&] {
+    const int lane = threadIdx.x;
+    uint32_t fa[4], fb[2];
+    float fd[4];
+    std::memcpy(fa, a + 4 * lane, sizeof(fa));
+    std::memcpy(fb, b + 2 * lane, sizeof(fb));
+    std::memcpy(fd, d + 4 * lane, sizeof(fd));
+    mma(fd, fa, fb);
+    std::memcpy(d + 4 * lane, fd, sizeof(fd));
+  });
+}
 }  // namespace
 
 extern "C" {
@@ -144,34 +160,20 @@ int emu_ldmatrix_x4(const uint16_t* tile, int elements, const int* offsets, bool
 // mma.sync m16n8k16 (bf16: bfloat16 inputs, else float16): every lane's d (32, 4) += the product
 // of the lanes' A (32, 4) and B (32, 2) fragments.
 int emu_mma_16816(bool bf16, const uint32_t* a, const uint32_t* b, float* d) {
-  emu::launch(1, 32, [&] {
-    const int lane = threadIdx.x;
-    uint32_t fa[4], fb[2];
-    float fd[4];
-    std::memcpy(fa, a + 4 * lane, sizeof(fa));
-    std::memcpy(fb, b + 2 * lane, sizeof(fb));
-    std::memcpy(fd, d + 4 * lane, sizeof(fd));
+  run_on_lanes(a, b, d, [bf16](float (&fd)[4], const uint32_t (&fa)[4], const uint32_t (&fb)[2]) {
     if (bf16) {
       mma_16816<__nv_bfloat16>(fd, fa, fb);
     } else {
       mma_16816<__half>(fd, fa, fb);
     }
-    std::memcpy(d + 4 * lane, fd, sizeof(fd));
   });
   return 0;
 }
 
 // mma.sync m16n8k8 on tf32 inputs: as emu_mma_16816, with A (32, 4) and B (32, 2) one element per register.
 int emu_mma_1688_tf32(const uint32_t* a, const uint32_t* b, float* d) {
-  emu::launch(1, 32, [&] {
-    const int lane = threadIdx.x;
-    uint32_t fa[4], fb[2];
-    float fd[4];
-    std::memcpy(fa, a + 4 * lane, sizeof(fa));
-    std::memcpy(fb, b + 2 * lane, sizeof(fb));
-    std::memcpy(fd, d + 4 * lane, sizeof(fd));
+  run_on_lanes(a, b, d, [](float (&fd)[4], const uint32_t (&fa)[4], const uint32_t (&fb)[2]) {
     mma_1688_tf32(fd, fa, fb);
-    std::memcpy(d + 4 * lane, fd, sizeof(fd));
   });
   return 0;
 }

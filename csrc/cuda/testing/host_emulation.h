@@ -153,6 +153,20 @@ inline float half_bits_to_float(uint32_t bits, bool bf16) {
   return __half2float(__half(x));
 }
 
+// This lane's d[e] += sum over k < K of A(i, k) B(k, j), where D(i, j) with i = g + 8 (e / 2),
+// j = 2 t + e % 2 (g = lane / 4, t = lane % 4) is the float accumulator layout of m16n8k16 and
+// m16n8k8 alike; one fma per product, in k order.
+template <int K, class FragA, class FragB>
+inline void accumulate_fragment(float (&d)[4], FragA A, FragB B) {
+  const int g = static_cast<int>(threadIdx.x % 32) / 4, t = static_cast<int>(threadIdx.x % 4);
+  for (int e = 0; e < 4; ++e) {
+    const int i = g + 8 * (e / 2), j = 2 * t + e % 2;
+    float acc = d[e];
+    for (int k = 0; k < K; ++k) acc = std::fma(A(i, k), B(k, j), acc);
+    d[e] = acc;
+  }
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 with d as c, from the PTX ISA's
 // fragment layouts (g = lane / 4, t = lane % 4): A(i, k) is in lane 4 (i % 8) + (k % 8) / 2,
 // register i / 8 + 2 (k / 8), half k % 2; B(k, n) in lane 4 n + (k % 8) / 2, register k / 8,
@@ -169,13 +183,7 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   auto B = [&](int k, int n) {
     return half_bits_to_float(all[4 * n + (k % 8) / 2].b[k / 8] >> (16 * (k % 2)), bf16);
   };
-  const int g = static_cast<int>(threadIdx.x % 32) / 4, t = static_cast<int>(threadIdx.x % 4);
-  for (int e = 0; e < 4; ++e) {
-    const int i = g + 8 * (e / 2), j = 2 * t + e % 2;
-    float acc = d[e];
-    for (int k = 0; k < 16; ++k) acc = std::fma(A(i, k), B(k, j), acc);
-    d[e] = acc;
-  }
+  accumulate_fragment<16>(d, A, B);
 }
 
 // cvt.rna.tf32.f32: 10 mantissa bits, to nearest with ties away from zero (add half of the
@@ -205,13 +213,7 @@ inline void mma_1688_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t 
   };
   auto A = [&](int i, int k) { return value(all[4 * (i % 8) + k % 4].a[i / 8 + 2 * (k / 4)]); };
   auto B = [&](int k, int n) { return value(all[4 * n + k % 4].b[k / 4]); };
-  const int g = static_cast<int>(threadIdx.x % 32) / 4, t = static_cast<int>(threadIdx.x % 4);
-  for (int e = 0; e < 4; ++e) {
-    const int i = g + 8 * (e / 2), j = 2 * t + e % 2;
-    float acc = d[e];
-    for (int k = 0; k < 8; ++k) acc = std::fma(A(i, k), B(k, j), acc);
-    d[e] = acc;
-  }
+  accumulate_fragment<8>(d, A, B);
 }
 }  // namespace emu
 
