@@ -1,15 +1,18 @@
 """Kernel efficiency without a GPU: every Triton kernel config compiled ahead of time for NVIDIA
 targets (sm_90 = H100/H200, sm_80 = A100) and the CUDA kernels compiled with nvcc, each with its
-resources, its SASS instruction mix and a static roofline estimate of the headline configs.
+resources, its SASS instruction mix, and a static roofline estimate of the headline configs for the
+Triton and the CUDA kernels, set against the targets.
 
     python -m benchmarks.kernel_report                     # writes benchmarks/results/kernels-sm_90.md, -sm_80.md (+ .json)
     python -m benchmarks.kernel_report --archs 90 --no-cuda
+    python -m benchmarks.kernel_report --from-results benchmarks/results/kernels-sm_90.json   # estimates only
 
 Compilation: `cocos_kernels.triton.aot.run_matrix` (`triton.compile` for a GPUTarget in child
 processes, no GPU needed; that module's docstring says how), for the configs the launchers would
 use on a GPU. Matrices: "default" (the compile test's fast subset), "headline" (what the GPU
 check's headline timing rows autotune over: benchmarks/gpu_check.py), "full" (every flag
-combination: the slow test).
+combination: the slow test). `--from-results` compiles nothing: it makes the estimates and the
+reports again from the compiled rows of saved reports.
 
 Per compiled kernel: registers, spill stores/loads and stack frame (ptxas; cuobjdump
 --dump-resource-usage), shared memory and whether it fits the card's per-block opt-in limit,
@@ -17,22 +20,32 @@ blocks per SM (registers, shared memory, threads), the SASS instruction mix (cuo
 HGMMA = wgmma, HMMA = mma.sync, LDSM, LDGSTS = cp.async, UTMALDG = TMA, LDG/STG, LDL/STL = local
 memory, MUFU, FFMA; static counts), and the compile time.
 
-The roofline estimate of a headline config (benchmarks/gpu_check.py's triton rows) per kernel and
-config: max(tile-product FLOPs as issued (D and Cv padded to the tiles) / the rate of the SASS's
-matrix path, exponentials / the MUFU rate, the other side's rows and columns read once per program
-/ L2 bandwidth, the inputs and outputs once / HBM bandwidth), divided by the last wave's fill; the
-best config of each kernel that fits (least spilling first), summed over the kernels of the mode, against
-the useful FLOPs (benchmarks.bench_correspondence_warp.flops) as a share of the card's bf16 peak.
-Rates (datasheet; the GPU check measures the real ones): sm_90 an H200 (989 / 494 / 67 TFLOP/s bf16
-/ tf32 / fp32 FMA, 132 SMs x 16 MUFU ops per clock at 1.98 GHz, 4.8 TB/s HBM); sm_80 an A100 (312 /
-156 / 19.5, 108 x 16 at 1.41 GHz, 2.0 TB/s). Assumed, not datasheet: L2 serves the re-reads at
-10 TB/s (sm_90) / 5 TB/s (sm_80), and an HMMA-only kernel runs at half the tensor rate on sm_90
-(mma.sync does not reach wgmma's rate on Hopper). A config that spills is estimated as if it did
-not, and marked.
+The roofline estimate of a kernel launch on a headline config (benchmarks/gpu_check.py's rows):
+max(tile-product FLOPs as issued (padded to the tiles) / the rate of the SASS's matrix path,
+exponentials / the MUFU rate, L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth), divided by the
+last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels' `_mma_work` /
+`_fma_work`): HBM carries each input and each output once; the L2 the operand tiles every program
+loads per block (the other side's rows, its own rows again per block where D is chunked), which
+the programs resident together read from the L2 after the first; the float32 accumulators of the
+chunked backward, read and written once per (streamed block, D chunk), go to the L2 while the
+resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
+and spills least, then the fastest by this estimate. CUDA: the kernels the launchers choose (the
+limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per SM from ptxas's
+registers and the dynamic shared memory the launcher requests. Shares: the useful FLOPs
+(benchmarks.bench_correspondence_warp.flops) per second of the summed kernels, against the card's
+bf16 peak. The reference (`reference_seconds`): its n x n matrices through HBM op by op.
+
+Rates (`CARDS`: dense datasheet numbers, the GPU check measures the real ones): sm_90 an H200,
+sm_80 an A100. Assumed, not datasheet: the L2 bandwidth (10 TB/s sm_90, 5 TB/s sm_80), and an
+mma.sync (HMMA-only) kernel runs at half the tensor rate on sm_90 (mma.sync does not reach
+wgmma's rate on Hopper). A config that spills is estimated as if it did not, and marked. Not
+modelled: shared-memory bandwidth and latency (the CUDA shared-memory kernels are bound by them
+rather than by these roofs), the forward's key split.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -43,20 +56,55 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks.report import table, write
-from cocos_kernels.triton.aot import SELECT, SHARED_LIMIT, analyse_cubin, blocks_per_sm, case_of, run_matrix, tools
+from cocos_kernels.triton.aot import SHARED_LIMIT, SELECT, analyse_cubin, blocks_per_sm, case_of, run_matrix, tools
 
 REPO = Path(__file__).resolve().parents[1]
-RATES = {  # the roofline's card per target (module docstring)
-    90: dict(card="H200", bf16=989e12, tf32=494e12, fp32=67e12, sms=132, mufu=132 * 16 * 1.98e9, hbm=4.8e12,
-             l2=10e12),
-    80: dict(card="A100", bf16=312e12, tf32=156e12, fp32=19.5e12, sms=108, mufu=108 * 16 * 1.41e9, hbm=2.0e12,
-             l2=5e12),
+# The static yardstick: dense datasheet peaks (NVIDIA H100 / H200 / A100 SXM datasheets; MUFU: 16 ops per
+# SM per clock at the boost clock, CUDA C++ Programming Guide's arithmetic throughput table) and
+# the L2's size (same datasheets). Assumed, not datasheet: l2 = the bandwidth at which L2 serves re-reads.
+CARDS = {
+    "H100 SXM": dict(bf16=989e12, tf32=494e12, fp32=67e12, sms=132, clock=1.98e9, hbm=3.35e12, l2=10e12, l2_bytes=50e6),
+    "H200 SXM": dict(bf16=989e12, tf32=494e12, fp32=67e12, sms=132, clock=1.98e9, hbm=4.8e12, l2=10e12, l2_bytes=50e6),
+    "A100 SXM": dict(bf16=312e12, tf32=156e12, fp32=19.5e12, sms=108, clock=1.41e9, hbm=2.0e12, l2=5e12, l2_bytes=40e6),
 }
+CARD = {90: "H200 SXM", 80: "A100 SXM"}  # the card each target's estimate is made for
+RATES = {arch: dict(CARDS[card], card=card, mufu=CARDS[card]["sms"] * 16 * CARDS[card]["clock"])
+         for arch, card in CARD.items()}
 
 
-# ----------------------------------------------------------------------------- the roofline estimate
+# ----------------------------------------------------------------------------- the roofline model
+
+
+class Traffic(NamedTuple):
+    """Bytes one kernel launch moves. hbm: each input once and each output once (compulsory); l2: the
+    operand tiles its programs load block by block (re-reads of rows other programs stream at the same
+    time: L2 hits); rmw: float32 accumulators read and written again per (block, D chunk) pass, by the
+    program owning them; acc: one program's accumulator bytes (the L2 keeps the resident programs' ones,
+    or the rmw goes to HBM)."""
+    hbm: float
+    l2: float
+    rmw: float = 0.0
+    acc: float = 0.0
+
+
+def roofline_time(arch: int, flops: float, rate: float, exps: float, traffic: Traffic, programs: int,
+                  per_sm: int) -> dict:
+    """Seconds of one launch: max(flops / matrix rate, exps / MUFU rate, L2 bytes / L2 bandwidth,
+    HBM bytes / HBM bandwidth), divided by the last wave's fill."""
+    r = RATES[arch]
+    resident = min(programs, r["sms"] * per_sm)
+    rmw_level = "hbm" if resident * traffic.acc > r["l2_bytes"] else "l2"
+    hbm = traffic.hbm + (traffic.rmw if rmw_level == "hbm" else 0.0)
+    l2 = traffic.l2 + (traffic.rmw if rmw_level == "l2" else 0.0)
+    times = {"matrix": flops / rate, "exp": exps / r["mufu"], "l2": l2 / r["l2"], "hbm": hbm / r["hbm"]}
+    waves = math.ceil(programs / (r["sms"] * per_sm))
+    fill = programs / (waves * r["sms"] * per_sm)
+    return {"seconds": max(times.values()) / fill, "bound": max(times, key=times.get), "fill": fill,
+            "hbm_bytes": hbm, "l2_bytes": l2, "rmw_bytes": traffic.rmw, "rmw_level": rmw_level if traffic.rmw else None,
+            **{f"{k}_s": v for k, v in times.items()}}
 
 
 def _label_blocks(label: str) -> dict:
@@ -78,62 +126,300 @@ def _matrix_rate(arch: int, dtype: str, precision: str | None, sass: dict) -> tu
     return r["bf16"] * factor, path
 
 
-def kernel_estimate(arch: int, row: dict, item: dict) -> dict:
-    """Seconds of one compiled config of a kernel on the headline item (batch B, side^2 positions)."""
-    r = RATES[arch]
+def _shape(item: dict) -> tuple:
+    """(B, n, C, taps, Cv, input bytes per element) of a headline item; D = taps * C."""
+    return (item["batch"], item["side"] ** 2, item["channels"], item["patch_size"] ** 2, item["value_channels"],
+            4 if item["dtype"] == "float32" else 2)
+
+
+def triton_traffic(kernel: str, label: str, item: dict) -> Traffic:
+    """What one launch of a Triton kernel config (its label: "M.. N.. D.. [one_chunk]") moves for a
+    headline item, following cocos_kernels/triton/correspondence_warp.py: the forward and dQ programs own
+    BLOCK_M query rows and stream the key blocks, dK/dV programs own BLOCK_N keys and stream the query
+    blocks. A program loads the other side's feature rows and value-like columns once; its own feature
+    rows once with ONE_CHUNK, else again per streamed block (D in chunks); the chunked dQ (dK) also reloads
+    K (Q) to accumulate into its float32 rows in global memory, read and written per streamed block
+    (the first block only writes). Windows: D = taps * C (each tap's rows loaded per block)."""
+    B, n, C, taps, Cv, e = _shape(item)
+    D = taps * C
+    blocks = _label_blocks(label)
+    one_chunk = "one_chunk" in label
+    own, other = (blocks["N"], blocks["M"]) if kernel == "_backward_dkdv_kernel" else (blocks["M"], blocks["N"])
+    programs, streamed = math.ceil(n / own), math.ceil(n / other)
+    rows_in = 2 * n * C * e  # Q and K, each once
+    if kernel == "_forward_kernel":
+        out = 4 if item["dtype"] == "float32" else e
+        tiles = programs * n * (D + Cv) * e + (1 if one_chunk else streamed) * n * D * e
+        hbm = rows_in + n * Cv * e + n * Cv * out + 4 * n  # Q, K, V; out, lse
+        return Traffic(B * hbm, B * tiles)
+    # dQ: its programs read K and V per program, dOut / lse / delta per own row; dK/dV: Q and dOut / lse /
+    # delta per program, V per own row.
+    dq = kernel == "_backward_dq_kernel"
+    tiles = programs * (n * (D + Cv) * e + (0 if dq else 8 * n)) + n * Cv * e + (8 * n if dq else 0)
+    if one_chunk:
+        tiles += n * D * e
+        rmw = 0.0
+    else:
+        tiles += streamed * n * D * e + programs * n * D * e
+        rmw = 2.0 * (streamed - 1) * n * D * 4
+    outs = n * D * 4 + (0 if dq else n * Cv * 4)
+    hbm = rows_in + 2 * n * Cv * e + 8 * n + outs  # Q, K, V, dOut, lse, delta; dQ or dK and dV
+    return Traffic(B * hbm, B * tiles, B * rmw, 0.0 if one_chunk else own * D * 4)
+
+
+def triton_estimate(arch: int, row: dict, item: dict) -> dict:
+    """The estimate of one compiled config of a Triton kernel on a headline item: tile products as issued
+    (D padded to whole BLOCK_D chunks per tap, Cv to BLOCK_CV), one exponential per (query, key) pair."""
+    B, n, C, taps, Cv, _ = _shape(item)
     blocks = _label_blocks(row["config"])
-    B, n, C, patch = item["batch"], item["side"] ** 2, item["channels"], item["patch_size"]
-    D, cv_tile = C * patch * patch, max(16, 1 << (item["value_channels"] - 1).bit_length())
-    pairs = B * n * n
-    products = {"_forward_kernel": D + cv_tile, "_backward_dq_kernel": 2 * D + cv_tile,
-                "_backward_dkdv_kernel": 2 * D + 2 * cv_tile}[row["kernel"]]
-    flops = 2.0 * pairs * products
+    d_tile, cv_tile = taps * math.ceil(C / blocks["D"]) * blocks["D"], max(16, 1 << (Cv - 1).bit_length())
+    products = {"_forward_kernel": d_tile + cv_tile, "_backward_dq_kernel": 2 * d_tile + cv_tile,
+                "_backward_dkdv_kernel": 2 * d_tile + 2 * cv_tile}[row["kernel"]]
     rate, path = _matrix_rate(arch, item["dtype"], item["precision"], row.get("sass", {}))
-    elt = 2 if item["dtype"] != "float32" else 4
-    own = blocks["M"] if row["kernel"] != "_backward_dkdv_kernel" else blocks["N"]
-    programs = B * math.ceil(n / own)
-    # the other side's rows and value / grad_out columns once per program (window taps: cache hits)
-    reread = programs * n * (C + item["value_channels"]) * elt
-    unique = B * n * (3 * C + 2 * item["value_channels"]) * elt
-    times = {"matrix": flops / rate, "exp": pairs / r["mufu"], "l2": reread / r["l2"], "hbm": unique / r["hbm"]}
-    per_sm = max(1, row.get("blocks_per_sm") or 0)
-    waves = math.ceil(programs / (r["sms"] * per_sm))
-    fill = programs / (waves * r["sms"] * per_sm)
-    return {"seconds": max(times.values()) / fill, "bound": max(times, key=times.get), "path": path,
-            "fill": fill, **{f"{k}_s": v for k, v in times.items()}}
+    own = blocks["N"] if row["kernel"] == "_backward_dkdv_kernel" else blocks["M"]
+    estimate = roofline_time(arch, 2.0 * B * n * n * products, rate, B * n * n,
+                             triton_traffic(row["kernel"], row["config"], item), B * math.ceil(n / own),
+                             max(1, row.get("blocks_per_sm") or 0))
+    return {"path": path, **estimate}
+
+
+def reference_seconds(arch: int, item: dict) -> float:
+    """The materialised reference (cocos_kernels/reference.py: scores matmul, / temperature, softmax,
+    @ value; autograd's backward: grad of P and of the value, softmax backward, / temperature backward, the
+    two feature gradients), each op max(FLOPs / matmul rate, bytes / HBM) (its n x n matrices do not fit
+    the L2), summed. Its matmuls run at the GPU check's float32 matmul precision for the item."""
+    from benchmarks.gpu_check import MATMUL_PRECISION
+
+    r = RATES[arch]
+    B, n, C, taps, Cv, e = _shape(item)
+    D = taps * C
+    rate = r["bf16"] if item["dtype"] != "float32" else r[
+        {"highest": "fp32", "high": "tf32", "medium": "bf16"}[MATMUL_PRECISION[item["precision"]]]]
+    m = n * n * e  # one n x n matrix
+    ops = [(2 * n * n * D, m + 2 * n * D * e), (0, 2 * m), (0, 2 * m), (2 * n * n * Cv, m)]
+    if item["mode"] == "forward+backward":
+        ops += [(2 * n * n * Cv, m), (2 * n * n * Cv, m), (0, 3 * m), (0, 2 * m), (2 * n * n * D, m),
+                (2 * n * n * D, m)]
+    return B * sum(max(f / rate, b / r["hbm"]) for f, b in ops)
+
+
+MODE_KERNELS = {"forward": ("_forward_kernel",),
+                "forward+backward": ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")}
+
+
+def _summary(arch: int, item: dict, parts: list[dict | None]) -> dict:
+    """Total seconds, share of the bf16 peak (useful FLOPs) and speed-up over the reference of an item's kernels."""
+    from benchmarks.bench_correspondence_warp import flops
+
+    total = sum(p["seconds"] for p in parts) if all(parts) else math.inf
+    useful = flops(item)
+    return dict(seconds=total, useful_flops=useful, hbm_bytes=sum(p["hbm_bytes"] for p in parts if p),
+                l2_bytes=sum(p["l2_bytes"] for p in parts if p),
+                share_of_bf16_peak=useful / total / RATES[arch]["bf16"] if total < math.inf else 0.0,
+                reference_s=reference_seconds(arch, item),
+                speedup=reference_seconds(arch, item) / total if total < math.inf else 0.0)
 
 
 def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
-    """Per headline item: the best fitting, spill-free (else best fitting) config of each kernel and the estimate."""
-    from benchmarks.bench_correspondence_warp import flops
-
-    kernels = {"forward": ("_forward_kernel",),
-               "forward+backward": ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")}
+    """Per headline item: the best fitting config of each Triton kernel (least spilling, then the least
+    estimated time) and the estimate."""
     out = []
     for item in items:
-        entry, total = dict(item), 0.0
-        for kernel in kernels[item["mode"]]:
+        entry, parts = dict(item), []
+        for kernel in MODE_KERNELS[item["mode"]]:
             candidates = [r for r in rows if r.get("ok") and r["arch"] == arch and r["module"] == "correspondence_warp"
                           and r["kernel"] == kernel and r["dtype"] == item["dtype"] and r["patch"] == item["patch_size"]
                           and r["CV"] == item["value_channels"] and r.get("precision") == (
                               item["precision"] if item["dtype"] == "float32" else None)
                           and r.get("out", "x") in ("x", "fp32" if item["dtype"] == "float32" else "bf16")
                           and r["fits"] and r.get("blocks_per_sm")]
-            if not candidates:
-                entry[kernel] = None
-                total = math.inf
-                continue
-            best = min(candidates, key=lambda r: (r.get("stack", 0), kernel_estimate(arch, r, item)["seconds"]))
-            entry[kernel] = {"config": best["config"], "stack": best.get("stack", 0), **kernel_estimate(arch, best, item)}
-            total += entry[kernel]["seconds"]
-        useful = flops(item)
-        entry.update(seconds=total, useful_flops=useful,
-                     share_of_bf16_peak=useful / total / RATES[arch]["bf16"] if total and total < math.inf else 0.0)
-        out.append(entry)
+            best = min(candidates, key=lambda r: (r.get("stack", 0), triton_estimate(arch, r, item)["seconds"]),
+                       default=None)
+            entry[kernel] = best and {"config": best["config"], "stack": best.get("stack", 0),
+                                      **triton_estimate(arch, best, item)}
+            parts.append(entry[kernel])
+        out.append(entry | _summary(arch, item, parts))
     return out
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
+# Which kernel the launchers take (correspondence_warp_forward / _backward in
+# csrc/cuda/correspondence_warp.cuh, through uses_mma_forward / uses_mma_backward and with_mma_tiles in
+# csrc/cuda/correspondence_warp_mma.cuh): the limits are that header's constants, parsed from it.
+MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
+MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
+              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaRows", "kMmaBN")
+FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
+C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+PRECISION_ENUM = {None: 0, "ieee": 0, "tf32x3": 1, "tf32": 2}  # enum class Precision (correspondence_warp.h)
+
+
+def mma_limits(text: str | None = None) -> dict[str, int]:
+    """MMA_LIMITS from `constexpr int NAME = VALUE;` in the header (or `text`); KeyError names a missing one."""
+    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", MMA_HEADER.read_text() if text is None else text))
+    missing = [k for k in MMA_LIMITS if k not in found]
+    if missing:
+        raise KeyError(f"{MMA_HEADER.name} defines no {', '.join(missing)}: update MMA_LIMITS")
+    return {k: int(found[k]) for k in MMA_LIMITS}
+
+
+def _mma_tiles(d: int, cv: int, max_d: int, is_float: bool) -> tuple[int, int]:
+    """(DT, CVT) as with_mma_tiles chooses them."""
+    dt = max_d if max_d > 128 and d > 128 else 128 if max_d > 64 and d > 64 else 64
+    return dt, 16 if (is_float and dt > 64) or cv <= 16 else 64
+
+
+def _mma_smem(role: str, e: int, dt: int, cvt: int, lim: dict) -> int:
+    """Dynamic shared memory of an mma kernel (MmaTiles<T, DT, CVT>: kForwardBytes, kDqBytes, kDkDvBytes)."""
+    ld_d, bn, rows = dt + 16 // e, lim["kMmaBN"], lim["kMmaRows"]
+    stages = (2 * bn * ld_d + 2 * cvt * (bn + 8)) * e
+    resident = (rows * ld_d + cvt * (rows + 8)) * e  # dK/dV's K rows and V columns; float32 dQ's Q and dOut
+    if role == "forward":
+        return stages + (rows * ld_d * e if e == 4 else 0)
+    return stages + resident if role == "dkdv" or e == 4 else stages
+
+
+def _fma_smem(role: str, e: int, windows: bool) -> int:
+    """Dynamic shared memory of a shared-memory kernel (ForwardSmem, BackwardDqSmem, BackwardDkDvSmem:
+    128-byte aligned pieces)."""
+    t = FMA_TILE
+    bd = 32 if e == 4 else 64
+    tile = (t * (bd + 16 // e) * e, t * (t + 16 // e) * e)  # a T tile of D columns, of 64 columns
+    f_n, f_d = t * (t + 4) * 4, t * (bd + 4) * 4  # float tiles of 64 and of BD columns
+    half = 0 if e == 4 else tile[1]  # a T copy of a float tile (float32 shares the float tile)
+    pieces = {"forward": [tile[0], tile[0], tile[1], f_n, half, f_n, t * 4, t * 4, t * 4],
+              "dq": [tile[0], tile[0], tile[1], tile[1], f_n, f_n, half, f_d] + [t * 4] * 4,
+              "dkdv": [tile[0], tile[0], tile[1], tile[1], f_n, half, f_n, half, f_n, f_d] + [t * 4] * 2
+              + ([f_n, t * 4, t * 4] if windows else [])}[role]
+    return sum(math.ceil(p / 128) * 128 for p in pieces)
+
+
+
+def _io_bytes(item: dict, role: str, dk: bool = True, dv: bool = True) -> float:
+    """Compulsory bytes of a launch: each input once, each output once (Q and K rows, value-like columns,
+    lse / delta; out and lse, or the float32 gradients)."""
+    B, n, C, taps, Cv, e = _shape(item)
+    if role == "forward":
+        return B * (2 * n * C * e + n * Cv * e + n * Cv * (4 if item["dtype"] == "float32" else e) + 4 * n)
+    return B * (2 * n * C * e + 2 * n * Cv * e + 8 * n + (n * taps * C * 4 if dk else 0) + (n * Cv * 4 if dv else 0))
+
+
+def cuda_launches(item: dict, lim: dict) -> list[dict]:
+    """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, whether
+    mma, the tiles (DT, CVT) and the kernel's demangled name (without namespace and arguments)."""
+    _, _, C, taps, Cv, _ = _shape(item)
+    is_float = item["dtype"] == "float32"
+    ctype = C_TYPES[item["dtype"]]
+    tensor_rows = (not is_float or item["precision"] != "ieee") and taps == 1
+    max_d = lim["kTf32MaxD"] if is_float else lim["kMmaMaxD"]
+    if tensor_rows and C <= max_d:
+        dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
+        tiles = f"{ctype}, (cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}, {dt}, {cvt}"
+        launches = [dict(role="forward", mma=True, dt=dt, cvt=cvt, name=f"forward_mma_kernel<{tiles}>")]
+    else:
+        launches = [dict(role="forward", mma=False, name=f"forward_kernel<{ctype}>")]
+    if item["mode"] == "forward":
+        return launches
+    max_d, max_cv = ((lim["kTf32MaxBackwardD"], lim["kTf32MaxBackwardCv"]) if is_float else
+                     (lim["kMmaMaxBackwardD"], lim["kMmaMaxBackwardCv"]))
+    if not (tensor_rows and C <= max_d and Cv <= max_cv):
+        return launches + [dict(role=r, mma=False, name=f"backward_{r}_kernel<{ctype}>") for r in ("dq", "dkdv")]
+    dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
+    tiles = f"{ctype}, (cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}, {dt}, {cvt}"
+    split = is_float and cvt > lim["kTf32DvChunk"]  # kDvSplit: dK blocks, then dV-only blocks
+    launches += [dict(role="dq", mma=True, dt=dt, cvt=cvt, name=f"backward_dq_mma_kernel<{tiles}>"),
+                 dict(role="dkdv", mma=True, dt=dt, cvt=cvt, split=split, name=f"backward_dkdv_mma_kernel<{tiles}, false>")]
+    if split:
+        launches.append(dict(role="dv", mma=True, dt=dt, cvt=cvt, name=f"backward_dkdv_mma_kernel<{tiles}, true>"))
+    return launches
+
+
+def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
+    """(programs, FLOPs as issued, exponentials, traffic) of an mma kernel launch: 128 resident rows per
+    block, the other side streamed in 64-row blocks (both padded); the score and dQ / dK products take D
+    in whole k steps (the zero tail of DT is skipped), the value-like products CVT channels (float32:
+    dP in 16-channel steps up to Cv). Every accumulator stays in registers."""
+    B, n, C, _, Cv, e = _shape(item)
+    rows, bn, role, cvt = lim["kMmaRows"], lim["kMmaBN"], launch["role"], launch["cvt"]
+    is_float = e == 4
+    k = 8 if is_float else 16
+    d_k, d_16 = math.ceil(C / k) * k, math.ceil(C / 16) * 16
+    blocks, pairs = math.ceil(n / rows), math.ceil(n / rows) * rows * math.ceil(n / bn) * bn
+    cv_p = math.ceil(Cv / 16) * 16 if is_float and cvt > 16 else cvt
+    dv_chunk = min(cvt, lim["kTf32DvChunk"]) if is_float else cvt
+    chunks = {"forward": math.ceil(Cv / cvt), "dv": math.ceil(Cv / dv_chunk)}.get(role, 1)
+    products = {"forward": d_k + cvt, "dq": d_k + cv_p + d_16, "dv": d_k + dv_chunk,
+                "dkdv": d_k + cv_p + d_16 + (0 if launch.get("split") else cvt)}[role]
+    streamed = n * C * e + n * Cv * e  # the other side's rows and value-like columns (each chunk: its channels)
+    if role == "forward":
+        l2 = chunks * blocks * n * C * e + blocks * n * Cv * e + chunks * n * C * e
+        io = _io_bytes(item, role)
+    elif role == "dq":
+        l2 = blocks * streamed + n * (C + Cv) * e + 8 * n
+        io = _io_bytes(item, role)
+    else:  # dK/dV: Q, dOut, lse and delta per block; the resident K (and V) once per block
+        l2 = chunks * blocks * (n * C * e + 8 * n) + blocks * n * Cv * e + chunks * n * C * e + (
+            0 if role == "dv" else n * Cv * e)
+        io = _io_bytes(item, role, dk=role == "dkdv", dv=role == "dv" or not launch.get("split"))
+    return B * chunks * blocks, 2.0 * B * chunks * pairs * products, B * chunks * n * n, Traffic(io, B * l2)
+
+
+def _fma_work(launch: dict, item: dict) -> tuple[int, float, float, Traffic]:
+    """The same for a shared-memory kernel: 64 x 64 blocks, D in chunks of BD (64; float32 32) per tap,
+    Cv in 64-channel chunks; per block pair both sides' feature chunks are loaded (Q and K; the dQ / dK
+    accumulation reloads K / Q), and the float32 dQ, dK (and dV) accumulators are read and written in
+    global memory per streamed block."""
+    B, n, C, taps, Cv, e = _shape(item)
+    t, role = FMA_TILE, launch["role"]
+    bd = 32 if e == 4 else 64
+    d_p, D = taps * math.ceil(C / bd) * bd, taps * C
+    cv_chunks = math.ceil(Cv / t)
+    blocks = math.ceil(n / t)
+    pairs = (blocks * t) ** 2
+    if role == "forward":
+        l2 = cv_chunks * blocks * blocks * 2 * t * D * e + blocks * n * Cv * e
+        return (B * cv_chunks * blocks, 2.0 * B * cv_chunks * pairs * (d_p + t), B * cv_chunks * n * n,
+                Traffic(_io_bytes(item, role), B * l2))
+    # per block pair: Q, K and the reloaded side's chunks, dOut and V columns (dK/dV: lse and delta too)
+    l2 = blocks * blocks * (3 * t * D * e + 2 * t * Cv * e + (0 if role == "dq" else 8 * t))
+    acc = t * (D if role == "dq" else D + Cv) * 4
+    rmw = 2.0 * blocks * (blocks - 1) * acc
+    products = 2 * d_p + (1 if role == "dq" else 2) * cv_chunks * t
+    return (B * blocks, 2.0 * B * pairs * products, B * n * n,
+            Traffic(_io_bytes(item, role), B * l2, B * rmw, acc))
+
+
+def _cuda_row(rows: list[dict], arch: int, name: str) -> dict | None:
+    return next((r for r in rows if r.get("ok") and r["arch"] == arch and f"cocos_kernels::cuda::{name}(" in r["kernel"]),
+                None)
+
+
+def cuda_roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
+    """Per headline item: the CUDA kernels the launchers take, each with its occupancy (blocks per SM from
+    ptxas's registers and the dynamic shared memory its launcher asks for) and estimate."""
+    lim = mma_limits()
+    out = []
+    for item in items:
+        entry, parts = dict(item, kernels=[]), []
+        for launch in cuda_launches(item, lim):
+            row = _cuda_row(rows, arch, launch["name"])
+            e = _shape(item)[5]
+            smem = (_mma_smem(launch["role"], e, launch["dt"], launch["cvt"], lim) if launch["mma"]
+                    else _fma_smem(launch["role"], e, item["patch_size"] > 1))
+            per_sm = row and smem <= SHARED_LIMIT[arch] and blocks_per_sm(arch, row["reg"], smem + row["shared"], 8)
+            if not per_sm:
+                entry["kernels"].append(dict(launch, shared=smem, estimate=None,
+                                             why="not compiled" if row is None else "does not fit"))
+                parts.append(None)
+                continue
+            programs, flops, exps, traffic = (_mma_work(launch, item, lim) if launch["mma"] else _fma_work(launch, item))
+            rate, path = _matrix_rate(arch, item["dtype"], item["precision"], row["sass"])
+            estimate = {"path": path, **roofline_time(arch, flops, rate, exps, traffic, programs, per_sm)}
+            entry["kernels"].append(dict(launch, shared=smem, blocks_per_sm=per_sm, reg=row["reg"], stack=row["stack"],
+                                         estimate=estimate))
+            parts.append(estimate)
+        out.append(entry | _summary(arch, item, parts))
+    return out
 
 
 def cuda_rows(archs: list[int], jobs: int) -> tuple[list[dict], str | None]:
@@ -184,7 +470,43 @@ def _demangle(name: str) -> str:
     return re.sub(r"\s+", " ", out or name)[:160]
 
 
-# ----------------------------------------------------------------------------- the report
+# ----------------------------------------------------------------------------- targets and the report
+
+
+def targets(report: dict) -> list[dict]:
+    """The goals of the headline configs, estimate against target: shares of the bf16 peak, the tf32x3
+    speed-up over the reference, the CUDA forward's share and its time against Triton's."""
+    def find(entries, **kv):
+        return next((e for e in entries if all(e[k] == v for k, v in kv.items())), None)
+
+    head = dict(dtype="bfloat16", side=256, value_channels=3, patch_size=1)
+    rows = []
+
+    def add(what, entry, key, goal, at_least=True, percent=True):
+        if entry is None:
+            return
+        value = entry if isinstance(entry, float) else entry[key]
+        rows.append(dict(what=what, estimate=value, goal=goal, at_least=at_least, percent=percent,
+                         met=value >= goal if at_least else value <= goal))
+
+    add("Triton bf16 forward, 256^2, Cv 3: share of bf16 peak", find(report["roofline"], mode="forward", **head),
+        "share_of_bf16_peak", 0.50)
+    add("Triton bf16 forward+backward, 256^2, Cv 3: share", find(report["roofline"], mode="forward+backward", **head),
+        "share_of_bf16_peak", 0.35)
+    for e in report["roofline"]:
+        if e["patch_size"] > 1:
+            add(f"Triton bf16 3x3 windows, {e['side']}^2, {e['mode']}: share", e, "share_of_bf16_peak", 0.30)
+    for e in report["roofline"]:
+        if e.get("precision") == "tf32x3":
+            add(f"Triton float32 tf32x3, {e['side']}^2, {e['mode']}: speed-up over the reference", e, "speedup", 3.0,
+                percent=False)
+    cuda = find(report.get("cuda_roofline", []), mode="forward", **head)
+    add("CUDA bf16 forward, 256^2, Cv 3: share", cuda, "share_of_bf16_peak", 0.35)
+    triton = find(report["roofline"], mode="forward", **head)
+    if cuda and triton and triton["seconds"] < math.inf:
+        add("CUDA bf16 forward, 256^2, Cv 3: time / Triton's", cuda["seconds"] / triton["seconds"], None, 1.3,
+            at_least=False, percent=False)
+    return rows
 
 
 def _mix(sass: dict | None) -> str:
@@ -194,21 +516,52 @@ def _mix(sass: dict | None) -> str:
     return " ".join(f"{k} {sass[k]}" for k in keys if sass.get(k)) + f" / {sass.get('total', 0)}"
 
 
+def _bound(v: dict) -> str:
+    """A kernel estimate's bound, and where its accumulator traffic goes."""
+    rmw = f", acc. {v['rmw_bytes'] / 1e9:.0f} GB in {v['rmw_level'].upper()}" if v["rmw_level"] else ""
+    return f"{v['path']}, {v['bound']}{rmw}"
+
+
+def _item_cells(e: dict) -> list:
+    dtype = e["dtype"] + (f" ({e['precision']})" if e.get("precision") else "")
+    return [dtype, f"{e['side']}^2", e["value_channels"], f"{e['patch_size']}x{e['patch_size']}", e["mode"]]
+
+
+def _totals(e: dict) -> list:
+    done = e["seconds"] < math.inf
+    return [f"{e['hbm_bytes'] / 1e9:.1f}", f"{e['l2_bytes'] / 1e9:.0f}", f"{e['seconds'] * 1e3:.2f}" if done else "-",
+            f"{e['share_of_bf16_peak']:.0%}", f"{e['speedup']:.1f}x" if done else "-"]
+
+
+def _fmt(value: float, percent: bool) -> str:
+    return f"{value:.0%}" if percent else f"{value:.2f}x"
+
+
 def markdown(arch: int, report: dict) -> str:
     r = RATES[arch]
-    roofline_rows = []
+    triton_est = []
     for e in report["roofline"]:
         parts = []
-        for k in ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel"):
-            if k in e:
-                v = e[k]
-                spills = f", SPILLS {v['stack']} B" if v and v["stack"] else ""
-                parts.append(f"{k.strip('_').replace('_kernel', '')}: " + (
-                    "no fitting config" if v is None else f"{v['config']}, {v['path']}, {v['bound']}{spills}"))
-        dtype = e["dtype"] + (f" ({e['precision']})" if e.get("precision") else "")
-        ms = f"{e['seconds'] * 1e3:.2f}" if e["seconds"] < math.inf else "-"
-        roofline_rows.append([dtype, f"{e['side']}^2", e["value_channels"], f"{e['patch_size']}x{e['patch_size']}",
-                              e["mode"], "; ".join(parts), ms, f"{e['share_of_bf16_peak']:.0%}"])
+        for k in MODE_KERNELS[e["mode"]]:
+            v = e[k]
+            spills = f", SPILLS {v['stack']} B" if v and v["stack"] else ""
+            parts.append(f"{k.strip('_').replace('_kernel', '')}: " + (
+                "no fitting config" if v is None else f"{v['config']}, {_bound(v)}{spills}"))
+        triton_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
+    cuda_est = []
+    for e in report.get("cuda_roofline", []):
+        parts = [f"{k['name'].split('<')[0]}" + (f" DT{k['dt']} CVT{k['cvt']}" if k["mma"] else "") + ": " + (
+            f"{k['why']} ({k['shared']} B shared)" if k["estimate"] is None else
+            f"{k['blocks_per_sm']}/SM, {_bound(k['estimate'])}" + (f", SPILLS {k['stack']} B" if k["stack"] else ""))
+            for k in e["kernels"]]
+        cuda_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
+    goals = [[t["what"], _fmt(t["estimate"], t["percent"]),
+              ("≥ " if t["at_least"] else "≤ ") + _fmt(t["goal"], t["percent"]), "met" if t["met"] else "NOT MET"]
+             for t in report.get("targets", [])]
+    peaks = [[card, *(f"{c[k] / 1e12:.{p}f}" for k, p in (("bf16", 0), ("tf32", 0), ("fp32", 1), ("hbm", 2), ("l2", 0))),
+              f"{c['l2_bytes'] / 1e6:.0f}", "this report" if card == r["card"] else ""] for card, c in CARDS.items()]
+    estimate_header = ["kernel: config, path, bound", "HBM GB", "L2 GB", "est. ms", "share of bf16 peak",
+                       "vs reference (est.)"]
     triton_rows = []
     for row in report["triton"]:
         case = " ".join(f"{k}={v}" for k, v in case_of(row) if k not in ("module", "kernel", "arch"))
@@ -221,12 +574,27 @@ def markdown(arch: int, report: dict) -> str:
              f"`python -m benchmarks.kernel_report` · triton {report['env'].get('triton')} · "
              f"{len(report['triton'])} Triton compiles in {report['wall_s']} s on {report['jobs']} processes. "
              "How each number is made: the module docstring of benchmarks/kernel_report.py.", "",
-             f"## Headline configs: roofline estimate on an {r['card']}", "",
-             "Per mode, the best config of each kernel that fits (least spilling first); time = max(matrix, exp, "
-             "l2, hbm) / last-wave fill per kernel, summed; share = useful FLOPs / time / bf16 peak "
-             f"({r['bf16'] / 1e12:.0f} TFLOP/s).", "",
-             *table(["dtype", "grid", "Cv", "patch", "mode", "kernel: config, path, bound", "est. ms",
-                     "share of bf16 peak"], roofline_rows),
+             f"## Targets (estimates on an {r['card']})", "",
+             *table(["goal", "estimate", "target", ""], goals),
+             "", "## The yardstick", "",
+             "Dense datasheet peaks (NVIDIA H100, H200 and A100 SXM datasheets; TFLOP/s, TB/s, MB); the L2 "
+             "bandwidth is assumed. The GPU check measures the real matmul peaks.", "",
+             *table(["card", "bf16", "tf32", "fp32 FMA", "HBM", "L2 (assumed)", "L2 size", ""], peaks),
+             "", f"## Headline configs: Triton roofline estimate on an {r['card']}", "",
+             "Per mode, the best config of each kernel that fits (least spilling, then least time); per kernel "
+             "time = max(matrix, exp, L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth) / last-wave fill, summed. "
+             "HBM: each input and output once, plus the float32 accumulator read-modify-write of the chunked "
+             "backward where the resident programs' accumulators exceed the L2; L2: the operand tiles each "
+             "program loads per block (and that accumulator traffic where it fits). Share = useful FLOPs / time "
+             f"/ bf16 peak ({r['bf16'] / 1e12:.0f} TFLOP/s); vs reference = the materialised reference's estimated "
+             "time / this time.", "",
+             *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], triton_est),
+             "", f"## Headline configs: CUDA roofline estimate on an {r['card']}", "",
+             "The kernels the launchers take (limits parsed from csrc/cuda/correspondence_warp_mma.cuh: "
+             + ", ".join(f"{k} {v}" for k, v in report.get("mma_limits", {}).items())
+             + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests; "
+             "time as above.", "",
+             *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], cuda_est),
              "", "## Triton kernels", "",
              f"Shared-memory limit per block {SHARED_LIMIT[arch]} B; stack = bytes of local memory per thread "
              "(ptxas spills); SASS mix: static instruction counts / total.", "",
@@ -252,33 +620,47 @@ def headline_items() -> list[dict]:
     return [it for it in gpu_check.timing_items(gpu_check.parse_args([])) if it["impl"] == "triton"]
 
 
+def estimates(arch: int, part: dict, items: list[dict]) -> dict:
+    """A target's compiled rows (part: triton, cuda) with the estimates and targets added."""
+    part = dict(part, roofline=roofline(arch, part["triton"], items), mma_limits=mma_limits())
+    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items)
+    part["targets"] = targets(part)
+    return part
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", default="90,80", help="compute capabilities (default: %(default)s)")
     p.add_argument("--matrix", choices=tuple(SELECT), default="headline", help="which configs (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: %(default)s)")
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA kernels")
+    p.add_argument("--from-results", type=Path, nargs="+", metavar="FILE.json",
+                   help="compile nothing: the estimates and reports again from saved kernels-sm_XX.json files")
     p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
 
-    archs = [int(a) for a in args.archs.split(",")]
-    report = run_matrix(args.matrix, args.jobs, archs=args.archs, sass=True)
-    if report.get("skip"):
-        print(f"kernel_report: no Triton compilation for NVIDIA targets: {report['skip']}", file=sys.stderr)
-        return 1
-    for row in report["results"]:
-        if row.get("ok"):
-            row["blocks_per_sm"] = blocks_per_sm(row["arch"], row.get("reg"), row["shared"], row["num_warps"])
-    cuda, cuda_skip = ([], "--no-cuda") if args.no_cuda else cuda_rows(archs, args.jobs)
     items = headline_items()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    # The tools as this environment's, not this machine's paths: the files are committed.
-    env = {k: v.replace(sys.prefix, "<python env>") if isinstance(v, str) else v for k, v in report["env"].items()}
-    for arch in archs:
-        part = {"env": env, "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
-                "triton": [r for r in report["results"] if r["arch"] == arch],
-                "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip,
-                "roofline": roofline(arch, report["results"], items)}
+    if args.from_results:
+        saved = [json.loads(f.read_text()) for f in args.from_results]
+        parts = {part["triton"][0]["arch"]: part for part in saved}
+    else:
+        archs = [int(a) for a in args.archs.split(",")]
+        report = run_matrix(args.matrix, args.jobs, archs=args.archs, sass=True)
+        if report.get("skip"):
+            print(f"kernel_report: no Triton compilation for NVIDIA targets: {report['skip']}", file=sys.stderr)
+            return 1
+        for row in report["results"]:
+            if row.get("ok"):
+                row["blocks_per_sm"] = blocks_per_sm(row["arch"], row.get("reg"), row["shared"], row["num_warps"])
+        cuda, cuda_skip = ([], "--no-cuda") if args.no_cuda else cuda_rows(archs, args.jobs)
+        # The tools as this environment's, not this machine's paths: the files are committed.
+        env = {k: v.replace(sys.prefix, "<python env>") if isinstance(v, str) else v for k, v in report["env"].items()}
+        parts = {arch: {"env": env, "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
+                        "triton": [r for r in report["results"] if r["arch"] == arch],
+                        "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip} for arch in archs}
+    for arch, part in parts.items():
+        part = estimates(arch, part, items)
         stem = args.out_dir / f"kernels-sm_{arch}"
         write(stem, part, markdown(arch, part))
         print(f"kernel_report: wrote {stem}.md and .json")
