@@ -212,12 +212,11 @@ def _summary(arch: int, item: dict, parts: list[dict | None]) -> dict:
     from benchmarks.bench_correspondence_warp import flops
 
     total = sum(p["seconds"] for p in parts) if all(parts) else math.inf
-    useful = flops(item)
+    useful, reference = flops(item), reference_seconds(arch, item)
     return dict(seconds=total, useful_flops=useful, hbm_bytes=sum(p["hbm_bytes"] for p in parts if p),
                 l2_bytes=sum(p["l2_bytes"] for p in parts if p),
                 share_of_bf16_peak=useful / total / RATES[arch]["bf16"] if total < math.inf else 0.0,
-                reference_s=reference_seconds(arch, item),
-                speedup=reference_seconds(arch, item) / total if total < math.inf else 0.0)
+                reference_s=reference, speedup=reference / total if total < math.inf else 0.0)
 
 
 def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:

@@ -179,6 +179,18 @@ def test_shared_memory_fits_the_cards(tmp_path):
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
+    # The kernel report's occupancy takes these layouts from its own copy of them.
+    from benchmarks import kernel_report
+
+    limits = kernel_report.mma_limits()
+    for (kernel, dtype), size in sizes.items():
+        m = re.fullmatch(r"(forward|backward_dq|backward_dkdv)(_windows)?(?:_mma_D(\d+)_Cv(\d+))?", kernel)
+        if m is None:
+            continue
+        role, e = {"forward": "forward", "backward_dq": "dq", "backward_dkdv": "dkdv"}[m[1]], 4 if dtype == "float32" else 2
+        copy = (kernel_report._mma_smem(role, e, int(m[3]), int(m[4]), limits) if m[3] else
+                kernel_report._fma_smem(role, e, bool(m[2])))
+        assert copy == size, f"benchmarks/kernel_report.py: {kernel} {dtype} takes {copy} bytes, not {size}"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,90 @@
+"""The static roofline model of benchmarks/kernel_report.py on small hand-computed cases (pure Python,
+nothing compiled): the bytes each Triton kernel config moves, where the accumulator traffic goes, the
+kernels the CUDA launchers take, and the limits parsed from the CUDA header."""
+import re
+
+import pytest
+
+from benchmarks import kernel_report as kr
+
+# B = 1, n = 2 x 2 = 4 positions, C = D = 4, Cv = 3, bfloat16 (2 bytes).
+TINY = dict(batch=1, side=2, channels=4, patch_size=1, value_channels=3, dtype="bfloat16", precision=None)
+
+
+@pytest.mark.parametrize("kernel, label, expected", [
+    # 2 programs of 2 queries; each loads all 4 keys' rows and values (2 * 4 * (4 + 3) * 2 = 112) and its own
+    # rows once (4 * 4 * 2 = 32), or again per key block (2 * 32 = 64). HBM: Q and K (64), V (24), out (24),
+    # lse (16).
+    ("_forward_kernel", "M2 N2 D4 w4 s2 one_chunk", kr.Traffic(128, 144)),
+    ("_forward_kernel", "M2 N2 D2 w4 s2", kr.Traffic(128, 176)),
+    # dQ: K and V per program (112), dOut (24), lse and delta (32) per own row; chunked, Q again per key block
+    # (64) and K again to accumulate (64), and the 2 x 4 x 4 float32 dQ rows read and written once more
+    # (2 * 64). HBM: Q, K (64), V, dOut (48), lse, delta (32), dQ (64). One program's accumulator: 2 x 4 floats.
+    ("_backward_dq_kernel", "M2 N2 D4 w4 s2 one_chunk", kr.Traffic(208, 200)),
+    ("_backward_dq_kernel", "M2 N2 D2 w4 s2", kr.Traffic(208, 296, 128, 32)),
+    # dK/dV: one program of 4 keys; Q, dOut, lse, delta of every query (56 + 32), its V (24); chunked, K again
+    # per query block (64) and Q again to accumulate (32), dK read and written once more (2 * 64).
+    # HBM: as dQ's with dK (64) and dV (48) out.
+    ("_backward_dkdv_kernel", "M2 N4 D2 w4 s2", kr.Traffic(256, 208, 128, 64)),
+])
+def test_triton_bytes_by_hand(kernel, label, expected):
+    assert kr.triton_traffic(kernel, label, TINY) == expected
+    doubled = kr.triton_traffic(kernel, label, TINY | {"batch": 2})
+    assert doubled[:3] == tuple(2 * x for x in expected[:3]) and doubled.acc == expected.acc
+
+
+def test_accumulator_traffic_goes_to_hbm_when_the_resident_accumulators_exceed_the_l2():
+    l2 = kr.RATES[90]["l2_bytes"]
+    traffic = kr.Traffic(hbm=1e9, l2=2e9, rmw=3e9, acc=l2 / 100)
+    fits = kr.roofline_time(90, 0.0, 1.0, 0.0, traffic, programs=99, per_sm=1)  # 99 accumulators fit
+    spills = kr.roofline_time(90, 0.0, 1.0, 0.0, traffic, programs=500, per_sm=1)  # 132 resident do not
+    assert (fits["rmw_level"], fits["hbm_bytes"], fits["l2_bytes"]) == ("l2", 1e9, 5e9)
+    assert (spills["rmw_level"], spills["hbm_bytes"], spills["l2_bytes"]) == ("hbm", 4e9, 2e9)
+    assert spills["bound"] == "hbm" and spills["seconds"] > fits["seconds"]
+
+
+def test_the_choice_counts_the_chunked_backward_accumulator_traffic():
+    item = dict(TINY, side=256, channels=256, batch=4, mode="forward+backward", impl="triton")
+    rows = [dict(module="correspondence_warp", kernel="_backward_dq_kernel", arch=90, dtype="bfloat16", D=256, CV=3,
+                 patch=1, config=config, ok=True, fits=True, stack=0, blocks_per_sm=1, sass={"wgmma": 1})
+            for config in ("M128 N64 D64 w8 s4", "M128 N64 D256 w8 s2 one_chunk")]
+    chunked = kr.triton_estimate(90, rows[0], item)
+    # 4 x 512 programs x 1023 passes over their 128 x 256 float32 rows, read and written.
+    assert chunked["rmw_bytes"] == 2 * 4 * 512 * 1023 * 128 * 256 * 4 and chunked["bound"] == "l2"
+    (entry,) = kr.roofline(90, rows, [item])
+    assert entry["_backward_dq_kernel"]["config"].endswith("one_chunk")
+
+
+def test_the_mma_limits_are_parsed_from_the_header():
+    limits = kr.mma_limits()
+    assert set(limits) == set(kr.MMA_LIMITS) and all(v > 0 for v in limits.values())
+    assert kr.mma_limits(re.sub(r"kMmaMaxD = \d+", "kMmaMaxD = 512", kr.MMA_HEADER.read_text()))["kMmaMaxD"] == 512
+    with pytest.raises(KeyError, match="kTf32MaxD"):
+        kr.mma_limits(kr.MMA_HEADER.read_text().replace("kTf32MaxD", "kRenamed"))
+
+
+LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=128, kMmaMaxBackwardCv=64, kTf32MaxD=128, kTf32MaxBackwardD=64,
+              kTf32MaxBackwardCv=64, kTf32DvChunk=16, kMmaRows=128, kMmaBN=64)
+
+
+@pytest.mark.parametrize("item, names", [
+    (dict(channels=256, value_channels=3, dtype="bfloat16", precision=None),
+     ["forward_mma_kernel<__nv_bfloat16, (cocos_kernels::cuda::Precision)0, 256, 16>",
+      "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (dict(channels=128, value_channels=48, dtype="float16", precision=None),
+     ["forward_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
+      "backward_dq_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
+      "backward_dkdv_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64, false>"]),
+    (dict(channels=64, value_channels=48, dtype="float32", precision="tf32x3"),  # dK blocks, then dV blocks
+     ["forward_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64>",
+      "backward_dq_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64>",
+      "backward_dkdv_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64, false>",
+      "backward_dkdv_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64, true>"]),
+    (dict(channels=64, value_channels=3, dtype="float32", precision="ieee"),
+     ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+    (dict(channels=64, value_channels=3, dtype="bfloat16", precision=None, patch_size=3),
+     ["forward_kernel<__nv_bfloat16>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+])
+def test_cuda_launches_follow_the_launchers(item, names):
+    item = dict(TINY, mode="forward+backward") | item
+    assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS)] == names
