@@ -132,6 +132,16 @@ def _shape(item: dict) -> tuple:
             4 if item["dtype"] == "float32" else 2)
 
 
+def _io_bytes(item: dict, role: str) -> float:
+    """Compulsory bytes of a launch: each input once (Q and K rows, value-like columns, lse and delta) and
+    each output once (out and lse; dQ; dK and dV, or one of them: "dk", "dv")."""
+    B, n, C, taps, Cv, e = _shape(item)
+    if role == "forward":
+        return B * (2 * n * C * e + n * Cv * e + n * Cv * (4 if item["dtype"] == "float32" else e) + 4 * n)
+    grads = {"dq": n * taps * C, "dk": n * taps * C, "dkdv": n * (taps * C + Cv), "dv": n * Cv}[role] * 4
+    return B * (2 * n * C * e + 2 * n * Cv * e + 8 * n + grads)
+
+
 def triton_traffic(kernel: str, label: str, item: dict) -> Traffic:
     """What one launch of a Triton kernel config (its label: "M.. N.. D.. [one_chunk]") moves for a
     headline item, following cocos_kernels/triton/correspondence_warp.py: the forward and dQ programs own
@@ -146,12 +156,9 @@ def triton_traffic(kernel: str, label: str, item: dict) -> Traffic:
     one_chunk = "one_chunk" in label
     own, other = (blocks["N"], blocks["M"]) if kernel == "_backward_dkdv_kernel" else (blocks["M"], blocks["N"])
     programs, streamed = math.ceil(n / own), math.ceil(n / other)
-    rows_in = 2 * n * C * e  # Q and K, each once
     if kernel == "_forward_kernel":
-        out = 4 if item["dtype"] == "float32" else e
         tiles = programs * n * (D + Cv) * e + (1 if one_chunk else streamed) * n * D * e
-        hbm = rows_in + n * Cv * e + n * Cv * out + 4 * n  # Q, K, V; out, lse
-        return Traffic(B * hbm, B * tiles)
+        return Traffic(_io_bytes(item, "forward"), B * tiles)
     # dQ: its programs read K and V per program, dOut / lse / delta per own row; dK/dV: Q and dOut / lse /
     # delta per program, V per own row.
     dq = kernel == "_backward_dq_kernel"
@@ -162,9 +169,7 @@ def triton_traffic(kernel: str, label: str, item: dict) -> Traffic:
     else:
         tiles += streamed * n * D * e + programs * n * D * e
         rmw = 2.0 * (streamed - 1) * n * D * 4
-    outs = n * D * 4 + (0 if dq else n * Cv * 4)
-    hbm = rows_in + 2 * n * Cv * e + 8 * n + outs  # Q, K, V, dOut, lse, delta; dQ or dK and dV
-    return Traffic(B * hbm, B * tiles, B * rmw, 0.0 if one_chunk else own * D * 4)
+    return Traffic(_io_bytes(item, "dq" if dq else "dkdv"), B * tiles, B * rmw, 0.0 if one_chunk else own * D * 4)
 
 
 def triton_estimate(arch: int, row: dict, item: dict) -> dict:
@@ -294,15 +299,6 @@ def _fma_smem(role: str, e: int, windows: bool) -> int:
 
 
 
-def _io_bytes(item: dict, role: str, dk: bool = True, dv: bool = True) -> float:
-    """Compulsory bytes of a launch: each input once, each output once (Q and K rows, value-like columns,
-    lse / delta; out and lse, or the float32 gradients)."""
-    B, n, C, taps, Cv, e = _shape(item)
-    if role == "forward":
-        return B * (2 * n * C * e + n * Cv * e + n * Cv * (4 if item["dtype"] == "float32" else e) + 4 * n)
-    return B * (2 * n * C * e + 2 * n * Cv * e + 8 * n + (n * taps * C * 4 if dk else 0) + (n * Cv * 4 if dv else 0))
-
-
 def cuda_launches(item: dict, lim: dict) -> list[dict]:
     """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, whether
     mma, the tiles (DT, CVT) and the kernel's demangled name (without namespace and arguments)."""
@@ -349,17 +345,16 @@ def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, T
     chunks = {"forward": math.ceil(Cv / cvt), "dv": math.ceil(Cv / dv_chunk)}.get(role, 1)
     products = {"forward": d_k + cvt, "dq": d_k + cv_p + d_16, "dv": d_k + dv_chunk,
                 "dkdv": d_k + cv_p + d_16 + (0 if launch.get("split") else cvt)}[role]
-    streamed = n * C * e + n * Cv * e  # the other side's rows and value-like columns (each chunk: its channels)
+    # Per block, the other side's rows and value-like columns (a value chunk's block: its channels), and
+    # its resident rows once.
     if role == "forward":
         l2 = chunks * blocks * n * C * e + blocks * n * Cv * e + chunks * n * C * e
-        io = _io_bytes(item, role)
     elif role == "dq":
-        l2 = blocks * streamed + n * (C + Cv) * e + 8 * n
-        io = _io_bytes(item, role)
-    else:  # dK/dV: Q, dOut, lse and delta per block; the resident K (and V) once per block
+        l2 = blocks * n * (C + Cv) * e + n * (C + Cv) * e + 8 * n
+    else:  # dK/dV: lse and delta per block too; dV-only blocks keep no V
         l2 = chunks * blocks * (n * C * e + 8 * n) + blocks * n * Cv * e + chunks * n * C * e + (
             0 if role == "dv" else n * Cv * e)
-        io = _io_bytes(item, role, dk=role == "dkdv", dv=role == "dv" or not launch.get("split"))
+    io = _io_bytes(item, "dk" if launch.get("split") else role)
     return B * chunks * blocks, 2.0 * B * chunks * pairs * products, B * chunks * n * n, Traffic(io, B * l2)
 
 
@@ -418,6 +413,62 @@ def cuda_roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
                                          estimate=estimate))
             parts.append(estimate)
         out.append(entry | _summary(arch, item, parts))
+    return out
+
+
+CONTEXTUAL_KERNELS = ("contextual_forward_kernel", "contextual_backward_dx_kernel", "contextual_backward_dy_kernel")
+
+
+def _contextual_smem(kernel: str) -> int:
+    """Dynamic shared memory of a contextual_loss kernel (ContextualForwardSmem, ContextualBackwardSmem:
+    float32 tiles of 32 feature columns, the 64 x 64 tile, per-row statistics)."""
+    t = FMA_TILE
+    rows, tile = t * (32 + 4) * 4, t * (t + 4) * 4
+    pieces = ([rows, rows, tile, t * 4, t * 4, t * 4, t * 8] if kernel == "contextual_forward_kernel" else
+              [rows, rows, tile, rows, t * 4, t * 4, t * 4, t * 4, t * 8])
+    return sum(math.ceil(p / 128) * 128 for p in pieces)
+
+
+def _contextual_work(kernel: str, item: dict) -> tuple[int, float, float, Traffic]:
+    """(programs, FLOPs as issued, exponentials, traffic) of a contextual_loss.cuh kernel: 64 x 64 tiles of
+    <x_i, y_j> over C in 32-column chunks (float32 FMAs); the forward passes over the column tiles twice
+    (the row minimum, then the sums), each backward kernel once, reloading the other side's chunks for its
+    C-wide float32 rows, which it reads and writes in global memory per streamed block."""
+    B, n, C = item["batch"], item["side"] ** 2, item["channels"]
+    t, c_p = FMA_TILE, math.ceil(C / 32) * 32
+    blocks = math.ceil(n / t)
+    pairs = (blocks * t) ** 2
+    stats = 24 * n  # per row: m, s, t, the upstream gradient (float32) and the argmin (int64)
+    if kernel == "contextual_forward_kernel":
+        return (B * blocks, 2.0 * B * 2 * pairs * c_p, B * n * n,
+                Traffic(B * (2 * n * C * 4 + stats), B * blocks * blocks * 2 * 2 * t * C * 4))
+    l2 = blocks * blocks * 3 * t * C * 4 + blocks * stats
+    acc = t * C * 4
+    return (B * blocks, 2.0 * B * pairs * 2 * c_p, B * n * n,
+            Traffic(B * (2 * n * C * 4 + stats + n * C * 4), B * l2, B * 2.0 * blocks * (blocks - 1) * acc, acc))
+
+
+def contextual_roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
+    """Per contextual_loss timing config of the GPU check (forward+backward, float32): the three CUDA kernels'
+    estimates and the share of the FP32 FMA peak (useful FLOPs: benchmarks.bench_contextual_loss.flops)."""
+    from benchmarks.bench_contextual_loss import flops
+
+    out = []
+    for item in items:
+        parts = []
+        for kernel in CONTEXTUAL_KERNELS:
+            row = _cuda_row(rows, arch, kernel)
+            smem = _contextual_smem(kernel)
+            per_sm = row and blocks_per_sm(arch, row["reg"], smem + row["shared"], 8)
+            if not per_sm:
+                parts.append(None)
+                continue
+            programs, work, exps, traffic = _contextual_work(kernel, item)
+            parts.append(dict(kernel=kernel, blocks_per_sm=per_sm, path="FFMA",
+                              **roofline_time(arch, work, RATES[arch]["fp32"], exps, traffic, programs, per_sm)))
+        seconds = sum(p["seconds"] for p in parts) if all(parts) else math.inf
+        out.append(dict(item, kernels=parts, seconds=seconds,
+                        share_of_fp32_peak=flops(item) / seconds / RATES[arch]["fp32"] if seconds < math.inf else 0.0))
     return out
 
 
@@ -517,7 +568,7 @@ def _mix(sass: dict | None) -> str:
 
 def _bound(v: dict) -> str:
     """A kernel estimate's bound, and where its accumulator traffic goes."""
-    rmw = f", acc. {v['rmw_bytes'] / 1e9:.0f} GB in {v['rmw_level'].upper()}" if v["rmw_level"] else ""
+    rmw = f", acc. {v['rmw_bytes'] / 1e9:.3g} GB in {v['rmw_level'].upper()}" if v["rmw_level"] else ""
     return f"{v['path']}, {v['bound']}{rmw}"
 
 
@@ -554,6 +605,15 @@ def markdown(arch: int, report: dict) -> str:
             f"{k['blocks_per_sm']}/SM, {_bound(k['estimate'])}" + (f", SPILLS {k['stack']} B" if k["stack"] else ""))
             for k in e["kernels"]]
         cuda_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
+    contextual_est = []
+    for e in report.get("contextual_roofline", []):
+        done = e["seconds"] < math.inf
+        parts = [f"{k['kernel'].replace('contextual_', '').replace('_kernel', '')}: {k['blocks_per_sm']}/SM, {_bound(k)}"
+                 if k else "does not fit" for k in e["kernels"]]
+        contextual_est.append([f"{e['image']} px", e["layer"], e["channels"], f"{e['side']}^2", "; ".join(parts),
+                               f"{sum(k['hbm_bytes'] for k in e['kernels'] if k) / 1e9:.2f}",
+                               f"{sum(k['l2_bytes'] for k in e['kernels'] if k) / 1e9:.1f}",
+                               f"{e['seconds'] * 1e3:.3f}" if done else "-", f"{e['share_of_fp32_peak']:.0%}"])
     goals = [[t["what"], _fmt(t["estimate"], t["percent"]),
               ("≥ " if t["at_least"] else "≤ ") + _fmt(t["goal"], t["percent"]), "met" if t["met"] else "NOT MET"]
              for t in report.get("targets", [])]
@@ -594,6 +654,12 @@ def markdown(arch: int, report: dict) -> str:
              + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests; "
              "time as above.", "",
              *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], cuda_est),
+             "", f"## contextual_loss: CUDA roofline estimate on an {r['card']}", "",
+             "The GPU check's timing configs (forward+backward, float32, batch 1), the forward, dX and dY "
+             "kernels summed; share = useful FLOPs / time / FP32 FMA peak "
+             f"({r['fp32'] / 1e12:.1f} TFLOP/s).", "",
+             *table(["image", "layer", "C", "grid", "kernel: blocks/SM, bound", "HBM GB", "L2 GB", "est. ms",
+                     "share of fp32 peak"], contextual_est),
              "", "## Triton kernels", "",
              f"Shared-memory limit per block {SHARED_LIMIT[arch]} B; stack = bytes of local memory per thread "
              "(ptxas spills); SASS mix: static instruction counts / total.", "",
@@ -619,10 +685,19 @@ def headline_items() -> list[dict]:
     return [it for it in gpu_check.timing_items(gpu_check.parse_args([])) if it["impl"] == "triton"]
 
 
+def contextual_items() -> list[dict]:
+    """The GPU check's contextual_loss timing configs (one per image size and VGG layer)."""
+    from benchmarks import gpu_check
+
+    return [it for it in gpu_check.contextual_items(gpu_check.parse_args([]))
+            if it["part"] == "timing" and it["impl"] == "cuda"]
+
+
 def estimates(arch: int, part: dict, items: list[dict]) -> dict:
     """A target's compiled rows (part: triton, cuda) with the estimates and targets added."""
     part = dict(part, roofline=roofline(arch, part["triton"], items), mma_limits=mma_limits())
     part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items)
+    part["contextual_roofline"] = contextual_roofline(arch, part["cuda"], contextual_items())
     part["targets"] = targets(part)
     return part
 

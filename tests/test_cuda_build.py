@@ -185,10 +185,9 @@ def test_shared_memory_fits_the_cards(tmp_path):
     limits = kernel_report.mma_limits()
     for (kernel, dtype), size in sizes.items():
         m = re.fullmatch(r"(forward|backward_dq|backward_dkdv)(_windows)?(?:_mma_D(\d+)_Cv(\d+))?", kernel)
-        if m is None:
-            continue
-        role, e = {"forward": "forward", "backward_dq": "dq", "backward_dkdv": "dkdv"}[m[1]], 4 if dtype == "float32" else 2
-        copy = (kernel_report._mma_smem(role, e, int(m[3]), int(m[4]), limits) if m[3] else
+        role, e = m and {"forward": "forward", "backward_dq": "dq", "backward_dkdv": "dkdv"}[m[1]], 4 if dtype == "float32" else 2
+        copy = (kernel_report._contextual_smem(f"{kernel}_kernel") if m is None else
+                kernel_report._mma_smem(role, e, int(m[3]), int(m[4]), limits) if m[3] else
                 kernel_report._fma_smem(role, e, bool(m[2])))
         assert copy == size, f"benchmarks/kernel_report.py: {kernel} {dtype} takes {copy} bytes, not {size}"
 
