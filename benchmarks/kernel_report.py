@@ -1,7 +1,8 @@
 """Kernel efficiency without a GPU: every Triton kernel config compiled ahead of time for NVIDIA
 targets (sm_90 = H100/H200, sm_80 = A100) and the CUDA kernels compiled with nvcc, each with its
 resources, its SASS instruction mix, and a static roofline estimate of the headline configs for the
-Triton and the CUDA kernels, set against the targets.
+Triton and the CUDA kernels, set against the targets, and of the GPU check's contextual_loss configs
+for the CUDA kernels.
 
     python -m benchmarks.kernel_report                     # writes benchmarks/results/kernels-sm_90.md, -sm_80.md (+ .json)
     python -m benchmarks.kernel_report --archs 90 --no-cuda
@@ -24,16 +25,19 @@ The roofline estimate of a kernel launch on a headline config (benchmarks/gpu_ch
 max(tile-product FLOPs as issued (padded to the tiles) / the rate of the SASS's matrix path,
 exponentials / the MUFU rate, L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth), divided by the
 last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels' `_mma_work` /
-`_fma_work`): HBM carries each input and each output once; the L2 the operand tiles every program
+`_fma_work`, `_contextual_work`): HBM carries each input and each output once; the L2 the operand tiles every program
 loads per block (the other side's rows, its own rows again per block where D is chunked), which
 the programs resident together read from the L2 after the first; the float32 accumulators of the
 chunked backward, read and written once per (streamed block, D chunk), go to the L2 while the
 resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
 and spills least, then the fastest by this estimate. CUDA: the kernels the launchers choose (the
 limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per SM from ptxas's
-registers and the dynamic shared memory the launcher requests. Shares: the useful FLOPs
+registers and the dynamic shared memory the launcher requests (a copy of the kernels' layout
+structs, `_mma_smem`, `_fma_smem`, `_contextual_smem`, which tests/test_cuda_build.py checks against
+them). Shares: the useful FLOPs
 (benchmarks.bench_correspondence_warp.flops) per second of the summed kernels, against the card's
-bf16 peak. The reference (`reference_seconds`): its n x n matrices through HBM op by op.
+bf16 peak (contextual_loss: the FP32 FMA peak). The reference (`reference_seconds`): its n x n
+matrices through HBM op by op.
 
 Rates (`CARDS`: dense datasheet numbers, the GPU check measures the real ones): sm_90 an H200,
 sm_80 an A100. Assumed, not datasheet: the L2 bandwidth (10 TB/s sm_90, 5 TB/s sm_80), and an

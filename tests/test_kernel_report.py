@@ -88,3 +88,14 @@ LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=128, kMmaMaxBackwardCv=64, kTf32Max
 def test_cuda_launches_follow_the_launchers(item, names):
     item = dict(TINY, mode="forward+backward") | item
     assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS)] == names
+
+
+def test_contextual_backward_bytes_by_hand():
+    # 16 x 16 = 256 rows of C = 32 float32 a side, 4 blocks of 64: per block pair the x and y chunks and the
+    # reloaded y (3 x 64 x 32 x 4 = 24576), per block the row statistics (24 x 256); the dX rows of a block
+    # (64 x 32 floats) read and written again per further column block (2 x 4 x 3 x 8192). HBM: x, y (65536),
+    # the statistics (6144), dX (32768).
+    item = dict(batch=1, side=16, channels=32)
+    programs, work, exps, traffic = kr._contextual_work("contextual_backward_dx_kernel", item)
+    assert (programs, work, exps) == (4, 2 * 256 ** 2 * 2 * 32, 256 ** 2)
+    assert traffic == kr.Traffic(104448, 16 * 24576 + 4 * 6144, 196608, 8192)
