@@ -30,7 +30,8 @@ loads per block (the other side's rows, its own rows again per block where D is 
 the programs resident together read from the L2 after the first; the float32 accumulators of the
 chunked backward, read and written once per (streamed block, D chunk), go to the L2 while the
 resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
-and spills least, then the fastest by this estimate. CUDA: the kernels the launchers choose (the
+and spills least (spills of up to SMALL_SPILL bytes a thread count as none), then the fastest by
+this estimate. CUDA: the kernels the launchers choose (the
 limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per SM from ptxas's
 registers and the dynamic shared memory the launcher requests (a copy of the kernels' layout
 structs, `_mma_smem`, `_fma_smem`, `_contextual_smem`, which tests/test_cuda_build.py checks against
@@ -212,6 +213,9 @@ def reference_seconds(arch: int, item: dict) -> float:
     return B * sum(max(f / rate, b / r["hbm"]) for f, b in ops)
 
 
+# Bytes of spills a thread that the choice of config ignores: a few words, which stay in the L1, cost less
+# than the accumulator traffic a spill-free chunked config moves instead.
+SMALL_SPILL = 32
 MODE_KERNELS = {"forward": ("_forward_kernel",),
                 "forward+backward": ("_forward_kernel", "_backward_dq_kernel", "_backward_dkdv_kernel")}
 
@@ -229,8 +233,8 @@ def _summary(arch: int, item: dict, parts: list[dict | None]) -> dict:
 
 
 def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
-    """Per headline item: the best fitting config of each Triton kernel (least spilling, then the least
-    estimated time) and the estimate."""
+    """Per headline item: the best fitting config of each Triton kernel (least spilling beyond SMALL_SPILL,
+    then the least estimated time) and the estimate."""
     out = []
     for item in items:
         entry, parts = dict(item), []
@@ -241,7 +245,8 @@ def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
                               item["precision"] if item["dtype"] == "float32" else None)
                           and r.get("out", "x") in ("x", "fp32" if item["dtype"] == "float32" else "bf16")
                           and r["fits"] and r.get("blocks_per_sm")]
-            best = min(candidates, key=lambda r: (r.get("stack", 0), triton_estimate(arch, r, item)["seconds"]),
+            best = min(candidates, key=lambda r: (max(0, r.get("stack", 0) - SMALL_SPILL),
+                                                   triton_estimate(arch, r, item)["seconds"]),
                        default=None)
             entry[kernel] = best and {"config": best["config"], "stack": best.get("stack", 0),
                                       **triton_estimate(arch, best, item)}
@@ -644,7 +649,8 @@ def markdown(arch: int, report: dict) -> str:
              "bandwidth is assumed. The GPU check measures the real matmul peaks.", "",
              *table(["card", "bf16", "tf32", "fp32 FMA", "HBM", "L2 (assumed)", "L2 size", ""], peaks),
              "", f"## Headline configs: Triton roofline estimate on an {r['card']}", "",
-             "Per mode, the best config of each kernel that fits (least spilling, then least time); per kernel "
+             f"Per mode, the best config of each kernel that fits (least spilling beyond {SMALL_SPILL} B a thread, "
+             "then least time); per kernel "
              "time = max(matrix, exp, L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth) / last-wave fill, summed. "
              "HBM: each input and output once, plus the float32 accumulator read-modify-write of the chunked "
              "backward where the resident programs' accumulators exceed the L2; L2: the operand tiles each "
