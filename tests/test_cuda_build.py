@@ -19,12 +19,15 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   emulation cannot tell whether real tensor cores honour them); the window form (3x3 and 5x5
   patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
   dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
-  autograd over the unfolded windows of the same rows in float64; contextual_loss's forward
+  autograd over the unfolded windows of the same rows in float64, the half windows' forward and
+  that of rows wider than 256 on the streamed tensor-core kernel of
+  `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
-* float32 rows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane layouts and
-  cvt.rna.tf32 emulated and checked against the PTX ISA's tables) beside the FMA path on the same
-  inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
+* float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
+  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; the forward of
+  windows and of rows wider than 128 streamed) beside the FMA path on the same inputs: tf32x3
+  near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -249,15 +252,15 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
     # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
     # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
-    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264: the shared-memory forward.
+    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below:
+    # the streamed forward of correspondence_warp_streamed_mma.cuh.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
     "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
-    # Rows wider than 256 (the forward of correspondence_warp_streamed_mma.cuh, the backward through
-    # WMMA): D 300, 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key
-    # blocks, a fully masked batch element.
+    # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
+    # fully masked batch element; the backward through WMMA.
     "B2-Nq70-Nk131-D300-Cv5-bfloat16-wmma-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "wmma"),
 }
 
@@ -458,7 +461,8 @@ def test_emulated_kernels_match_float64(emulation, case):
 # blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
 # backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
 # resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
-# values' rows (Nk 131) copied element by element, a masked key block.
+# values' rows (Nk 131) copied element by element, a masked key block. D 300: the streamed forward
+# (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of 12 columns), the backward FMA.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),

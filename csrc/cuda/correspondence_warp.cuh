@@ -8,9 +8,12 @@
 // row (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk
 // is accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
 // (bit-identical, so their row statistics agree); the first chunk's block writes the lse.
-// float16/bfloat16 prepared rows, and float32 ones with precision tf32x3 or tf32, take the
-// kernels of correspondence_warp_mma.cuh instead, with their tiles in registers, where they fit
-// (uses_mma_forward, uses_mma_backward).
+// float16/bfloat16 inputs, and float32 ones with precision tf32x3 or tf32, take the tensor-core
+// kernels instead: on prepared rows those of correspondence_warp_mma.cuh, with their tiles in
+// registers, where they fit (uses_mma_forward, uses_mma_backward); every other forward (windows,
+// wider rows) forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward
+// here runs float32 with precision ieee; the backward here every input the mma backward does not
+// take, windows included.
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means

@@ -14,7 +14,9 @@
 //
 // - forward (D <= 256): resident Q; per key block S = Q K^T, the online softmax (base 2, running
 //   max per row; a row's 64 scores sit in the 4 lanes of a quad: two xor shuffles reduce it) and
-//   O += P V. One block per (128 queries, value chunk of CVT, batch element).
+//   O += P V. One block per (128 queries, value chunk of CVT, batch element). Windows and wider
+//   rows take forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh), which shares
+//   its online softmax (OnlineSoftmax).
 // - backward dQ (D <= 128, Cv <= 64): resident Q and dOut; per key block S, P = exp2(S - lse),
 //   dP = dOut V^T, dS = P (dP - delta) scale, dQ += dS K. One block per (128 queries, batch).
 // - backward dK/dV (D <= 128, Cv <= 64): resident K and V, kept in shared memory; per query
