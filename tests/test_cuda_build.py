@@ -568,9 +568,10 @@ def _emulated_window_forward(emulated, problem, patch, precision="ieee"):
     B, Cv, nq = v.shape[0], v.shape[1], wq.mean.shape[1]
     out, lse = torch.empty(B, Cv, nq, dtype=v.dtype), torch.empty(B, nq)
     factors = (wq.mean, wq.inv, wk.mean, wk.inv)
+    mask_bytes = mask.to(torch.uint8)  # held while the kernel reads it
     assert emulated.emu_windows_forward(EMULATED_DTYPES[v.dtype], _p(wq.rows), _p(factors[0]), _p(factors[1]),
-                                        _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v),
-                                        _p(mask.to(torch.uint8)), _p(out), _p(lse),
+                                        _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes),
+                                        _p(out), _p(lse),
                                         *_window_geometry(wq, wk, Cv, patch, scale),
                                         ctypes.c_int(PRECISION_CODES[precision])) == 0
     rq, rk, v64 = (t.double().requires_grad_() for t in (wq.rows, wk.rows, v))
@@ -606,9 +607,10 @@ def test_emulated_window_kernels_match_float64(emulation, case):
     taps, nq, nk = patch * patch, wq.mean.shape[1], wk.mean.shape[1]
     planes_q, planes_k = torch.full((taps, B, nq, C), float("nan")), torch.full((taps, B, nk, C), float("nan"))
     dv, rows, cols = torch.full((B, Cv, nk), float("nan")), torch.empty(2, B, nq), torch.empty(2, B, nk)
+    mask_bytes = mask.to(torch.uint8)
     assert emulated.emu_windows_backward(EMULATED_DTYPES[dtype], _p(grad), _p(wq.rows), _p(factors[0]),
                                          _p(factors[1]), _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v),
-                                         _p(mask.to(torch.uint8)), _p(saved_lse), _p(delta), _p(planes_q),
+                                         _p(mask_bytes), _p(saved_lse), _p(delta), _p(planes_q),
                                          _p(planes_k), _p(dv), _p(rows), _p(cols),
                                          *_window_geometry(wq, wk, Cv, patch, 100.0)) == 0
     dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
