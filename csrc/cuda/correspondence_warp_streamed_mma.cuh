@@ -45,7 +45,7 @@ struct StreamedTiles {
   static constexpr int DC = kIsFloat<T> ? 32 : 64;  // feature columns per step
   using Rows = MmaTiles<T, DC, CVT>;                  // the strides of forward_mma_kernel's tiles
   static constexpr int LD_D = Rows::LD_D, LD_N = Rows::LD_N;
-  static constexpr int kStages = 3;
+  static constexpr int kStages = 3;  // one barrier per step: step i + 2 refills step i - 1's stage
   static constexpr int STAGE = (kMmaRows + kMmaBN) * LD_D;  // the query chunk's rows, then the key chunk's
   static constexpr int VAL = CVT * LD_N;                    // a value tile, [c][n]
   static constexpr size_t kBytes = (kStages * STAGE + 2 * VAL) * sizeof(T);
