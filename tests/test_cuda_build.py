@@ -140,8 +140,8 @@ SMEM_PROBE = r"""
 #include "contextual_loss.cuh"
 #include "correspondence_warp.cuh"
 using namespace cocos_kernels::cuda;
-template <class T> void show(const char* dtype) {
-  std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
+template <class T> void show(const char* dtype) {  // the FMA forward takes float32 only
+  if (kIsFloat<T>) std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
@@ -184,7 +184,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 35
+    assert len(sizes) == 33
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"

@@ -514,9 +514,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Calls run(kernel, blocks, dynamic shared bytes, the kernel's arguments...) with the forward
 // kernel and grid for these inputs and returns what run returns: correspondence_warp_forward
-// launches them, testing/harness.cpp runs them on the CPU. Prepared rows up to kMmaForwardD:
-// forward_mma_kernel; windows and wider rows: forward_streamed_mma_kernel; float32 with precision
-// ieee: forward_kernel.
+// launches them, testing/harness.cpp runs them on the CPU. float32 with precision ieee:
+// forward_kernel (instantiated for float32 only); else prepared rows up to kMmaForwardD:
+// forward_mma_kernel; windows and wider rows: forward_streamed_mma_kernel.
 template <class T, class Run>
 auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_mask, T* out, float* lse,
                          WarpShape shape, WarpGeometry geometry, float scale, Precision precision, Run&& run) {
@@ -530,19 +530,21 @@ auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_
                  q, k, v, key_mask, out, lse, shape, scale_log2, grid);
     });
   }
-  if (uses_streamed_forward<T>(shape, geometry, precision)) {
-    return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
-      constexpr Precision P = decltype(p)::value;
-      constexpr int CVT = decltype(cvt)::value;
-      const MmaGrid grid = forward_mma_grid(shape, CVT);
-      return run(forward_streamed_mma_kernel<T, P, CVT>, grid.blocks(shape.batch), StreamedTiles<T, CVT>::kBytes,
-                 q, k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
-    });
+  if constexpr (kIsFloat<T>) {
+    if (precision == Precision::kIeee) {
+      const int64_t m_blocks = ceil_div(shape.nq, BM);
+      const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
+      return run(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr), q,
+                 k, v, key_mask, out, lse, shape, geometry, scale_log2, m_blocks, cv_chunks);
+    }
   }
-  const int64_t m_blocks = ceil_div(shape.nq, BM);
-  const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
-  return run(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr), q, k,
-             v, key_mask, out, lse, shape, geometry, scale_log2, m_blocks, cv_chunks);
+  return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
+    constexpr Precision P = decltype(p)::value;
+    constexpr int CVT = decltype(cvt)::value;
+    const MmaGrid grid = forward_mma_grid(shape, CVT);
+    return run(forward_streamed_mma_kernel<T, P, CVT>, grid.blocks(shape.batch), StreamedTiles<T, CVT>::kBytes, q,
+               k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
+  });
 }
 
 // The launchers themselves are nvcc only: tests/test_cuda_build.py also compiles the kernels above

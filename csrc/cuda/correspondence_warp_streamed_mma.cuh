@@ -33,13 +33,6 @@
 namespace cocos_kernels {
 namespace cuda {
 
-// Whether correspondence_warp_forward<T> runs forward_streamed_mma_kernel: the inputs on tensor
-// cores (float32 with precision tf32x3 or tf32) that forward_mma_kernel does not take.
-template <class T>
-bool uses_streamed_forward(const WarpShape& s, const WarpGeometry& g, Precision p) {
-  return (!kIsFloat<T> || p != Precision::kIeee) && !uses_mma_forward<T>(s, g, p);
-}
-
 template <class T, int CVT>
 struct StreamedTiles {
   static constexpr int DC = kIsFloat<T> ? 32 : 64;  // feature columns per step
