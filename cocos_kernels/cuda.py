@@ -9,9 +9,9 @@ never unfolded: the window kernels take the C-wide rows on a padded grid and per
 scalars (cocos_kernels/windows.py), sum the k*k tap products per tile, and the backward returns one
 gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has no window form).
 `precision=` ("ieee", "tf32x3", "tf32", as triton's) says how float32 rows' tile products run:
-float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, for
-D <= 128 (forward) and D <= 64, Cv <= 64 (backward); FMAs elsewhere and for windows (which accept
-and ignore it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
+float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, in every
+forward (rows and windows) and in the backward on rows with D <= 64, Cv <= 64; FMAs elsewhere (the
+window backward accepts and ignores it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
 half inputs in float32).
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
@@ -118,9 +118,10 @@ class CudaKernels:
         padded grids of rows of width width_q / width_k, mq / aq and mk / ak (B, N) float32 per-centre
         window means and score factors, v (B, Cv, Nk) and key_mask ((B, Nk) bool) on the key centres.
         Returns out (B, Cv, Nq) in v's dtype and the float32 lse (B, Nq) on the query centres.
-        `precision` is accepted for the contract and ignored: the window products are float32 FMAs."""
+        `precision` as for `correspondence_warp_forward` (float32 rows: "ieee" FMAs, "tf32x3" / "tf32"
+        tensor cores)."""
         return extension().correspondence_warp_windows_forward(xq, mq, aq, xk, mk, ak, v, int(patch), int(width_q),
-                                                               int(width_k), float(scale), key_mask)
+                                                               int(width_k), float(scale), key_mask, precision)
 
     def correspondence_warp_windows_backward(self, grad_out, xq, mq, aq, xk, mk, ak, v, out, lse, patch, width_q, width_k,
                                              scale, need_dq, need_dk, need_dv, key_mask=None, precision="ieee"):
@@ -129,7 +130,8 @@ class CudaKernels:
         (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq), cols (2, B, Nk)], float32, None where not
         requested: the per-tap gradient planes w.r.t. the padded rows through the window products (the op
         layer adds them, windows.sum_tap_planes), and per centre [sum_j H_ij m_j, sum_j dS_ij logit_ij]
-        (see csrc/cpu/correspondence_warp.h). `precision` as for the forward: ignored."""
+        (see csrc/cpu/correspondence_warp.h). `precision` is accepted for the contract and ignored: the
+        window backward's float32 products are FMAs."""
         return extension().correspondence_warp_windows_backward(
             grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
             float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask,

@@ -19,12 +19,15 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   emulation cannot tell whether real tensor cores honour them); the window form (3x3 and 5x5
   patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
   dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
-  autograd over the unfolded windows of the same rows in float64; contextual_loss's forward
+  autograd over the unfolded windows of the same rows in float64, the half windows' forward and
+  that of rows wider than 256 on the streamed tensor-core kernel of
+  `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
-* float32 rows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane layouts and
-  cvt.rna.tf32 emulated and checked against the PTX ISA's tables) beside the FMA path on the same
-  inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
+* float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
+  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; the forward of
+  windows and of rows wider than 128 streamed) beside the FMA path on the same inputs: tf32x3
+  near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -124,10 +127,11 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
-    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each;
-    # float32 (tf32x3 and tf32) the forward's 3, dQ's 2 (value chunks of 16, 64), dK/dV's 2 (at
-    # chunks of 64 dK only) and the dV blocks of chunks of 64.
-    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 2 + 3)), sorted(mma)
+    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each,
+    # the streamed forward's 2 value chunks (16, 64); float32 (tf32x3 and tf32) the forward's 3, dQ's
+    # 2 (value chunks of 16, 64), dK/dV's 2 (at chunks of 64 dK only), the dV blocks of chunks of 64
+    # and the streamed forward's 2.
+    assert len(mma) == 2 * (2 * (6 + 4 + 4 + 2) + 2 * (3 + 2 + 3 + 2)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -136,8 +140,8 @@ SMEM_PROBE = r"""
 #include "contextual_loss.cuh"
 #include "correspondence_warp.cuh"
 using namespace cocos_kernels::cuda;
-template <class T> void show(const char* dtype) {
-  std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
+template <class T> void show(const char* dtype) {  // the FMA forward takes float32 only
+  if (kIsFloat<T>) std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
@@ -155,11 +159,16 @@ template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident til
     std::printf("backward_dkdv_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDkDvBytes);
   }
 }
+template <class T, int CVT> void show_streamed(const char* dtype) {  // windows and rows wider than the above
+  std::printf("forward_streamed_mma_Cv%d %s %zu\n", CVT, dtype, StreamedTiles<T, CVT>::kBytes);
+}
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
   show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
   show_mma<256, 64>();
   show_tf32<64, 16>(); show_tf32<64, 64>(); show_tf32<128, 16>();
+  show_streamed<__nv_bfloat16, 16>("bfloat16"); show_streamed<__nv_bfloat16, 64>("bfloat16");
+  show_streamed<float, 16>("float32"); show_streamed<float, 64>("float32");
   std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
 }
@@ -175,7 +184,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 31
+    assert len(sizes) == 33
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -254,12 +263,16 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
     # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
     # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
-    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264: the shared-memory forward.
+    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below:
+    # the streamed forward of correspondence_warp_streamed_mma.cuh.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
     "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
+    # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
+    # fully masked batch element; the backward through WMMA.
+    "B2-Nq70-Nk131-D300-Cv5-bfloat16-wmma-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "wmma"),
 }
 
 
@@ -459,7 +472,8 @@ def test_emulated_kernels_match_float64(emulation, case):
 # blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
 # backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
 # resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
-# values' rows (Nk 131) copied element by element, a masked key block.
+# values' rows (Nk 131) copied element by element, a masked key block. D 300: the streamed forward
+# (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of 12 columns), the backward FMA.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
@@ -467,6 +481,7 @@ TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
     "B1-Nq70-Nk136-D40-Cv64": (1, 70, 136, 40, 64, False),
     "B2-Nq65-Nk131-D64-Cv17-mask": (2, 65, 131, 64, 17, True),
+    "B1-Nq70-Nk72-D300-Cv3": (1, 70, 72, 300, 3, False),
 }
 
 
@@ -474,16 +489,23 @@ TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
 def test_emulated_tf32_kernels_match_float64(emulation, case):
     emulated = emulation("fma")
     runs = {p: _emulated_warp(emulated, *case[:5], torch.float32, case[5], p) for p in ("ieee", "tf32x3", "tf32")}
+    _assert_tf32_errors(case, runs)
+
+
+def _assert_tf32_errors(case, runs):
+    """runs: precision -> (mine, theirs) of one case's outputs: tf32x3 near the FMA path (ieee), tf32
+    far above both and bounded."""
     errors = {p: {name: _relative_error(mine[name], theirs[name]) for name in mine} for p, (mine, theirs) in runs.items()}
     print(case, errors)
     for name, ieee in errors["ieee"].items():
         # tf32x3 drops lo * lo and lo's rounding (~2^-24 of a product) but rounds its float32
         # accumulator three times per product, k8 step after k8 step, where the FMA path sums D in
-        # chunks of 32: 1.2-8x the FMA path's error here (~1e-6 relative), hundreds of times below tf32's.
-        assert errors["tf32x3"][name] <= 10 * ieee, (name, errors)
+        # chunks of 32: 1.2-18x the FMA path's error here (~1e-6 relative), the most with the longest
+        # sums (D 300; 925 products a score for the 5x5 windows of C 37), 80 times and more below tf32's.
+        assert errors["tf32x3"][name] <= 30 * ieee, (name, errors)
         # tf32 rounds every input to 10 mantissa bits (2^-11 ~ 5e-4 relative): ~1e-3 here, far
         # above float32 (so the emulation does round), and bounded by those bits at 1 / temperature = 100.
-        assert 100 * errors["tf32x3"][name] < errors["tf32"][name] < 2e-2, (name, errors)
+        assert 50 * errors["tf32x3"][name] < errors["tf32"][name] < 2e-2, (name, errors)
 
 
 def _tap_rows(patch, width, n):
@@ -511,64 +533,120 @@ WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, maske
     # 79 query / 86 key centres: 2 ragged blocks each; C 40: 2 chunks of 32 per tap; batch 1 fully masked.
     "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma"),
     "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma"),
+    # Half windows: the forward on tensor cores (correspondence_warp_streamed_mma.cuh), the backward
+    # through WMMA. C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
     "B2-C20-q9x7-k8x9-Cv5-k3-float16-wmma-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "wmma"),
     "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16-wmma": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "wmma"),
+    # C 72: 16-byte copies, 2 chunks per tap (64 and 8 columns); 154 query centres (2 blocks), 97 keys
+    # (2 blocks, the second ragged), Cv 17 in a chunk of 64.
+    "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma"),
+    # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch element.
+    "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
 }
+
+
+def _window_problem(B, C, q_hw, k_hw, Cv, patch, dtype, masked):
+    """The window kernels' inputs from seed 0, as the op layer prepares them (ops/correspondence_warp.py:
+    _windows_forward): wq, wk (windows.Windows with float32 factors), the key mask on the centres
+    (False at padding centres too), v and grad (0 at padding centres) on the centres."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(B, C, *q_hw, generator=g) + 0.5
+    key = torch.randn(B, C, *k_hw, generator=g) - 0.5
+    wq, wk = (window_features(x, "channel", True, patch, DEFAULT_EPS, dtype, torch.float32) for x in (query, key))
+    keep = torch.ones(B, *k_hw, dtype=torch.bool)
+    if masked:
+        keep = torch.rand(B, *k_hw, generator=g) > 0.4
+        keep[-1] = False
+    mask = to_centres(keep[:, None], patch, fill=False)[:, 0].contiguous()
+    v = to_centres(torch.randn(B, Cv, *k_hw, generator=g), patch).to(dtype)
+    grad = to_centres(torch.randn(B, Cv, *q_hw, generator=g), patch).to(dtype)
+    return wq, wk, mask, v, grad
+
+
+def _window_geometry(wq, wk, Cv, patch, scale):
+    B, nq, nk = wq.mean.shape[0], wq.mean.shape[1], wk.mean.shape[1]
+    C = wq.rows.shape[2]
+    return (*_i(B, nq, nk, wq.rows.shape[1], wk.rows.shape[1]), C, Cv, patch, *_i(wq.width, wk.width),
+            ctypes.c_float(scale))
+
+
+def _emulated_window_forward(emulated, problem, patch, precision="ieee"):
+    """The emulated window forward's out and lse (/ scale, 0 where every key is masked out) beside the
+    float64 reference's; the emulated lse as it is; the reference's scores and leaves rq, rk, v64 (for
+    its backward)."""
+    wq, wk, mask, v, _ = problem
+    scale = 100.0
+    B, Cv, nq = v.shape[0], v.shape[1], wq.mean.shape[1]
+    out, lse = torch.empty(B, Cv, nq, dtype=v.dtype), torch.empty(B, nq)
+    factors = (wq.mean, wq.inv, wk.mean, wk.inv)
+    mask_bytes = mask.to(torch.uint8)  # held while the kernel reads it
+    assert emulated.emu_windows_forward(EMULATED_DTYPES[v.dtype], _p(wq.rows), _p(factors[0]), _p(factors[1]),
+                                        _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes),
+                                        _p(out), _p(lse),
+                                        *_window_geometry(wq, wk, Cv, patch, scale),
+                                        ctypes.c_int(PRECISION_CODES[precision])) == 0
+    rq, rk, v64 = (t.double().requires_grad_() for t in (wq.rows, wk.rows, v))
+    ref, ref_lse, scores = _reference_windows(wq._replace(rows=rq), wk._replace(rows=rk), v64, patch, scale, mask)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] < 0).all()
+    # lse compared in units of the logits' scale; rows whose keys are all masked out as 0.
+    mine = dict(out=out, lse=torch.where(finite, lse, 0.0) / scale)
+    theirs = dict(out=ref, lse=torch.where(finite, ref_lse, 0.0) / scale)
+    return mine, theirs, lse, scores, (rq, rk, v64)
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
 def test_emulated_window_kernels_match_float64(emulation, case):
-    B, C, (Hq, Wq), (Hk, Wk), Cv, patch, dtype, masked, tiles = case
+    B, C, q_hw, k_hw, Cv, patch, dtype, masked, tiles = case
     emulated = emulation(tiles)
-    scale = 100.0
-    g = torch.Generator().manual_seed(0)
-    query = torch.randn(B, C, Hq, Wq, generator=g) + 0.5
-    key = torch.randn(B, C, Hk, Wk, generator=g) - 0.5
-    # The kernels' inputs, as the op layer prepares them (ops/correspondence_warp.py: _windows_forward).
-    wq, wk = (window_features(x, "channel", True, patch, DEFAULT_EPS, dtype, torch.float32) for x in (query, key))
-    keep = torch.ones(B, Hk, Wk, dtype=torch.bool)
-    if masked:
-        keep = torch.rand(B, Hk, Wk, generator=g) > 0.4
-        keep[-1] = False
-    mask = to_centres(keep[:, None], patch, fill=False)[:, 0].contiguous()  # False at padding centres too
-    mask_bytes = mask.to(torch.uint8)
-    v = to_centres(torch.randn(B, Cv, Hk, Wk, generator=g), patch).to(dtype)
-    grad = to_centres(torch.randn(B, Cv, Hq, Wq, generator=g), patch).to(dtype)  # 0 at padding centres
-    interior = to_centres(torch.ones(B, 1, Hq, Wq), patch)[:, 0] > 0
-    nq, nk, Lq, Lk = wq.mean.shape[1], wk.mean.shape[1], wq.rows.shape[1], wk.rows.shape[1]
-    geometry = (*_i(B, nq, nk, Lq, Lk), C, Cv, patch, *_i(wq.width, wk.width), ctypes.c_float(scale))
-    code = EMULATED_DTYPES[dtype]
-    out, lse = torch.empty(B, Cv, nq, dtype=dtype), torch.empty(B, nq)
-    factors = (wq.mean, wq.inv, wk.mean, wk.inv)
-    assert emulated.emu_windows_forward(code, _p(wq.rows), _p(factors[0]), _p(factors[1]), _p(wk.rows),
-                                        _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes), _p(out),
-                                        _p(lse), *geometry) == 0
+    problem = _window_problem(*case[:8])
+    wq, wk, mask, v, grad = problem
+    mine, theirs, lse, scores, (rq, rk, v64) = _emulated_window_forward(emulated, problem, patch)
+    for name in mine:
+        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
 
-    rq, rk, v64 = (t.double().requires_grad_() for t in (wq.rows, wk.rows, v))
-    ref, ref_lse, scores = _reference_windows(wq._replace(rows=rq), wk._replace(rows=rk), v64, patch, scale, mask)
-    assert_close(out, ref, name="out", rtol=RTOL[dtype])
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] < 0).all()
-    assert_close(torch.where(finite, lse, 0.0), torch.where(finite, ref_lse, 0.0), name="lse / scale", rtol=RTOL[dtype] / scale)
-
-    ref.backward(grad.double())
+    out = mine["out"]
+    theirs["out"].backward(grad.double())
     G = scores.grad  # dL/dscore
+    factors = (wq.mean, wq.inv, wk.mean, wk.inv)
     h = G * factors[1].double()[:, :, None] * factors[3].double()[:, None, :]
     ref_rows = torch.stack([(h * factors[2].double()[:, None, :]).sum(2), (G * scores).sum(2)])
     ref_cols = torch.stack([(h * factors[0].double()[:, :, None]).sum(1), (G * scores).sum(1)])
+    interior = to_centres(torch.ones(B, 1, *q_hw), patch)[:, 0] > 0
     saved_lse = torch.where(interior, lse, float("inf")).contiguous()  # as the op layer passes it
     delta = (grad.float() * out.float()).sum(1).contiguous()
-    taps = patch * patch
+    taps, nq, nk = patch * patch, wq.mean.shape[1], wk.mean.shape[1]
     planes_q, planes_k = torch.full((taps, B, nq, C), float("nan")), torch.full((taps, B, nk, C), float("nan"))
     dv, rows, cols = torch.full((B, Cv, nk), float("nan")), torch.empty(2, B, nq), torch.empty(2, B, nk)
-    assert emulated.emu_windows_backward(code, _p(grad), _p(wq.rows), _p(factors[0]), _p(factors[1]), _p(wk.rows),
-                                         _p(factors[2]), _p(factors[3]), _p(v), _p(mask_bytes),
-                                         _p(saved_lse), _p(delta), _p(planes_q), _p(planes_k), _p(dv), _p(rows),
-                                         _p(cols), *geometry) == 0
+    mask_bytes = mask.to(torch.uint8)
+    assert emulated.emu_windows_backward(EMULATED_DTYPES[dtype], _p(grad), _p(wq.rows), _p(factors[0]),
+                                         _p(factors[1]), _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v),
+                                         _p(mask_bytes), _p(saved_lse), _p(delta), _p(planes_q),
+                                         _p(planes_k), _p(dv), _p(rows), _p(cols),
+                                         *_window_geometry(wq, wk, Cv, patch, 100.0)) == 0
     dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
     for name, mine, theirs in (("dxq", dxq, rq.grad), ("dxk", dxk, rk.grad), ("dv", dv, v64.grad),
                                ("rows", rows, ref_rows), ("cols", cols, ref_cols)):
         assert_close(mine, theirs, name=name, rtol=RTOL[dtype])
+
+
+# float32 windows with precision tf32x3 and tf32 (the forward of correspondence_warp_streamed_mma.cuh
+# with m16n8k8; the backward takes FMAs whatever the precision), each beside the FMA path (ieee) on
+# the same inputs. C 40: 16-byte copies, 2 chunks of 32 per tap (32 and 8 columns), ragged query
+# and key blocks, a fully masked batch element. C 37 with 5x5 windows: element copies, Cv 17 in a
+# chunk of 64.
+TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked)
+    "B2-C40-q9x7-k8x9-Cv5-k3-mask": (2, 40, (9, 7), (8, 9), 5, 3, True),
+    "B1-C37-q9x7-k6x5-Cv17-k5": (1, 37, (9, 7), (6, 5), 17, 5, False),
+}
+
+
+@pytest.mark.parametrize("case", TF32_WINDOW_CASES.values(), ids=TF32_WINDOW_CASES.keys())
+def test_emulated_tf32_window_forward_matches_float64(emulation, case):
+    emulated = emulation("fma")
+    problem = _window_problem(*case[:6], torch.float32, case[6])
+    _assert_tf32_errors(case, {p: _emulated_window_forward(emulated, problem, case[5], p)[:2]
+                               for p in ("ieee", "tf32x3", "tf32")})
 
 
 CONTEXTUAL_DIST_EPS = 1e-3  # the op layer's dist_eps (reference.CONTEXTUAL_LOSS_DIST_EPS)

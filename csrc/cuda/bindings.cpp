@@ -234,9 +234,10 @@ std::pair<WarpShape, WarpGeometry> window_shape(const at::Tensor& xq, const at::
 std::tuple<at::Tensor, at::Tensor> correspondence_warp_windows_forward(
     const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq, const at::Tensor& xk, const at::Tensor& mk,
     const at::Tensor& ak, const at::Tensor& v, int64_t patch, int64_t width_q, int64_t width_k, double scale,
-    const c10::optional<at::Tensor>& key_mask) {
+    const c10::optional<at::Tensor>& key_mask, const std::string& precision) {
+  const Precision p = parse_precision(precision);
   const auto [s, g] = window_shape(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k);
-  return run_forward(xq, xk, v, mask_pointer(key_mask, s, xq), s, g, scale, Precision::kIeee);
+  return run_forward(xq, xk, v, mask_pointer(key_mask, s, xq), s, g, scale, p);
 }
 
 // Returns (planes_q (k*k, B, Nq, C), planes_k (k*k, B, Nk, C), dv (B, Cv, Nk), rows (2, B, Nq),
@@ -376,7 +377,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("correspondence_warp_windows_forward", &ck::correspondence_warp_windows_forward,
         "fused correspondence warp forward on k x k windows of padded grids of rows (out, lse)", py::arg("xq"),
         py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"), py::arg("ak"), py::arg("v"), py::arg("patch"),
-        py::arg("width_q"), py::arg("width_k"), py::arg("scale"), py::arg("key_mask") = py::none());
+        py::arg("width_q"), py::arg("width_k"), py::arg("scale"), py::arg("key_mask") = py::none(),
+        py::arg("precision") = "ieee");
   m.def("correspondence_warp_windows_backward", &ck::correspondence_warp_windows_backward,
         "fused correspondence warp backward on k x k windows (planes_q, planes_k, dv, rows, cols)",
         py::arg("grad_out"), py::arg("xq"), py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"),

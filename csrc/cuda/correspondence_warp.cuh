@@ -8,9 +8,12 @@
 // row (scores reach 1/temperature = 100: exp overflows float32 without it), and the value chunk
 // is accumulated. Value channels beyond BCV go to further blocks, which recompute the same scores
 // (bit-identical, so their row statistics agree); the first chunk's block writes the lse.
-// float16/bfloat16 prepared rows, and float32 ones with precision tf32x3 or tf32, take the
-// kernels of correspondence_warp_mma.cuh instead, with their tiles in registers, where they fit
-// (uses_mma_forward, uses_mma_backward).
+// float16/bfloat16 inputs, and float32 ones with precision tf32x3 or tf32, take the tensor-core
+// kernels instead: on prepared rows those of correspondence_warp_mma.cuh, with their tiles in
+// registers, where they fit (uses_mma_forward, uses_mma_backward); every other forward (windows,
+// wider rows) forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward
+// here runs float32 with precision ieee; the backward here every input the mma backward does not
+// take, windows included.
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -31,7 +34,9 @@
 
 #include "correspondence_warp.h"
 #include "correspondence_warp_mma.cuh"
+#include "correspondence_warp_streamed_mma.cuh"
 #include "tile.cuh"
+#include "warp_geometry.cuh"
 
 namespace cocos_kernels {
 namespace cuda {
@@ -51,28 +56,6 @@ struct Tiles {
   static constexpr int LDF_CV = padded<float>(BCV);
   // A float product operand can share storage with the float tile it is computed from.
   static constexpr bool kFloat = std::is_same<T, float>::value;
-};
-
-// Windows: whether the geometry carries per-centre factors (prepared rows have none).
-__host__ __device__ __forceinline__ bool windowed(const WarpGeometry& g) { return g.mq != nullptr; }
-
-// Row offset of tap t (row-major over the patch x patch window) from its centre's row.
-__device__ __forceinline__ int64_t tap_offset(int patch, int64_t width, int t) {
-  return (t / patch - patch / 2) * width + (t % patch - patch / 2);
-}
-
-// Per-centre factor n of one batch element (f already offset to it); 0 past the centres.
-__device__ __forceinline__ float centre_factor(const float* f, int64_t count, int64_t n) {
-  return n < count ? f[n] : 0.0f;
-}
-
-// One batch element's per-centre factors (null for prepared rows).
-struct Factors {
-  const float *mq, *aq, *mk, *ak;
-  float dwin;
-  __device__ Factors(const WarpGeometry& g, int64_t b, int64_t nq, int64_t nk)
-      : mq(g.mq ? g.mq + b * nq : nullptr), aq(g.aq ? g.aq + b * nq : nullptr),
-        mk(g.mk ? g.mk + b * nk : nullptr), ak(g.ak ? g.ak + b * nk : nullptr), dwin(g.dwin) {}
 };
 
 // s (BM x BN, float) = the scores of centres m0 .. m0+BM against n0 .. n0+BN; qc, kc are scratch.
@@ -528,8 +511,45 @@ __global__ void __launch_bounds__(kThreads, 2)
 }
 
 // ----------------------------------------------------------------------------- launchers
-// (nvcc only: tests/test_cuda_build.py also compiles the kernels above with a host compiler, each
-// block emulated by kThreads CPU threads, and launches them itself.)
+
+// Calls run(kernel, blocks, dynamic shared bytes, the kernel's arguments...) with the forward
+// kernel and grid for these inputs and returns what run returns: correspondence_warp_forward
+// launches them, testing/harness.cpp runs them on the CPU. float32 with precision ieee:
+// forward_kernel (instantiated for float32 only); else prepared rows up to kMmaForwardD:
+// forward_mma_kernel; windows and wider rows: forward_streamed_mma_kernel.
+template <class T, class Run>
+auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_mask, T* out, float* lse,
+                         WarpShape shape, WarpGeometry geometry, float scale, Precision precision, Run&& run) {
+  const float scale_log2 = scale * kLog2e;
+  if (uses_mma_forward<T>(shape, geometry, precision)) {
+    return with_mma_tiles<T, kMmaForwardD<T>, 64>(shape, precision, [&](auto p, auto dt, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
+      const MmaGrid grid = forward_mma_grid(shape, CVT);
+      return run(forward_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch), MmaTiles<T, DT, CVT>::kForwardBytes,
+                 q, k, v, key_mask, out, lse, shape, scale_log2, grid);
+    });
+  }
+  if constexpr (kIsFloat<T>) {
+    if (precision == Precision::kIeee) {
+      const int64_t m_blocks = ceil_div(shape.nq, BM);
+      const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
+      return run(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr), q,
+                 k, v, key_mask, out, lse, shape, geometry, scale_log2, m_blocks, cv_chunks);
+    }
+  }
+  return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
+    constexpr Precision P = decltype(p)::value;
+    constexpr int CVT = decltype(cvt)::value;
+    const MmaGrid grid = forward_mma_grid(shape, CVT);
+    return run(forward_streamed_mma_kernel<T, P, CVT>, grid.blocks(shape.batch), StreamedTiles<T, CVT>::kBytes, q,
+               k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
+  });
+}
+
+// The launchers themselves are nvcc only: tests/test_cuda_build.py also compiles the kernels above
+// with a host compiler, each block emulated by kThreads CPU threads, and runs them through
+// with_forward_kernel and harness.cpp.
 #ifdef __CUDACC__
 
 // Opts the kernel into `bytes` of dynamic shared memory (above 48 KiB needs it) and launches.
@@ -547,20 +567,10 @@ template <class T>
 cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, const uint8_t* key_mask,
                                         T* out, float* lse, WarpShape shape, WarpGeometry geometry,
                                         float scale, Precision precision, cudaStream_t stream) {
-  if (uses_mma_forward<T>(shape, geometry, precision)) {
-    return with_mma_tiles<T, kMmaForwardD<T>, 64>(shape, precision, [&](auto p, auto dt, auto cvt) {
-      constexpr Precision P = decltype(p)::value;
-      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-      const MmaGrid grid = forward_mma_grid(shape, CVT);
-      return launch(forward_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
-                    MmaTiles<T, DT, CVT>::kForwardBytes, stream, q, k, v, key_mask, out, lse, shape,
-                    scale * kLog2e, grid);
-    });
-  }
-  const int64_t m_blocks = ceil_div(shape.nq, BM);
-  const int64_t cv_chunks = shape.cv > 0 ? ceil_div(shape.cv, BCV) : 1;  // chunk 0 writes the lse
-  return launch(forward_kernel<T>, shape.batch * cv_chunks * m_blocks, ForwardSmem<T>::carve(nullptr, nullptr),
-                stream, q, k, v, key_mask, out, lse, shape, geometry, scale * kLog2e, m_blocks, cv_chunks);
+  return with_forward_kernel(q, k, v, key_mask, out, lse, shape, geometry, scale, precision,
+                             [&](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+                               return launch(kernel, blocks, bytes, stream, args...);
+                             });
 }
 
 template <class T>

@@ -14,7 +14,9 @@
 //
 // - forward (D <= 256): resident Q; per key block S = Q K^T, the online softmax (base 2, running
 //   max per row; a row's 64 scores sit in the 4 lanes of a quad: two xor shuffles reduce it) and
-//   O += P V. One block per (128 queries, value chunk of CVT, batch element).
+//   O += P V. One block per (128 queries, value chunk of CVT, batch element). Windows and wider
+//   rows take forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh), which shares
+//   its online softmax (OnlineSoftmax).
 // - backward dQ (D <= 128, Cv <= 64): resident Q and dOut; per key block S, P = exp2(S - lse),
 //   dP = dOut V^T, dS = P (dP - delta) scale, dQ += dS K. One block per (128 queries, batch).
 // - backward dK/dV (D <= 128, Cv <= 64): resident K and V, kept in shared memory; per query
@@ -80,6 +82,18 @@ bool uses_mma_backward(const WarpShape& s, const WarpGeometry& g, Precision p) {
          s.cv <= kMmaBackwardCv<T>;
 }
 
+// Calls f(P) (std::integral_constant) with the precision of T's tile products: kIeee for 16-bit
+// T, which ignores it.
+template <class T, class F>
+auto with_precision(Precision precision, F&& f) {
+  if constexpr (kIsFloat<T>) {
+    if (precision == Precision::kTf32) return f(std::integral_constant<Precision, Precision::kTf32>{});
+    return f(std::integral_constant<Precision, Precision::kTf32x3>{});
+  } else {
+    return f(std::integral_constant<Precision, Precision::kIeee>{});
+  }
+}
+
 // Calls f(P, DT, CVT) (std::integral_constant) with the precision (kIeee for 16-bit T, which
 // ignores it), the padded widths of D (up to MAX_D) and of the value chunk (up to MAX_CV);
 // instantiates f for those only.
@@ -102,12 +116,7 @@ auto with_mma_tiles(const WarpShape& s, Precision precision, F&& f) {
     }
     return by_cv(p, std::integral_constant<int, 64>{});
   };
-  if constexpr (kIsFloat<T>) {
-    if (precision == Precision::kTf32) return by_d(std::integral_constant<Precision, Precision::kTf32>{});
-    return by_d(std::integral_constant<Precision, Precision::kTf32x3>{});
-  } else {
-    return by_d(std::integral_constant<Precision, Precision::kIeee>{});
-  }
+  return with_precision<T>(precision, by_d);
 }
 
 // k per mma step: m16n8k16 for 16-bit inputs, m16n8k8 for tf32.
@@ -478,45 +487,21 @@ __device__ __forceinline__ void store_accumulators(float* dst, const float (&acc
   }
 }
 
-// One block (8 warps) per SM as the register budget: 128 registers a thread would make ptxas
-// spill the fragments of most tile widths. FlashAttention-2 runs two blocks of 4 warps.
-template <class T, Precision P, int DT, int CVT>
-__global__ void __launch_bounds__(kThreads, 1)
-    forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                       const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
-                       WarpShape shape, float scale_log2, MmaGrid grid) {
-  using L = MmaTiles<T, DT, CVT>;
-  constexpr int BN = kMmaBN;
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
-  T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]
-  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;  // float32: Q stays, after the stages
-
-  const int64_t block = blockIdx.x;
-  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
-  const int64_t c0 = (block / grid.row_blocks % grid.cv_chunks) * CVT;
-  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
-  const int64_t nq = shape.nq, nk = shape.nk;
-  const int d = shape.d, cv = shape.cv;
-  to_batch(b, shape, q, k, v, key_mask);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = lane % 4;
-  constexpr int K = kMmaK<T>;
-  const int d_steps = (d + K - 1) / K;  // k steps of the score product; the rest of DT is zeros
-
-  ResidentA<T, P, DT> qf = {};
-  stage_resident<T, DT, CVT>(qs, vs, q, nullptr, nq, d, cv, m0);
-  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
-  __syncthreads();  // the stages are free for the keys
-
-  // Rows g and g + 8: running max (base 2), and this lane's share of the row sum (its quad's
-  // four shares are added at the end).
+// A warp's online softmax over the streamed key blocks of the forward kernels (this file's and
+// correspondence_warp_streamed_mma.cuh's): rows g and g + 8's running max (base 2) and this
+// lane's share of their row sums (its quad's four shares are added at the end), and the output
+// accumulators of the value chunk (CVT channels).
+template <class T, Precision P, int CVT>
+struct OnlineSoftmax {
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
   float o[CVT / 8][4] = {};
-  stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, c0, [&](int64_t n0, const T* kt, const T* vt) {
-    float s[BN / 8][4] = {};
-    mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
-    const KeyBlock keys(key_mask, nk, n0);
+
+  // Folds in the scores s of one key block (keys: which get weight), scaled by scale_log2, and
+  // O += P V with the block's value tile vt, stored [c][n] with stride ld.
+  __device__ __forceinline__ void add(float (&s)[kMmaBN / 8][4], const KeyBlock& keys, float scale_log2,
+                                      const T* vt, int ld, int lane) {
+    constexpr int BN = kMmaBN;
+    const int t = lane % 4;
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
@@ -553,33 +538,74 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     AccumulatorA<T, P, BN> pf;
     to_a_fragments<T>(pf, s);
-    mma_tile<true>(o, pf, vt, L::LD_N, BN / K, CVT / 16, lane);  // O += P V, V stored [c][n]
-  });
+    mma_tile<true>(o, pf, vt, ld, BN / kMmaK<T>, CVT / 16, lane);  // O += P V, V stored [c][n]
+  }
 
-  // out (Cv, Nq), lse (natural log) from the first chunk's blocks.
-  out += b * cv * nq;
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-    inv[r] = row_sum[r] == 0.0f ? 0.0f : 1.0f / row_sum[r];  // 0: every key masked out, and o is 0 too
-  }
-  const int64_t row0 = m0 + 16 * warp + lane / 4;
-#pragma unroll
-  for (int c = 0; c < CVT / 8; ++c) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t m = row0 + 8 * (e / 2), ch = c0 + 8 * c + 2 * t + e % 2;
-      if (m < nq && ch < cv) out[ch * nq + m] = from_float<T>(o[c][e] * inv[e / 2]);
-    }
-  }
-  if (c0 == 0 && t == 0) {
+  // Writes channels c0 .. of out (Cv, Nq) for the warp's rows (row g being row0), and from the
+  // first chunk's blocks (c0 = 0) their lse (natural log); out and lse at the batch element.
+  __device__ __forceinline__ void store(T* out, float* lse, int64_t row0, int64_t nq, int cv, int64_t c0, int lane) {
+    const int t = lane % 4;
+    float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      if (row0 + 8 * r < nq) lse[b * nq + row0 + 8 * r] = (row_max[r] + log2f(row_sum[r])) * kLn2;
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+      inv[r] = row_sum[r] == 0.0f ? 0.0f : 1.0f / row_sum[r];  // 0: every key masked out, and o is 0 too
+    }
+#pragma unroll
+    for (int c = 0; c < CVT / 8; ++c) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t m = row0 + 8 * (e / 2), ch = c0 + 8 * c + 2 * t + e % 2;
+        if (m < nq && ch < cv) out[ch * nq + m] = from_float<T>(o[c][e] * inv[e / 2]);
+      }
+    }
+    if (c0 == 0 && t == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (row0 + 8 * r < nq) lse[row0 + 8 * r] = (row_max[r] + log2f(row_sum[r])) * kLn2;
+      }
     }
   }
+};
+
+// One block (8 warps) per SM as the register budget: 128 registers a thread would make ptxas
+// spill the fragments of most tile widths. FlashAttention-2 runs two blocks of 4 warps.
+template <class T, Precision P, int DT, int CVT>
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
+                       WarpShape shape, float scale_log2, MmaGrid grid) {
+  using L = MmaTiles<T, DT, CVT>;
+  constexpr int BN = kMmaBN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const rs = reinterpret_cast<T*>(smem);  // two K stages; the Q tile before the key loop
+  T* const vs = rs + 2 * L::ROW_STAGE;       // two value stages, [c][n]
+  T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;  // float32: Q stays, after the stages
+
+  const int64_t block = blockIdx.x;
+  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
+  const int64_t c0 = (block / grid.row_blocks % grid.cv_chunks) * CVT;
+  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t nq = shape.nq, nk = shape.nk;
+  const int d = shape.d, cv = shape.cv;
+  to_batch(b, shape, q, k, v, key_mask);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int K = kMmaK<T>;
+  const int d_steps = (d + K - 1) / K;  // k steps of the score product; the rest of DT is zeros
+
+  ResidentA<T, P, DT> qf = {};
+  stage_resident<T, DT, CVT>(qs, vs, q, nullptr, nq, d, cv, m0);
+  row_fragments<T, DT>(qf, qs, L::LD_D, d_steps);
+  __syncthreads();  // the stages are free for the keys
+
+  OnlineSoftmax<T, P, CVT> softmax;
+  stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, c0, [&](int64_t n0, const T* kt, const T* vt) {
+    float s[BN / 8][4] = {};
+    mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
+    softmax.add(s, KeyBlock(key_mask, nk, n0), scale_log2, vt, L::LD_N, lane);
+  });
+  softmax.store(out + b * cv * nq, lse + b * nq, m0 + 16 * warp + lane / 4, nq, cv, c0, lane);
 }
 
 template <class T, Precision P, int DT, int CVT>

@@ -1,6 +1,7 @@
-// The PTX-level warp operations of the register-resident kernels (correspondence_warp_mma.cuh):
+// The PTX-level warp operations of the tensor-core kernels (correspondence_warp_mma.cuh,
+// correspondence_warp_streamed_mma.cuh):
 // cp.async global->shared copies, ldmatrix shared->register fragments, mma.sync m16n8k16 (16-bit
-// inputs) and m16n8k8 with tf32 inputs (float32 rows), and cvt.rna.tf32.f32.
+// inputs) and m16n8k8 with tf32 inputs (float32 inputs), and cvt.rna.tf32.f32.
 //
 // On the GPU each is one inline-asm instruction (sm_80 or newer). Under the CPU emulation
 // (testing/host_emulation.h, COCOS_KERNELS_HOST_EMULATION) each calls the emulation's version,

@@ -7,9 +7,10 @@
 // float accumulators), hand-written and CUTLASS-free: its fragments load straight from the shared
 // tiles in either layout (row- or column-major), so each product is the same few lines for every
 // operand orientation the backward needs. (The half forward on rows keeps its fragments in
-// registers instead, with raw mma.sync: correspondence_warp_mma.cuh.) float32 products here are
-// plain FMAs in float32 (precision ieee, and every float32 window product; tf32 on rows is in
-// correspondence_warp_mma.cuh).
+// registers instead, with raw mma.sync: correspondence_warp_mma.cuh; the forward on windows and
+// wider rows streams its operands to mma.sync: correspondence_warp_streamed_mma.cuh.) float32
+// products here are plain FMAs in float32 (precision ieee, and the float32 backward on windows and
+// wider rows; tf32 is in those two files).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -24,32 +24,19 @@ void check_smem(size_t bytes) {
   if (bytes > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
 }
 
-// The forward kernel the launcher picks (correspondence_warp_forward). The mma kernel returns
+// The forward kernel and grid the launcher picks (with_forward_kernel). The mma kernels return
 // the emulation's first fault (a misaligned cp.async or ldmatrix address) as 3.
 template <class T>
 int forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
             WarpGeometry g, float scale, Precision precision) {
-  if (uses_mma_forward<T>(s, g, precision)) {
-    with_mma_tiles<T, kMmaForwardD<T>, 64>(s, precision, [&](auto p, auto dt, auto cvt) {
-      constexpr Precision P = decltype(p)::value;
-      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-      check_smem(MmaTiles<T, DT, CVT>::kForwardBytes);
-      const MmaGrid grid = forward_mma_grid(s, CVT);
-      emu::launch(grid.blocks(s.batch), kThreads, [&] {
-        forward_mma_kernel<T, P, DT, CVT>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                          static_cast<const T*>(v), mask, static_cast<T*>(out), lse, s,
-                                          scale * kLog2e, grid);
-      });
-    });
-    return emu::take_fault() == nullptr ? 0 : 3;
-  }
-  check_smem(ForwardSmem<T>::carve(nullptr, nullptr));
-  const int64_t m_blocks = ceil_div(s.nq, BM), cv_chunks = s.cv > 0 ? ceil_div(s.cv, BCV) : 1;
-  emu::launch(s.batch * cv_chunks * m_blocks, kThreads, [&] {
-    forward_kernel<T>(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
-                      static_cast<T*>(out), lse, s, g, scale * kLog2e, m_blocks, cv_chunks);
-  });
-  return 0;
+  with_forward_kernel(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
+                      static_cast<T*>(out), lse, s, g, scale, precision,
+                      [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+                        check_smem(bytes);
+                        emu::launch(blocks, kThreads, [&] { kernel(args...); });
+                        return 0;
+                      });
+  return emu::take_fault() == nullptr ? 0 : 3;
 }
 
 // The backward kernels the launcher picks (correspondence_warp_backward); 3 as forward.
@@ -261,17 +248,19 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
 }
 
 // Windows: xq (B, len_q, C), xk (B, len_k, C) padded grids, mq / aq (B, Nq), mk / ak (B, Nk) float;
-// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres.
+// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres. The backward runs the FMA kernels
+// whatever the precision, as the launcher does.
 int emu_windows_forward(int dtype, const void* xq, const float* mq, const float* aq, const void* xk,
                         const float* mk, const float* ak, const void* v, const uint8_t* mask, void* out, float* lse,
                         int64_t batch, int64_t nq, int64_t nk, int64_t len_q, int64_t len_k, int c, int cv,
-                        int patch, int64_t width_q, int64_t width_k, float scale) {
+                        int patch, int64_t width_q, int64_t width_k, float scale, int precision) {
   const WarpShape s{batch, nq, nk, c, cv};
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
+  const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
-    case 0: return forward<float>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
-    case 1: return forward<__half>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
-    case 2: return forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale, Precision::kIeee);
+    case 0: return forward<float>(xq, xk, v, mask, out, lse, s, g, scale, p);
+    case 1: return forward<__half>(xq, xk, v, mask, out, lse, s, g, scale, p);
+    case 2: return forward<__nv_bfloat16>(xq, xk, v, mask, out, lse, s, g, scale, p);
   }
   return 1;
 }
