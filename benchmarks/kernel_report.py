@@ -24,18 +24,18 @@ memory, MUFU, FFMA; static counts), and the compile time.
 The roofline estimate of a kernel launch on a headline config (benchmarks/gpu_check.py's rows):
 max(tile-product FLOPs as issued (padded to the tiles) / the rate of the SASS's matrix path,
 exponentials / the MUFU rate, L2 bytes / L2 bandwidth, HBM bytes / HBM bandwidth), divided by the
-last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels' `_mma_work` /
-`_fma_work`, `_contextual_work`): HBM carries each input and each output once; the L2 the operand tiles every program
-loads per block (the other side's rows, its own rows again per block where D is chunked), which
-the programs resident together read from the L2 after the first; the float32 accumulators of the
-chunked backward, read and written once per (streamed block, D chunk), go to the L2 while the
-resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
-and spills least (spills of up to SMALL_SPILL bytes a thread count as none), then the fastest by
-this estimate. CUDA: the kernels the launchers choose (the
-limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per SM from ptxas's
-registers and the dynamic shared memory the launcher requests (a copy of the kernels' layout
-structs, `_mma_smem`, `_fma_smem`, `_contextual_smem`, which tests/test_cuda_build.py checks against
-them). Shares: the useful FLOPs
+last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels' `_mma_work`,
+`_streamed_work`, `_fma_work`, `_contextual_work`): HBM carries each input and each output once;
+the L2 the operand tiles every program loads per block (the other side's rows, its own rows again
+per block where D is chunked or streamed), which the programs resident together read from the L2
+after the first; the float32 accumulators of the chunked backward, read and written once per
+(streamed block, D chunk), go to the L2 while the resident programs' accumulators fit in it, else
+to HBM. Triton: per kernel the config that fits and spills least (spills of up to SMALL_SPILL
+bytes a thread count as none), then the fastest by this estimate. CUDA: the kernels the
+launchers choose (the limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per
+SM from ptxas's registers and the dynamic shared memory the launcher requests, as
+csrc/cuda/testing/smem_probe.cu prints it from the kernels' own layout code
+(`dynamic_shared_memory`; saved in the JSON for `--from-results`). Shares: the useful FLOPs
 (benchmarks.bench_correspondence_warp.flops) per second of the summed kernels, against the card's
 bf16 peak (contextual_loss: the FP32 FMA peak). The reference (`reference_seconds`): its n x n
 matrices through HBM op by op.
@@ -50,6 +50,7 @@ rather than by these roofs), the forward's key split.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -258,11 +259,13 @@ def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- CUDA kernels
 # Which kernel the launchers take (correspondence_warp_forward / _backward in
 # csrc/cuda/correspondence_warp.cuh, through uses_mma_forward / uses_mma_backward and with_mma_tiles in
-# csrc/cuda/correspondence_warp_mma.cuh): the limits are that header's constants, parsed from it.
+# csrc/cuda/correspondence_warp_mma.cuh, with_streamed_tiles in correspondence_warp_streamed_mma.cuh):
+# the limits are correspondence_warp_mma.cuh's constants, parsed from it.
 MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
 MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
               "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaRows", "kMmaBN")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
+SMEM_PROBE = REPO / "csrc" / "cuda" / "testing" / "smem_probe.cu"
 C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
 PRECISION_ENUM = {None: 0, "ieee": 0, "tf32x3": 1, "tf32": 2}  # enum class Precision (correspondence_warp.h)
 
@@ -276,65 +279,75 @@ def mma_limits(text: str | None = None) -> dict[str, int]:
     return {k: int(found[k]) for k in MMA_LIMITS}
 
 
+@functools.cache
+def dynamic_shared_memory() -> dict[tuple[str, str], int]:
+    """{(layout, dtype): bytes} of dynamic shared memory the launchers request, as SMEM_PROBE prints them
+    from the kernels' own layout code (compiled with nvcc and run here, once per process). RuntimeError
+    where it does not build or run."""
+    from cocos_kernels import build
+
+    home = build.cuda_home()
+    if home is None:
+        raise RuntimeError("no nvcc (no CUDA toolkit found)")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "smem_probe"
+        proc = subprocess.run([str(Path(home) / "bin" / "nvcc"), *build.NVCC_FLAGS, f"-I{SMEM_PROBE.parents[1]}",
+                               str(SMEM_PROBE), "-o", str(exe)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{SMEM_PROBE} does not build:\n{proc.stderr[-4000:]}")
+        lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
+    sizes: dict[tuple[str, str], int] = {}
+    for line in filter(None, lines):
+        layout, dtype, size = line.split()
+        if sizes.setdefault((layout, dtype), int(size)) != int(size):
+            raise RuntimeError(f"{SMEM_PROBE.name}: {layout} {dtype} printed with two sizes")
+    return sizes
+
+
 def _mma_tiles(d: int, cv: int, max_d: int, is_float: bool) -> tuple[int, int]:
     """(DT, CVT) as with_mma_tiles chooses them."""
     dt = max_d if max_d > 128 and d > 128 else 128 if max_d > 64 and d > 64 else 64
     return dt, 16 if (is_float and dt > 64) or cv <= 16 else 64
 
 
-def _mma_smem(role: str, e: int, dt: int, cvt: int, lim: dict) -> int:
-    """Dynamic shared memory of an mma kernel (MmaTiles<T, DT, CVT>: kForwardBytes, kDqBytes, kDkDvBytes)."""
-    ld_d, bn, rows = dt + 16 // e, lim["kMmaBN"], lim["kMmaRows"]
-    stages = (2 * bn * ld_d + 2 * cvt * (bn + 8)) * e
-    resident = (rows * ld_d + cvt * (rows + 8)) * e  # dK/dV's K rows and V columns; float32 dQ's Q and dOut
-    if role == "forward":
-        return stages + (rows * ld_d * e if e == 4 else 0)
-    return stages + resident if role == "dkdv" or e == 4 else stages
-
-
-def _fma_smem(role: str, e: int, windows: bool) -> int:
-    """Dynamic shared memory of a shared-memory kernel (ForwardSmem, BackwardDqSmem, BackwardDkDvSmem:
-    128-byte aligned pieces)."""
-    t = FMA_TILE
-    bd = 32 if e == 4 else 64
-    tile = (t * (bd + 16 // e) * e, t * (t + 16 // e) * e)  # a T tile of D columns, of 64 columns
-    f_n, f_d = t * (t + 4) * 4, t * (bd + 4) * 4  # float tiles of 64 and of BD columns
-    half = 0 if e == 4 else tile[1]  # a T copy of a float tile (float32 shares the float tile)
-    pieces = {"forward": [tile[0], tile[0], tile[1], f_n, half, f_n, t * 4, t * 4, t * 4],
-              "dq": [tile[0], tile[0], tile[1], tile[1], f_n, f_n, half, f_d] + [t * 4] * 4,
-              "dkdv": [tile[0], tile[0], tile[1], tile[1], f_n, half, f_n, half, f_n, f_d] + [t * 4] * 2
-              + ([f_n, t * 4, t * 4] if windows else [])}[role]
-    return sum(math.ceil(p / 128) * 128 for p in pieces)
-
-
-
 def cuda_launches(item: dict, lim: dict) -> list[dict]:
-    """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, whether
-    mma, the tiles (DT, CVT) and the kernel's demangled name (without namespace and arguments)."""
+    """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, kind ("mma":
+    forward_mma_kernel and the mma backward; "streamed": forward_streamed_mma_kernel; "fma": the
+    shared-memory kernels), the tiles (DT, CVT), the layout (SMEM_PROBE's name for its shared memory) and
+    the kernel's demangled name (without namespace and arguments)."""
     _, _, C, taps, Cv, _ = _shape(item)
     is_float = item["dtype"] == "float32"
     ctype = C_TYPES[item["dtype"]]
-    tensor_rows = (not is_float or item["precision"] != "ieee") and taps == 1
+    precision = f"(cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}"
+    tensor = not is_float or item["precision"] != "ieee"
     max_d = lim["kTf32MaxD"] if is_float else lim["kMmaMaxD"]
-    if tensor_rows and C <= max_d:
+    if not tensor:
+        launches = [dict(role="forward", kind="fma", layout="forward", name=f"forward_kernel<{ctype}>")]
+    elif taps == 1 and C <= max_d:
         dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
-        tiles = f"{ctype}, (cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}, {dt}, {cvt}"
-        launches = [dict(role="forward", mma=True, dt=dt, cvt=cvt, name=f"forward_mma_kernel<{tiles}>")]
-    else:
-        launches = [dict(role="forward", mma=False, name=f"forward_kernel<{ctype}>")]
+        launches = [dict(role="forward", kind="mma", dt=dt, cvt=cvt, layout=f"forward_mma_D{dt}_Cv{cvt}",
+                         name=f"forward_mma_kernel<{ctype}, {precision}, {dt}, {cvt}>")]
+    else:  # windows and wider rows (with_streamed_tiles)
+        cvt = 16 if Cv <= 16 else 64
+        launches = [dict(role="forward", kind="streamed", cvt=cvt, layout=f"forward_streamed_mma_Cv{cvt}",
+                         name=f"forward_streamed_mma_kernel<{ctype}, {precision}, {cvt}>")]
     if item["mode"] == "forward":
         return launches
     max_d, max_cv = ((lim["kTf32MaxBackwardD"], lim["kTf32MaxBackwardCv"]) if is_float else
                      (lim["kMmaMaxBackwardD"], lim["kMmaMaxBackwardCv"]))
-    if not (tensor_rows and C <= max_d and Cv <= max_cv):
-        return launches + [dict(role=r, mma=False, name=f"backward_{r}_kernel<{ctype}>") for r in ("dq", "dkdv")]
+    if not (tensor and taps == 1 and C <= max_d and Cv <= max_cv):
+        return launches + [dict(role="dq", kind="fma", layout="backward_dq", name=f"backward_dq_kernel<{ctype}>"),
+                           dict(role="dkdv", kind="fma", layout="backward_dkdv" + ("_windows" if taps > 1 else ""),
+                                name=f"backward_dkdv_kernel<{ctype}>")]
     dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
-    tiles = f"{ctype}, (cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}, {dt}, {cvt}"
+    tiles = f"{ctype}, {precision}, {dt}, {cvt}"
     split = is_float and cvt > lim["kTf32DvChunk"]  # kDvSplit: dK blocks, then dV-only blocks
-    launches += [dict(role="dq", mma=True, dt=dt, cvt=cvt, name=f"backward_dq_mma_kernel<{tiles}>"),
-                 dict(role="dkdv", mma=True, dt=dt, cvt=cvt, split=split, name=f"backward_dkdv_mma_kernel<{tiles}, false>")]
+    dkdv = dict(kind="mma", dt=dt, cvt=cvt, layout=f"backward_dkdv_mma_D{dt}_Cv{cvt}")
+    launches += [dict(role="dq", kind="mma", dt=dt, cvt=cvt, layout=f"backward_dq_mma_D{dt}_Cv{cvt}",
+                      name=f"backward_dq_mma_kernel<{tiles}>"),
+                 dict(dkdv, role="dkdv", split=split, name=f"backward_dkdv_mma_kernel<{tiles}, false>")]
     if split:
-        launches.append(dict(role="dv", mma=True, dt=dt, cvt=cvt, name=f"backward_dkdv_mma_kernel<{tiles}, true>"))
+        launches.append(dict(dkdv, role="dv", name=f"backward_dkdv_mma_kernel<{tiles}, true>"))
     return launches
 
 
@@ -367,6 +380,23 @@ def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, T
     return B * chunks * blocks, 2.0 * B * chunks * pairs * products, B * chunks * n * n, Traffic(io, B * l2)
 
 
+def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
+    """The same for forward_streamed_mma_kernel: blocks of 128 query centres and a value chunk of CVT
+    channels walk the 64-key blocks; per key block the steps (tap, D chunk of 64 columns, float32 32)
+    copy the tap-shifted chunk of the 128 query rows and of the 64 key rows to shared memory, 192 rows
+    x taps x C in all, and the block's value tile. Every block copies these rows, which the resident
+    blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k steps (the zero
+    tail is skipped), O += P V the CVT channels."""
+    B, n, C, taps, Cv, e = _shape(item)
+    rows, bn, cvt = lim["kMmaRows"], lim["kMmaBN"], launch["cvt"]
+    k = 8 if e == 4 else 16
+    blocks, key_blocks, chunks = math.ceil(n / rows), math.ceil(n / bn), math.ceil(Cv / cvt)
+    products = taps * math.ceil(C / k) * k + cvt
+    l2 = chunks * blocks * key_blocks * (rows + bn) * taps * C * e + blocks * n * Cv * e
+    return (B * chunks * blocks, 2.0 * B * chunks * blocks * rows * key_blocks * bn * products, B * chunks * n * n,
+            Traffic(_io_bytes(item, "forward"), B * l2))
+
+
 def _fma_work(launch: dict, item: dict) -> tuple[int, float, float, Traffic]:
     """The same for a shared-memory kernel: 64 x 64 blocks, D in chunks of BD (64; float32 32) per tap,
     Cv in 64-channel chunks; per block pair both sides' feature chunks are loaded (Q and K; the dQ / dK
@@ -397,45 +427,41 @@ def _cuda_row(rows: list[dict], arch: int, name: str) -> dict | None:
                 None)
 
 
-def cuda_roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
+def cuda_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tuple[str, str], int]) -> list[dict]:
     """Per headline item: the CUDA kernels the launchers take, each with its occupancy (blocks per SM from
-    ptxas's registers and the dynamic shared memory its launcher asks for) and estimate."""
+    ptxas's registers and the dynamic shared memory its launcher asks for, `smem`: dynamic_shared_memory)
+    and estimate."""
     lim = mma_limits()
+    work = {"mma": lambda launch, item: _mma_work(launch, item, lim),
+            "streamed": lambda launch, item: _streamed_work(launch, item, lim),
+            "fma": _fma_work}
     out = []
     for item in items:
         entry, parts = dict(item, kernels=[]), []
         for launch in cuda_launches(item, lim):
             row = _cuda_row(rows, arch, launch["name"])
-            e = _shape(item)[5]
-            smem = (_mma_smem(launch["role"], e, launch["dt"], launch["cvt"], lim) if launch["mma"]
-                    else _fma_smem(launch["role"], e, item["patch_size"] > 1))
-            per_sm = row and smem <= SHARED_LIMIT[arch] and blocks_per_sm(arch, row["reg"], smem + row["shared"], 8)
+            shared = smem.get((launch["layout"], item["dtype"]))
+            per_sm = (row and shared is not None and shared <= SHARED_LIMIT[arch]
+                      and blocks_per_sm(arch, row["reg"], shared + row["shared"], 8))
             if not per_sm:
-                entry["kernels"].append(dict(launch, shared=smem, estimate=None,
-                                             why="not compiled" if row is None else "does not fit"))
+                why = ("not compiled" if row is None else f"no size from {SMEM_PROBE.name}" if shared is None
+                       else "does not fit")
+                entry["kernels"].append(dict(launch, shared=shared, estimate=None, why=why))
                 parts.append(None)
                 continue
-            programs, flops, exps, traffic = (_mma_work(launch, item, lim) if launch["mma"] else _fma_work(launch, item))
+            programs, flops, exps, traffic = work[launch["kind"]](launch, item)
             rate, path = _matrix_rate(arch, item["dtype"], item["precision"], row["sass"])
             estimate = {"path": path, **roofline_time(arch, flops, rate, exps, traffic, programs, per_sm)}
-            entry["kernels"].append(dict(launch, shared=smem, blocks_per_sm=per_sm, reg=row["reg"], stack=row["stack"],
+            entry["kernels"].append(dict(launch, shared=shared, blocks_per_sm=per_sm, reg=row["reg"], stack=row["stack"],
                                          estimate=estimate))
             parts.append(estimate)
         out.append(entry | _summary(arch, item, parts))
     return out
 
 
-CONTEXTUAL_KERNELS = ("contextual_forward_kernel", "contextual_backward_dx_kernel", "contextual_backward_dy_kernel")
-
-
-def _contextual_smem(kernel: str) -> int:
-    """Dynamic shared memory of a contextual_loss kernel (ContextualForwardSmem, ContextualBackwardSmem:
-    float32 tiles of 32 feature columns, the 64 x 64 tile, per-row statistics)."""
-    t = FMA_TILE
-    rows, tile = t * (32 + 4) * 4, t * (t + 4) * 4
-    pieces = ([rows, rows, tile, t * 4, t * 4, t * 4, t * 8] if kernel == "contextual_forward_kernel" else
-              [rows, rows, tile, rows, t * 4, t * 4, t * 4, t * 4, t * 8])
-    return sum(math.ceil(p / 128) * 128 for p in pieces)
+# Each contextual_loss kernel and its layout in SMEM_PROBE's output.
+CONTEXTUAL_KERNELS = {"contextual_forward_kernel": "contextual_forward", "contextual_backward_dx_kernel": "contextual_backward",
+                      "contextual_backward_dy_kernel": "contextual_backward"}
 
 
 def _contextual_work(kernel: str, item: dict) -> tuple[int, float, float, Traffic]:
@@ -457,18 +483,19 @@ def _contextual_work(kernel: str, item: dict) -> tuple[int, float, float, Traffi
             Traffic(B * (2 * n * C * 4 + stats + n * C * 4), B * l2, B * 2.0 * blocks * (blocks - 1) * acc, acc))
 
 
-def contextual_roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
+def contextual_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tuple[str, str], int]) -> list[dict]:
     """Per contextual_loss timing config of the GPU check (forward+backward, float32): the three CUDA kernels'
-    estimates and the share of the FP32 FMA peak (useful FLOPs: benchmarks.bench_contextual_loss.flops)."""
+    estimates (shared memory: `smem`, as in cuda_roofline) and the share of the FP32 FMA peak (useful FLOPs:
+    benchmarks.bench_contextual_loss.flops)."""
     from benchmarks.bench_contextual_loss import flops
 
     out = []
     for item in items:
         parts = []
-        for kernel in CONTEXTUAL_KERNELS:
+        for kernel, layout in CONTEXTUAL_KERNELS.items():
             row = _cuda_row(rows, arch, kernel)
-            smem = _contextual_smem(kernel)
-            per_sm = row and blocks_per_sm(arch, row["reg"], smem + row["shared"], 8)
+            shared = smem.get((layout, "float32"))
+            per_sm = row and shared is not None and blocks_per_sm(arch, row["reg"], shared + row["shared"], 8)
             if not per_sm:
                 parts.append(None)
                 continue
@@ -609,8 +636,8 @@ def markdown(arch: int, report: dict) -> str:
         triton_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
     cuda_est = []
     for e in report.get("cuda_roofline", []):
-        parts = [f"{k['name'].split('<')[0]}" + (f" DT{k['dt']} CVT{k['cvt']}" if k["mma"] else "") + ": " + (
-            f"{k['why']} ({k['shared']} B shared)" if k["estimate"] is None else
+        parts = [f"{k['layout']}: " + (
+            k["why"] + (f" ({k['shared']} B shared)" if k["shared"] is not None else "") if k["estimate"] is None else
             f"{k['blocks_per_sm']}/SM, {_bound(k['estimate'])}" + (f", SPILLS {k['stack']} B" if k["stack"] else ""))
             for k in e["kernels"]]
         cuda_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
@@ -661,7 +688,8 @@ def markdown(arch: int, report: dict) -> str:
              "", f"## Headline configs: CUDA roofline estimate on an {r['card']}", "",
              "The kernels the launchers take (limits parsed from csrc/cuda/correspondence_warp_mma.cuh: "
              + ", ".join(f"{k} {v}" for k, v in report.get("mma_limits", {}).items())
-             + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests; "
+             + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests "
+             "(csrc/cuda/testing/smem_probe.cu); "
              "time as above.", "",
              *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], cuda_est),
              "", f"## contextual_loss: CUDA roofline estimate on an {r['card']}", "",
@@ -706,8 +734,9 @@ def contextual_items() -> list[dict]:
 def estimates(arch: int, part: dict, items: list[dict]) -> dict:
     """A target's compiled rows (part: triton, cuda) with the estimates and targets added."""
     part = dict(part, roofline=roofline(arch, part["triton"], items), mma_limits=mma_limits())
-    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items)
-    part["contextual_roofline"] = contextual_roofline(arch, part["cuda"], contextual_items())
+    smem = {(layout, dtype): size for layout, dtype, size in part.get("dynamic_shared", [])}
+    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items, smem)
+    part["contextual_roofline"] = contextual_roofline(arch, part["cuda"], contextual_items(), smem)
     part["targets"] = targets(part)
     return part
 
@@ -738,11 +767,14 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("ok"):
                 row["blocks_per_sm"] = blocks_per_sm(row["arch"], row.get("reg"), row["shared"], row["num_warps"])
         cuda, cuda_skip = ([], "--no-cuda") if args.no_cuda else cuda_rows(archs, args.jobs)
+        # (layout, dtype, bytes) rows: JSON has no tuple keys; --from-results reads them back.
+        shared = [] if cuda_skip else [[*key, size] for key, size in sorted(dynamic_shared_memory().items())]
         # The tools as this environment's, not this machine's paths: the files are committed.
         env = {k: v.replace(sys.prefix, "<python env>") if isinstance(v, str) else v for k, v in report["env"].items()}
         parts = {arch: {"env": env, "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
                         "triton": [r for r in report["results"] if r["arch"] == arch],
-                        "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip} for arch in archs}
+                        "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip,
+                        "dynamic_shared": shared} for arch in archs}
     for arch, part in parts.items():
         part = estimates(arch, part, items)
         stem = args.out_dir / f"kernels-sm_{arch}"

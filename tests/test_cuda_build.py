@@ -8,7 +8,9 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
 * bindings.cpp (the only file with torch headers, ~1 min alone) compiles with -Wall -Wextra
   -Werror, torch's own headers included as system headers (their warnings are not ours);
 * every kernel's dynamic shared memory fits the card's opt-in limit per block (sm_90: 227 KiB,
-  sm_80: 163 KiB), computed by the kernels' own layout code in a host program;
+  sm_80: 163 KiB), computed by the kernels' own layout code in a host program
+  (`csrc/cuda/testing/smem_probe.cu`, which benchmarks/kernel_report.py also takes its sizes from),
+  and the kernel report's launch plans take exactly the layouts it prints;
 * the kernels' arithmetic, run: `csrc/cuda/testing/host_emulation.h` compiles the kernels with
   the host compiler and runs each block as 256 CPU threads (barriers for __syncthreads, an
   exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`). Forward
@@ -135,70 +137,24 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
-SMEM_PROBE = r"""
-#include <cstdio>
-#include "contextual_loss.cuh"
-#include "correspondence_warp.cuh"
-using namespace cocos_kernels::cuda;
-template <class T> void show(const char* dtype) {  // the FMA forward takes float32 only
-  if (kIsFloat<T>) std::printf("forward %s %zu\n", dtype, ForwardSmem<T>::carve(nullptr, nullptr));
-  std::printf("backward_dq %s %zu\n", dtype, BackwardDqSmem<T>::carve(nullptr, nullptr));
-  std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
-  std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
-}
-template <int DT, int CVT> void show_mma() {  // forward and dQ; dK/dV where D <= 128
-  using L = MmaTiles<__nv_bfloat16, DT, CVT>;
-  std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kForwardBytes);
-  if (DT <= kMmaMaxBackwardD) std::printf("backward_dkdv_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kDkDvBytes);
-}
-template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident tiles in shared memory
-  using L = MmaTiles<float, DT, CVT>;
-  std::printf("forward_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kForwardBytes);
-  if (DT <= kTf32MaxBackwardD && CVT <= kTf32MaxBackwardCv) {
-    std::printf("backward_dq_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDqBytes);
-    std::printf("backward_dkdv_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDkDvBytes);
-  }
-}
-template <class T, int CVT> void show_streamed(const char* dtype) {  // windows and rows wider than the above
-  std::printf("forward_streamed_mma_Cv%d %s %zu\n", CVT, dtype, StreamedTiles<T, CVT>::kBytes);
-}
-int main() {
-  show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
-  show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
-  show_mma<256, 64>();
-  show_tf32<64, 16>(); show_tf32<64, 64>(); show_tf32<128, 16>();
-  show_streamed<__nv_bfloat16, 16>("bfloat16"); show_streamed<__nv_bfloat16, 64>("bfloat16");
-  show_streamed<float, 16>("float32"); show_streamed<float, 64>("float32");
-  std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
-  std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
-}
-"""
-
-
 @needs_toolkit
-def test_shared_memory_fits_the_cards(tmp_path):
-    (tmp_path / "probe.cu").write_text(SMEM_PROBE)
-    nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
-    cmd, proc = _run([nvcc, *build.NVCC_FLAGS, f"-I{SRC}", str(tmp_path / "probe.cu"), "-o", str(tmp_path / "probe")])
-    assert proc.returncode == 0, proc.stderr
-    sizes = {tuple(line.split()[:2]): int(line.split()[2])
-             for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
-             .stdout.splitlines()}
-    assert len(sizes) == 33
-    print("dynamic shared memory per block (bytes):", sizes)
-    for (kernel, dtype), size in sizes.items():
-        assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
-    # The kernel report's occupancy takes these layouts from its own copy of them.
+def test_shared_memory_fits_the_cards():
     from benchmarks import kernel_report
 
+    sizes = kernel_report.dynamic_shared_memory()  # csrc/cuda/testing/smem_probe.cu, compiled and run
+    print("dynamic shared memory per block (bytes):", sizes)
+    for (layout, dtype), size in sizes.items():
+        assert size <= min(SMEM_LIMIT.values()), f"{layout} {dtype}: {size} bytes of shared memory > sm_80's limit"
+    # The kernel report's launch plans, over shapes that reach every kernel the probe prints, take exactly
+    # the probe's layouts: each launch finds its size, and the probe prints none that no launch takes.
     limits = kernel_report.mma_limits()
-    for (kernel, dtype), size in sizes.items():
-        m = re.fullmatch(r"(forward|backward_dq|backward_dkdv)(_windows)?(?:_mma_D(\d+)_Cv(\d+))?", kernel)
-        role, e = m and {"forward": "forward", "backward_dq": "dq", "backward_dkdv": "dkdv"}[m[1]], 4 if dtype == "float32" else 2
-        copy = (kernel_report._contextual_smem(f"{kernel}_kernel") if m is None else
-                kernel_report._mma_smem(role, e, int(m[3]), int(m[4]), limits) if m[3] else
-                kernel_report._fma_smem(role, e, bool(m[2])))
-        assert copy == size, f"benchmarks/kernel_report.py: {kernel} {dtype} takes {copy} bytes, not {size}"
+    items = [dict(batch=1, side=16, channels=c, value_channels=cv, patch_size=patch, dtype=dtype, precision=precision,
+                  mode="forward+backward")
+             for dtype, precision in (("float32", "ieee"), ("float32", "tf32x3"), ("float16", None), ("bfloat16", None))
+             for c in (64, 128, 256, 512) for cv in (16, 64, 256) for patch in (1, 3)]
+    taken = {(launch["layout"], item["dtype"]) for item in items for launch in kernel_report.cuda_launches(item, limits)}
+    taken |= {(layout, "float32") for layout in kernel_report.CONTEXTUAL_KERNELS.values()}
+    assert taken == set(sizes), f"launches without a size: {taken - set(sizes)}; sizes no launch takes: {set(sizes) - taken}"
 
 
 @pytest.fixture(scope="module")

@@ -82,12 +82,34 @@ LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=128, kMmaMaxBackwardCv=64, kTf32Max
       "backward_dkdv_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64, true>"]),
     (dict(channels=64, value_channels=3, dtype="float32", precision="ieee"),
      ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+    # Windows, and rows wider than the resident forward takes: the streamed forward, the FMA backward.
     (dict(channels=64, value_channels=3, dtype="bfloat16", precision=None, patch_size=3),
-     ["forward_kernel<__nv_bfloat16>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+     ["forward_streamed_mma_kernel<__nv_bfloat16, (cocos_kernels::cuda::Precision)0, 16>",
+      "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (dict(channels=300, value_channels=48, dtype="float16", precision=None),
+     ["forward_streamed_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 64>",
+      "backward_dq_kernel<__half>", "backward_dkdv_kernel<__half>"]),
+    (dict(channels=256, value_channels=3, dtype="float32", precision="tf32"),
+     ["forward_streamed_mma_kernel<float, (cocos_kernels::cuda::Precision)2, 16>",
+      "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+    (dict(channels=64, value_channels=3, dtype="float32", precision="ieee", patch_size=3),
+     ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
 ])
 def test_cuda_launches_follow_the_launchers(item, names):
     item = dict(TINY, mode="forward+backward") | item
     assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS)] == names
+
+
+def test_streamed_forward_work_by_hand():
+    # 3x3 windows of C = 4 (D = 36): one block of 128 centres, one key block of 64, one value chunk of 16.
+    # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
+    # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
+    item = dict(TINY, patch_size=3)
+    (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS)
+    assert (launch["kind"], launch["cvt"], launch["layout"]) == ("streamed", 16, "forward_streamed_mma_Cv16")
+    programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
+    assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
+    assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
 
 
 def test_contextual_backward_bytes_by_hand():
