@@ -124,10 +124,12 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
-    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each;
-    # float32 (tf32x3 and tf32) the forward's 3, dQ's 2 (value chunks of 16, 64), dK/dV's 2 (at
-    # chunks of 64 dK only) and the dV blocks of chunks of 64.
-    assert len(mma) == 2 * (2 * (6 + 4 + 4) + 2 * (3 + 2 + 3)), sorted(mma)
+    # Per architecture: per 16-bit dtype the forward's 6 tile widths; the backward's classes
+    # (MmaBackwardTiles) at D 64, 128 (Cv 16, 64, 256) and 256 (Cv 16, 64, 256: 256 D-chunked),
+    # each a dQ and a dK (or dK/dV) kernel, and dV-only kernels for Cv 256 and for D 256 with
+    # Cv 64; float32 (tf32x3 and tf32) the forward's 3, dQ and dK/dV at D 64 (Cv 16, 256) and
+    # 128 (Cv 16), and the dV-only kernel at D 64 with Cv 256.
+    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4) + 2 * (3 + 3 + 3 + 1)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -142,17 +144,30 @@ template <class T> void show(const char* dtype) {
   std::printf("backward_dkdv %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr));
   std::printf("backward_dkdv_windows %s %zu\n", dtype, BackwardDkDvSmem<T>::carve(nullptr, nullptr, true));
 }
-template <int DT, int CVT> void show_mma() {  // forward and dQ; dK/dV where D <= 128
+template <int DT, int CVT> void show_mma() {  // the forward
   using L = MmaTiles<__nv_bfloat16, DT, CVT>;
   std::printf("forward_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kForwardBytes);
-  if (DT <= kMmaMaxBackwardD) std::printf("backward_dkdv_mma_D%d_Cv%d bfloat16 %zu\n", DT, CVT, L::kDkDvBytes);
 }
 template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident tiles in shared memory
-  using L = MmaTiles<float, DT, CVT>;
-  std::printf("forward_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kForwardBytes);
-  if (DT <= kTf32MaxBackwardD && CVT <= kTf32MaxBackwardCv) {
-    std::printf("backward_dq_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDqBytes);
-    std::printf("backward_dkdv_mma_D%d_Cv%d float32 %zu\n", DT, CVT, L::kDkDvBytes);
+  std::printf("forward_mma_D%d_Cv%d float32 %zu\n", DT, CVT, MmaTiles<float, DT, CVT>::kForwardBytes);
+}
+// The backward sizes its tiles by Cv and takes the mma kernels where they fit: per D, the widest
+// Cv it takes and the most shared memory of its launches up to there, by the launcher's own code.
+template <class T> void show_backward(const char* dtype, Precision precision) {
+  for (int d : {64, 128, 256}) {
+    if (d > kMmaBackwardD<T>) continue;
+    int widest = 0;
+    size_t most = 0;
+    for (int cv = 1; cv <= 256; ++cv) {
+      const WarpShape s{1, 1, 1, d, cv};
+      if (!uses_mma_backward<T>(s, prepared_rows(s), precision)) continue;
+      widest = cv;
+      const size_t bytes = with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(s, precision, [&](auto, auto dt, auto cvt) {
+        return MmaBackwardTiles<T, decltype(dt)::value, decltype(cvt)::value>(cv).bytes();
+      });
+      most = bytes > most ? bytes : most;
+    }
+    std::printf("backward_mma_D%d_Cv%d %s %zu\n", d, widest, dtype, most);
   }
 }
 int main() {
@@ -160,6 +175,7 @@ int main() {
   show_mma<64, 16>(); show_mma<64, 64>(); show_mma<128, 16>(); show_mma<128, 64>(); show_mma<256, 16>();
   show_mma<256, 64>();
   show_tf32<64, 16>(); show_tf32<64, 64>(); show_tf32<128, 16>();
+  show_backward<__nv_bfloat16>("bfloat16", Precision::kIeee); show_backward<float>("float32", Precision::kTf32x3);
   std::printf("contextual_forward float32 %zu\n", ContextualForwardSmem::carve(nullptr, nullptr));
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
 }
@@ -175,10 +191,16 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 31
+    assert len(sizes) == 28
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
+    # The backward on tensor cores up to these Cv (16-bit rows, float32 rows with tf32x3), as
+    # correspondence_warp_mma.cuh and the docs say.
+    widest = {(kernel, dtype) for kernel, dtype in sizes if kernel.startswith("backward_mma")}
+    assert widest == {("backward_mma_D64_Cv256", "bfloat16"), ("backward_mma_D128_Cv224", "bfloat16"),
+                      ("backward_mma_D256_Cv176", "bfloat16"), ("backward_mma_D64_Cv80", "float32"),
+                      ("backward_mma_D128_Cv16", "float32")}, widest
 
 
 @pytest.fixture(scope="module")
@@ -235,20 +257,33 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch of the shared-memory backward (Cv > 64, D > 128): every operand
-    # orientation of both of its kernels.
-    "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
-    "B1-Nq65-Nk64-D136-Cv48-bfloat16-wmma": (1, 65, 64, 136, 48, torch.bfloat16, False, "wmma"),
+    # The tensor-core branch of the shared-memory kernels, where the mma kernels stop (D > 256;
+    # the backward at Cv > 224 with D <= 128): every operand orientation of both backward kernels,
+    # D and Cv in several chunks.
+    "B2-Nq70-Nk131-D264-Cv70-float16-wmma-mask": (2, 70, 131, 264, 70, torch.float16, True, "wmma"),
+    "B1-Nq65-Nk64-D80-Cv240-bfloat16-wmma": (1, 65, 64, 80, 240, torch.bfloat16, False, "wmma"),
     # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
-    # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
-    # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
-    # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
-    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264: the shared-memory forward.
+    # D <= 256 and Cv up to 256 / 224 / 176 (D <= 64 / 128 / 256). D 80 above (tiles of 128,
+    # cp.async copies, 2 forward value chunks, Nk 131 rows element by element); D 3 (element
+    # copies, 2-3 resident blocks, ragged streamed blocks, Cv padded to 16); D 200 (forward tiles
+    # of 256); D 64 with Cv 17 (chunks of 64); D 128 with Cv 64 (the widest backward holding dOut
+    # in registers, cp.async dOut).
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
-    "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
+    # The backward's wider plans (MmaBackwardTiles). D 256 with Cv 3: Q and K read per k step,
+    # 32-row sub-blocks, dK and dV in one block, a fully masked batch element. D 200 with Cv 48:
+    # ragged D at DT 256, dV-only blocks, 2 resident key blocks and 2 query blocks, both ragged.
+    # D 256 with Cv 151 (ADE20K's labels on CoCosNet's features): two dQ and dK column chunks,
+    # dV-only blocks of 128 and 23 channels, dOut rows (Nq 65) element by element. D 100 with
+    # Cv 151: K held (D <= 128), dOut and V per 16-channel step, masked. D 40 with Cv 256: the
+    # most channels, every tile at its widest.
+    "B2-Nq65-Nk72-D256-Cv3-bfloat16-mask": (2, 65, 72, 256, 3, torch.bfloat16, True, "fma"),
+    "B1-Nq70-Nk131-D200-Cv48-float16": (1, 70, 131, 200, 48, torch.float16, False, "fma"),
+    "B1-Nq65-Nk136-D256-Cv151-bfloat16": (1, 65, 136, 256, 151, torch.bfloat16, False, "fma"),
+    "B2-Nq70-Nk65-D100-Cv151-float16-mask": (2, 70, 65, 100, 151, torch.float16, True, "fma"),
+    "B1-Nq65-Nk64-D40-Cv256-bfloat16": (1, 65, 64, 40, 256, torch.bfloat16, False, "fma"),
 }
 
 
@@ -441,14 +476,16 @@ def test_emulated_kernels_match_float64(emulation, case):
 
 
 # float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
-# forward D <= 128, backward D <= 64 and Cv <= 64), each beside the FMA path (ieee) on the same
-# inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
-# chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
-# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64, dK
-# blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
-# backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
-# resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
-# values' rows (Nk 131) copied element by element, a masked key block.
+# forward D <= 128, backward D <= 128 with Cv <= 80 at D <= 64, Cv <= 16 at D <= 128), each beside
+# the FMA path (ieee) on the same inputs. D 37: element copies, D not a multiple of 8, ragged query
+# and key blocks, Cv 3 in a chunk of 16, a fully masked batch element, forward and backward. D 100:
+# 16-byte copies, tiles of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48:
+# value chunks of 64, dK blocks and 3 dV-only blocks of 16 channels per key block, a fully masked
+# batch element. D 64 with Cv 16: the backward's tiles, every operand copied with cp.async. D 40
+# with Cv 64: 4 full dV chunks, 2 resident key blocks, ragged query blocks. D 64 with Cv 17: a dV
+# chunk of one channel, the values' rows (Nk 131) copied element by element, a masked key block.
+# D 100 with Cv 3: the backward at DT 128 (32-row sub-blocks), ragged D. D 48 with Cv 80: the
+# backward's most channels, 5 dV-only blocks.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
@@ -456,6 +493,8 @@ TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
     "B1-Nq70-Nk136-D40-Cv64": (1, 70, 136, 40, 64, False),
     "B2-Nq65-Nk131-D64-Cv17-mask": (2, 65, 131, 64, 17, True),
+    "B1-Nq70-Nk72-D100-Cv3": (1, 70, 72, 100, 3, False),
+    "B1-Nq65-Nk64-D48-Cv80": (1, 65, 64, 48, 80, False),
 }
 
 
