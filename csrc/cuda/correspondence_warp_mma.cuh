@@ -75,7 +75,8 @@ template <class T>
 constexpr bool kIsFloat = std::is_same_v<T, float>;
 
 // Whether correspondence_warp_forward<T> / _backward<T> run the kernels of this file (float32
-// with precision ieee takes the FMA kernels), and up to which D.
+// with precision ieee takes the FMA kernels), and up to which D (the backward: and Cv, as far as
+// its tiles fit, uses_mma_backward below).
 template <class T>
 constexpr int kMmaForwardD = kIsFloat<T> ? kTf32MaxD : kMmaMaxD;
 template <class T>
@@ -254,8 +255,8 @@ inline MmaGrid forward_mma_grid(const WarpShape& s, int cvt) {
 // - 16-bit, DT 256, CVT <= 64: Q and K fragments read per k step from their tiles, dOut and V
 //   fragments too. The 128 dQ or dK floats a lane fit beside S and dP of 32-row sub-blocks of the
 //   streamed block (kSub 32): each sub-block reads the resident fragments again (shared-memory
-//   traffic, not flops). dV in dV-only blocks (kDvSplit). Both resident tiles of a kernel (64 KiB
-//   for the rows) and the two stages leave room for Cv <= 48.
+//   traffic, not flops). At Cv > 16 dV in dV-only blocks (kDvSplit). Both resident tiles of a
+//   kernel (64 KiB for the rows) and the two stages leave room for Cv <= 48.
 // - 16-bit, CVT 256 (Cv > 64; at DT 256 Cv > 48): dOut and V fragments read per 16-channel step
 //   from their tiles, Q and K fragments held (K's tile staged, not kept: the room goes to the
 //   value-like tiles, Cv 256 at DT 64, 224 at DT 128). dV in dV-only blocks of kMmaDvChunk
