@@ -10,7 +10,7 @@ scalars (cocos_kernels/windows.py), sum the k*k tap products per tile, and the b
 gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has no window form).
 `precision=` ("ieee", "tf32x3", "tf32", as triton's) says how float32 rows' tile products run:
 float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, for
-D <= 128 (the backward with Cv <= 80 at D <= 64, Cv <= 16 at D <= 128); FMAs elsewhere and for
+D <= 128 (the backward with Cv <= 112 at D <= 64, Cv <= 80 at D <= 128); FMAs elsewhere and for
 windows (which accept and ignore it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
 half inputs in float32).
 

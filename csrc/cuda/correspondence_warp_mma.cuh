@@ -24,7 +24,7 @@
 //   of dV channels, batch element).
 // The backward takes Cv as far as its tiles fit sm_80's shared memory (MmaBackwardTiles, where
 // its plan per D and Cv is): for 16-bit rows Cv <= 256 at D <= 64, 224 at D <= 128, 176 at
-// D <= 256 (ADE20K's 151 labels at CoCosNet's D = 256).
+// D <= 256 (ADE20K's 151 labels at CoCosNet's D = 256); float32 rows below.
 //
 // D is padded to DT (64, 128 or 256) in the tiles and fragments, the value chunk to CVT (16 or 64)
 // channels: Cv = 3 pays for 16, not 64. The backward's kernels for more channels (and for every
@@ -44,7 +44,8 @@
 // 32-bit fragments take twice the registers of 16-bit ones, so the resident tiles (Q; Q and dOut;
 // K and V) stay in shared memory and their A fragments are read there per k step: the forward
 // takes D <= 128 (value chunks of 16 channels at D > 64, for the shared memory), the backward
-// D <= 128 with Cv <= 80 at D <= 64, Cv <= 16 at D <= 128 (at Cv > 16 dK blocks and dV-only
+// D <= 128 with Cv <= 112 at D <= 64, Cv <= 80 at D <= 128 (at Cv > 16 Q and K fragments held in
+// registers, their room in shared memory going to the value-like tiles, and dK blocks and dV-only
 // blocks of 16 channels: kDvSplit).
 #pragma once
 
@@ -98,7 +99,7 @@ template <class T, int MAX_D, int MAX_CV, class F>
 auto with_mma_tiles(const WarpShape& s, Precision precision, F&& f) {
   auto by_cv = [&](auto p, auto dt) {
     // Float32 at D > 64: chunks of 16 channels, or the resident Q would not fit sm_80's shared memory.
-    if constexpr (MAX_CV == 16 || (kIsFloat<T> && decltype(dt)::value > 64)) {
+    if constexpr (MAX_CV == 16 || (kIsFloat<T> && decltype(dt)::value > 64 && MAX_CV <= 64)) {
       return f(p, dt, std::integral_constant<int, 16>{});
     } else if constexpr (MAX_CV <= 64) {
       return s.cv <= 16 ? f(p, dt, std::integral_constant<int, 16>{}) : f(p, dt, std::integral_constant<int, 64>{});
@@ -150,6 +151,20 @@ struct Tf32Accumulators {
   }
 };
 
+// Float32 A fragments held in registers, one k8 step per x[s] in the ISA's order (rows g, g + 8
+// at k t, then at t + 4), loaded once from a resident tile (the backward's held Q or K).
+template <Precision P, int STEPS>
+struct Tf32Held {
+  static constexpr Precision kPrecision = P;
+  static constexpr int kSteps = STEPS;
+  static constexpr bool kIsaOrder = true;
+  float x[STEPS][4];
+  __device__ __forceinline__ void fragment(float (&a)[4], int kk) const {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) a[e] = x[kk][e];
+  }
+};
+
 // Float32 A fragments of a resident shared tile, read per k step in the ISA's order (k t, t + 4):
 // element offsets of this lane's a0, of k step kk + 1 from kk, of rows g + 8 from g, of k t + 4
 // from t.
@@ -189,13 +204,15 @@ struct SharedA16 {
 
 // The A fragments of a W-wide k extent: of a resident tile (ResidentA: registers for 16-bit T,
 // the shared tile for float32) or made from accumulators (AccumulatorA). The backward's RowA
-// (a [row][k] tile) and ColumnA (a [k][row] tile) read a 16-bit tile per k step too (PER_STEP).
+// (a [row][k] tile) and ColumnA (a [k][row] tile) read a 16-bit tile per k step too (PER_STEP);
+// RowA holds float32 fragments in registers unless PER_STEP.
 template <class T, Precision P, int W>
 using ResidentA = std::conditional_t<kIsFloat<T>, Tf32SharedA<P, W / 8>, uint32_t[W / 16][4]>;
 template <class T, Precision P, int W>
 using AccumulatorA = std::conditional_t<kIsFloat<T>, Tf32Accumulators<P, W / 8>, uint32_t[W / 16][4]>;
 template <class T, Precision P, int W, bool PER_STEP>
-using RowA = std::conditional_t<!kIsFloat<T> && PER_STEP, SharedA16<T, false, W / 16>, ResidentA<T, P, W>>;
+using RowA = std::conditional_t<kIsFloat<T>, std::conditional_t<PER_STEP, Tf32SharedA<P, W / 8>, Tf32Held<P, W / 8>>,
+                                std::conditional_t<PER_STEP, SharedA16<T, false, W / 16>, uint32_t[W / 16][4]>>;
 template <class T, Precision P, int W, bool PER_STEP>
 using ColumnA = std::conditional_t<!kIsFloat<T> && PER_STEP, SharedA16<T, true, W / 16>, ResidentA<T, P, W>>;
 
@@ -271,8 +288,10 @@ inline MmaGrid forward_mma_grid(const WarpShape& s, int cvt) {
 //   128 x 256 floats (128 KiB) does not fit beside the stages, and global memory means atomics
 //   (FlashAttention-2 adds dQ from its dK/dV kernel: nondeterministic sums) or a pass per chunk
 //   of keys re-reading the partial sums. Room: Cv 176.
-// - Float32: every resident tile in shared memory, fragments read per k step (Tf32SharedA); kSub
-//   32 at DT 128; dV-only blocks of kTf32DvChunk channels at CVT 256. Cv 80 at DT 64, 16 at 128.
+// - Float32: resident tiles in shared memory, fragments read per k step (Tf32SharedA); kSub 32 at
+//   DT 128. At CVT 256 (Cv > 16) Q and K fragments held instead (Tf32Held: DT / 2 registers, K's
+//   tile staged; DT 128 with a 66 KiB Q or K tile leaves room for Cv 16 only) and dV in dV-only
+//   blocks of kTf32DvChunk channels. Cv 112 at DT 64, 80 at DT 128.
 template <class T, int DT, int CVT>
 struct MmaBackwardTiles {
   using Tiles = MmaTiles<T, DT, CVT>;
@@ -282,8 +301,8 @@ struct MmaBackwardTiles {
   static constexpr bool kChunked = !kIsFloat<T> && DT > kMmaDChunk && CVT > 64;
   static constexpr int kOutD = kChunked ? kMmaDChunk : DT;  // dQ / dK columns per block
   // Q (dQ) and K (dK/dV) fragments in registers: held for the whole loop (dQ; dK/dV where
-  // kKHeld), or read from K's tile per query block; else read per k step (RowA).
-  static constexpr bool kRowsInRegisters = !kIsFloat<T> && (DT <= 128 || kChunked);
+  // kKHeld), or read from K's tile per query block (16-bit); else read per k step (RowA).
+  static constexpr bool kRowsInRegisters = kIsFloat<T> ? CVT > 16 : DT <= 128 || kChunked;
   // dOut (dQ) and V (dK/dV) fragments: held (dQ) or read per query block (dK/dV); else per k step.
   static constexpr bool kValsInRegisters = !kIsFloat<T> && DT <= 128 && CVT <= 64;
   // dK/dV holds K's fragments where V's are read per k step: K is staged, V's tile is big.
@@ -556,6 +575,19 @@ __device__ __forceinline__ void row_fragments(Tf32SharedA<P, STEPS>& f, const fl
   static_assert(STEPS == DT / 8, "one k8 step per 8 columns");
   const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
   f = {tile, (16 * warp + g) * ld + t, 8, 8 * ld, 4};
+}
+template <class T, int DT, Precision P, int STEPS>
+__device__ __forceinline__ void row_fragments(Tf32Held<P, STEPS>& f, const float* tile, int ld, int) {
+  static_assert(STEPS == DT / 8, "one k8 step per 8 columns");
+  const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  const float* const row = tile + (16 * warp + g) * ld + t;
+#pragma unroll
+  for (int s = 0; s < STEPS; ++s) {
+    f.x[s][0] = row[8 * s];
+    f.x[s][1] = row[8 * ld + 8 * s];
+    f.x[s][2] = row[8 * s + 4];
+    f.x[s][3] = row[8 * ld + 8 * s + 4];
+  }
 }
 template <class T, int CVT, Precision P, int STEPS>
 __device__ __forceinline__ void column_fragments(Tf32SharedA<P, STEPS>& f, const float* vs, int ld) {
