@@ -11,7 +11,8 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   sm_80: 163 KiB), computed by the kernels' own layout code in a host program;
 * the kernels' arithmetic, run: `csrc/cuda/testing/host_emulation.h` compiles the kernels with
   the host compiler and runs each block as 256 CPU threads (barriers for __syncthreads, an
-  exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`). Forward
+  exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`; the mma
+  backward's cp.async, ldmatrix and shared loads fault outside the launch's shared memory). Forward
   (out, lse), backward (dq, dk, dv) and the prologue (rows, dx) are compared with float64, over
   ragged tiles, several key / query / D / Cv chunks, a key mask with a fully masked batch element,
   and float16/bfloat16 inputs, whose tiles run both through the FMA path and through the WMMA

@@ -53,7 +53,8 @@ int forward(const void* q, const void* k, const void* v, const uint8_t* mask, vo
 }
 
 // The backward kernels the launcher picks (correspondence_warp_backward; the mma kernels through
-// its own dispatch, backward_mma); 3 as forward.
+// its own dispatch, backward_mma, their shared-memory accesses checked against the launch's
+// dynamic shared memory); 3 as forward.
 template <class T>
 int backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
               const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
@@ -63,7 +64,10 @@ int backward(const void* grad_out, const void* q, const void* k, const void* v, 
     backward_mma(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, dk, dv, s, scale, precision,
                  [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
                    check_smem(bytes);
+                   emu::shared_begin = smem;  // the shared memory the launch asks for
+                   emu::shared_end = smem + bytes;
                    emu::launch(blocks, kThreads, [&] { kernel(args...); });
+                   emu::shared_begin = emu::shared_end = nullptr;
                    return cudaSuccess;
                  });
     return emu::take_fault() == nullptr ? 0 : 3;
