@@ -476,6 +476,39 @@ def test_emulated_kernels_match_float64(emulation, case):
         assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
 
 
+# The mma backward's launches for one gradient alone (correspondence_warp_mma.cuh: backward_mma):
+# D 40 with Cv 100 (dK blocks and dV-only blocks), D 256 with Cv 3 (dK and dV in one block).
+SUBSET_CASES = {"D40-Cv100-bfloat16": (40, 100, torch.bfloat16), "D256-Cv3-float16": (256, 3, torch.float16)}
+
+
+@pytest.mark.parametrize("case", SUBSET_CASES.values(), ids=SUBSET_CASES.keys())
+def test_emulated_backward_of_one_gradient(emulation, case):
+    """dq, dk or dv alone: each as the backward of all three writes it, the others untouched."""
+    D, Cv, dtype = case
+    lib, (B, Nq, Nk) = emulation("fma"), (1, 65, 70)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, n, D, generator=g), dim=-1).to(dtype) for n in (Nq, Nk))
+    v, grad = torch.randn(B, Cv, Nk, generator=g).to(dtype), torch.randn(B, Cv, Nq, generator=g).to(dtype)
+    shape, options = (*_i(B, Nq, Nk), D, Cv), (ctypes.c_float(100.0), ctypes.c_int(0))
+    code = EMULATED_DTYPES[dtype]
+    out, lse = torch.empty(B, Cv, Nq, dtype=dtype), torch.empty(B, Nq)
+    assert lib.emu_forward(code, _p(q), _p(k), _p(v), None, _p(out), _p(lse), *shape, *options) == 0
+    delta = (grad.float() * out.float()).sum(1).contiguous()
+
+    def backward(wanted):
+        grads = [torch.full(size, float("nan")) if want else None
+                 for want, size in zip(wanted, ((B, Nq, D), (B, Nk, D), (B, Cv, Nk)))]
+        assert lib.emu_backward(code, _p(grad), _p(q), _p(k), _p(v), None, _p(lse), _p(delta), *map(_p, grads),
+                                *shape, *options) == 0
+        return grads
+
+    full = backward((True, True, True))
+    assert all(torch.isfinite(t).all() for t in full)
+    for i in range(3):
+        alone = backward(tuple(j == i for j in range(3)))
+        assert torch.equal(alone[i], full[i]), ("dq", "dk", "dv")[i]
+
+
 # float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
 # forward D <= 128, backward D <= 128 with Cv <= 112 at D <= 64, Cv <= 80 at D <= 128), each beside
 # the FMA path (ieee) on the same inputs. D 37: element copies, D not a multiple of 8, ragged query
