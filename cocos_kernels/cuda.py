@@ -10,8 +10,8 @@ scalars (cocos_kernels/windows.py), sum the k*k tap products per tile, and the b
 gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has no window form).
 `precision=` ("ieee", "tf32x3", "tf32", as triton's) says how float32 rows' tile products run:
 float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, in every
-forward (rows and windows) and in the backward on rows with D <= 64, Cv <= 64; FMAs elsewhere (the
-window backward accepts and ignores it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
+forward (rows and windows) and in the backward on rows with D <= 128 (Cv <= 112 at D <= 64, Cv <= 80
+at D <= 128); FMAs elsewhere (the window backward accepts and ignores it). Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
 half inputs in float32).
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install

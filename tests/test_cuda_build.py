@@ -13,7 +13,8 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   and the kernel report's launch plans take exactly the layouts it prints;
 * the kernels' arithmetic, run: `csrc/cuda/testing/host_emulation.h` compiles the kernels with
   the host compiler and runs each block as 256 CPU threads (barriers for __syncthreads, an
-  exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`). Forward
+  exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`; the mma
+  backward's cp.async, ldmatrix and shared loads fault outside the launch's shared memory). Forward
   (out, lse), backward (dq, dk, dv) and the prologue (rows, dx) are compared with float64, over
   ragged tiles, several key / query / D / Cv chunks, a key mask with a fully masked batch element,
   and float16/bfloat16 inputs, whose tiles run both through the FMA path and through the WMMA
@@ -129,11 +130,13 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     print("\n".join(f"{arch.split('=')[-1]} {name}: {regs} registers, {spills} bytes spilled"
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
-    # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each,
-    # the streamed forward's 2 value chunks (16, 64); float32 (tf32x3 and tf32) the forward's 3, dQ's
-    # 2 (value chunks of 16, 64), dK/dV's 2 (at chunks of 64 dK only), the dV blocks of chunks of 64
-    # and the streamed forward's 2.
-    assert len(mma) == 2 * (2 * (6 + 4 + 4 + 2) + 2 * (3 + 2 + 3 + 2)), sorted(mma)
+    # Per architecture: per 16-bit dtype the forward's 6 tile widths; the backward's classes
+    # (MmaBackwardTiles) at D 64, 128 (Cv 16, 64, 256) and 256 (Cv 16, 64, 256: 256 D-chunked),
+    # each a dQ and a dK (or dK/dV) kernel, and dV-only kernels for Cv 256 and for D 256 with
+    # Cv 64; float32 (tf32x3 and tf32) the forward's 3, dQ and dK/dV at D 64 and 128 (Cv 16,
+    # 256), and the dV-only kernels at Cv 256; the streamed forward's 2 value chunks (16, 64) per
+    # 16-bit dtype and float32 precision.
+    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4 + 2) + 2 * (3 + 4 + 4 + 2 + 2)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -211,24 +214,37 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch of the shared-memory backward (Cv > 64, D > 128): every operand
-    # orientation of both of its kernels.
-    "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
-    "B1-Nq65-Nk64-D136-Cv48-bfloat16-wmma": (1, 65, 64, 136, 48, torch.bfloat16, False, "wmma"),
+    # The tensor-core branch of the shared-memory kernels, where the mma kernels stop (D > 256;
+    # the backward at Cv > 224 with D <= 128): every operand orientation of both backward kernels,
+    # D and Cv in several chunks.
+    "B2-Nq70-Nk131-D264-Cv70-float16-wmma-mask": (2, 70, 131, 264, 70, torch.float16, True, "wmma"),
+    "B1-Nq65-Nk64-D80-Cv240-bfloat16-wmma": (1, 65, 64, 80, 240, torch.bfloat16, False, "wmma"),
     # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
-    # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
-    # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
-    # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
-    # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below:
-    # the streamed forward of correspondence_warp_streamed_mma.cuh.
+    # D <= 256 and Cv up to 256 / 224 / 176 (D <= 64 / 128 / 256). D 80 above (tiles of 128,
+    # cp.async copies, 2 forward value chunks, Nk 131 rows element by element); D 3 (element
+    # copies, 2-3 resident blocks, ragged streamed blocks, Cv padded to 16); D 200 (forward tiles
+    # of 256); D 64 with Cv 17 (chunks of 64); D 128 with Cv 64 (the widest backward holding dOut
+    # in registers, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below: the
+    # streamed forward of correspondence_warp_streamed_mma.cuh.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
-    "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
     # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
     # fully masked batch element; the backward through WMMA.
     "B2-Nq70-Nk131-D300-Cv5-bfloat16-wmma-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "wmma"),
+    # The backward's wider plans (MmaBackwardTiles). D 256 with Cv 3: Q and K read per k step,
+    # 32-row sub-blocks, dK and dV in one block, a fully masked batch element. D 200 with Cv 48:
+    # ragged D at DT 256, dV-only blocks, 2 resident key blocks and 2 query blocks, both ragged.
+    # D 256 with Cv 151 (ADE20K's labels on CoCosNet's features): two dQ and dK column chunks,
+    # dV-only blocks of 128 and 23 channels, dOut rows (Nq 65) element by element. D 100 with
+    # Cv 151: K held (D <= 128), dOut and V per 16-channel step, masked. D 40 with Cv 256: the
+    # most channels, every tile at its widest.
+    "B2-Nq65-Nk72-D256-Cv3-bfloat16-mask": (2, 65, 72, 256, 3, torch.bfloat16, True, "fma"),
+    "B1-Nq70-Nk131-D200-Cv48-float16": (1, 70, 131, 200, 48, torch.float16, False, "fma"),
+    "B1-Nq65-Nk136-D256-Cv151-bfloat16": (1, 65, 136, 256, 151, torch.bfloat16, False, "fma"),
+    "B2-Nq70-Nk65-D100-Cv151-float16-mask": (2, 70, 65, 100, 151, torch.float16, True, "fma"),
+    "B1-Nq65-Nk64-D40-Cv256-bfloat16": (1, 65, 64, 40, 256, torch.bfloat16, False, "fma"),
 }
 
 
@@ -420,23 +436,61 @@ def test_emulated_kernels_match_float64(emulation, case):
         assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
 
 
+# The mma backward's launches for one gradient alone (correspondence_warp_mma.cuh: backward_mma):
+# D 40 with Cv 100 (dK blocks and dV-only blocks), D 256 with Cv 3 (dK and dV in one block).
+SUBSET_CASES = {"D40-Cv100-bfloat16": (40, 100, torch.bfloat16), "D256-Cv3-float16": (256, 3, torch.float16)}
+
+
+@pytest.mark.parametrize("case", SUBSET_CASES.values(), ids=SUBSET_CASES.keys())
+def test_emulated_backward_of_one_gradient(emulation, case):
+    """dq, dk or dv alone: each as the backward of all three writes it, the others untouched."""
+    D, Cv, dtype = case
+    lib, (B, Nq, Nk) = emulation("fma"), (1, 65, 70)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.nn.functional.normalize(torch.randn(B, n, D, generator=g), dim=-1).to(dtype) for n in (Nq, Nk))
+    v, grad = torch.randn(B, Cv, Nk, generator=g).to(dtype), torch.randn(B, Cv, Nq, generator=g).to(dtype)
+    shape, options = (*_i(B, Nq, Nk), D, Cv), (ctypes.c_float(100.0), ctypes.c_int(0))
+    code = EMULATED_DTYPES[dtype]
+    out, lse = torch.empty(B, Cv, Nq, dtype=dtype), torch.empty(B, Nq)
+    assert lib.emu_forward(code, _p(q), _p(k), _p(v), None, _p(out), _p(lse), *shape, *options) == 0
+    delta = (grad.float() * out.float()).sum(1).contiguous()
+
+    def backward(wanted):
+        grads = [torch.full(size, float("nan")) if want else None
+                 for want, size in zip(wanted, ((B, Nq, D), (B, Nk, D), (B, Cv, Nk)))]
+        assert lib.emu_backward(code, _p(grad), _p(q), _p(k), _p(v), None, _p(lse), _p(delta), *map(_p, grads),
+                                *shape, *options) == 0
+        return grads
+
+    full = backward((True, True, True))
+    assert all(torch.isfinite(t).all() for t in full)
+    for i in range(3):
+        alone = backward(tuple(j == i for j in range(3)))
+        assert torch.equal(alone[i], full[i]), ("dq", "dk", "dv")[i]
+
+
 # float32 rows on tensor cores (precision tf32x3 / tf32: correspondence_warp_mma.cuh with m16n8k8;
-# forward D <= 128, backward D <= 64 and Cv <= 64), each beside the FMA path (ieee) on the same
-# inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
-# chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
-# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64, dK
-# blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
-# backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
-# resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
-# values' rows (Nk 131) copied element by element, a masked key block. D 300: the streamed forward
-# (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of 12 columns), the backward FMA.
+# forward D <= 128, backward D <= 128 with Cv <= 112 at D <= 64, Cv <= 80 at D <= 128), each beside
+# the FMA path (ieee) on the same inputs. D 37: element copies, D not a multiple of 8, ragged query
+# and key blocks, Cv 3 in a chunk of 16, a fully masked batch element, forward and backward. D 100:
+# 16-byte copies, tiles of 128, Cv 48 in 3 forward chunks of 16; the backward with Q and K held in
+# registers, 32-row sub-blocks, 3 dV-only blocks. D 64 with Cv 48: dK blocks and 3 dV-only blocks
+# of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the backward's
+# tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2 resident key
+# blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the values' rows (Nk 131)
+# copied element by element, a masked key block. D 100 with Cv 3: the backward at DT 128 with Q and
+# K read per k step, ragged D. D 48 with Cv 112: the backward's most channels, 7 dV-only blocks.
+# D 300: the streamed forward (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of
+# 12 columns), the backward FMA.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
-    "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
+    "B1-Nq130-Nk72-D100-Cv48": (1, 130, 72, 100, 48, False),
     "B2-Nq65-Nk64-D64-Cv48-mask": (2, 65, 64, 64, 48, True),
     "B2-Nq132-Nk68-D64-Cv16-mask": (2, 132, 68, 64, 16, True),
     "B1-Nq70-Nk136-D40-Cv64": (1, 70, 136, 40, 64, False),
     "B2-Nq65-Nk131-D64-Cv17-mask": (2, 65, 131, 64, 17, True),
+    "B1-Nq70-Nk72-D100-Cv3": (1, 70, 72, 100, 3, False),
+    "B1-Nq65-Nk64-D48-Cv112": (1, 65, 64, 48, 112, False),
     "B1-Nq70-Nk72-D300-Cv3": (1, 70, 72, 300, 3, False),
 }
 

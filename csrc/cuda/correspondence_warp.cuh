@@ -581,34 +581,10 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
                                          WarpGeometry geometry, float scale, Precision precision,
                                          cudaStream_t stream) {
   if (uses_mma_backward<T>(shape, geometry, precision)) {
-    return with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(shape, precision, [&](auto p, auto dt, auto cvt) {
-      constexpr Precision P = decltype(p)::value;
-      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-      if (dq != nullptr) {
-        const MmaGrid grid = backward_mma_grid(shape.nq);
-        const cudaError_t err = launch(backward_dq_mma_kernel<T, P, DT, CVT>, grid.blocks(shape.batch),
-                                       MmaTiles<T, DT, CVT>::kDqBytes, stream,
-                                       grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid);
-        if (err != cudaSuccess) return err;
-      }
-      if (dk == nullptr && dv == nullptr) return cudaSuccess;
-      const MmaGrid grid = backward_mma_grid(shape.nk);
-      constexpr size_t bytes = MmaTiles<T, DT, CVT>::kDkDvBytes;
-      if constexpr (kDvSplit<T, CVT>) {  // dK blocks, then dV blocks
-        if (dk != nullptr) {
-          const cudaError_t err = launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(shape.batch),
-                                         bytes, stream, grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape,
-                                         scale, grid);
-          if (err != cudaSuccess || dv == nullptr) return err;
-        }
-        const MmaGrid dv_grid = backward_dv_mma_grid<T, CVT>(shape);
-        return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, true>, dv_grid.blocks(shape.batch), bytes, stream,
-                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, dv_grid);
-      } else {
-        return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(shape.batch), bytes, stream,
-                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, grid);
-      }
-    });
+    return backward_mma(grad_out, q, k, v, key_mask, lse, delta, dq, dk, dv, shape, scale, precision,
+                        [&](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+                          return launch(kernel, blocks, bytes, stream, args...);
+                        });
   }
   if (dq != nullptr) {
     const int64_t m_blocks = ceil_div(shape.nq, BM);

@@ -148,6 +148,9 @@ __device__ __forceinline__ float lds(const float* tile, int i) {
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(shared_address(tile) + 4 * i));
   return x;
 #else
+#if defined(COCOS_KERNELS_HOST_EMULATION)
+  emu::check_shared(tile + i, 4, "ld.shared: outside the launch's shared memory");
+#endif
   return tile[i];
 #endif
 }
@@ -155,6 +158,9 @@ __device__ __forceinline__ void lds_pair(float (&x)[2], const float* tile, int i
 #if defined(COCOS_KERNELS_PTX)
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(x[0]), "=f"(x[1]) : "r"(shared_address(tile) + 4 * i));
 #else
+#if defined(COCOS_KERNELS_HOST_EMULATION)
+  emu::check_shared(tile + i, 8, "ld.shared.v2: outside the launch's shared memory");
+#endif
   x[0] = tile[i];
   x[1] = tile[i + 1];
 #endif

@@ -39,43 +39,24 @@ int forward(const void* q, const void* k, const void* v, const uint8_t* mask, vo
   return emu::take_fault() == nullptr ? 0 : 3;
 }
 
-// The backward kernels the launcher picks (correspondence_warp_backward); 3 as forward.
+// The backward kernels the launcher picks (correspondence_warp_backward; the mma kernels through
+// its own dispatch, backward_mma, their shared-memory accesses checked against the launch's
+// dynamic shared memory); 3 as forward.
 template <class T>
 int backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
               const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
               WarpShape s, WarpGeometry g, float scale, Precision precision) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
   if (uses_mma_backward<T>(s, g, precision)) {
-    with_mma_tiles<T, kMmaBackwardD<T>, kMmaBackwardCv<T>>(s, precision, [&](auto p, auto dt, auto cvt) {
-      constexpr Precision P = decltype(p)::value;
-      constexpr int DT = decltype(dt)::value, CVT = decltype(cvt)::value;
-      check_smem(MmaTiles<T, DT, CVT>::kDkDvBytes);
-      if (dq != nullptr) {
-        const MmaGrid grid = backward_mma_grid(s.nq);
-        emu::launch(grid.blocks(s.batch), kThreads, [&] {
-          backward_dq_mma_kernel<T, P, DT, CVT>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, s, scale,
-                                                grid);
-        });
-      }
-      if (dk != nullptr || dv != nullptr) {
-        const MmaGrid grid = backward_mma_grid(s.nk);
-        if (!kDvSplit<T, CVT> || dk != nullptr) {  // dK and dV, or with kDvSplit dK blocks
-          emu::launch(grid.blocks(s.batch), kThreads, [&] {
-            backward_dkdv_mma_kernel<T, P, DT, CVT, false>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk,
-                                                           dv, s, scale, grid);
-          });
-        }
-        if constexpr (kDvSplit<T, CVT>) {  // then dV blocks
-          const MmaGrid dv_grid = backward_dv_mma_grid<T, CVT>(s);
-          if (dv != nullptr) {
-            emu::launch(dv_grid.blocks(s.batch), kThreads, [&] {
-              backward_dkdv_mma_kernel<T, P, DT, CVT, true>(in(grad_out), in(q), in(k), in(v), mask, lse, delta,
-                                                            dk, dv, s, scale, dv_grid);
-            });
-          }
-        }
-      }
-    });
+    backward_mma(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, dk, dv, s, scale, precision,
+                 [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+                   check_smem(bytes);
+                   emu::shared_begin = smem;  // the shared memory the launch asks for
+                   emu::shared_end = smem + bytes;
+                   emu::launch(blocks, kThreads, [&] { kernel(args...); });
+                   emu::shared_begin = emu::shared_end = nullptr;
+                   return cudaSuccess;
+                 });
     return emu::take_fault() == nullptr ? 0 : 3;
   }
   check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));

@@ -84,6 +84,16 @@ inline const char* take_fault() { return fault.exchange(nullptr); }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The dynamic shared memory of the launch, [shared_begin, shared_end), where the harness sets it
+// (else unchecked): cp.async destinations, ldmatrix rows and 32-bit shared loads (mma.cuh: lds)
+// outside it fault, as they would on a GPU.
+inline const unsigned char* shared_begin = nullptr;
+inline const unsigned char* shared_end = nullptr;
+inline void check_shared(const void* p, size_t bytes, const char* what) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (shared_begin != nullptr && (q < shared_begin || q + bytes > shared_end)) fail(what);
+}
+
 // Every lane of the warp gets every lane's payload (all 32 lanes call it, as a .sync instruction).
 alignas(16) inline unsigned char lane_payloads[32][32][64];
 template <class P>
@@ -109,6 +119,7 @@ inline thread_local std::deque<std::vector<AsyncCopy>> committed_groups;
 
 inline void cp_async(void* dst, const void* src, int bytes) {
   if (!aligned16(dst) || !aligned16(src)) fail("cp.async: address not 16-byte aligned");
+  check_shared(dst, 16, "cp.async: destination outside the launch's shared memory");
   open_group.push_back({dst, src, bytes});
 }
 inline void cp_async_commit() {
@@ -128,6 +139,7 @@ inline void cp_async_wait(int pending) {
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16: lane l's row address is row l % 8 of matrix l / 8.
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   if (!aligned16(row)) fail("ldmatrix: row address not 16-byte aligned");
+  check_shared(row, 16, "ldmatrix: row outside the launch's shared memory");
   const void* rows[32];
   warp_gather(row, rows);
   const unsigned lane = threadIdx.x % 32;
