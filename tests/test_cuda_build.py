@@ -19,14 +19,14 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   emulation cannot tell whether real tensor cores honour them); the window form (3x3 and 5x5
   patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
   dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
-  autograd over the unfolded windows of the same rows in float64, the half windows' forward and
-  that of rows wider than 256 on the streamed tensor-core kernel of
-  `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
+  autograd over the unfolded windows of the same rows in float64, the half windows' forward, their
+  backward with Cv <= 64 and those of rows wider than 256 (backward: 128) on the streamed
+  tensor-core kernels of `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
-  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; the forward of
-  windows and of rows wider than 128 streamed) beside the FMA path on the same inputs: tf32x3
+  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; windows, the forward
+  of rows wider than 128 and their backward wider than 64 streamed) beside the FMA path on the same inputs: tf32x3
   near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
@@ -128,10 +128,11 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
                     for (arch, name), (regs, spills) in sorted(kernels.items())))
     mma = {key: spills for key, (_, spills) in kernels.items() if "_mma_kernel" in key[1]}
     # Per architecture: per 16-bit dtype the forward's 6 tile widths, the backward kernels' 4 each,
-    # the streamed forward's 2 value chunks (16, 64); float32 (tf32x3 and tf32) the forward's 3, dQ's
-    # 2 (value chunks of 16, 64), dK/dV's 2 (at chunks of 64 dK only), the dV blocks of chunks of 64
-    # and the streamed forward's 2.
-    assert len(mma) == 2 * (2 * (6 + 4 + 4 + 2) + 2 * (3 + 2 + 3 + 2)), sorted(mma)
+    # the streamed forward's 2 value chunks (16, 64) and the streamed backward's 4 (dQ, dK/dV per
+    # chunk); float32 (tf32x3 and tf32) the forward's 3, dQ's 2 (value chunks of 16, 64), dK/dV's 2
+    # (at chunks of 64 dK only), the dV blocks of chunks of 64, the streamed forward's 2 and the
+    # streamed backward's 4.
+    assert len(mma) == 2 * (2 * (6 + 4 + 4 + 2 + 4) + 2 * (3 + 2 + 3 + 2 + 4)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -161,6 +162,7 @@ template <int DT, int CVT> void show_tf32() {  // float32 keeps its resident til
 }
 template <class T, int CVT> void show_streamed(const char* dtype) {  // windows and rows wider than the above
   std::printf("forward_streamed_mma_Cv%d %s %zu\n", CVT, dtype, StreamedTiles<T, CVT>::kBytes);
+  std::printf("backward_streamed_mma_Cv%d %s %zu\n", CVT, dtype, StreamedTiles<T, CVT>::kBackwardBytes);
 }
 int main() {
   show<float>("float32"); show<__half>("float16"); show<__nv_bfloat16>("bfloat16");
@@ -184,7 +186,7 @@ def test_shared_memory_fits_the_cards(tmp_path):
     sizes = {tuple(line.split()[:2]): int(line.split()[2])
              for line in subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True)
              .stdout.splitlines()}
-    assert len(sizes) == 33
+    assert len(sizes) == 37
     print("dynamic shared memory per block (bytes):", sizes)
     for (kernel, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{kernel} {dtype}: {size} bytes of shared memory > sm_80's limit"
@@ -255,24 +257,26 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch of the shared-memory backward (Cv > 64, D > 128): every operand
-    # orientation of both of its kernels.
+    # The tensor-core branch of the shared-memory backward (Cv > 64): every operand orientation of
+    # both of its kernels.
     "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
-    "B1-Nq65-Nk64-D136-Cv48-bfloat16-wmma": (1, 65, 64, 136, 48, torch.bfloat16, False, "wmma"),
+    # D 136 with Cv 48: the streamed backward of correspondence_warp_streamed_mma.cuh (3 chunks of
+    # 64, the last of 8 columns; value chunks of 64).
+    "B1-Nq65-Nk64-D136-Cv48-bfloat16": (1, 65, 64, 136, 48, torch.bfloat16, False, "fma"),
     # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
     # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
     # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed
     # blocks, Cv padded to 16); D 200 (forward tiles of 256); D 64 with Cv 17 (chunks of 64);
     # D 128 with Cv 64 (the widest backward, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below:
-    # the streamed forward of correspondence_warp_streamed_mma.cuh.
+    # the streamed forward and backward of correspondence_warp_streamed_mma.cuh.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
-    "B1-Nq65-Nk64-D264-Cv3-float16-wmma": (1, 65, 64, 264, 3, torch.float16, False, "wmma"),
+    "B1-Nq65-Nk64-D264-Cv3-float16": (1, 65, 64, 264, 3, torch.float16, False, "fma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
     # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
-    # fully masked batch element; the backward through WMMA.
-    "B2-Nq70-Nk131-D300-Cv5-bfloat16-wmma-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "wmma"),
+    # fully masked batch element.
+    "B2-Nq70-Nk131-D300-Cv5-bfloat16-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "fma"),
 }
 
 
@@ -468,12 +472,13 @@ def test_emulated_kernels_match_float64(emulation, case):
 # forward D <= 128, backward D <= 64 and Cv <= 64), each beside the FMA path (ieee) on the same
 # inputs. D 37: element copies, D not a multiple of 8, ragged query and key blocks, Cv 3 in a
 # chunk of 16, a fully masked batch element, forward and backward. D 100: 16-byte copies, tiles
-# of 128, Cv 48 in 3 chunks of 16 (the backward: FMA). D 64 with Cv 48: value chunks of 64, dK
+# of 128, Cv 48 in 3 chunks of 16 (the backward streamed: correspondence_warp_streamed_mma.cuh,
+# 4 chunks of 32, the last of 4 columns). D 64 with Cv 48: value chunks of 64, dK
 # blocks and 3 dV blocks of 16 channels per key block, a fully masked batch element. D 64 with Cv 16: the
 # backward's tiles, every operand copied with cp.async. D 40 with Cv 64: 4 full dV chunks, 2
 # resident key blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the
 # values' rows (Nk 131) copied element by element, a masked key block. D 300: the streamed forward
-# (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of 12 columns), the backward FMA.
+# and backward (10 chunks of 32, the last of 12 columns).
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk200-D100-Cv48": (1, 130, 200, 100, 48, False),
@@ -533,15 +538,16 @@ WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, maske
     # 79 query / 86 key centres: 2 ragged blocks each; C 40: 2 chunks of 32 per tap; batch 1 fully masked.
     "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma"),
     "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma"),
-    # Half windows: the forward on tensor cores (correspondence_warp_streamed_mma.cuh), the backward
-    # through WMMA. C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
-    "B2-C20-q9x7-k8x9-Cv5-k3-float16-wmma-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "wmma"),
-    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16-wmma": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "wmma"),
+    # Half windows: forward and backward on tensor cores (correspondence_warp_streamed_mma.cuh).
+    # C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
+    "B2-C20-q9x7-k8x9-Cv5-k3-float16-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "fma"),
+    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "fma"),
     # C 72: 16-byte copies, 2 chunks per tap (64 and 8 columns); 154 query centres (2 blocks), 97 keys
     # (2 blocks, the second ragged), Cv 17 in a chunk of 64.
     "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma"),
-    # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch element.
-    "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
+    # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch
+    # element; Cv > 64: the backward on the shared-memory kernels, through WMMA.
+    "B2-C24-q9x7-k8x9-Cv70-k5-float16-wmma-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "wmma"),
 }
 
 
@@ -595,17 +601,13 @@ def _emulated_window_forward(emulated, problem, patch, precision="ieee"):
     return mine, theirs, lse, scores, (rq, rk, v64)
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
-def test_emulated_window_kernels_match_float64(emulation, case):
-    B, C, q_hw, k_hw, Cv, patch, dtype, masked, tiles = case
-    emulated = emulation(tiles)
-    problem = _window_problem(*case[:8])
+def _emulated_window_backward(emulated, problem, patch, q_hw, forward, precision="ieee"):
+    """The emulated window backward's dxq, dxk (summed from the per-tap planes), dv and per-centre sums
+    rows, cols beside float64 autograd's, after the forward's run (_emulated_window_forward) on a query
+    grid of q_hw."""
     wq, wk, mask, v, grad = problem
-    mine, theirs, lse, scores, (rq, rk, v64) = _emulated_window_forward(emulated, problem, patch)
-    for name in mine:
-        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
-
-    out = mine["out"]
+    mine, theirs, lse, scores, (rq, rk, v64) = forward
+    B, C, Cv = v.shape[0], wq.rows.shape[2], v.shape[1]
     theirs["out"].backward(grad.double())
     G = scores.grad  # dL/dscore
     factors = (wq.mean, wq.inv, wk.mean, wk.inv)
@@ -614,27 +616,42 @@ def test_emulated_window_kernels_match_float64(emulation, case):
     ref_cols = torch.stack([(h * factors[0].double()[:, :, None]).sum(1), (G * scores).sum(1)])
     interior = to_centres(torch.ones(B, 1, *q_hw), patch)[:, 0] > 0
     saved_lse = torch.where(interior, lse, float("inf")).contiguous()  # as the op layer passes it
-    delta = (grad.float() * out.float()).sum(1).contiguous()
+    delta = (grad.float() * mine["out"].float()).sum(1).contiguous()
     taps, nq, nk = patch * patch, wq.mean.shape[1], wk.mean.shape[1]
     planes_q, planes_k = torch.full((taps, B, nq, C), float("nan")), torch.full((taps, B, nk, C), float("nan"))
     dv, rows, cols = torch.full((B, Cv, nk), float("nan")), torch.empty(2, B, nq), torch.empty(2, B, nk)
     mask_bytes = mask.to(torch.uint8)
-    assert emulated.emu_windows_backward(EMULATED_DTYPES[dtype], _p(grad), _p(wq.rows), _p(factors[0]),
+    assert emulated.emu_windows_backward(EMULATED_DTYPES[v.dtype], _p(grad), _p(wq.rows), _p(factors[0]),
                                          _p(factors[1]), _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v),
                                          _p(mask_bytes), _p(saved_lse), _p(delta), _p(planes_q),
                                          _p(planes_k), _p(dv), _p(rows), _p(cols),
-                                         *_window_geometry(wq, wk, Cv, patch, 100.0)) == 0
+                                         *_window_geometry(wq, wk, Cv, patch, 100.0),
+                                         ctypes.c_int(PRECISION_CODES[precision])) == 0
     dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
-    for name, mine, theirs in (("dxq", dxq, rq.grad), ("dxk", dxk, rk.grad), ("dv", dv, v64.grad),
-                               ("rows", rows, ref_rows), ("cols", cols, ref_cols)):
-        assert_close(mine, theirs, name=name, rtol=RTOL[dtype])
+    return (dict(dxq=dxq, dxk=dxk, dv=dv, rows=rows, cols=cols),
+            dict(dxq=rq.grad, dxk=rk.grad, dv=v64.grad, rows=ref_rows, cols=ref_cols))
 
 
-# float32 windows with precision tf32x3 and tf32 (the forward of correspondence_warp_streamed_mma.cuh
-# with m16n8k8; the backward takes FMAs whatever the precision), each beside the FMA path (ieee) on
-# the same inputs. C 40: 16-byte copies, 2 chunks of 32 per tap (32 and 8 columns), ragged query
-# and key blocks, a fully masked batch element. C 37 with 5x5 windows: element copies, Cv 17 in a
-# chunk of 64.
+def _emulated_window_kernels(emulated, problem, patch, q_hw, precision="ieee"):
+    """The emulated window forward's and backward's outputs beside float64's, as two dicts."""
+    forward = _emulated_window_forward(emulated, problem, patch, precision)
+    mine, theirs = _emulated_window_backward(emulated, problem, patch, q_hw, forward, precision)
+    return {**forward[0], **mine}, {**forward[1], **theirs}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
+def test_emulated_window_kernels_match_float64(emulation, case):
+    q_hw, patch, dtype, tiles = case[2], case[5], case[6], case[8]
+    mine, theirs = _emulated_window_kernels(emulation(tiles), _window_problem(*case[:8]), patch, q_hw)
+    print(case, {name: _relative_error(mine[name], theirs[name]) for name in mine})
+    for name in mine:
+        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
+
+
+# float32 windows with precision tf32x3 and tf32 (the kernels of correspondence_warp_streamed_mma.cuh
+# with m16n8k8), each beside the FMA path (ieee) on the same inputs, forward and backward. C 40:
+# 16-byte copies, 2 chunks of 32 per tap (32 and 8 columns), ragged query and key blocks, a fully
+# masked batch element. C 37 with 5x5 windows: element copies, Cv 17 in a chunk of 64.
 TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked)
     "B2-C40-q9x7-k8x9-Cv5-k3-mask": (2, 40, (9, 7), (8, 9), 5, 3, True),
     "B1-C37-q9x7-k6x5-Cv17-k5": (1, 37, (9, 7), (6, 5), 17, 5, False),
@@ -642,10 +659,10 @@ TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked)
 
 
 @pytest.mark.parametrize("case", TF32_WINDOW_CASES.values(), ids=TF32_WINDOW_CASES.keys())
-def test_emulated_tf32_window_forward_matches_float64(emulation, case):
+def test_emulated_tf32_window_kernels_match_float64(emulation, case):
     emulated = emulation("fma")
     problem = _window_problem(*case[:6], torch.float32, case[6])
-    _assert_tf32_errors(case, {p: _emulated_window_forward(emulated, problem, case[5], p)[:2]
+    _assert_tf32_errors(case, {p: _emulated_window_kernels(emulated, problem, case[5], case[2], p)
                                for p in ("ieee", "tf32x3", "tf32")})
 
 

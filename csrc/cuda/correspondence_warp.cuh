@@ -11,9 +11,10 @@
 // float16/bfloat16 inputs, and float32 ones with precision tf32x3 or tf32, take the tensor-core
 // kernels instead: on prepared rows those of correspondence_warp_mma.cuh, with their tiles in
 // registers, where they fit (uses_mma_forward, uses_mma_backward); every other forward (windows,
-// wider rows) forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward
-// here runs float32 with precision ieee; the backward here every input the mma backward does not
-// take, windows included.
+// wider rows) forward_streamed_mma_kernel, every other backward with Cv <= 64
+// backward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward here runs
+// float32 with precision ieee; the backward here float32 with precision ieee and every input with
+// Cv > 64 the register-resident backward does not take, windows included.
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -608,6 +609,24 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
         return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(shape.batch), bytes, stream,
                       grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, grid);
       }
+    });
+  }
+  if (uses_streamed_mma_backward<T>(shape, geometry, precision)) {
+    return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int CVT = decltype(cvt)::value;
+      constexpr size_t bytes = StreamedTiles<T, CVT>::kBackwardBytes;
+      if (dq != nullptr) {
+        const MmaGrid grid = backward_mma_grid(shape.nq);
+        const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, false>, grid.blocks(shape.batch), bytes,
+                                       stream, grad_out, q, k, v, key_mask, lse, delta, dq, nullptr, sums_q, shape,
+                                       geometry, scale, grid);
+        if (err != cudaSuccess) return err;
+      }
+      if (dk == nullptr && dv == nullptr) return cudaSuccess;
+      const MmaGrid grid = backward_mma_grid(shape.nk);
+      return launch(backward_streamed_mma_kernel<T, P, CVT, true>, grid.blocks(shape.batch), bytes, stream, grad_out,
+                    q, k, v, key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, grid);
     });
   }
   if (dq != nullptr) {

@@ -78,6 +78,28 @@ int backward(const void* grad_out, const void* q, const void* k, const void* v, 
     });
     return emu::take_fault() == nullptr ? 0 : 3;
   }
+  if (uses_streamed_mma_backward<T>(s, g, precision)) {
+    with_streamed_tiles<T>(s, precision, [&](auto p, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int CVT = decltype(cvt)::value;
+      check_smem(StreamedTiles<T, CVT>::kBackwardBytes);
+      if (dq != nullptr) {
+        const MmaGrid grid = backward_mma_grid(s.nq);
+        emu::launch(grid.blocks(s.batch), kThreads, [&] {
+          backward_streamed_mma_kernel<T, P, CVT, false>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq,
+                                                         nullptr, sums_q, s, g, scale, grid);
+        });
+      }
+      if (dk != nullptr || dv != nullptr) {
+        const MmaGrid grid = backward_mma_grid(s.nk);
+        emu::launch(grid.blocks(s.batch), kThreads, [&] {
+          backward_streamed_mma_kernel<T, P, CVT, true>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv,
+                                                        sums_k, s, g, scale, grid);
+        });
+      }
+    });
+    return emu::take_fault() == nullptr ? 0 : 3;
+  }
   check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));
   check_smem(BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(g)));
   if (dq != nullptr) {
@@ -248,8 +270,7 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
 }
 
 // Windows: xq (B, len_q, C), xk (B, len_k, C) padded grids, mq / aq (B, Nq), mk / ak (B, Nk) float;
-// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres. The backward runs the FMA kernels
-// whatever the precision, as the launcher does.
+// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres.
 int emu_windows_forward(int dtype, const void* xq, const float* mq, const float* aq, const void* xk,
                         const float* mk, const float* ak, const void* v, const uint8_t* mask, void* out, float* lse,
                         int64_t batch, int64_t nq, int64_t nk, int64_t len_q, int64_t len_k, int c, int cv,
@@ -270,17 +291,17 @@ int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const 
                          const void* xk, const float* mk, const float* ak, const void* v, const uint8_t* mask,
                          const float* lse, const float* delta, float* planes_q, float* planes_k, float* dv,
                          float* rows, float* cols, int64_t batch, int64_t nq, int64_t nk, int64_t len_q,
-                         int64_t len_k, int c, int cv, int patch, int64_t width_q, int64_t width_k, float scale) {
+                         int64_t len_k, int c, int cv, int patch, int64_t width_q, int64_t width_k, float scale,
+                         int precision) {
   const WarpShape s{batch, nq, nk, c, cv};
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
+  const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
-    case 0:
-      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
-    case 1:
-      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
+    case 0: return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
+    case 1: return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
     case 2:
       return backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
-                                     scale, Precision::kIeee);
+                                     scale, p);
   }
   return 1;
 }
