@@ -117,24 +117,25 @@ struct StreamedScores {
   }
 };
 
-// The three-stage cp.async pipeline over a flat sequence of steps, running on across blocks:
+// The pipeline of L's stages over a flat sequence of `total` steps, running on across blocks:
 // fetch(i, stage) copies step i's operands. Every call commits exactly one (possibly empty) group.
-template <class T, int STAGES, class Fetch>
-__device__ __forceinline__ void start_pipeline(T* stages, int stage_size, int64_t total, Fetch&& fetch) {
+template <class L, class T, class Fetch>
+__device__ __forceinline__ void start_pipeline(T* stages, int64_t total, Fetch&& fetch) {
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < total) fetch(i, stages + i * stage_size);
+  for (int i = 0; i < L::kStages - 1; ++i) {
+    if (i < total) fetch(i, stages + i * L::STAGE);
     cp_async_commit();
   }
 }
-// Waits for step i's copies, issues step i + STAGES - 1's (into step i - 1's stage) and returns step i's stage.
-template <class T, int STAGES, class Fetch>
-__device__ __forceinline__ const T* next_stage(T* stages, int stage_size, int64_t i, int64_t total, Fetch&& fetch) {
+// Waits for step i's copies, issues step i + kStages - 1's (into step i - 1's stage) and returns step i's stage.
+template <class L, class T, class Fetch>
+__device__ __forceinline__ const T* next_stage(T* stages, int64_t i, int64_t total, Fetch&& fetch) {
+  constexpr int STAGES = L::kStages;
   cp_async_wait<STAGES - 2>();  // step i's group is complete
   __syncthreads();  // its copies are visible, and every warp is done with step i - 1's stage
-  if (i + STAGES - 1 < total) fetch(i + STAGES - 1, stages + (i + STAGES - 1) % STAGES * stage_size);
+  if (i + STAGES - 1 < total) fetch(i + STAGES - 1, stages + (i + STAGES - 1) % STAGES * L::STAGE);
   cp_async_commit();
-  return stages + i % STAGES * stage_size;
+  return stages + i % STAGES * L::STAGE;
 }
 
 // The window factors of a block's scores s = (raw - dwin m_r m_c) a_r a_c: those of the warp's
@@ -179,10 +180,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
                                 WarpShape shape, WarpGeometry geometry, float scale_log2, MmaGrid grid) {
   using L = StreamedTiles<T, CVT>;
-  constexpr int BN = kMmaBN, STAGES = L::kStages;
+  constexpr int BN = kMmaBN;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
-  T* const vs = stages + STAGES * L::STAGE;  // two value tiles, by key block parity
+  T* const vs = stages + L::kStages * L::STAGE;  // two value tiles, by key block parity
 
   const int64_t block = blockIdx.x;
   const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
@@ -213,13 +214,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   OnlineSoftmax<T, P, CVT> softmax;
-  start_pipeline<T, STAGES>(stages, L::STAGE, total, fetch);
+  start_pipeline<L>(stages, total, fetch);
   int64_t i = 0;
   for (int64_t j = 0; j < blocks; ++j) {
     float s[BN / 8][4] = {};
-    for (int r = 0; r < steps; ++r, ++i) {
-      scores.template add<P>(s, next_stage<T, STAGES>(stages, L::STAGE, i, total, fetch), r, lane);
-    }
+    for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
     if (windowed(geometry)) factors.apply(s, j * BN, lane % 4);
     softmax.add(s, KeyBlock(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
   }
@@ -244,11 +243,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  float* __restrict__ grad, float* __restrict__ dv, float* __restrict__ sums,
                                  WarpShape shape, WarpGeometry geometry, float scale, MmaGrid grid) {
   using L = StreamedTiles<T, CVT>;
-  constexpr int BN = kMmaBN, DC = L::DC, STAGES = L::kStages, K = kMmaK<T>;
+  constexpr int BN = kMmaBN, DC = L::DC, K = kMmaK<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
-  T* const vs = stages + STAGES * L::STAGE;  // two streamed value-like tiles, by block parity
-  T* const vr = vs + 2 * L::VAL;             // the resident value-like tile, [c][row]
+  T* const vs = stages + L::kStages * L::STAGE;  // two streamed value-like tiles, by block parity
+  T* const vr = vs + 2 * L::VAL;                 // the resident value-like tile, [c][row]
 
   const int64_t r0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
   const int64_t b = blockIdx.x / grid.row_blocks;
@@ -311,7 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc_dv[DK ? CVT / 8 : 1][4] = {};
   const int64_t plane = shape.batch * rows * d;
   if (grad != nullptr) grad += b * rows * d;
-  start_pipeline<T, STAGES>(stages, L::STAGE, total, fetch);
+  start_pipeline<L>(stages, total, fetch);
   int64_t i = 0;
   for (int64_t j = 0; j < blocks; ++j) {
     const int64_t n0 = j * BN;
@@ -319,9 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     AccumulatorA<T, P, BN> hf;
     {
       float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
-      for (int r = 0; r < steps; ++r, ++i) {
-        scores.template add<P>(s, next_stage<T, STAGES>(stages, L::STAGE, i, total, fetch), r, lane);
-      }
+      for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
       if (windows) factors.apply(s, n0, t);
       ResidentA<T, P, CVT> vf;
       column_fragments<T, CVT>(vf, vr, L::LD_R);
@@ -373,7 +370,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       to_a_fragments<T>(hf, dp);
     }
     for (int r = 0; r < plane_steps; ++r, ++i) {
-      const T* const xs = next_stage<T, STAGES>(stages, L::STAGE, i, total, fetch) + kMmaRows * L::LD_D;
+      const T* const xs = next_stage<L>(stages, i, total, fetch) + kMmaRows * L::LD_D;
       float acc[DC / 8][4] = {};
       mma_tile<false>(acc, hf, xs, L::LD_D, BN / K, (scores.width(r) + 15) / 16, lane);  // H X_t, X stored [n][d]
       float* const dst = grad + scores.tap(r) * plane + scores.column(r);
