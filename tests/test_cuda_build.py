@@ -260,9 +260,6 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     # The tensor-core branch of the shared-memory backward (Cv > 64): every operand orientation of
     # both of its kernels.
     "B2-Nq70-Nk131-D80-Cv70-float16-wmma-mask": (2, 70, 131, 80, 70, torch.float16, True, "wmma"),
-    # D 136 with Cv 48: the streamed backward of correspondence_warp_streamed_mma.cuh (3 chunks of
-    # 64, the last of 8 columns; value chunks of 64).
-    "B1-Nq65-Nk64-D136-Cv48-bfloat16": (1, 65, 64, 136, 48, torch.bfloat16, False, "fma"),
     # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
     # D <= 128 and Cv <= 64. D 80 above (tiles of 128, cp.async copies, 2 forward value chunks,
     # Nk 131 rows element by element); D 3 (element copies, 2-3 resident blocks, ragged streamed

@@ -297,8 +297,11 @@ int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const 
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
   const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
-    case 0: return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
-    case 1: return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
+    case 0:
+      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
+    case 1:
+      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale,
+                              p);
     case 2:
       return backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
                                      scale, p);
