@@ -26,8 +26,8 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
   layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; windows, the forward
-  of rows wider than 128 and their backward wider than 64 streamed) beside the FMA path on the same inputs: tf32x3
-  near float32, tf32 at the error its 10-bit mantissas give;
+  of rows wider than 128 and their backward wider than 64 streamed) beside the FMA path on the
+  same inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
