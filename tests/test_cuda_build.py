@@ -22,15 +22,15 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   emulation cannot tell whether real tensor cores honour them); the window form (3x3 and 5x5
   patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
   dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
-  autograd over the unfolded windows of the same rows in float64, the half windows' forward and
-  that of rows wider than 256 on the streamed tensor-core kernel of
-  `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
+  autograd over the unfolded windows of the same rows in float64, the half windows' forward, their
+  backward with Cv <= 64 and those of rows wider than 256 (backward: 128) on the streamed
+  tensor-core kernels of `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
-  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; the forward of
-  windows and of rows wider than 128 streamed) beside the FMA path on the same inputs: tf32x3
-  near float32, tf32 at the error its 10-bit mantissas give;
+  layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; windows, the forward
+  of rows wider than 128 and their backward wider than 64 streamed) beside the FMA path on the
+  same inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -134,9 +134,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     # (MmaBackwardTiles) at D 64, 128 (Cv 16, 64, 256) and 256 (Cv 16, 64, 256: 256 D-chunked),
     # each a dQ and a dK (or dK/dV) kernel, and dV-only kernels for Cv 256 and for D 256 with
     # Cv 64; float32 (tf32x3 and tf32) the forward's 3, dQ and dK/dV at D 64 and 128 (Cv 16,
-    # 256), and the dV-only kernels at Cv 256; the streamed forward's 2 value chunks (16, 64) per
-    # 16-bit dtype and float32 precision.
-    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4 + 2) + 2 * (3 + 4 + 4 + 2 + 2)), sorted(mma)
+    # 256), and the dV-only kernels at Cv 256; per 16-bit dtype and float32 precision the streamed
+    # forward's 2 value chunks (16, 64) and the streamed backward's 4 (dQ, dK/dV per chunk).
+    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4 + 2 + 4) + 2 * (3 + 4 + 4 + 2 + 2 + 4)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -225,14 +225,14 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     # copies, 2-3 resident blocks, ragged streamed blocks, Cv padded to 16); D 200 (forward tiles
     # of 256); D 64 with Cv 17 (chunks of 64); D 128 with Cv 64 (the widest backward holding dOut
     # in registers, cp.async dOut). D 264 (5 chunks, the last of 8 columns) and D 300 below: the
-    # streamed forward of correspondence_warp_streamed_mma.cuh.
+    # streamed forward and backward of correspondence_warp_streamed_mma.cuh.
     "B2-Nq130-Nk200-D3-Cv3-bfloat16-mask": (2, 130, 200, 3, 3, torch.bfloat16, True, "fma"),
     "B1-Nq20-Nk72-D200-Cv16-float16": (1, 20, 72, 200, 16, torch.float16, False, "fma"),
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
     # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
-    # fully masked batch element; the backward through WMMA.
-    "B2-Nq70-Nk131-D300-Cv5-bfloat16-wmma-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "wmma"),
+    # fully masked batch element.
+    "B2-Nq70-Nk131-D300-Cv5-bfloat16-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "fma"),
     # The backward's wider plans (MmaBackwardTiles). D 256 with Cv 3: Q and K read per k step,
     # 32-row sub-blocks, dK and dV in one block, a fully masked batch element. D 200 with Cv 48:
     # ragged D at DT 256, dV-only blocks, 2 resident key blocks and 2 query blocks, both ragged.
@@ -480,8 +480,8 @@ def test_emulated_backward_of_one_gradient(emulation, case):
 # blocks, ragged query blocks. D 64 with Cv 17: a dV chunk of one channel, the values' rows (Nk 131)
 # copied element by element, a masked key block. D 100 with Cv 3: the backward at DT 128 with Q and
 # K read per k step, ragged D. D 48 with Cv 112: the backward's most channels, 7 dV-only blocks.
-# D 300: the streamed forward (correspondence_warp_streamed_mma.cuh, 10 chunks of 32, the last of
-# 12 columns), the backward FMA.
+# D 300: the streamed forward and backward (correspondence_warp_streamed_mma.cuh, 10 chunks of 32,
+# the last of 12 columns).
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk72-D100-Cv48": (1, 130, 72, 100, 48, False),
@@ -543,14 +543,15 @@ WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, maske
     # 79 query / 86 key centres: 2 ragged blocks each; C 40: 2 chunks of 32 per tap; batch 1 fully masked.
     "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma"),
     "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma"),
-    # Half windows: the forward on tensor cores (correspondence_warp_streamed_mma.cuh), the backward
-    # through WMMA. C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
-    "B2-C20-q9x7-k8x9-Cv5-k3-float16-wmma-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "wmma"),
-    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16-wmma": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "wmma"),
+    # Half windows: forward and backward on tensor cores (correspondence_warp_streamed_mma.cuh).
+    # C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
+    "B2-C20-q9x7-k8x9-Cv5-k3-float16-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "fma"),
+    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "fma"),
     # C 72: 16-byte copies, 2 chunks per tap (64 and 8 columns); 154 query centres (2 blocks), 97 keys
     # (2 blocks, the second ragged), Cv 17 in a chunk of 64.
     "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma"),
-    # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch element.
+    # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch
+    # element; Cv > 64: the backward on the shared-memory kernels.
     "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
 }
 
@@ -605,17 +606,13 @@ def _emulated_window_forward(emulated, problem, patch, precision="ieee"):
     return mine, theirs, lse, scores, (rq, rk, v64)
 
 
-@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
-def test_emulated_window_kernels_match_float64(emulation, case):
-    B, C, q_hw, k_hw, Cv, patch, dtype, masked, tiles = case
-    emulated = emulation(tiles)
-    problem = _window_problem(*case[:8])
+def _emulated_window_backward(emulated, problem, patch, q_hw, forward, precision="ieee"):
+    """The emulated window backward's dxq, dxk (summed from the per-tap planes), dv and per-centre sums
+    rows, cols beside float64 autograd's, after the forward's run (_emulated_window_forward) on a query
+    grid of q_hw."""
     wq, wk, mask, v, grad = problem
-    mine, theirs, lse, scores, (rq, rk, v64) = _emulated_window_forward(emulated, problem, patch)
-    for name in mine:
-        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
-
-    out = mine["out"]
+    mine, theirs, lse, scores, (rq, rk, v64) = forward
+    B, C, Cv = v.shape[0], wq.rows.shape[2], v.shape[1]
     theirs["out"].backward(grad.double())
     G = scores.grad  # dL/dscore
     factors = (wq.mean, wq.inv, wk.mean, wk.inv)
@@ -624,38 +621,59 @@ def test_emulated_window_kernels_match_float64(emulation, case):
     ref_cols = torch.stack([(h * factors[0].double()[:, :, None]).sum(1), (G * scores).sum(1)])
     interior = to_centres(torch.ones(B, 1, *q_hw), patch)[:, 0] > 0
     saved_lse = torch.where(interior, lse, float("inf")).contiguous()  # as the op layer passes it
-    delta = (grad.float() * out.float()).sum(1).contiguous()
+    delta = (grad.float() * mine["out"].float()).sum(1).contiguous()
     taps, nq, nk = patch * patch, wq.mean.shape[1], wk.mean.shape[1]
     planes_q, planes_k = torch.full((taps, B, nq, C), float("nan")), torch.full((taps, B, nk, C), float("nan"))
     dv, rows, cols = torch.full((B, Cv, nk), float("nan")), torch.empty(2, B, nq), torch.empty(2, B, nk)
     mask_bytes = mask.to(torch.uint8)
-    assert emulated.emu_windows_backward(EMULATED_DTYPES[dtype], _p(grad), _p(wq.rows), _p(factors[0]),
+    assert emulated.emu_windows_backward(EMULATED_DTYPES[v.dtype], _p(grad), _p(wq.rows), _p(factors[0]),
                                          _p(factors[1]), _p(wk.rows), _p(factors[2]), _p(factors[3]), _p(v),
                                          _p(mask_bytes), _p(saved_lse), _p(delta), _p(planes_q),
                                          _p(planes_k), _p(dv), _p(rows), _p(cols),
-                                         *_window_geometry(wq, wk, Cv, patch, 100.0)) == 0
+                                         *_window_geometry(wq, wk, Cv, patch, 100.0),
+                                         ctypes.c_int(PRECISION_CODES[precision])) == 0
     dxq, dxk = sum_tap_planes(planes_q, wq.rows, wq.width, patch), sum_tap_planes(planes_k, wk.rows, wk.width, patch)
-    for name, mine, theirs in (("dxq", dxq, rq.grad), ("dxk", dxk, rk.grad), ("dv", dv, v64.grad),
-                               ("rows", rows, ref_rows), ("cols", cols, ref_cols)):
-        assert_close(mine, theirs, name=name, rtol=RTOL[dtype])
+    return (dict(dxq=dxq, dxk=dxk, dv=dv, rows=rows, cols=cols),
+            dict(dxq=rq.grad, dxk=rk.grad, dv=v64.grad, rows=ref_rows, cols=ref_cols))
 
 
-# float32 windows with precision tf32x3 and tf32 (the forward of correspondence_warp_streamed_mma.cuh
-# with m16n8k8; the backward takes FMAs whatever the precision), each beside the FMA path (ieee) on
-# the same inputs. C 40: 16-byte copies, 2 chunks of 32 per tap (32 and 8 columns), ragged query
-# and key blocks, a fully masked batch element. C 37 with 5x5 windows: element copies, Cv 17 in a
-# chunk of 64.
-TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked)
-    "B2-C40-q9x7-k8x9-Cv5-k3-mask": (2, 40, (9, 7), (8, 9), 5, 3, True),
-    "B1-C37-q9x7-k6x5-Cv17-k5": (1, 37, (9, 7), (6, 5), 17, 5, False),
+def _emulated_window_kernels(emulated, problem, patch, q_hw, precision="ieee", backward=True):
+    """The emulated window forward's (and backward's) outputs beside float64's, as two dicts."""
+    forward = _emulated_window_forward(emulated, problem, patch, precision)
+    if not backward:
+        return forward[:2]
+    mine, theirs = _emulated_window_backward(emulated, problem, patch, q_hw, forward, precision)
+    return {**forward[0], **mine}, {**forward[1], **theirs}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
+def test_emulated_window_kernels_match_float64(emulation, case):
+    q_hw, patch, dtype, tiles = case[2], case[5], case[6], case[8]
+    mine, theirs = _emulated_window_kernels(emulation(tiles), _window_problem(*case[:8]), patch, q_hw)
+    print(case, {name: _relative_error(mine[name], theirs[name]) for name in mine})
+    for name in mine:
+        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
+
+
+# float32 windows with precision tf32x3 and tf32 (the kernels of correspondence_warp_streamed_mma.cuh
+# with m16n8k8), each beside the FMA path (ieee) on the same inputs. Forward: C 40, 16-byte copies,
+# 2 chunks of 32 per tap (32 and 8 columns), ragged query and key blocks, a fully masked batch
+# element; C 37 with 5x5 windows, element copies, Cv 17 in a chunk of 64. Forward and backward
+# (small: the emulated mma.sync are slow; the backward's blocks, chunks and value widths are covered
+# on rows, TF32_CASES): C 37, element copies, 2 chunks per tap (32 and 5 columns), one block of 28 query
+# and 26 key centres, Cv 5 in a chunk of 16, a mask with a fully masked batch element.
+TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked, backward)
+    "B2-C40-q9x7-k8x9-Cv5-k3-mask": (2, 40, (9, 7), (8, 9), 5, 3, True, False),
+    "B1-C37-q9x7-k6x5-Cv17-k5": (1, 37, (9, 7), (6, 5), 17, 5, False, False),
+    "B2-C37-q5x4-k4x5-Cv5-k3-mask-backward": (2, 37, (5, 4), (4, 5), 5, 3, True, True),
 }
 
 
 @pytest.mark.parametrize("case", TF32_WINDOW_CASES.values(), ids=TF32_WINDOW_CASES.keys())
-def test_emulated_tf32_window_forward_matches_float64(emulation, case):
+def test_emulated_tf32_window_kernels_match_float64(emulation, case):
     emulated = emulation("fma")
     problem = _window_problem(*case[:6], torch.float32, case[6])
-    _assert_tf32_errors(case, {p: _emulated_window_forward(emulated, problem, case[5], p)[:2]
+    _assert_tf32_errors(case, {p: _emulated_window_kernels(emulated, problem, case[5], case[2], p, case[7])
                                for p in ("ieee", "tf32x3", "tf32")})
 
 

@@ -246,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> correspon
     const at::Tensor& grad_out, const at::Tensor& xq, const at::Tensor& mq, const at::Tensor& aq,
     const at::Tensor& xk, const at::Tensor& mk, const at::Tensor& ak, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, int64_t patch, int64_t width_q, int64_t width_k, double scale, bool need_dq,
-    bool need_dk, bool need_dv, const c10::optional<at::Tensor>& key_mask) {
+    bool need_dk, bool need_dv, const c10::optional<at::Tensor>& key_mask, const std::string& precision) {
+  const Precision p = parse_precision(precision);
   const auto [s, geometry] = window_shape(xq, mq, aq, xk, mk, ak, v, patch, width_q, width_k);
   const uint8_t* mask = mask_pointer(key_mask, s, xq);
   check_saved(grad_out, out, lse, s, xq);
@@ -256,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> correspon
   Grads g{alloc(need_dq, {taps, s.batch, s.nq, s.d}), alloc(need_dk, {taps, s.batch, s.nk, s.d}),
           alloc(need_dv, {s.batch, s.cv, s.nk}), alloc(need_dq, {2, s.batch, s.nq}),
           alloc(need_dk, {2, s.batch, s.nk})};
-  run_backward(grad_out, xq, xk, v, out, lse, mask, s, geometry, scale, Precision::kIeee, g);
+  run_backward(grad_out, xq, xk, v, out, lse, mask, s, geometry, scale, p, g);
   return {g.dq, g.dk, g.dv, g.sums_q, g.sums_k};
 }
 
@@ -384,7 +385,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_out"), py::arg("xq"), py::arg("mq"), py::arg("aq"), py::arg("xk"), py::arg("mk"),
         py::arg("ak"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("patch"), py::arg("width_q"),
         py::arg("width_k"), py::arg("scale"), py::arg("need_dq"), py::arg("need_dk"), py::arg("need_dv"),
-        py::arg("key_mask") = py::none());
+        py::arg("key_mask") = py::none(), py::arg("precision") = "ieee");
   m.def("prepare_features", &ck::prepare_features, "centred/normalised rows (B, N, C) of x (B, C, N), into rows",
         py::arg("x"), py::arg("rows"), py::arg("center"), py::arg("normalize"), py::arg("eps"));
   m.def("prepare_features_backward", &ck::prepare_features_backward, "gradient w.r.t. x of prepare_features",

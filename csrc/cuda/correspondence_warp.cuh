@@ -11,9 +11,10 @@
 // float16/bfloat16 inputs, and float32 ones with precision tf32x3 or tf32, take the tensor-core
 // kernels instead: on prepared rows those of correspondence_warp_mma.cuh, with their tiles in
 // registers, where they fit (uses_mma_forward, uses_mma_backward); every other forward (windows,
-// wider rows) forward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward
-// here runs float32 with precision ieee; the backward here every input the mma backward does not
-// take, windows included.
+// wider rows) forward_streamed_mma_kernel, every other backward with Cv <= 64
+// backward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward here runs
+// float32 with precision ieee; the backward here float32 with precision ieee and every input with
+// Cv > 64 the register-resident backward does not take, windows included.
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -547,9 +548,55 @@ auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_
   });
 }
 
+// Runs the backward kernels for these inputs through launch(kernel, blocks, dynamic shared bytes,
+// the kernel's arguments...) -> cudaError_t, as with_forward_kernel: rows that fit the
+// register-resident kernels take backward_mma; windows and other rows with Cv <= 64 (16-bit, or
+// float32 with tf32x3 / tf32) backward_streamed_mma_kernel; the rest the shared-memory kernels.
+template <class T, class Launch>
+cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T* v, const uint8_t* key_mask,
+                             const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q,
+                             float* sums_k, WarpShape shape, WarpGeometry geometry, float scale, Precision precision,
+                             Launch&& launch) {
+  if (uses_mma_backward<T>(shape, geometry, precision)) {
+    return backward_mma(grad_out, q, k, v, key_mask, lse, delta, dq, dk, dv, shape, scale, precision, launch);
+  }
+  if (uses_streamed_mma_backward<T>(shape, geometry, precision)) {
+    return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
+      constexpr Precision P = decltype(p)::value;
+      constexpr int CVT = decltype(cvt)::value;
+      constexpr size_t bytes = StreamedTiles<T, CVT>::kBackwardBytes;
+      if (dq != nullptr) {
+        const MmaGrid grid = streamed_backward_grid(shape.nq);
+        const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, false>, grid.blocks(shape.batch), bytes,
+                                       grad_out, q, k, v, key_mask, lse, delta, dq, nullptr, sums_q, shape,
+                                       geometry, scale, grid);
+        if (err != cudaSuccess) return err;
+      }
+      if (dk == nullptr && dv == nullptr) return cudaSuccess;
+      const MmaGrid grid = streamed_backward_grid(shape.nk);
+      return launch(backward_streamed_mma_kernel<T, P, CVT, true>, grid.blocks(shape.batch), bytes, grad_out, q,
+                    k, v, key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, grid);
+    });
+  }
+  if (dq != nullptr) {
+    const int64_t m_blocks = ceil_div(shape.nq, BM);
+    const cudaError_t err = launch(backward_dq_kernel<T>, shape.batch * m_blocks,
+                                   BackwardDqSmem<T>::carve(nullptr, nullptr), grad_out, q, k, v,
+                                   key_mask, lse, delta, dq, sums_q, shape, geometry, scale, m_blocks);
+    if (err != cudaSuccess) return err;
+  }
+  if (dk != nullptr || dv != nullptr) {
+    const int64_t n_blocks = ceil_div(shape.nk, BN);
+    return launch(backward_dkdv_kernel<T>, shape.batch * n_blocks,
+                  BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(geometry)), grad_out, q, k, v,
+                  key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, n_blocks);
+  }
+  return cudaSuccess;
+}
+
 // The launchers themselves are nvcc only: tests/test_cuda_build.py also compiles the kernels above
 // with a host compiler, each block emulated by kThreads CPU threads, and runs them through
-// with_forward_kernel and harness.cpp.
+// with_forward_kernel, backward_kernels and harness.cpp.
 #ifdef __CUDACC__
 
 // Opts the kernel into `bytes` of dynamic shared memory (above 48 KiB needs it) and launches.
@@ -580,26 +627,10 @@ cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T*
                                          float* sums_q, float* sums_k, WarpShape shape,
                                          WarpGeometry geometry, float scale, Precision precision,
                                          cudaStream_t stream) {
-  if (uses_mma_backward<T>(shape, geometry, precision)) {
-    return backward_mma(grad_out, q, k, v, key_mask, lse, delta, dq, dk, dv, shape, scale, precision,
-                        [&](auto kernel, int64_t blocks, size_t bytes, auto... args) {
-                          return launch(kernel, blocks, bytes, stream, args...);
-                        });
-  }
-  if (dq != nullptr) {
-    const int64_t m_blocks = ceil_div(shape.nq, BM);
-    const cudaError_t err = launch(backward_dq_kernel<T>, shape.batch * m_blocks,
-                                   BackwardDqSmem<T>::carve(nullptr, nullptr), stream, grad_out, q, k, v,
-                                   key_mask, lse, delta, dq, sums_q, shape, geometry, scale, m_blocks);
-    if (err != cudaSuccess) return err;
-  }
-  if (dk != nullptr || dv != nullptr) {
-    const int64_t n_blocks = ceil_div(shape.nk, BN);
-    return launch(backward_dkdv_kernel<T>, shape.batch * n_blocks,
-                  BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(geometry)), stream, grad_out, q, k, v,
-                  key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, n_blocks);
-  }
-  return cudaSuccess;
+  return backward_kernels(grad_out, q, k, v, key_mask, lse, delta, dq, dk, dv, sums_q, sums_k, shape, geometry, scale,
+                          precision, [&](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+                            return launch(kernel, blocks, bytes, stream, args...);
+                          });
 }
 
 #endif  // __CUDACC__

@@ -70,7 +70,6 @@ cudaError_t correspondence_warp_forward(const T* q, const T* k, const T* v, cons
 // sums_q (2, B, Nq) = per query [sum_j H_ij m_j, sum_j dL/dscore_ij score_ij], written with dq;
 // sums_k (2, B, Nk) the same summed over i for each key, written with dk. Rows with lse = +inf
 // (padding centres) get P = 0. Every requested output is overwritten, never accumulated.
-// Windows ignore the precision (float32 windows take FMAs).
 template <class T>
 cudaError_t correspondence_warp_backward(const T* grad_out, const T* q, const T* k, const T* v,
                                          const uint8_t* key_mask, const float* lse,

@@ -1,27 +1,39 @@
-// The forward of correspondence_warp on tensor cores where the query rows cannot stay resident: k x k
+// The kernels of correspondence_warp on tensor cores where the rows cannot stay resident: k x k
 // windows (patch > 1: a score sums the k*k taps' products of C-wide rows, WarpGeometry) and prepared
-// rows wider than forward_mma_kernel takes (D > kMmaForwardD; unfolded 3x3 patches reach 2304).
-// float16/bfloat16 through mma.sync m16n8k16, float32 with precision tf32x3 or tf32 through m16n8k8,
-// with the fragments, the online softmax and the epilogue of correspondence_warp_mma.cuh.
+// rows wider than the kernels of correspondence_warp_mma.cuh take (forward D > kMmaForwardD,
+// backward beyond uses_mma_backward; unfolded 3x3 patches reach 2304). float16/bfloat16 through
+// mma.sync m16n8k16, float32 with precision tf32x3 or tf32 through m16n8k8, with the fragments, the
+// online softmax and the epilogue of correspondence_warp_mma.cuh.
 //
-// A block of 8 warps owns 128 query centres (16 per warp) and a value chunk of CVT channels, and
-// walks the 64-key blocks. Per key block one flat loop runs over the steps (tap, D chunk of DC
-// columns: 64 for 16-bit rows, 32 for float32), prepared rows being one tap. Each step is a stage
-// of a three-stage cp.async pipeline holding the tap-shifted query chunk (128 rows) and key chunk
-// (64 rows), and adds their product to S (16 x 64 per warp, float registers); the pipeline runs on
-// across key blocks, and a key block's value tile ([c][n]) joins its first step's copies, in one of
-// two buffers by key block parity. After a key block's last step the window factors
-// s = (raw - dwin m_i m_j) a_i a_j are applied in the registers (a lane holds rows g, g + 8 and
-// columns 2t, 2t + 1 of each n8 tile), then the mask, the online softmax and O += P V
-// (OnlineSoftmax, as forward_mma_kernel).
+// A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's 64-centre
+// blocks. Per streamed block the score steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32
+// for float32; prepared rows are one tap) build S = R X^T (StreamedScores): each step is a stage
+// of a three-stage cp.async pipeline holding the tap-shifted resident chunk (128 rows) and streamed
+// chunk (64 rows), and adds their product to S (16 x 64 per warp, float registers); the pipeline
+// runs on across blocks, and a block's value-like tile ([c][n]) joins its first step's copies, in
+// one of two buffers by block parity. After the last score step the window factors
+// s = (raw - dwin m_r m_c) a_r a_c are applied in the registers (a lane holds rows g, g + 8 and
+// columns 2t, 2t + 1 of each n8 tile).
+// - forward: 128 queries and a value chunk of CVT channels per block; per key block the mask, the
+//   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
+// - backward (Cv <= 64: dP needs every channel in one block), dQ over query blocks and dK/dV over
+//   key blocks (backward_streamed_mma_kernel): per streamed block P, dP, dS and H = dS a_r a_c in
+//   registers (dK/dV: dV += P^T dOut), then a second pass of steps streams the other side's chunks
+//   again, X_t[:, chunk] per (tap, chunk), for the plane pieces H X_t (9 taps x C accumulators do
+//   not fit in registers): each piece (16 x DC a warp) is added to the float32 plane of its tap in
+//   global memory, read and written by the owning block only (its first streamed block
+//   overwrites): no atomics, deterministic. 16-bit P and H enter their products rounded to T.
 //
 // Rows past the centres, keys past Nk and columns past D load as zeros; every tap of a centre lies
-// on the padded grid (correspondence_warp.h), so the shifted row ranges need no other bound. The
-// backward of windows and of these wide rows stays on the FMA kernels (correspondence_warp.cuh).
+// on the padded grid (correspondence_warp.h), so the shifted row ranges need no other bound.
 //
-// Static estimate, C = 256 with 3x3 windows (D 2304), 16-bit, per key block: 192 rows x 2304 x 2 B of
-// Q and K copied to shared memory (864 KiB; the value tile adds 2-8 KiB) for 2 x 128 x 64 x 2304 flops
-// of S (37.7 M; O += P V adds 0.3-1 M): ~43 flops per byte copied (float32: ~22).
+// Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward: 192 rows
+// x 2304 x 2 B of Q and K copied to shared memory (864 KiB; the value tile adds 2-8 KiB) for
+// 2 x 128 x 64 x 2304 flops of S (37.7 M; O += P V adds 0.3-1 M): ~43 flops per byte copied
+// (float32: ~22). Backward (dQ; dK/dV alike): those 864 KiB, 288 KiB for the second pass over the
+// streamed chunks and 2304 KiB of plane read-modify-write (128 x 2304 floats read and written) for
+// 75.5 M flops (S and H X_t; dP and dV add up to 2 M): ~0.047 bytes per flop, two thirds of them
+// the planes' (float32: ~0.0625).
 #pragma once
 
 #include "correspondence_warp.h"
@@ -37,12 +49,28 @@ template <class T, int CVT>
 struct StreamedTiles {
   static constexpr int DC = kIsFloat<T> ? 32 : 64;  // feature columns per step
   using Rows = MmaTiles<T, DC, CVT>;                  // the strides of forward_mma_kernel's tiles
-  static constexpr int LD_D = Rows::LD_D, LD_N = Rows::LD_N;
+  static constexpr int LD_D = Rows::LD_D, LD_N = Rows::LD_N, LD_R = Rows::LD_R;
   static constexpr int kStages = 3;  // one barrier per step: step i + 2 refills step i - 1's stage
-  static constexpr int STAGE = (kMmaRows + kMmaBN) * LD_D;  // the query chunk's rows, then the key chunk's
-  static constexpr int VAL = CVT * LD_N;                    // a value tile, [c][n]
+  static constexpr int STAGE = (kMmaRows + kMmaBN) * LD_D;  // the resident chunk's rows, then the streamed chunk's
+  static constexpr int VAL = CVT * LD_N;                    // a streamed value-like tile, [c][n]
   static constexpr size_t kBytes = (kStages * STAGE + 2 * VAL) * sizeof(T);
+  // The backward adds the resident value-like tile ([c][row]: dOut for dQ, V for dK/dV).
+  static constexpr size_t kBackwardBytes = kBytes + CVT * LD_R * sizeof(T);
 };
+
+// dP sums over every value channel in one block.
+constexpr int kStreamedMaxBackwardCv = 64;
+
+// Whether correspondence_warp_backward<T> runs the streamed backward: windows and the prepared rows
+// the register-resident backward does not take, on tensor cores (float32 ieee takes FMAs).
+template <class T>
+bool uses_streamed_mma_backward(const WarpShape& s, const WarpGeometry& g, Precision p) {
+  return (!kIsFloat<T> || p != Precision::kIeee) && s.cv <= kStreamedMaxBackwardCv && !uses_mma_backward<T>(s, g, p);
+}
+
+// The backward's grid: one block per 128 resident centres (query centres for dQ, key centres for
+// dK/dV) and batch element.
+inline MmaGrid streamed_backward_grid(int64_t rows) { return {ceil_div(rows, kMmaRows), 1}; }
 
 // Calls f(P, CVT) (std::integral_constant) with the precision and the value chunk's width.
 template <class T, class F>
@@ -52,16 +80,114 @@ auto with_streamed_tiles(const WarpShape& s, Precision precision, F&& f) {
   });
 }
 
+// The steps of the score product S = R X^T of a block's 128 resident centres (R) and a streamed
+// block of 64 (X): step r is tap r / chunks, columns r % chunks * DC on; a score sums every step.
+template <class T, int CVT>
+struct StreamedScores {
+  using L = StreamedTiles<T, CVT>;
+  static constexpr int DC = L::DC;
+  const T *resident, *streamed;  // centre 0's row
+  int64_t resident_count, streamed_count, resident_width, streamed_width;
+  int d, patch, chunks;
+
+  __device__ StreamedScores(const T* r, int64_t r_count, int64_t r_width, const T* x, int64_t x_count,
+                            int64_t x_width, int d, int patch)
+      : resident(r), streamed(x), resident_count(r_count), streamed_count(x_count), resident_width(r_width),
+        streamed_width(x_width), d(d), patch(patch), chunks((d + DC - 1) / DC) {}
+  __device__ int steps() const { return patch * patch * chunks; }
+  __device__ int tap(int r) const { return r / chunks; }
+  __device__ int column(int r) const { return r % chunks * DC; }
+  __device__ int width(int r) const { return d - column(r) < DC ? d - column(r) : DC; }  // the rest of DC is zeros
+
+  // Copies step r's streamed chunk (rows n0 ..) to its stage and, with RESIDENT, the resident chunk (r0 ..).
+  template <bool RESIDENT>
+  __device__ __forceinline__ void fetch(T* stage, int r, int64_t r0, int64_t n0) const {
+    const int t = tap(r), d0 = column(r);
+    if (RESIDENT) {
+      load_tile_async<kMmaRows, DC>(stage, L::LD_D, resident + tap_offset(patch, resident_width, t) * d,
+                                    resident_count, d, r0, d0);
+    }
+    load_tile_async<kMmaBN, DC>(stage + kMmaRows * L::LD_D, L::LD_D,
+                                streamed + tap_offset(patch, streamed_width, t) * d, streamed_count, d, n0, d0);
+  }
+
+  // s (the warp's 16 x 64) += step r's product.
+  template <Precision P>
+  __device__ __forceinline__ void add(float (&s)[kMmaBN / 8][4], const T* stage, int r, int lane) const {
+    const int k_steps = (width(r) + kMmaK<T> - 1) / kMmaK<T>;
+    ResidentA<T, P, DC> rf = {};
+    row_fragments<T, DC>(rf, stage, L::LD_D, k_steps);
+    mma_tile<true>(s, rf, stage + kMmaRows * L::LD_D, L::LD_D, k_steps, kMmaBN / 16, lane);  // X stored [n][d]
+  }
+};
+
+// The pipeline of L's stages over a flat sequence of `total` steps, running on across blocks:
+// fetch(i, stage) copies step i's operands. Every call commits exactly one (possibly empty) group.
+template <class L, class T, class Fetch>
+__device__ __forceinline__ void start_pipeline(T* stages, int64_t total, Fetch&& fetch) {
+#pragma unroll
+  for (int i = 0; i < L::kStages - 1; ++i) {
+    if (i < total) fetch(i, stages + i * L::STAGE);
+    cp_async_commit();
+  }
+}
+// Waits for step i's copies, issues step i + kStages - 1's (into step i - 1's stage) and returns step i's stage.
+template <class L, class T, class Fetch>
+__device__ __forceinline__ const T* next_stage(T* stages, int64_t i, int64_t total, Fetch&& fetch) {
+  constexpr int STAGES = L::kStages;
+  cp_async_wait<STAGES - 2>();  // step i's group is complete
+  __syncthreads();  // its copies are visible, and every warp is done with step i - 1's stage
+  if (i + STAGES - 1 < total) fetch(i + STAGES - 1, stages + (i + STAGES - 1) % STAGES * L::STAGE);
+  cp_async_commit();
+  return stages + i % STAGES * L::STAGE;
+}
+
+// The window factors of a block's scores s = (raw - dwin m_r m_c) a_r a_c: those of the warp's
+// resident rows g and g + 8 (m_r, a_r, held) and the streamed side's (m_c, a_c per column).
+struct WindowFactors {
+  const float *mc, *ac;
+  int64_t count;  // streamed centres
+  float dwin, mr[2] = {}, ar[2] = {};
+  __device__ WindowFactors(const float* m_rows, const float* a_rows, int64_t rows, int64_t row0, const float* m_cols,
+                           const float* a_cols, int64_t cols, float dwin)
+      : mc(m_cols), ac(a_cols), count(cols), dwin(dwin) {
+    if (m_rows == nullptr) return;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mr[h] = centre_factor(m_rows, rows, row0 + 8 * h);
+      ar[h] = centre_factor(a_rows, rows, row0 + 8 * h);
+    }
+  }
+  __device__ float m(int64_t n) const { return centre_factor(mc, count, n); }
+  __device__ float a(int64_t n) const { return centre_factor(ac, count, n); }
+  // Applies them to the raw scores of the streamed block at n0 (a lane holds columns 2t, 2t + 1 of each n8 tile).
+  __device__ __forceinline__ void apply(float (&s)[kMmaBN / 8][4], int64_t n0, int t) const {
+#pragma unroll
+    for (int nt = 0; nt < kMmaBN / 8; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int64_t n = n0 + 8 * nt + 2 * t + c;
+        const float mn = m(n), an = a(n);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float& x = s[nt][2 * h + c];
+          x = (x - dwin * mr[h] * mn) * (ar[h] * an);
+        }
+      }
+    }
+  }
+};
+
 template <class T, Precision P, int CVT>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_streamed_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
                                 WarpShape shape, WarpGeometry geometry, float scale_log2, MmaGrid grid) {
   using L = StreamedTiles<T, CVT>;
-  constexpr int BN = kMmaBN, DC = L::DC, STAGES = L::kStages;
+  constexpr int BN = kMmaBN;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
-  T* const vs = stages + STAGES * L::STAGE;  // two value tiles, by key block parity
+  T* const vs = stages + L::kStages * L::STAGE;  // two value tiles, by key block parity
 
   const int64_t block = blockIdx.x;
   const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
@@ -73,80 +199,214 @@ __global__ void __launch_bounds__(kThreads, 1)
   k += (b * geometry.len_k + geometry.lo_k) * d;
   v += b * cv * nk;
   if (key_mask != nullptr) key_mask += b * nk;
-  const Factors factors(geometry, b, nq, nk);
+  const Factors f(geometry, b, nq, nk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t = lane % 4;
   const int64_t row0 = m0 + 16 * warp + lane / 4;  // the lane's rows row0, row0 + 8
+  const StreamedScores<T, CVT> scores(q, nq, geometry.width_q, k, nk, geometry.width_k, d, geometry.patch);
+  const WindowFactors factors(f.mq, f.aq, nq, row0, f.mk, f.ak, nk, f.dwin);
 
-  const int patch = geometry.patch, chunks = (d + DC - 1) / DC;
   // Steps per key block: at least 2 (patch > 1, or D > kMmaForwardD > DC), so a value buffer is
   // refilled only after the key block two back is done with it.
-  const int steps = patch * patch * chunks;
-  const int64_t total = ceil_div(nk, BN) * steps;
-  // Copies step i's query and key chunks to its stage and, at a key block's first step, the block's values.
-  auto fetch = [&](int64_t i) {
+  const int steps = scores.steps();
+  const int64_t blocks = ceil_div(nk, BN), total = blocks * steps;
+  // Copies step i's query and key chunks and, at a key block's first step, the block's values.
+  auto fetch = [&](int64_t i, T* stage) {
     const int64_t j = i / steps;
-    const int r = static_cast<int>(i % steps), tap = r / chunks, d0 = r % chunks * DC;
-    T* const st = stages + i % STAGES * L::STAGE;
-    load_tile_async<kMmaRows, DC>(st, L::LD_D, q + tap_offset(patch, geometry.width_q, tap) * d, nq, d, m0, d0);
-    load_tile_async<BN, DC>(st + kMmaRows * L::LD_D, L::LD_D, k + tap_offset(patch, geometry.width_k, tap) * d, nk,
-                            d, j * BN, d0);
+    const int r = static_cast<int>(i % steps);
+    scores.template fetch<true>(stage, r, m0, j * BN);
     if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, v, cv, nk, c0, j * BN);
   };
 
-  float mq[2] = {}, aq[2] = {};  // the window factors of rows row0, row0 + 8
-  if (factors.mq != nullptr) {
+  OnlineSoftmax<T, P, CVT> softmax;
+  start_pipeline<L>(stages, total, fetch);
+  int64_t i = 0;
+  for (int64_t j = 0; j < blocks; ++j) {
+    float s[BN / 8][4] = {};
+    for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
+    if (windowed(geometry)) factors.apply(s, j * BN, lane % 4);
+    softmax.add(s, KeyBlock(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
+  }
+  softmax.store(out + b * cv * nq, lse + b * nq, row0, nq, cv, c0, lane);
+}
+
+// The backward, one kernel per role: DK false, dQ over query-centre blocks (resident Q and dOut,
+// streamed K and V); DK true, dK/dV over key-centre blocks (resident K and V, streamed Q and
+// dOut). Resident row r, streamed column c: s = S_rc (windowed), P = exp2(s scale_log2 - lse2)
+// (0 for masked keys and centres past Nq or Nk), dP (dOut V^T, or V dOut^T), dS = P (dP - delta)
+// scale, H = dS a_r a_c (dS for prepared rows); dK/dV adds dV += P^T dOut. Then per step
+// (tap t, chunk) of a second pass over the streamed rows the plane piece H X_t[:, chunk] (16 x DC
+// a warp) is added to grad's plane t in global memory, whose rows only this block owns (its first
+// streamed block overwrites): planes (taps, B, rows, D), one tap for prepared rows. sums (2, B,
+// rows), windows, written with grad: [sum_c H_rc m_c, sum_c dS_rc s_rc]. grad null: no second
+// pass (dV only); dv null: no dV.
+template <class T, Precision P, int CVT, bool DK>
+__global__ void __launch_bounds__(kThreads, 1)
+    backward_streamed_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
+                                 const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
+                                 const float* __restrict__ lse, const float* __restrict__ delta,
+                                 float* __restrict__ grad, float* __restrict__ dv, float* __restrict__ sums,
+                                 WarpShape shape, WarpGeometry geometry, float scale, MmaGrid grid) {
+  using L = StreamedTiles<T, CVT>;
+  constexpr int BN = kMmaBN, DC = L::DC, K = kMmaK<T>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* const stages = reinterpret_cast<T*>(smem);
+  T* const vs = stages + L::kStages * L::STAGE;  // two streamed value-like tiles, by block parity
+  T* const vr = vs + 2 * L::VAL;                 // the resident value-like tile, [c][row]
+
+  const int64_t r0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
+  const int64_t b = blockIdx.x / grid.row_blocks;
+  const int64_t nq = shape.nq, nk = shape.nk, rows = DK ? nk : nq, cols = DK ? nq : nk;
+  const int d = shape.d, cv = shape.cv;
+  q += (b * geometry.len_q + geometry.lo_q) * d;  // centre 0's row
+  k += (b * geometry.len_k + geometry.lo_k) * d;
+  v += b * cv * nk;
+  grad_out += b * cv * nq;
+  lse += b * nq;
+  delta += b * nq;
+  if (key_mask != nullptr) key_mask += b * nk;
+  const T* const row_vals = DK ? v : grad_out;  // (Cv, rows)
+  const T* const col_vals = DK ? grad_out : v;  // (Cv, cols)
+  const Factors f(geometry, b, nq, nk);
+  const bool windows = windowed(geometry);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int t = lane % 4;
+  const int64_t row0 = r0 + 16 * warp + lane / 4;  // the lane's rows row0, row0 + 8
+  const StreamedScores<T, CVT> scores = DK ? StreamedScores<T, CVT>(k, nk, geometry.width_k, q, nq, geometry.width_q,
+                                                                    d, geometry.patch)
+                                           : StreamedScores<T, CVT>(q, nq, geometry.width_q, k, nk, geometry.width_k,
+                                                                    d, geometry.patch);
+  const WindowFactors factors = DK ? WindowFactors(f.mk, f.ak, nk, row0, f.mq, f.aq, nq, f.dwin)
+                                   : WindowFactors(f.mq, f.aq, nq, row0, f.mk, f.ak, nk, f.dwin);
+  const float scale_log2 = scale * kLog2e;
+  // The query side's lse (base 2) and delta: dQ's rows (past Nq: lse +inf, so P = 0); dK/dV's
+  // columns, read per streamed block. dK/dV's rows: whether the key gets weight.
+  float lse2[2] = {}, dlt[2] = {};
+  bool kept[2] = {};
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mq[r] = centre_factor(factors.mq, nq, row0 + 8 * r);
-      aq[r] = centre_factor(factors.aq, nq, row0 + 8 * r);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = row0 + 8 * h;
+    if (DK) {
+      kept[h] = key_kept(key_mask, nk, n);
+    } else {
+      lse2[h] = n < nq ? lse[n] * kLog2e : -kNegInf;
+      dlt[h] = n < nq ? delta[n] : 0.0f;
     }
   }
-  OnlineSoftmax<T, P, CVT> softmax;
-  float s[BN / 8][4] = {};
+
+  // Steps per streamed block: the score steps, then (with grad) the plane steps; at least 2
+  // (patch > 1, or D > DC), so a value-like buffer is refilled only after the block two back is
+  // done with it.
+  const int steps = scores.steps(), plane_steps = grad != nullptr ? steps : 0, per_block = steps + plane_steps;
+  const int64_t blocks = ceil_div(cols, BN), total = blocks * per_block;
+  auto fetch = [&](int64_t i, T* stage) {
+    const int64_t j = i / per_block, n0 = j * BN;
+    const int r = static_cast<int>(i % per_block);
+    if (i == 0) load_tile_async<CVT, kMmaRows>(vr, L::LD_R, row_vals, cv, rows, 0, r0);
+    if (r >= steps) {
+      scores.template fetch<false>(stage, r - steps, r0, n0);
+      return;
+    }
+    scores.template fetch<true>(stage, r, r0, n0);
+    if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, col_vals, cv, cols, 0, n0);
+  };
+
+  float hm[2] = {}, es[2] = {};  // this lane's shares of the rows' sums
+  float acc_dv[DK ? CVT / 8 : 1][4] = {};
+  const int64_t plane = shape.batch * rows * d;
+  if (grad != nullptr) grad += b * rows * d;
+  start_pipeline<L>(stages, total, fetch);
+  int64_t i = 0;
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t n0 = j * BN;
+    const T* const vt = vs + j % 2 * L::VAL;
+    AccumulatorA<T, P, BN> hf;
+    {
+      float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+      for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
+      if (windows) factors.apply(s, n0, t);
+      ResidentA<T, P, CVT> vf;
+      column_fragments<T, CVT>(vf, vr, L::LD_R);
+      mma_value_channels<T, CVT>(dp, vf, vt, L::LD_N, cv, lane);  // dP, the streamed tile stored [c][n]
+      // dK/dV: lse (base 2) and delta of query columns n0 + 2 lane + e in lane registers; column c's are in lane c / 2.
+      float col_lse2[2] = {}, col_dlt[2] = {};
+      if (DK) {
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (i < total) fetch(i);
-    cp_async_commit();
-  }
-  for (int64_t i = 0; i < total; ++i) {
-    cp_async_wait<STAGES - 2>();  // step i's group is complete
-    __syncthreads();  // its copies are visible, and every warp is done with step i - 1's stage
-    if (i + STAGES - 1 < total) fetch(i + STAGES - 1);  // into step i - 1's stage
-    cp_async_commit();  // possibly empty: every iteration commits exactly one group
-
-    const T* const st = stages + i % STAGES * L::STAGE;
-    const int r = static_cast<int>(i % steps), d0 = r % chunks * DC;
-    const int k_steps = ((d - d0 < DC ? d - d0 : DC) + kMmaK<T> - 1) / kMmaK<T>;  // the rest of DC is zeros
-    ResidentA<T, P, DC> qf = {};
-    row_fragments<T, DC>(qf, st, L::LD_D, k_steps);
-    mma_tile<true>(s, qf, st + kMmaRows * L::LD_D, L::LD_D, k_steps, BN / 16, lane);  // S += Q K^T, K stored [n][d]
-    if (r < steps - 1) continue;
-
-    const int64_t j = i / steps, n0 = j * BN;
-    if (factors.mq != nullptr) {
+        for (int e = 0; e < 2; ++e) {
+          const int64_t m = n0 + 2 * lane + e;
+          col_lse2[e] = m < nq ? lse[m] * kLog2e : 0.0f;
+          col_dlt[e] = m < nq ? delta[m] : 0.0f;
+        }
+      }
+      const KeyBlock keys(key_mask, nk, n0);
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {  // the lane's columns n0 + 8 nt + 2 t + c
-          const int64_t n = n0 + 8 * nt + 2 * t + c;
-          const float mk = centre_factor(factors.mk, nk, n), ak = centre_factor(factors.ak, nk, n);
+          const int col = 8 * nt + 2 * t + c;
+          const float mc = windows ? factors.m(n0 + col) : 0.0f, ac = windows ? factors.a(n0 + col) : 0.0f;
+          float cl = 0.0f, cd = 0.0f;
+          if (DK) {
+            cl = __shfl_sync(0xffffffffu, col_lse2[c], 4 * nt + t);
+            cd = __shfl_sync(0xffffffffu, col_dlt[c], 4 * nt + t);
+          }
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            float& x = s[nt][2 * h + c];
-            x = (x - factors.dwin * mq[h] * mk) * (aq[h] * ak);
+            const int e = 2 * h + c;
+            const float x = s[nt][e];
+            const bool keep = DK ? kept[h] && n0 + col < nq : keys.kept(col);
+            const float p = keep ? exp2f(x * scale_log2 - (DK ? cl : lse2[h])) : 0.0f;
+            float ds = p * (dp[nt][e] - (DK ? cd : dlt[h])) * scale;
+            if (windows) {  // H = dS a_r a_c: the part through the window products
+              es[h] += ds * x;
+              ds *= factors.ar[h] * ac;
+              hm[h] += ds * mc;
+            }
+            s[nt][e] = p;
+            dp[nt][e] = ds;
           }
         }
       }
+      if constexpr (DK) {
+        AccumulatorA<T, P, BN> pf;
+        to_a_fragments<T>(pf, s);
+        mma_tile<true>(acc_dv, pf, vt, L::LD_N, BN / K, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
+      }
+      to_a_fragments<T>(hf, dp);
     }
-    softmax.add(s, KeyBlock(key_mask, nk, n0), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
+    for (int r = 0; r < plane_steps; ++r, ++i) {
+      const T* const xs = next_stage<L>(stages, i, total, fetch) + kMmaRows * L::LD_D;
+      float acc[DC / 8][4] = {};
+      mma_tile<false>(acc, hf, xs, L::LD_D, BN / K, (scores.width(r) + 15) / 16, lane);  // H X_t, X stored [n][d]
+      float* const dst = grad + scores.tap(r) * plane + scores.column(r);
 #pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
+      for (int nt = 0; nt < DC / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) {
+          const int64_t n = row0 + 8 * (e / 2);
+          const int col = 8 * nt + 2 * t + e % 2;
+          if (n >= rows || col >= scores.width(r)) continue;
+          float* const x = dst + n * d + col;
+          *x = j == 0 ? acc[nt][e] : *x + acc[nt][e];
+        }
+      }
     }
   }
-  softmax.store(out + b * cv * nq, lse + b * nq, row0, nq, cv, c0, lane);
+
+  if (DK && dv != nullptr) store_accumulators<true>(dv + b * cv * nk, acc_dv, row0, nk, cv, nk);
+  if (windows && grad != nullptr) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      hm[h] += __shfl_xor_sync(0xffffffffu, hm[h], 1);
+      hm[h] += __shfl_xor_sync(0xffffffffu, hm[h], 2);
+      es[h] += __shfl_xor_sync(0xffffffffu, es[h], 1);
+      es[h] += __shfl_xor_sync(0xffffffffu, es[h], 2);
+      const int64_t n = row0 + 8 * h;
+      if (t == 0 && n < rows) {
+        sums[b * rows + n] = hm[h];
+        sums[(shape.batch + b) * rows + n] = es[h];
+      }
+    }
+  }
 }
 
 }  // namespace cuda

@@ -1,6 +1,6 @@
 // Device-side helpers of WarpGeometry (correspondence_warp.h) for the k x k window form: tap
 // offsets and per-centre factors, shared by the FMA kernels (correspondence_warp.cuh) and the
-// streamed tensor-core forward (correspondence_warp_streamed_mma.cuh).
+// streamed tensor-core kernels (correspondence_warp_streamed_mma.cuh).
 #pragma once
 
 #include "correspondence_warp.h"

@@ -24,59 +24,39 @@ void check_smem(size_t bytes) {
   if (bytes > sizeof(smem)) throw std::runtime_error("emulated shared memory too small");
 }
 
+// Runs a launch of the kernels on the CPU, as the launchers' launch(kernel, blocks, dynamic shared
+// bytes, arguments...) does on the GPU, its shared-memory accesses through cp.async, ldmatrix and
+// the mma kernels' shared loads checked against the dynamic shared memory it asks for.
+constexpr auto emulated_launch = [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
+  check_smem(bytes);
+  emu::shared_begin = smem;
+  emu::shared_end = smem + bytes;
+  emu::launch(blocks, kThreads, [&] { kernel(args...); });
+  emu::shared_begin = emu::shared_end = nullptr;
+  return cudaSuccess;
+};
+
 // The forward kernel and grid the launcher picks (with_forward_kernel). The mma kernels return
-// the emulation's first fault (a misaligned cp.async or ldmatrix address) as 3.
+// the emulation's first fault (a misaligned or out-of-bounds cp.async or ldmatrix address) as 3.
 template <class T>
 int forward(const void* q, const void* k, const void* v, const uint8_t* mask, void* out, float* lse, WarpShape s,
             WarpGeometry g, float scale, Precision precision) {
   with_forward_kernel(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), mask,
-                      static_cast<T*>(out), lse, s, g, scale, precision,
-                      [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
-                        check_smem(bytes);
-                        emu::launch(blocks, kThreads, [&] { kernel(args...); });
-                        return 0;
-                      });
+                      static_cast<T*>(out), lse, s, g, scale, precision, emulated_launch);
   return emu::take_fault() == nullptr ? 0 : 3;
 }
 
-// The backward kernels the launcher picks (correspondence_warp_backward; the mma kernels through
-// its own dispatch, backward_mma, their shared-memory accesses checked against the launch's
-// dynamic shared memory); 3 as forward.
+// The backward kernels and grids the launcher picks (backward_kernels); 3 as forward.
 template <class T>
 int backward(const void* grad_out, const void* q, const void* k, const void* v, const uint8_t* mask,
-              const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
-              WarpShape s, WarpGeometry g, float scale, Precision precision) {
+             const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q, float* sums_k,
+             WarpShape s, WarpGeometry g, float scale, Precision precision) {
   auto in = [](const void* p) { return static_cast<const T*>(p); };
-  if (uses_mma_backward<T>(s, g, precision)) {
-    backward_mma(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, dk, dv, s, scale, precision,
-                 [](auto kernel, int64_t blocks, size_t bytes, auto... args) {
-                   check_smem(bytes);
-                   emu::shared_begin = smem;  // the shared memory the launch asks for
-                   emu::shared_end = smem + bytes;
-                   emu::launch(blocks, kThreads, [&] { kernel(args...); });
-                   emu::shared_begin = emu::shared_end = nullptr;
-                   return cudaSuccess;
-                 });
-    return emu::take_fault() == nullptr ? 0 : 3;
-  }
-  check_smem(BackwardDqSmem<T>::carve(nullptr, nullptr));
-  check_smem(BackwardDkDvSmem<T>::carve(nullptr, nullptr, windowed(g)));
-  if (dq != nullptr) {
-    const int64_t m_blocks = ceil_div(s.nq, BM);
-    emu::launch(s.batch * m_blocks, kThreads, [&] {
-      backward_dq_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, sums_q, s, g, scale,
-                            m_blocks);
-    });
-  }
-  if (dk != nullptr || dv != nullptr) {
-    const int64_t n_blocks = ceil_div(s.nk, BN);
-    emu::launch(s.batch * n_blocks, kThreads, [&] {
-      backward_dkdv_kernel<T>(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dk, dv, sums_k, s, g, scale,
-                              n_blocks);
-    });
-  }
-  return 0;
+  backward_kernels(in(grad_out), in(q), in(k), in(v), mask, lse, delta, dq, dk, dv, sums_q, sums_k, s, g, scale,
+                   precision, emulated_launch);
+  return emu::take_fault() == nullptr ? 0 : 3;
 }
+
 template <class T>
 void prologue(const float* x, void* rows, int64_t batch, int64_t channels, int64_t n, bool center, bool normalize,
               float eps) {
@@ -229,8 +209,7 @@ int emu_backward(int dtype, const void* grad_out, const void* q, const void* k, 
 }
 
 // Windows: xq (B, len_q, C), xk (B, len_k, C) padded grids, mq / aq (B, Nq), mk / ak (B, Nk) float;
-// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres. The backward runs the FMA kernels
-// whatever the precision, as the launcher does.
+// v (B, Cv, Nk), out (B, Cv, Nq) and lse (B, Nq) on the centres.
 int emu_windows_forward(int dtype, const void* xq, const float* mq, const float* aq, const void* xk,
                         const float* mk, const float* ak, const void* v, const uint8_t* mask, void* out, float* lse,
                         int64_t batch, int64_t nq, int64_t nk, int64_t len_q, int64_t len_k, int c, int cv,
@@ -251,17 +230,20 @@ int emu_windows_backward(int dtype, const void* grad_out, const void* xq, const 
                          const void* xk, const float* mk, const float* ak, const void* v, const uint8_t* mask,
                          const float* lse, const float* delta, float* planes_q, float* planes_k, float* dv,
                          float* rows, float* cols, int64_t batch, int64_t nq, int64_t nk, int64_t len_q,
-                         int64_t len_k, int c, int cv, int patch, int64_t width_q, int64_t width_k, float scale) {
+                         int64_t len_k, int c, int cv, int patch, int64_t width_q, int64_t width_k, float scale,
+                         int precision) {
   const WarpShape s{batch, nq, nk, c, cv};
   const WarpGeometry g = window_geometry(s, patch, len_q, width_q, len_k, width_k, mq, aq, mk, ak);
+  const Precision p = static_cast<Precision>(precision);
   switch (dtype) {
     case 0:
-      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
+      return backward<float>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, p);
     case 1:
-      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale, Precision::kIeee);
+      return backward<__half>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g, scale,
+                              p);
     case 2:
       return backward<__nv_bfloat16>(grad_out, xq, xk, v, mask, lse, delta, planes_q, planes_k, dv, rows, cols, s, g,
-                                     scale, Precision::kIeee);
+                                     scale, p);
   }
   return 1;
 }
