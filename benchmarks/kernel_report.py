@@ -263,7 +263,7 @@ def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
 # the limits are correspondence_warp_mma.cuh's constants, parsed from it.
 MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
 MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
-              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaRows", "kMmaBN")
+              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaDvChunk", "kMmaDChunk", "kMmaRows", "kMmaBN")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
 SMEM_PROBE = REPO / "csrc" / "cuda" / "testing" / "smem_probe.cu"
 C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
@@ -282,8 +282,8 @@ def mma_limits(text: str | None = None) -> dict[str, int]:
 @functools.cache
 def dynamic_shared_memory() -> dict[tuple[str, str], int]:
     """{(layout, dtype): bytes} of dynamic shared memory the launchers request, as SMEM_PROBE prints them
-    from the kernels' own layout code (compiled with nvcc and run here, once per process). RuntimeError
-    where it does not build or run."""
+    from the kernels' own layout code (compiled with nvcc and run here, once per process), and its
+    {(WIDEST..., dtype): Cv} lines (backward_widest). RuntimeError where it does not build or run."""
     from cocos_kernels import build
 
     home = build.cuda_home()
@@ -304,27 +304,52 @@ def dynamic_shared_memory() -> dict[tuple[str, str], int]:
     return sizes
 
 
-def _mma_tiles(d: int, cv: int, max_d: int, is_float: bool) -> tuple[int, int]:
-    """(DT, CVT) as with_mma_tiles chooses them."""
-    dt = max_d if max_d > 128 and d > 128 else 128 if max_d > 64 and d > 64 else 64
-    return dt, 16 if (is_float and dt > 64) or cv <= 16 else 64
+WIDEST = "backward_mma_widest_D"  # SMEM_PROBE's lines of the widest Cv the mma backward takes
 
 
-def cuda_launches(item: dict, lim: dict) -> list[dict]:
+def backward_widest(probe: dict[tuple[str, str], int], dtype: str, dt: int, cvt: int | None = None) -> int:
+    """The widest Cv the mma backward takes at DT (with the tile class CVT: that class's widest), as SMEM_PROBE
+    prints it from uses_mma_backward and with_mma_tiles; 0 where it takes none."""
+    return probe.get((f"{WIDEST}{dt}" + (f"_Cv{cvt}" if cvt else ""), dtype), 0)
+
+
+def _mma_d_tile(d: int, max_d: int) -> int:
+    """DT as with_mma_tiles chooses it."""
+    return max_d if max_d > 128 and d > 128 else 128 if max_d > 64 and d > 64 else 64
+
+
+def backward_tiles(dt: int, cvt: int, cv: int, is_float: bool, lim: dict) -> dict:
+    """MmaBackwardTiles<T, DT, CVT>(cv)'s plan: the value-like rows of its tiles (channels: CVT where dOut and V
+    fragments are held, else Cv padded to 16), the dQ / dK columns a block accumulates (out_d: kMmaDChunk where
+    kChunked), and whether dV goes to dV-only blocks (split, kDvSplit) of dv_chunk channels."""
+    vals_in_registers = not is_float and dt <= 128 and cvt <= 64
+    chunked = not is_float and dt > lim["kMmaDChunk"] and cvt > 64
+    split = cvt > lim["kTf32DvChunk"] if is_float else cvt > 64 or (dt > 128 and cvt > 16)
+    return dict(channels=cvt if vals_in_registers else max(16, math.ceil(cv / 16) * 16),
+                out_d=lim["kMmaDChunk"] if chunked else dt, split=split,
+                dv_chunk=(lim["kTf32DvChunk"] if is_float else lim["kMmaDvChunk"]) if split else cvt)
+
+
+def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> list[dict]:
     """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, kind ("mma":
     forward_mma_kernel and the mma backward; "streamed": forward_streamed_mma_kernel; "fma": the
-    shared-memory kernels), the tiles (DT, CVT), the layout (SMEM_PROBE's name for its shared memory) and
-    the kernel's demangled name (without namespace and arguments)."""
+    shared-memory kernels), the tiles (DT, CVT; the mma backward: backward_tiles' plan too), the layout
+    (SMEM_PROBE's name for its shared memory) and the kernel's demangled name (without namespace and
+    arguments). Whether the mma backward takes Cv, and in which tile class: `probe`'s widest Cv
+    (backward_widest). The mma backward (backward_mma): dQ blocks ("dq"), then dK/dV blocks ("dkdv"), or
+    with split dK blocks ("dk") and dV-only blocks ("dv")."""
     _, _, C, taps, Cv, _ = _shape(item)
-    is_float = item["dtype"] == "float32"
-    ctype = C_TYPES[item["dtype"]]
+    dtype, is_float = item["dtype"], item["dtype"] == "float32"
+    ctype = C_TYPES[dtype]
     precision = f"(cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}"
     tensor = not is_float or item["precision"] != "ieee"
     max_d = lim["kTf32MaxD"] if is_float else lim["kMmaMaxD"]
     if not tensor:
         launches = [dict(role="forward", kind="fma", layout="forward", name=f"forward_kernel<{ctype}>")]
     elif taps == 1 and C <= max_d:
-        dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
+        dt = _mma_d_tile(C, max_d)
+        # with_mma_tiles' forward classes: 16 channels (float32 rows at D > 64: always), else 64.
+        cvt = 16 if (is_float and dt > 64) or Cv <= 16 else 64
         launches = [dict(role="forward", kind="mma", dt=dt, cvt=cvt, layout=f"forward_mma_D{dt}_Cv{cvt}",
                          name=f"forward_mma_kernel<{ctype}, {precision}, {dt}, {cvt}>")]
     else:  # windows and wider rows (with_streamed_tiles)
@@ -335,49 +360,53 @@ def cuda_launches(item: dict, lim: dict) -> list[dict]:
         return launches
     max_d, max_cv = ((lim["kTf32MaxBackwardD"], lim["kTf32MaxBackwardCv"]) if is_float else
                      (lim["kMmaMaxBackwardD"], lim["kMmaMaxBackwardCv"]))
-    if not (tensor and taps == 1 and C <= max_d and Cv <= max_cv):
+    dt = _mma_d_tile(C, max_d)
+    if not (tensor and taps == 1 and C <= max_d and Cv <= backward_widest(probe, dtype, dt)):
         return launches + [dict(role="dq", kind="fma", layout="backward_dq", name=f"backward_dq_kernel<{ctype}>"),
                            dict(role="dkdv", kind="fma", layout="backward_dkdv" + ("_windows" if taps > 1 else ""),
                                 name=f"backward_dkdv_kernel<{ctype}>")]
-    dt, cvt = _mma_tiles(C, Cv, max_d, is_float)
+    # with_mma_tiles' classes: 16 channels; 64 where those tiles fit (16-bit rows); else max_cv.
+    cvt = 16 if Cv <= 16 else 64 if Cv <= backward_widest(probe, dtype, dt, 64) else max_cv
+    plan = backward_tiles(dt, cvt, Cv, is_float, lim)
     tiles = f"{ctype}, {precision}, {dt}, {cvt}"
-    split = is_float and cvt > lim["kTf32DvChunk"]  # kDvSplit: dK blocks, then dV-only blocks
-    dkdv = dict(kind="mma", dt=dt, cvt=cvt, layout=f"backward_dkdv_mma_D{dt}_Cv{cvt}")
-    launches += [dict(role="dq", kind="mma", dt=dt, cvt=cvt, layout=f"backward_dq_mma_D{dt}_Cv{cvt}",
-                      name=f"backward_dq_mma_kernel<{tiles}>"),
-                 dict(dkdv, role="dkdv", split=split, name=f"backward_dkdv_mma_kernel<{tiles}, false>")]
-    if split:
-        launches.append(dict(dkdv, role="dv", name=f"backward_dkdv_mma_kernel<{tiles}, true>"))
-    return launches
+    roles = (("dq", "dq", ""), ("dk", "dkdv", ", false"), ("dv", "dkdv", ", true")) if plan["split"] else (
+        ("dq", "dq", ""), ("dkdv", "dkdv", ", false"))
+    return launches + [dict(plan, role=role, kind="mma", dt=dt, cvt=cvt,
+                            layout=f"backward_{role}_mma_D{dt}_Cv{cvt}_c{plan['channels']}",
+                            name=f"backward_{kernel}_mma_kernel<{tiles}{dv_only}>") for role, kernel, dv_only in roles]
 
 
 def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
     """(programs, FLOPs as issued, exponentials, traffic) of an mma kernel launch: 128 resident rows per
-    block, the other side streamed in 64-row blocks (both padded); the score and dQ / dK products take D
-    in whole k steps (the zero tail of DT is skipped), the value-like products CVT channels (float32:
-    dP in 16-channel steps up to Cv). Every accumulator stays in registers."""
+    block, the other side streamed in 64-row blocks (both padded); the score products take D in whole k
+    steps (the zero tail of DT is skipped), the dQ / dK products the block's columns in 16-column steps,
+    the value-like products the forward's CVT channels a chunk, the backward's tile channels
+    (backward_tiles). The backward's grid chunks each compute S again over all of D: dQ and dK blocks per
+    chunk of out_d columns (with dP over all of Cv), dV-only blocks per dv_chunk channels (S and P, no
+    dP; dOut of their channels). Every accumulator stays in registers."""
     B, n, C, _, Cv, e = _shape(item)
-    rows, bn, role, cvt = lim["kMmaRows"], lim["kMmaBN"], launch["role"], launch["cvt"]
-    is_float = e == 4
-    k = 8 if is_float else 16
+    rows, bn, role = lim["kMmaRows"], lim["kMmaBN"], launch["role"]
+    k = 8 if e == 4 else 16
     d_k, d_16 = math.ceil(C / k) * k, math.ceil(C / 16) * 16
     blocks, pairs = math.ceil(n / rows), math.ceil(n / rows) * rows * math.ceil(n / bn) * bn
-    cv_p = math.ceil(Cv / 16) * 16 if is_float and cvt > 16 else cvt
-    dv_chunk = min(cvt, lim["kTf32DvChunk"]) if is_float else cvt
-    chunks = {"forward": math.ceil(Cv / cvt), "dv": math.ceil(Cv / dv_chunk)}.get(role, 1)
-    products = {"forward": d_k + cvt, "dq": d_k + cv_p + d_16, "dv": d_k + dv_chunk,
-                "dkdv": d_k + cv_p + d_16 + (0 if launch.get("split") else cvt)}[role]
-    # Per block, the other side's rows and value-like columns (a value chunk's block: its channels), and
-    # its resident rows once.
     if role == "forward":
+        chunks = math.ceil(Cv / launch["cvt"])
+        products = chunks * (d_k + launch["cvt"])
+        # Per block, the key rows and a value chunk's columns, and its resident rows once.
         l2 = chunks * blocks * n * C * e + blocks * n * Cv * e + chunks * n * C * e
-    elif role == "dq":
-        l2 = blocks * n * (C + Cv) * e + n * (C + Cv) * e + 8 * n
-    else:  # dK/dV: lse and delta per block too; dV-only blocks keep no V
-        l2 = chunks * blocks * (n * C * e + 8 * n) + blocks * n * Cv * e + chunks * n * C * e + (
-            0 if role == "dv" else n * Cv * e)
-    io = _io_bytes(item, "dk" if launch.get("split") else role)
-    return B * chunks * blocks, 2.0 * B * chunks * pairs * products, B * chunks * n * n, Traffic(io, B * l2)
+    elif role == "dv":
+        chunks = math.ceil(Cv / launch["dv_chunk"])
+        products = chunks * d_k + launch["channels"]
+        # Per block, the query rows, lse and delta, its chunk's dOut columns; its resident rows once (no V).
+        l2 = chunks * (blocks * (n * C * e + 8 * n) + n * C * e) + blocks * n * Cv * e
+    else:
+        chunks = math.ceil(C / launch["out_d"])
+        products = chunks * (d_k + launch["channels"]) + d_16 + (launch["channels"] if role == "dkdv" else 0)
+        # Per block, the other side's rows and value-like columns (dK/dV: lse and delta too), and its
+        # resident rows and columns once (dQ: lse and delta).
+        lse_delta = 8 * n * (1 if role == "dq" else blocks)
+        l2 = chunks * ((blocks + 1) * n * (C + Cv) * e + lse_delta)
+    return B * chunks * blocks, 2.0 * B * pairs * products, B * chunks * n * n, Traffic(_io_bytes(item, role), B * l2)
 
 
 def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
@@ -429,8 +458,8 @@ def _cuda_row(rows: list[dict], arch: int, name: str) -> dict | None:
 
 def cuda_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tuple[str, str], int]) -> list[dict]:
     """Per headline item: the CUDA kernels the launchers take, each with its occupancy (blocks per SM from
-    ptxas's registers and the dynamic shared memory its launcher asks for, `smem`: dynamic_shared_memory)
-    and estimate."""
+    ptxas's registers and the dynamic shared memory its launcher asks for, `smem`: dynamic_shared_memory,
+    whose widest Cv of the mma backward cuda_launches takes too) and estimate."""
     lim = mma_limits()
     work = {"mma": lambda launch, item: _mma_work(launch, item, lim),
             "streamed": lambda launch, item: _streamed_work(launch, item, lim),
@@ -438,7 +467,7 @@ def cuda_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tup
     out = []
     for item in items:
         entry, parts = dict(item, kernels=[]), []
-        for launch in cuda_launches(item, lim):
+        for launch in cuda_launches(item, lim, smem):
             row = _cuda_row(rows, arch, launch["name"])
             shared = smem.get((launch["layout"], item["dtype"]))
             per_sm = (row and shared is not None and shared <= SHARED_LIMIT[arch]

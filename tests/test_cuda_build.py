@@ -144,18 +144,27 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
 def test_shared_memory_fits_the_cards():
     from benchmarks import kernel_report
 
-    sizes = kernel_report.dynamic_shared_memory()  # csrc/cuda/testing/smem_probe.cu, compiled and run
+    probe = kernel_report.dynamic_shared_memory()  # csrc/cuda/testing/smem_probe.cu, compiled and run
+    sizes = {key: size for key, size in probe.items() if not key[0].startswith(kernel_report.WIDEST)}
     print("dynamic shared memory per block (bytes):", sizes)
     for (layout, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{layout} {dtype}: {size} bytes of shared memory > sm_80's limit"
-    # The kernel report's launch plans, over shapes that reach every kernel the probe prints, take exactly
-    # the probe's layouts: each launch finds its size, and the probe prints none that no launch takes.
+    # The backward on tensor cores up to these Cv per D (16-bit rows; float32 rows with tf32x3), as
+    # correspondence_warp_mma.cuh and the docs say.
+    widest = {(d, dtype): kernel_report.backward_widest(probe, dtype, d)
+              for dtype in ("bfloat16", "float16", "float32") for d in (64, 128, 256)}
+    assert widest == {**{(d, dtype): cv for dtype in ("bfloat16", "float16") for d, cv in ((64, 256), (128, 224), (256, 176))},
+                      (64, "float32"): 112, (128, "float32"): 80, (256, "float32"): 0}, widest
+    # The kernel report's launch plans, over shapes that reach every kernel the probe prints (the mma
+    # backward's at every Cv padded to 16), take exactly the probe's layouts: each launch finds its size,
+    # and the probe prints none that no launch takes.
     limits = kernel_report.mma_limits()
     items = [dict(batch=1, side=16, channels=c, value_channels=cv, patch_size=patch, dtype=dtype, precision=precision,
                   mode="forward+backward")
              for dtype, precision in (("float32", "ieee"), ("float32", "tf32x3"), ("float16", None), ("bfloat16", None))
-             for c in (64, 128, 256, 512) for cv in (16, 64, 256) for patch in (1, 3)]
-    taken = {(launch["layout"], item["dtype"]) for item in items for launch in kernel_report.cuda_launches(item, limits)}
+             for c in (64, 128, 256, 512) for cv in (3, *range(16, 257, 16)) for patch in (1, 3)]
+    taken = {(launch["layout"], item["dtype"]) for item in items
+             for launch in kernel_report.cuda_launches(item, limits, probe)}
     taken |= {(layout, "float32") for layout in kernel_report.CONTEXTUAL_KERNELS.values()}
     assert taken == set(sizes), f"launches without a size: {taken - set(sizes)}; sizes no launch takes: {set(sizes) - taken}"
 

@@ -63,23 +63,41 @@ def test_the_mma_limits_are_parsed_from_the_header():
         kr.mma_limits(kr.MMA_HEADER.read_text().replace("kTf32MaxD", "kRenamed"))
 
 
-LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=128, kMmaMaxBackwardCv=64, kTf32MaxD=128, kTf32MaxBackwardD=64,
-              kTf32MaxBackwardCv=64, kTf32DvChunk=16, kMmaRows=128, kMmaBN=64)
+LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=256, kMmaMaxBackwardCv=256, kTf32MaxD=128, kTf32MaxBackwardD=128,
+              kTf32MaxBackwardCv=256, kTf32DvChunk=16, kMmaDvChunk=128, kMmaDChunk=128, kMmaRows=128, kMmaBN=64)
+# The probe's lines cuda_launches reads: the widest Cv the mma backward takes per D, and in the 64-channel
+# tile class (16-bit rows).
+PROBE = {(f"{kr.WIDEST}{d}{cls}", dtype): cv for dtype in ("bfloat16", "float16")
+         for d, cls, cv in ((64, "", 256), (128, "", 224), (256, "", 176), (64, "_Cv64", 64), (128, "_Cv64", 64),
+                            (256, "_Cv64", 48))} | {(f"{kr.WIDEST}64", "float32"): 112, (f"{kr.WIDEST}128", "float32"): 80}
+BF16, TF32X3 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)1"
 
 
 @pytest.mark.parametrize("item, names", [
+    # D 256: Cv 3 in dK/dV blocks; Cv 48 (the widest of the 64-channel tiles) and 151 with dV-only blocks.
     (dict(channels=256, value_channels=3, dtype="bfloat16", precision=None),
-     ["forward_mma_kernel<__nv_bfloat16, (cocos_kernels::cuda::Precision)0, 256, 16>",
-      "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+     [f"forward_mma_kernel<{BF16}, 256, 16>", f"backward_dq_mma_kernel<{BF16}, 256, 16>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>"]),
+    (dict(channels=256, value_channels=48, dtype="bfloat16", precision=None),
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 64>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 64, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 64, true>"]),
+    (dict(channels=256, value_channels=151, dtype="bfloat16", precision=None),
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 256>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
+    (dict(channels=256, value_channels=177, dtype="bfloat16", precision=None),  # past the widest at D 256
+     [f"forward_mma_kernel<{BF16}, 256, 64>", "backward_dq_kernel<__nv_bfloat16>",
+      "backward_dkdv_kernel<__nv_bfloat16>"]),
     (dict(channels=128, value_channels=48, dtype="float16", precision=None),
      ["forward_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
       "backward_dq_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
       "backward_dkdv_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64, false>"]),
-    (dict(channels=64, value_channels=48, dtype="float32", precision="tf32x3"),  # dK blocks, then dV blocks
-     ["forward_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64>",
-      "backward_dq_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64>",
-      "backward_dkdv_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64, false>",
-      "backward_dkdv_mma_kernel<float, (cocos_kernels::cuda::Precision)1, 64, 64, true>"]),
+    # Float32 at Cv > 16: the tiles sized by Cv, dK blocks, then dV-only blocks.
+    (dict(channels=64, value_channels=48, dtype="float32", precision="tf32x3"),
+     [f"forward_mma_kernel<{TF32X3}, 64, 64>", f"backward_dq_mma_kernel<{TF32X3}, 64, 256>",
+      f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, true>"]),
+    (dict(channels=128, value_channels=48, dtype="float32", precision="tf32x3"),
+     [f"forward_mma_kernel<{TF32X3}, 128, 16>", f"backward_dq_mma_kernel<{TF32X3}, 128, 256>",
+      f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, true>"]),
     (dict(channels=64, value_channels=3, dtype="float32", precision="ieee"),
      ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
     # Windows, and rows wider than the resident forward takes: the streamed forward, the FMA backward.
@@ -97,7 +115,25 @@ LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=128, kMmaMaxBackwardCv=64, kTf32Max
 ])
 def test_cuda_launches_follow_the_launchers(item, names):
     item = dict(TINY, mode="forward+backward") | item
-    assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS)] == names
+    assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS, PROBE)] == names
+
+
+def test_chunked_mma_backward_work_by_hand():
+    # D 256, Cv 151 (tiles of 160 channels) over 4 positions: one block of 128 rows and one streamed block of 64
+    # (8192 pairs). dQ (and dK) blocks in two chunks of 128 columns, each S over D (256) and dP over 160
+    # channels, dQ += dS K over its 128 columns; dV-only blocks in two chunks of 128 channels, each S again,
+    # dV += P^T dOut over 160 channels in all. L2 of dQ, per chunk: K and V rows and Q and dOut (2 x 4 x 407 x 2 B)
+    # and the 4 rows' lse and delta (32 B).
+    item = dict(TINY, channels=256, value_channels=151, mode="forward+backward")
+    dq, dk, dv = kr.cuda_launches(item, LIMITS, PROBE)[1:]
+    assert [(x["role"], x["layout"]) for x in (dq, dk, dv)] == [
+        ("dq", "backward_dq_mma_D256_Cv256_c160"), ("dk", "backward_dk_mma_D256_Cv256_c160"),
+        ("dv", "backward_dv_mma_D256_Cv256_c160")]
+    programs, work, exps, traffic = kr._mma_work(dq, item, LIMITS)
+    assert (programs, work, exps, traffic.l2) == (2, 2 * 8192 * (2 * (256 + 160) + 256), 32, 2 * (2 * 4 * 407 * 2 + 32))
+    assert kr._mma_work(dk, item, LIMITS)[:3] == (programs, work, exps)
+    programs, work, exps, _ = kr._mma_work(dv, item, LIMITS)
+    assert (programs, work, exps) == (2, 2 * 8192 * (2 * 256 + 160), 32)
 
 
 def test_streamed_forward_work_by_hand():
@@ -105,7 +141,7 @@ def test_streamed_forward_work_by_hand():
     # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
     # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
     item = dict(TINY, patch_size=3)
-    (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS)
+    (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS, PROBE)
     assert (launch["kind"], launch["cvt"], launch["layout"]) == ("streamed", 16, "forward_streamed_mma_Cv16")
     programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
     assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
