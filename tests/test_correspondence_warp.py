@@ -135,10 +135,44 @@ def test_matches_float64_reference(backend, dtype, shape, opts, device):
     check_against_reference(backend, *make_inputs(shape, dtype, device), **opts)
 
 
-@pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["attention-t1"]], ids=["channel", "attention"])
+# The shapes that pick each tensor-core kernel class of the CUDA backend (csrc/cuda): C 17 with Cv 48
+# the register-resident kernels at D 64; C 256 at D 256 (the forward's widest tiles, the backward's
+# 32-row sub-blocks); Cv 151 (ADE20K's labels) the backward's run-time value tiles; 3x3 windows the
+# streamed kernels.
+TENSOR_CORE_SHAPES = ("B2-C17-Cv48-q7x5-k9x11", "B2-C256-Cv3-q12x11-k13x10", "B3-C64-Cv151-q5x7-k6x4")
+
+
+@pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["attention-t1"], OPTIONS["channel-p3-t0.01"]],
+                         ids=["channel", "attention", "channel-p3"])
+@pytest.mark.parametrize("shape", [SHAPES[s] for s in TENSOR_CORE_SHAPES], ids=TENSOR_CORE_SHAPES)
 @pytest.mark.backends(OP, HALF)
-def test_half_precision(backend, dtype, opts, device):
-    check_against_reference(backend, *make_inputs(SHAPES["B2-C17-Cv48-q7x5-k9x11"], dtype, device), **opts)
+def test_half_precision(backend, dtype, shape, opts, device):
+    skip_if_too_slow_interpreted(backend, device, shape, opts)
+    check_against_reference(backend, *make_inputs(shape, dtype, device), **opts)
+
+
+@pytest.mark.parametrize("precision,matmul_precision", [("tf32x3", "high"), ("tf32", "medium")])
+@pytest.mark.parametrize("opts", [OPTIONS["channel-t0.01"], OPTIONS["channel-p3-t0.01"]], ids=["channel", "channel-p3"])
+@pytest.mark.parametrize("shape", [SHAPES[s] for s in TENSOR_CORE_SHAPES], ids=TENSOR_CORE_SHAPES)
+@pytest.mark.backends(OP, [torch.float32], features=("precision",))
+def test_float32_on_tensor_cores(backend, dtype, shape, opts, precision, matmul_precision, device):
+    """precision= tf32x3 / tf32 against float64, the yardstick being the materialised path at the
+    matching float32 matmul precision (on a CPU both run in float32)."""
+    skip_if_too_slow_interpreted(backend, device, shape, opts)
+    q, k, v = make_inputs(shape, dtype, device)
+    grad = torch.randn(v.shape[:2] + q.shape[2:], generator=torch.Generator().manual_seed(1)).to(device)
+    mine = warp_and_grads(backend, q, k, v, grad, precision=precision, **opts)
+    exact = warp_and_grads("reference", *(t.double() for t in (q, k, v, grad)), **opts)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(matmul_precision)
+        same = warp_and_grads("reference", q, k, v, grad, **opts)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    floor = softmax_floor(q.dtype, max_logit(q, k, **opts))
+    for name, result in mine.items():
+        grad_floor = floor if name in ("out", "grad value") else feature_grad_floor(q, k, v, grad, **opts)
+        assert_close(result, exact[name], same[name], name=f"{precision} {name}", floor=grad_floor)
 
 
 NAIVE = ("channel-t0.01", "channel-p3-t0.01", "nocenter-p3-t0.01", "attention-t1")

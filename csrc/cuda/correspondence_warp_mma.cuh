@@ -262,6 +262,10 @@ struct MmaTiles {
 struct MmaGrid {
   int64_t row_blocks, cv_chunks;
   int64_t blocks(int64_t batch) const { return batch * cv_chunks * row_blocks; }
+  // Block `block`'s first resident row, its chunk and its batch element.
+  __device__ int64_t row0(int64_t block) const { return block % row_blocks * kMmaRows; }
+  __device__ int64_t chunk(int64_t block) const { return block / row_blocks % cv_chunks; }
+  __device__ int64_t batch(int64_t block) const { return block / row_blocks / cv_chunks; }
 };
 inline MmaGrid forward_mma_grid(const WarpShape& s, int cvt) {
   return {ceil_div(s.nq, kMmaRows), s.cv > 0 ? ceil_div(s.cv, cvt) : 1};  // chunk 0 writes the lse
@@ -770,9 +774,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const qs = kIsFloat<T> ? vs + 2 * L::VAL_STAGE : rs;  // float32: Q stays, after the stages
 
   const int64_t block = blockIdx.x;
-  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
-  const int64_t c0 = (block / grid.row_blocks % grid.cv_chunks) * CVT;
-  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t m0 = grid.row0(block), c0 = grid.chunk(block) * CVT, b = grid.batch(block);
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
   to_batch(b, shape, q, k, v, key_mask);
@@ -822,9 +824,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const os = L::kValsInRegisters ? vs : own + (L::kRowsInRegisters ? 0 : L::ROWS);
 
   const int64_t block = blockIdx.x;
-  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
-  const int d0 = static_cast<int>(block / grid.row_blocks % grid.cv_chunks) * DO;  // the block's dQ columns
-  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t m0 = grid.row0(block), b = grid.batch(block);
+  const int d0 = static_cast<int>(grid.chunk(block)) * DO;  // the block's dQ columns
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
   to_batch(b, shape, q, k, v, key_mask);
@@ -906,10 +907,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const vr = own + (K_HELD ? 0 : L::ROWS);  // the resident V columns, [c][n]
 
   const int64_t block = blockIdx.x;
-  const int64_t n0 = (block % grid.row_blocks) * kMmaRows;
-  const int chunk = static_cast<int>(block / grid.row_blocks % grid.cv_chunks);
+  const int64_t n0 = grid.row0(block);
+  const int chunk = static_cast<int>(grid.chunk(block));
   const int c0 = DV_ONLY ? chunk * DVT : 0, d0 = DV_ONLY ? 0 : chunk * DO;
-  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t b = grid.batch(block);
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
   to_batch(b, shape, q, k, v, key_mask);

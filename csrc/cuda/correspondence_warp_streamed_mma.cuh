@@ -190,9 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const vs = stages + L::kStages * L::STAGE;  // two value tiles, by key block parity
 
   const int64_t block = blockIdx.x;
-  const int64_t m0 = (block % grid.row_blocks) * kMmaRows;
-  const int64_t c0 = (block / grid.row_blocks % grid.cv_chunks) * CVT;
-  const int64_t b = block / grid.row_blocks / grid.cv_chunks;
+  const int64_t m0 = grid.row0(block), c0 = grid.chunk(block) * CVT, b = grid.batch(block);
   const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
   q += (b * geometry.len_q + geometry.lo_q) * d;  // centre 0's row
@@ -253,8 +251,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const vs = stages + L::kStages * L::STAGE;  // two streamed value-like tiles, by block parity
   T* const vr = vs + 2 * L::VAL;                 // the resident value-like tile, [c][row]
 
-  const int64_t r0 = (blockIdx.x % grid.row_blocks) * kMmaRows;
-  const int64_t b = blockIdx.x / grid.row_blocks;
+  const int64_t r0 = grid.row0(blockIdx.x), b = grid.batch(blockIdx.x);
   const int64_t nq = shape.nq, nk = shape.nk, rows = DK ? nk : nq, cols = DK ? nq : nk;
   const int d = shape.d, cv = shape.cv;
   q += (b * geometry.len_q + geometry.lo_q) * d;  // centre 0's row
