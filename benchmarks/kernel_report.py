@@ -28,11 +28,12 @@ last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels
 `_streamed_work`, `_fma_work`, `_contextual_work`): HBM carries each input and each output once;
 the L2 the operand tiles every program loads per block (the other side's rows, its own rows again
 per block where D is chunked or streamed), which the programs resident together read from the L2
-after the first; the float32 accumulators of the chunked backward, read and written once per
-(streamed block, D chunk), go to the L2 while the resident programs' accumulators fit in it, else
-to HBM. Triton: per kernel the config that fits and spills least (spills of up to SMALL_SPILL
-bytes a thread count as none), then the fastest by this estimate. CUDA: the kernels the
-launchers choose (the limits parsed from csrc/cuda/correspondence_warp_mma.cuh), with blocks per
+after the first; the float32 accumulators of the chunked backward (the streamed CUDA backward's
+gradient planes), read and written once per (streamed block, D chunk), go to the L2 while the
+resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
+and spills least (spills of up to SMALL_SPILL bytes a thread count as none), then the fastest by
+this estimate. CUDA: the kernels the launchers choose (the limits parsed from
+csrc/cuda/correspondence_warp_mma.cuh and correspondence_warp_streamed_mma.cuh), with blocks per
 SM from ptxas's registers and the dynamic shared memory the launcher requests, as
 csrc/cuda/testing/smem_probe.cu prints it from the kernels' own layout code
 (`dynamic_shared_memory`; saved in the JSON for `--from-results`). Shares: the useful FLOPs
@@ -259,23 +260,31 @@ def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- CUDA kernels
 # Which kernel the launchers take (correspondence_warp_forward / _backward in
 # csrc/cuda/correspondence_warp.cuh, through uses_mma_forward / uses_mma_backward and with_mma_tiles in
-# csrc/cuda/correspondence_warp_mma.cuh, with_streamed_tiles in correspondence_warp_streamed_mma.cuh):
-# the limits are correspondence_warp_mma.cuh's constants, parsed from it.
-MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
+# csrc/cuda/correspondence_warp_mma.cuh, with_streamed_tiles and uses_streamed_mma_backward in
+# correspondence_warp_streamed_mma.cuh): the limits are those headers' constants, parsed from them.
+MMA_HEADERS = (REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh",
+               REPO / "csrc" / "cuda" / "correspondence_warp_streamed_mma.cuh")
 MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
-              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaDvChunk", "kMmaDChunk", "kMmaRows", "kMmaBN")
+              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaDvChunk", "kMmaDChunk", "kMmaRows", "kMmaBN",
+              "kStreamedMaxBackwardCv")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
 SMEM_PROBE = REPO / "csrc" / "cuda" / "testing" / "smem_probe.cu"
 C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
 PRECISION_ENUM = {None: 0, "ieee": 0, "tf32x3": 1, "tf32": 2}  # enum class Precision (correspondence_warp.h)
 
 
+def mma_headers_text() -> str:
+    """MMA_HEADERS' text, one after the other."""
+    return "\n".join(header.read_text() for header in MMA_HEADERS)
+
+
 def mma_limits(text: str | None = None) -> dict[str, int]:
-    """MMA_LIMITS from `constexpr int NAME = VALUE;` in the header (or `text`); KeyError names a missing one."""
-    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", MMA_HEADER.read_text() if text is None else text))
+    """MMA_LIMITS from `constexpr int NAME = VALUE;` in MMA_HEADERS (or `text`); KeyError names a missing one."""
+    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", mma_headers_text() if text is None else text))
     missing = [k for k in MMA_LIMITS if k not in found]
     if missing:
-        raise KeyError(f"{MMA_HEADER.name} defines no {', '.join(missing)}: update MMA_LIMITS")
+        names = " and ".join(header.name for header in MMA_HEADERS)
+        raise KeyError(f"{names} define no {', '.join(missing)}: update MMA_LIMITS")
     return {k: int(found[k]) for k in MMA_LIMITS}
 
 
@@ -330,14 +339,21 @@ def backward_tiles(dt: int, cvt: int, cv: int, is_float: bool, lim: dict) -> dic
                 dv_chunk=(lim["kTf32DvChunk"] if is_float else lim["kMmaDvChunk"]) if split else cvt)
 
 
+def _streamed_cvt(cv: int) -> int:
+    """The value chunk with_streamed_tiles chooses."""
+    return 16 if cv <= 16 else 64
+
+
 def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> list[dict]:
     """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, kind ("mma":
-    forward_mma_kernel and the mma backward; "streamed": forward_streamed_mma_kernel; "fma": the
-    shared-memory kernels), the tiles (DT, CVT; the mma backward: backward_tiles' plan too), the layout
-    (SMEM_PROBE's name for its shared memory) and the kernel's demangled name (without namespace and
-    arguments). Whether the mma backward takes Cv, and in which tile class: `probe`'s widest Cv
-    (backward_widest). The mma backward (backward_mma): dQ blocks ("dq"), then dK/dV blocks ("dkdv"), or
-    with split dK blocks ("dk") and dV-only blocks ("dv")."""
+    forward_mma_kernel and the mma backward; "streamed": forward_streamed_mma_kernel and
+    backward_streamed_mma_kernel; "fma": the shared-memory kernels), the tiles (DT, CVT; the mma backward:
+    backward_tiles' plan too), the layout (SMEM_PROBE's name for its shared memory) and the kernel's
+    demangled name (without namespace and arguments). Whether the mma backward takes Cv, and in which tile
+    class: `probe`'s widest Cv (backward_widest). The mma backward (backward_mma): dQ blocks ("dq"), then
+    dK/dV blocks ("dkdv"), or with split dK blocks ("dk") and dV-only blocks ("dv"). The rest on tensor
+    cores up to kStreamedMaxBackwardCv (uses_streamed_mma_backward): the streamed backward's dQ launch,
+    then its dK/dV launch."""
     _, _, C, taps, Cv, _ = _shape(item)
     dtype, is_float = item["dtype"], item["dtype"] == "float32"
     ctype = C_TYPES[dtype]
@@ -353,7 +369,7 @@ def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> l
         launches = [dict(role="forward", kind="mma", dt=dt, cvt=cvt, layout=f"forward_mma_D{dt}_Cv{cvt}",
                          name=f"forward_mma_kernel<{ctype}, {precision}, {dt}, {cvt}>")]
     else:  # windows and wider rows (with_streamed_tiles)
-        cvt = 16 if Cv <= 16 else 64
+        cvt = _streamed_cvt(Cv)
         launches = [dict(role="forward", kind="streamed", cvt=cvt, layout=f"forward_streamed_mma_Cv{cvt}",
                          name=f"forward_streamed_mma_kernel<{ctype}, {precision}, {cvt}>")]
     if item["mode"] == "forward":
@@ -361,7 +377,13 @@ def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> l
     max_d, max_cv = ((lim["kTf32MaxBackwardD"], lim["kTf32MaxBackwardCv"]) if is_float else
                      (lim["kMmaMaxBackwardD"], lim["kMmaMaxBackwardCv"]))
     dt = _mma_d_tile(C, max_d)
-    if not (tensor and taps == 1 and C <= max_d and Cv <= backward_widest(probe, dtype, dt)):
+    mma = tensor and taps == 1 and C <= max_d and Cv <= backward_widest(probe, dtype, dt)  # uses_mma_backward
+    if tensor and not mma and Cv <= lim["kStreamedMaxBackwardCv"]:
+        cvt = _streamed_cvt(Cv)
+        return launches + [dict(role=role, kind="streamed", cvt=cvt, layout=f"backward_streamed_mma_Cv{cvt}",
+                                name=f"backward_streamed_mma_kernel<{ctype}, {precision}, {cvt}, {dk}>")
+                           for role, dk in (("dq", "false"), ("dkdv", "true"))]
+    if not mma:
         return launches + [dict(role="dq", kind="fma", layout="backward_dq", name=f"backward_dq_kernel<{ctype}>"),
                            dict(role="dkdv", kind="fma", layout="backward_dkdv" + ("_windows" if taps > 1 else ""),
                                 name=f"backward_dkdv_kernel<{ctype}>")]
@@ -410,20 +432,37 @@ def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, T
 
 
 def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
-    """The same for forward_streamed_mma_kernel: blocks of 128 query centres and a value chunk of CVT
-    channels walk the 64-key blocks; per key block the steps (tap, D chunk of 64 columns, float32 32)
-    copy the tap-shifted chunk of the 128 query rows and of the 64 key rows to shared memory, 192 rows
-    x taps x C in all, and the block's value tile. Every block copies these rows, which the resident
-    blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k steps (the zero
-    tail is skipped), O += P V the CVT channels."""
+    """The same for the kernels of correspondence_warp_streamed_mma.cuh: blocks of 128 resident centres
+    walk the other side's 64-centre blocks; per streamed block the score steps (tap, D chunk of 64 columns,
+    float32 32) copy the tap-shifted chunk of the 128 resident rows and of the 64 streamed rows to shared
+    memory, 192 rows x taps x C in all, and the block's value-like tile. Every block copies these rows,
+    which the resident blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k
+    steps (the zero tail is skipped).
+    - forward (blocks of 128 queries and a value chunk of CVT channels): O += P V over the CVT channels.
+    - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
+      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the 64
+      streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps). The block's
+      float32 planes (128 rows x taps x C) are read and written in global memory per streamed block after
+      the first (accumulator traffic); its resident value-like tile is copied once; dQ reads its rows' lse
+      and delta once, dK/dV every query's per streamed block."""
     B, n, C, taps, Cv, e = _shape(item)
-    rows, bn, cvt = lim["kMmaRows"], lim["kMmaBN"], launch["cvt"]
+    rows, bn, cvt, role = lim["kMmaRows"], lim["kMmaBN"], launch["cvt"], launch["role"]
     k = 8 if e == 4 else 16
-    blocks, key_blocks, chunks = math.ceil(n / rows), math.ceil(n / bn), math.ceil(Cv / cvt)
-    products = taps * math.ceil(C / k) * k + cvt
-    l2 = chunks * blocks * key_blocks * (rows + bn) * taps * C * e + blocks * n * Cv * e
-    return (B * chunks * blocks, 2.0 * B * chunks * blocks * rows * key_blocks * bn * products, B * chunks * n * n,
-            Traffic(_io_bytes(item, "forward"), B * l2))
+    blocks, key_blocks = math.ceil(n / rows), math.ceil(n / bn)
+    scores = taps * math.ceil(C / k) * k
+    copies = blocks * key_blocks * (rows + bn) * taps * C * e  # the score steps' chunks
+    if role == "forward":
+        chunks = math.ceil(Cv / cvt)
+        l2 = chunks * copies + blocks * n * Cv * e
+        return (B * chunks * blocks, 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
+                B * chunks * n * n, Traffic(_io_bytes(item, "forward"), B * l2))
+    dp = math.ceil(Cv / 16) * 16 if e == 4 else cvt  # mma_value_channels
+    products = scores + dp + taps * math.ceil(C / 16) * 16 + (cvt if role == "dkdv" else 0)
+    lse_delta = 8 * n * (1 if role == "dq" else blocks)
+    l2 = copies + blocks * key_blocks * bn * taps * C * e + (blocks + 1) * n * Cv * e + lse_delta
+    acc = rows * taps * C * 4
+    return (B * blocks, 2.0 * B * blocks * rows * key_blocks * bn * products, B * n * n,
+            Traffic(_io_bytes(item, role), B * l2, B * 2.0 * blocks * (key_blocks - 1) * acc, acc))
 
 
 def _fma_work(launch: dict, item: dict) -> tuple[int, float, float, Traffic]:
@@ -637,6 +676,12 @@ def _bound(v: dict) -> str:
     return f"{v['path']}, {v['bound']}{rmw}"
 
 
+def _launch_label(launch: dict) -> str:
+    """A CUDA launch's layout, with its role where the layout does not name it (the streamed backward's dQ
+    and dK/dV launches share one)."""
+    return launch["layout"] if launch["role"] in launch["layout"] else f"{launch['layout']} ({launch['role']})"
+
+
 def _item_cells(e: dict) -> list:
     dtype = e["dtype"] + (f" ({e['precision']})" if e.get("precision") else "")
     return [dtype, f"{e['side']}^2", e["value_channels"], f"{e['patch_size']}x{e['patch_size']}", e["mode"]]
@@ -665,7 +710,7 @@ def markdown(arch: int, report: dict) -> str:
         triton_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
     cuda_est = []
     for e in report.get("cuda_roofline", []):
-        parts = [f"{k['layout']}: " + (
+        parts = [f"{_launch_label(k)}: " + (
             k["why"] + (f" ({k['shared']} B shared)" if k["shared"] is not None else "") if k["estimate"] is None else
             f"{k['blocks_per_sm']}/SM, {_bound(k['estimate'])}" + (f", SPILLS {k['stack']} B" if k["stack"] else ""))
             for k in e["kernels"]]
@@ -715,7 +760,8 @@ def markdown(arch: int, report: dict) -> str:
              "time / this time.", "",
              *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], triton_est),
              "", f"## Headline configs: CUDA roofline estimate on an {r['card']}", "",
-             "The kernels the launchers take (limits parsed from csrc/cuda/correspondence_warp_mma.cuh: "
+             "The kernels the launchers take (limits parsed from csrc/cuda/correspondence_warp_mma.cuh and "
+             "correspondence_warp_streamed_mma.cuh: "
              + ", ".join(f"{k} {v}" for k, v in report.get("mma_limits", {}).items())
              + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests "
              "(csrc/cuda/testing/smem_probe.cu); "

@@ -1,6 +1,6 @@
 """The static roofline model of benchmarks/kernel_report.py on small hand-computed cases (pure Python,
 nothing compiled): the bytes each Triton kernel config moves, where the accumulator traffic goes, the
-kernels the CUDA launchers take, and the limits parsed from the CUDA header."""
+kernels the CUDA launchers take, and the limits parsed from the CUDA headers."""
 import re
 
 import pytest
@@ -55,22 +55,26 @@ def test_the_choice_counts_the_chunked_backward_accumulator_traffic():
     assert entry["_backward_dq_kernel"]["config"].endswith("one_chunk")
 
 
-def test_the_mma_limits_are_parsed_from_the_header():
+def test_the_mma_limits_are_parsed_from_the_headers():
     limits = kr.mma_limits()
     assert set(limits) == set(kr.MMA_LIMITS) and all(v > 0 for v in limits.values())
-    assert kr.mma_limits(re.sub(r"kMmaMaxD = \d+", "kMmaMaxD = 512", kr.MMA_HEADER.read_text()))["kMmaMaxD"] == 512
-    with pytest.raises(KeyError, match="kTf32MaxD"):
-        kr.mma_limits(kr.MMA_HEADER.read_text().replace("kTf32MaxD", "kRenamed"))
+    text = kr.mma_headers_text()
+    assert kr.mma_limits(re.sub(r"kMmaMaxD = \d+", "kMmaMaxD = 512", text))["kMmaMaxD"] == 512
+    for name in ("kTf32MaxD", "kStreamedMaxBackwardCv"):  # one of each header
+        with pytest.raises(KeyError, match=name):
+            kr.mma_limits(text.replace(name, "kRenamed"))
 
 
 LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=256, kMmaMaxBackwardCv=256, kTf32MaxD=128, kTf32MaxBackwardD=128,
-              kTf32MaxBackwardCv=256, kTf32DvChunk=16, kMmaDvChunk=128, kMmaDChunk=128, kMmaRows=128, kMmaBN=64)
+              kTf32MaxBackwardCv=256, kTf32DvChunk=16, kMmaDvChunk=128, kMmaDChunk=128, kMmaRows=128, kMmaBN=64,
+              kStreamedMaxBackwardCv=64)
 # The probe's lines cuda_launches reads: the widest Cv the mma backward takes per D, and in the 64-channel
 # tile class (16-bit rows).
 PROBE = {(f"{kr.WIDEST}{d}{cls}", dtype): cv for dtype in ("bfloat16", "float16")
          for d, cls, cv in ((64, "", 256), (128, "", 224), (256, "", 176), (64, "_Cv64", 64), (128, "_Cv64", 64),
                             (256, "_Cv64", 48))} | {(f"{kr.WIDEST}64", "float32"): 112, (f"{kr.WIDEST}128", "float32"): 80}
 BF16, TF32X3 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)1"
+HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)2"
 
 
 @pytest.mark.parametrize("item, names", [
@@ -100,16 +104,26 @@ BF16, TF32X3 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0", "float, (coco
       f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, true>"]),
     (dict(channels=64, value_channels=3, dtype="float32", precision="ieee"),
      ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
-    # Windows, and rows wider than the resident forward takes: the streamed forward, the FMA backward.
-    (dict(channels=64, value_channels=3, dtype="bfloat16", precision=None, patch_size=3),
-     ["forward_streamed_mma_kernel<__nv_bfloat16, (cocos_kernels::cuda::Precision)0, 16>",
-      "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
+    # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
+    (dict(channels=256, value_channels=3, dtype="bfloat16", precision=None, patch_size=3),
+     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
+    (dict(channels=300, value_channels=3, dtype="bfloat16", precision=None),
+     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
     (dict(channels=300, value_channels=48, dtype="float16", precision=None),
-     ["forward_streamed_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 64>",
-      "backward_dq_kernel<__half>", "backward_dkdv_kernel<__half>"]),
-    (dict(channels=256, value_channels=3, dtype="float32", precision="tf32"),
-     ["forward_streamed_mma_kernel<float, (cocos_kernels::cuda::Precision)2, 16>",
-      "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+     [f"forward_streamed_mma_kernel<{HALF}, 64>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
+      f"backward_streamed_mma_kernel<{HALF}, 64, true>"]),
+    (dict(channels=64, value_channels=70, dtype="bfloat16", precision=None, patch_size=3),
+     [f"forward_streamed_mma_kernel<{BF16}, 64>", "backward_dq_kernel<__nv_bfloat16>",
+      "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (dict(channels=256, value_channels=3, dtype="float32", precision="tf32"),  # D past kTf32MaxBackwardD
+     [f"forward_streamed_mma_kernel<{TF32}, 16>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
+      f"backward_streamed_mma_kernel<{TF32}, 16, true>"]),
+    (dict(channels=64, value_channels=3, dtype="float32", precision="tf32x3", patch_size=3),
+     [f"forward_streamed_mma_kernel<{TF32X3}, 16>", f"backward_streamed_mma_kernel<{TF32X3}, 16, false>",
+      f"backward_streamed_mma_kernel<{TF32X3}, 16, true>"]),
     (dict(channels=64, value_channels=3, dtype="float32", precision="ieee", patch_size=3),
      ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
 ])
@@ -146,6 +160,26 @@ def test_streamed_forward_work_by_hand():
     programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
     assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
     assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
+
+
+def test_streamed_backward_work_by_hand():
+    # 3x3 windows of C = 4 (D = 36) over 16 x 16 = 256 centres: 2 blocks of 128 resident centres, 4 streamed
+    # blocks of 64 (65536 pairs), value chunk 16. Per pair S over 9 taps of one k16 step (144 columns), dP over
+    # 16 channels, H X_t over 9 taps of 16 columns (144); dK/dV adds dV over 16 channels. L2 per (block,
+    # streamed block): the score steps' 192 rows and the second pass's 64, x 9 taps x 4 columns x 2 B (18432);
+    # per block every streamed value-like column (256 x 3 x 2 B) and its resident ones (once in all: 1536);
+    # lse and delta of 256 queries (2048 B), dK/dV's per block. Planes: 128 x 36 floats a block, read and
+    # written for 3 streamed blocks each. HBM: Q, K (4096), dOut, V (3072), lse, delta (2048), dQ's planes (36864).
+    item = dict(TINY, side=16, patch_size=3, mode="forward+backward")
+    dq, dkdv = kr.cuda_launches(item, LIMITS, PROBE)[1:]
+    assert [(x["role"], x["kind"], x["cvt"], x["layout"]) for x in (dq, dkdv)] == [
+        ("dq", "streamed", 16, "backward_streamed_mma_Cv16"), ("dkdv", "streamed", 16, "backward_streamed_mma_Cv16")]
+    acc = 128 * 36 * 4
+    assert kr._streamed_work(dq, item, LIMITS) == (2, 2.0 * 65536 * (144 + 16 + 144), 65536, kr.Traffic(
+        46080, 8 * 18432 + 2 * 1536 + 1536 + 2048, 2 * 2 * 3 * acc, acc))
+    programs, work, exps, traffic = kr._streamed_work(dkdv, item, LIMITS)
+    assert (programs, work, exps) == (2, 2.0 * 65536 * (144 + 16 + 144 + 16), 65536)
+    assert traffic == kr.Traffic(46080 + 256 * 3 * 4, 8 * 18432 + 3 * 1536 + 2 * 2048, 2 * 2 * 3 * acc, acc)
 
 
 def test_contextual_backward_bytes_by_hand():
