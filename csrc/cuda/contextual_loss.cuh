@@ -9,7 +9,7 @@
 // rows are not 16-byte aligned; cp.async needs sm_80 or newer), and each thread keeps a
 // kThreadRows x kThreadCols block of the tile in registers, rows ty + 16 r and columns tx + 16 s
 // (ty, tx = threadIdx / 16, % 16), summing over C in increasing order from float4 shared loads.
-// Shared loads per FMA: 0.125 (128-bit) here, against 0.5 (32-bit) plus the output's per chunk in tile_mma.
+// Shared loads per FMA: distance_tile 0.125, add_product 0.25 (64/128-bit); tile_mma: 0.5, 0.75 (32-bit) + output RMW.
 //
 // Forward: one block per (BM rows of x, batch element), two passes over the column tiles: the
 // row minimum m_i and its argmin first (its scale c_i = h (m_i + dist_eps) is only known then, so
@@ -24,8 +24,10 @@
 // q_i = g_i (t_i + dist_eps s_i) / (h (m_i + dist_eps)^2) at j = argmin_i only (the minimum
 // moves every term of s_i); dX_i = sum_j P_ij y_j and dY_j = sum_i P_ij x_i. One kernel per side
 // (dX over row blocks of x, dY over row blocks of y) recomputes the tiles of d with distance_tile,
-// writes P to shared memory and accumulates its C-wide output chunk by chunk (tile_mma) in global
-// memory, owned by the block: no atomics, deterministic.
+// writes P (dY: P^T) to shared memory, and add_product accumulates its C-wide output in global
+// memory, owned by the block (no atomics, deterministic), chunk by chunk: the other side's rows
+// stream through the same cp.async stages, each thread holds a 4 x 2 block of the output chunk in
+// registers.
 #pragma once
 
 #include "contextual_loss.h"
@@ -71,7 +73,8 @@ __device__ __forceinline__ void distance_tile(DistanceBlock& dot, float* stages,
     const float* xs = stage + ty * L::LD_D;
     const float* ys = stage + (BM + tx) * L::LD_D;
     // Rows 16 apart: a quarter-warp's 128-bit loads of y rows hit 8 distinct 4-bank groups
-    // (LD_D = 4 mod 32); its x loads are one broadcast. Rolled: unrolled, the backward spills.
+    // (LD_D = 4 mod 32); its x loads are one broadcast. Rolled: 64 FMAs a step hide the loop's
+    // overhead, and the registers stay well under the 128 of two blocks per SM.
 #pragma unroll 1
     for (int kk = 0; kk < L::BD; kk += 4) {
       float4 b[kThreadCols];
@@ -205,16 +208,15 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ----------------------------------------------------------------------------- backward
 
 struct ContextualBackwardSmem {
-  float *stages, *p, *acc, *row_min, *row_inv_c, *row_coef, *row_q;
+  float *stages, *p, *row_min, *row_inv_c, *row_coef, *row_q;
   int64_t* row_arg;
   __host__ __device__ static size_t carve(unsigned char* base, ContextualBackwardSmem* out) {
     using L = ContextualTiles;
     SmemCarver c{base};
     ContextualBackwardSmem m;
-    // distance_tile's stages, then the BD-column chunk of y (dX) or x (dY) that P multiplies
+    // distance_tile's stages, then add_product's (the chunks of y or x that P multiplies)
     m.stages = c.take<float>(DistanceStages::kStages * DistanceStages::STAGE);
-    m.p = c.take<float>(BM * L::LDF_N);
-    m.acc = c.take<float>(BM * L::LDF_D);  // a BM x BD (dX) or BN x BD (dY) output chunk
+    m.p = c.take<float>(BM * L::LDF_N);  // P (dX) or P^T (dY)
     m.row_min = c.take<float>(BM);
     m.row_inv_c = c.take<float>(BM);
     m.row_coef = c.take<float>(BM);
@@ -249,7 +251,9 @@ __device__ __forceinline__ void load_row_stats(const ContextualBackwardSmem& sm,
   }
 }
 
-// p (BM x BN) = P_ij from the thread's dot products (distance_tile), zero outside the matrix.
+// p = P_ij (p[i][j]; TRANSPOSED: p[j][i]) from the thread's dot products (distance_tile), zero
+// outside the matrix.
+template <bool TRANSPOSED>
 __device__ __forceinline__ void gradient_tile(const ContextualBackwardSmem& sm, const DistanceBlock& dot,
                                               int64_t nx, int64_t ny, int64_t i0, int64_t j0) {
   using L = ContextualTiles;
@@ -265,8 +269,62 @@ __device__ __forceinline__ void gradient_tile(const ContextualBackwardSmem& sm, 
         pij = sm.row_coef[i] * expf(fminf((sm.row_min[i] - dij) * sm.row_inv_c[i], 0.0f));
         if (sm.row_arg[i] == j0 + j) pij -= sm.row_q[i];
       }
-      sm.p[i * L::LDF_N + j] = pij;
+      sm.p[TRANSPOSED ? j * L::LDF_N + i : i * L::LDF_N + j] = pij;
     }
+}
+
+// out[r0 + u][v] (+)= sum_k a[u][k] src[k0 + k][v] for the 64 rows u of a (shared, 64 x 64, row
+// stride LDF_N) over all C columns v, in BD-column chunks of src streamed through the stages;
+// `first` overwrites. Thread (ty, tx) holds rows ty + 16 r and columns 2 tx, 2 tx + 1 of a chunk
+// in registers (0.25 shared loads per FMA: float4 of a, float2 of src). Starts with a barrier: a
+// is complete and the stages are free.
+__device__ __forceinline__ void add_product(float* out, int64_t out_rows, int64_t r0, bool first, const float* a,
+                                            float* stages, const float* src, int64_t src_rows, int64_t k0, int c) {
+  using L = ContextualTiles;
+  static_assert(BM == BN && L::BD == 2 * 16, "64 x 64 a, two chunk columns per thread");
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t chunks = ceil_div(c, L::BD);
+  auto fetch = [&](int64_t k, float* stage) {
+    load_tile_async<BN, L::BD>(stage, L::LD_D, src, src_rows, c, k0, k * L::BD);
+  };
+  __syncthreads();
+  start_pipeline<DistanceStages>(stages, chunks, fetch);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const float* b = next_stage<DistanceStages>(stages, k, chunks, fetch) + 2 * tx;
+    const int64_t col = k * L::BD + 2 * tx;
+    float acc[kThreadRows][2];
+#pragma unroll
+    for (int r = 0; r < kThreadRows; ++r) {
+      const int64_t row = r0 + ty + 16 * r;
+#pragma unroll
+      for (int e = 0; e < 2; ++e) acc[r][e] = !first && row < out_rows && col + e < c ? out[row * c + col + e] : 0.0f;
+    }
+    // A quarter-warp's float2 loads of src are 64 consecutive bytes; its float4 loads of a one
+    // broadcast. Unrolled by 4: a step's 32 FMAs alone would not hide the loop's overhead.
+#pragma unroll 4
+    for (int kk = 0; kk < BN; kk += 4) {
+      float2 bv[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) bv[q] = *reinterpret_cast<const float2*>(b + (kk + q) * L::LD_D);
+#pragma unroll
+      for (int r = 0; r < kThreadRows; ++r) {
+        const float4 av = *reinterpret_cast<const float4*>(a + (ty + 16 * r) * L::LDF_N + kk);
+        const float ak[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          acc[r][0] = fmaf(ak[q], bv[q].x, acc[r][0]);
+          acc[r][1] = fmaf(ak[q], bv[q].y, acc[r][1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kThreadRows; ++r) {
+      const int64_t row = r0 + ty + 16 * r;
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (row < out_rows && col + e < c) out[row * c + col + e] = acc[r][e];
+    }
+  }
 }
 
 // dX: one block per (BM rows of x, batch element), over the column tiles of y.
@@ -276,7 +334,6 @@ __global__ void __launch_bounds__(kThreads, 2)
                                   const int64_t* __restrict__ argmin, const float* __restrict__ s,
                                   const float* __restrict__ t, float* __restrict__ dx, ContextualShape shape,
                                   float bandwidth, float dist_eps, int64_t x_blocks) {
-  using L = ContextualTiles;
   extern __shared__ __align__(128) unsigned char smem[];
   ContextualBackwardSmem sm;
   ContextualBackwardSmem::carve(smem, &sm);
@@ -292,22 +349,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t j0 = 0; j0 < ny; j0 += BN) {
     DistanceBlock dot;
     distance_tile(dot, sm.stages, x, y, nx, ny, c, i0, j0);  // its first barrier publishes the row stats
-    gradient_tile(sm, dot, nx, ny, i0, j0);
-    __syncthreads();  // P is complete, and every thread is done with the stages
-    // dx[i0.., c0..] (+)= P @ y[j0.., c0..], one BD-wide chunk at a time.
-    for (int c0 = 0; c0 < c; c0 += L::BD) {
-      if (j0 == 0) {
-        zero_tile<BM, L::BD>(sm.acc, L::LDF_D);
-      } else {
-        load_tile<BM, L::BD>(sm.acc, L::LDF_D, dx, nx, c, i0, c0);
-      }
-      load_tile<BN, L::BD>(sm.stages, L::LD_D, y, ny, c, j0, c0);
-      __syncthreads();
-      tile_mma<true, true, BM, L::BD, BN>(sm.acc, L::LDF_D, sm.p, L::LDF_N, sm.stages, L::LD_D);
-      __syncthreads();
-      store_tile<BM, L::BD>(dx, nx, c, i0, c0, sm.acc, L::LDF_D);
-      __syncthreads();
-    }
+    gradient_tile<false>(sm, dot, nx, ny, i0, j0);
+    add_product(dx, nx, i0, j0 == 0, sm.p, sm.stages, y, ny, j0, c);  // dx[i0..] (+)= P y[j0..]
   }
 }
 
@@ -318,7 +361,6 @@ __global__ void __launch_bounds__(kThreads, 2)
                                   const int64_t* __restrict__ argmin, const float* __restrict__ s,
                                   const float* __restrict__ t, float* __restrict__ dy, ContextualShape shape,
                                   float bandwidth, float dist_eps, int64_t y_blocks) {
-  using L = ContextualTiles;
   extern __shared__ __align__(128) unsigned char smem[];
   ContextualBackwardSmem sm;
   ContextualBackwardSmem::carve(smem, &sm);
@@ -334,23 +376,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     load_row_stats(sm, grad_s, m, argmin, s, t, b, nx, i0, bandwidth, dist_eps);
     DistanceBlock dot;
     distance_tile(dot, sm.stages, x, y, nx, ny, c, i0, j0);  // its first barrier publishes the row stats
-    gradient_tile(sm, dot, nx, ny, i0, j0);
-    __syncthreads();  // P is complete, and every thread is done with the stages
-    // dy[j0.., c0..] (+)= P^T @ x[i0.., c0..], one BD-wide chunk at a time.
-    for (int c0 = 0; c0 < c; c0 += L::BD) {
-      if (i0 == 0) {
-        zero_tile<BN, L::BD>(sm.acc, L::LDF_D);
-      } else {
-        load_tile<BN, L::BD>(sm.acc, L::LDF_D, dy, ny, c, j0, c0);
-      }
-      load_tile<BM, L::BD>(sm.stages, L::LD_D, x, nx, c, i0, c0);
-      __syncthreads();
-      // acc[j][k] += sum_i p[i][j] x[i0 + i][c0 + k]
-      tile_mma<false, true, BN, L::BD, BM>(sm.acc, L::LDF_D, sm.p, L::LDF_N, sm.stages, L::LD_D);
-      __syncthreads();
-      store_tile<BN, L::BD>(dy, ny, c, j0, c0, sm.acc, L::LDF_D);
-      __syncthreads();
-    }
+    gradient_tile<true>(sm, dot, nx, ny, i0, j0);
+    add_product(dy, ny, j0, i0 == 0, sm.p, sm.stages, x, nx, i0, c);  // dy[j0..] (+)= P^T x[i0..]
   }
 }
 
