@@ -94,7 +94,7 @@ __device__ __forceinline__ void score_tile(float* s, T* qc, T* kc, const T* q, c
   }
 }
 
-// Prepared rows (contextual_loss too): s = q[m0..] . k[n0..] over all D columns.
+// Prepared rows: s = q[m0..] . k[n0..] over all D columns.
 template <class T>
 __device__ __forceinline__ void score_tile(float* s, T* qc, T* kc, const T* q, const T* k, int64_t nq,
                                            int64_t nk, int d, int64_t m0, int64_t n0) {
