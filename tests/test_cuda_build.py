@@ -446,8 +446,10 @@ def test_emulated_kernels_match_float64(emulation, case):
 
 
 # The mma backward's launches for one gradient alone (correspondence_warp_mma.cuh: backward_mma):
-# D 40 with Cv 100 (dK blocks and dV-only blocks), D 256 with Cv 3 (dK and dV in one block).
-SUBSET_CASES = {"D40-Cv100-bfloat16": (40, 100, torch.bfloat16), "D256-Cv3-float16": (256, 3, torch.float16)}
+# D 40 with Cv 100 (dK blocks and dV-only blocks), D 256 with Cv 3 (dK and dV in one block); D 300
+# the streamed backward (correspondence_warp_streamed_mma.cuh: dV without the second pass).
+SUBSET_CASES = {"D40-Cv100-bfloat16": (40, 100, torch.bfloat16), "D256-Cv3-float16": (256, 3, torch.float16),
+                "D300-Cv5-bfloat16": (300, 5, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("case", SUBSET_CASES.values(), ids=SUBSET_CASES.keys())
