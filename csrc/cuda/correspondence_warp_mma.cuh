@@ -640,6 +640,37 @@ __device__ __forceinline__ void stream_stages(T* rs, T* vs, int val_stage, int l
   }
 }
 
+// The sum and the max of x over the four lanes of a quad (a row's columns of an accumulator tile).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// lse (base 2) and delta of the query columns m0 .. m0 + 63 of a streamed block, for the kernels
+// whose resident rows are keys: column c's are in lane c / 2 (two registers a lane instead of
+// sixteen); columns past Nq read 0.
+struct QueryColumns {
+  float lse2[2] = {}, delta[2] = {};
+  QueryColumns() = default;  // unused (the dQ kernels' rows are the queries)
+  __device__ QueryColumns(const float* lse, const float* dlt, int64_t m0, int64_t nq, int lane) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t m = m0 + 2 * lane + j;
+      lse2[j] = m < nq ? lse[m] * kLog2e : 0.0f;
+      delta[j] = m < nq ? dlt[m] : 0.0f;
+    }
+  }
+  // Column 2 src + j's lse2 and delta (every lane calls it: shuffles).
+  __device__ __forceinline__ void get(int src, int j, float& l, float& d) const {
+    l = __shfl_sync(0xffffffffu, lse2[j], src);
+    d = __shfl_sync(0xffffffffu, delta[j], src);
+  }
+};
+
 // In every kernel, acc[nt][e] of a warp is element (row g + 8 (e / 2), column 8 nt + 2 t + e % 2)
 // of its 16-row tile, g = lane / 4, t = lane % 4.
 
@@ -704,8 +735,7 @@ struct OnlineSoftmax {
     float shift[2], alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      tile_max[r] = quad_max(tile_max[r]);
       const float new_max = fmaxf(row_max[r], tile_max[r]);
       // -inf while every key so far is masked out: shift by 0 so the exps are 0, not NaN.
       shift[r] = new_max == kNegInf ? 0.0f : new_max;
@@ -738,8 +768,7 @@ struct OnlineSoftmax {
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-      row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+      row_sum[r] = quad_sum(row_sum[r]);
       inv[r] = row_sum[r] == 0.0f ? 0.0f : 1.0f / row_sum[r];  // 0: every key masked out, and o is 0 too
     }
 #pragma unroll
@@ -947,15 +976,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (!DV_ONLY && L::kValsInRegisters) column_fragments<T, CVT>(v_block, vr, L::LD_R);
     const KA& kf = pick<K_PER_BLOCK>(k_block, k_loop);
     const VA& vf = pick<L::kValsInRegisters>(v_block, v_loop);
-    // lse (base 2) and delta of query columns 2 lane and 2 lane + 1: column c's are in lane c / 2
-    // (two registers a lane instead of sixteen).
-    float lane_lse2[2], lane_delta[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int64_t m = m0 + 2 * lane + j;
-      lane_lse2[j] = m < nq ? lse[m] * kLog2e : 0.0f;
-      lane_delta[j] = m < nq ? delta[m] : 0.0f;
-    }
+    const QueryColumns columns(lse, delta, m0, nq, lane);
     // Queries i0 .. i0 + SB - 1 of the block at a time (kSub).
 #pragma unroll 1
     for (int i0 = 0; i0 < BM; i0 += SB) {
@@ -970,8 +991,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {  // this lane's query columns m0 + i0 + 8 nt + 2 t + j
           const int64_t m = m0 + i0 + 8 * nt + 2 * t + j;
-          const float lse2 = __shfl_sync(0xffffffffu, lane_lse2[j], i0 / 2 + 4 * nt + t);
-          const float dlt = __shfl_sync(0xffffffffu, lane_delta[j], i0 / 2 + 4 * nt + t);
+          float lse2, dlt;
+          columns.get(i0 / 2 + 4 * nt + t, j, lse2, dlt);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int e = 2 * r + j;

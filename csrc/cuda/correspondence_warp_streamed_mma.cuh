@@ -324,16 +324,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       ResidentA<T, P, CVT> vf;
       column_fragments<T, CVT>(vf, vr, L::LD_R);
       mma_value_channels<T, CVT>(dp, vf, vt, L::LD_N, cv, lane);  // dP, the streamed tile stored [c][n]
-      // dK/dV: lse (base 2) and delta of query columns n0 + 2 lane + e in lane registers; column c's are in lane c / 2.
-      float col_lse2[2] = {}, col_dlt[2] = {};
-      if (DK) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int64_t m = n0 + 2 * lane + e;
-          col_lse2[e] = m < nq ? lse[m] * kLog2e : 0.0f;
-          col_dlt[e] = m < nq ? delta[m] : 0.0f;
-        }
-      }
+      // dK/dV: the streamed query columns' lse and delta.
+      const QueryColumns columns = DK ? QueryColumns(lse, delta, n0, nq, lane) : QueryColumns{};
       const KeyBlock keys(key_mask, nk, n0);
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
@@ -342,10 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int col = 8 * nt + 2 * t + c;
           const float mc = windows ? factors.m(n0 + col) : 0.0f, ac = windows ? factors.a(n0 + col) : 0.0f;
           float cl = 0.0f, cd = 0.0f;
-          if (DK) {
-            cl = __shfl_sync(0xffffffffu, col_lse2[c], 4 * nt + t);
-            cd = __shfl_sync(0xffffffffu, col_dlt[c], 4 * nt + t);
-          }
+          if (DK) columns.get(4 * nt + t, c, cl, cd);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int e = 2 * h + c;
@@ -393,10 +382,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (windows && grad != nullptr) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      hm[h] += __shfl_xor_sync(0xffffffffu, hm[h], 1);
-      hm[h] += __shfl_xor_sync(0xffffffffu, hm[h], 2);
-      es[h] += __shfl_xor_sync(0xffffffffu, es[h], 1);
-      es[h] += __shfl_xor_sync(0xffffffffu, es[h], 2);
+      hm[h] = quad_sum(hm[h]);
+      es[h] = quad_sum(es[h]);
       const int64_t n = row0 + 8 * h;
       if (t == 0 && n < rows) {
         sums[b * rows + n] = hm[h];
