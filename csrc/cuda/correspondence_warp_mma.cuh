@@ -841,11 +841,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     backward_dq_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                            const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
                            const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq,
-                           WarpShape shape, float scale, MmaGrid grid) {
+                           WarpShape shape, float scale, MmaGrid grid, MmaBackwardTiles<T, DT, CVT> tiles) {
   using L = MmaBackwardTiles<T, DT, CVT>;
   constexpr int BN = kMmaBN, SB = L::kSub, DO = L::kOutD;
   extern __shared__ __align__(128) unsigned char smem[];
-  const L tiles(shape.cv);
   T* const rs = reinterpret_cast<T*>(smem);  // two K stages; Q before the key loop where held
   T* const vs = rs + 2 * L::ROW_STAGE;       // two V stages [c][n]; dOut [c][m] before where held
   T* const own = rs + tiles.own();
@@ -920,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                              const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
                              const float* __restrict__ lse, const float* __restrict__ delta,
                              float* __restrict__ dk, float* __restrict__ dv, WarpShape shape, float scale,
-                             MmaGrid grid) {
+                             MmaGrid grid, MmaBackwardTiles<T, DT, CVT> tiles) {
   using L = MmaBackwardTiles<T, DT, CVT>;
   constexpr int BM = kMmaBN, SB = L::kSub, DO = L::kOutD, DVT = L::kDvChunk;
   static_assert(!DV_ONLY || L::kDvSplit, "dV-only blocks only where dK and dV are split");
@@ -928,7 +927,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // K's fragments: held for the whole loop (staged), read per query block, or per k step.
   constexpr bool K_HELD = L::kKHeld, K_PER_BLOCK = L::kRowsInRegisters && !L::kKHeld;
   extern __shared__ __align__(128) unsigned char smem[];
-  const L tiles(shape.cv);
   T* const rs = reinterpret_cast<T*>(smem);  // two Q stages; K before the query loop where held
   T* const vs = rs + 2 * L::ROW_STAGE;       // two dOut stages, [c][m]
   T* const own = rs + tiles.own();
@@ -1019,7 +1017,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Runs correspondence_warp_backward<T> where uses_mma_backward<T>: dQ blocks, then dK and dV
 // blocks (with kDvSplit dK blocks, then dV-only blocks), each launch through
 // launch(kernel, blocks, dynamic shared bytes, kernel arguments...) -> cudaError_t: the CUDA
-// launcher's (correspondence_warp.cuh) or the CPU emulation's (testing/harness.cpp).
+// launcher's (correspondence_warp.cuh), the CPU emulation's (testing/harness.cpp) or the launch
+// plan's (testing/launch_probe.cu, which reads the grid and the tiles from the arguments).
 template <class T, class Launch>
 cudaError_t backward_mma(const T* grad_out, const T* q, const T* k, const T* v, const uint8_t* key_mask,
                          const float* lse, const float* delta, float* dq, float* dk, float* dv, const WarpShape& shape,
@@ -1033,21 +1032,21 @@ cudaError_t backward_mma(const T* grad_out, const T* q, const T* k, const T* v, 
     if (dq != nullptr) {
       const MmaGrid grid = L::dq_grid(shape);
       const cudaError_t err = launch(backward_dq_mma_kernel<T, P, DT, CVT>, grid.blocks(batch), tiles.dq_bytes(),
-                                     grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid);
+                                     grad_out, q, k, v, key_mask, lse, delta, dq, shape, scale, grid, tiles);
       if (err != cudaSuccess) return err;
     }
     if (dk != nullptr || (dv != nullptr && !L::kDvSplit)) {
       const MmaGrid grid = L::dk_grid(shape);
       const cudaError_t err = launch(backward_dkdv_mma_kernel<T, P, DT, CVT, false>, grid.blocks(batch),
                                      tiles.dkdv_bytes(), grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape,
-                                     scale, grid);
+                                     scale, grid, tiles);
       if (err != cudaSuccess) return err;
     }
     if constexpr (L::kDvSplit) {
       if (dv != nullptr) {
         const MmaGrid grid = L::dv_grid(shape);
         return launch(backward_dkdv_mma_kernel<T, P, DT, CVT, true>, grid.blocks(batch), tiles.dkdv_bytes(),
-                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, grid);
+                      grad_out, q, k, v, key_mask, lse, delta, dk, dv, shape, scale, grid, tiles);
       }
     }
     return cudaSuccess;
