@@ -32,11 +32,10 @@ after the first; the float32 accumulators of the chunked backward (the streamed 
 gradient planes), read and written once per (streamed block, D chunk), go to the L2 while the
 resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
 and spills least (spills of up to SMALL_SPILL bytes a thread count as none), then the fastest by
-this estimate. CUDA: the kernels the launchers choose (the limits parsed from
-csrc/cuda/correspondence_warp_mma.cuh and correspondence_warp_streamed_mma.cuh), with blocks per
-SM from ptxas's registers and the dynamic shared memory the launcher requests, as
-csrc/cuda/testing/smem_probe.cu prints it from the kernels' own layout code
-(`dynamic_shared_memory`; saved in the JSON for `--from-results`). Shares: the useful FLOPs
+this estimate. CUDA: the launches the launchers make for the item, their kernels, grids, tiles and
+dynamic shared memory, as csrc/cuda/testing/launch_probe.cu records them from the launchers' own
+dispatch (`launch_plans`: built with nvcc and run here; saved in the JSON for `--from-results`), with
+blocks per SM from ptxas's registers and that shared memory. Shares: the useful FLOPs
 (benchmarks.bench_correspondence_warp.flops) per second of the summed kernels, against the card's
 bf16 peak (contextual_loss: the FP32 FMA peak). The reference (`reference_seconds`): its n x n
 matrices through HBM op by op.
@@ -51,6 +50,7 @@ rather than by these roofs), the forward's key split.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import json
 import math
@@ -258,187 +258,156 @@ def roofline(arch: int, rows: list[dict], items: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- CUDA kernels
-# Which kernel the launchers take (correspondence_warp_forward / _backward in
-# csrc/cuda/correspondence_warp.cuh, through uses_mma_forward / uses_mma_backward and with_mma_tiles in
-# csrc/cuda/correspondence_warp_mma.cuh, with_streamed_tiles and uses_streamed_mma_backward in
-# correspondence_warp_streamed_mma.cuh): the limits are those headers' constants, parsed from them.
-MMA_HEADERS = (REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh",
-               REPO / "csrc" / "cuda" / "correspondence_warp_streamed_mma.cuh")
-MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
-              "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaDvChunk", "kMmaDChunk", "kMmaRows", "kMmaBN",
-              "kStreamedMaxBackwardCv")
+# Which kernels the launchers take, and their grids, tiles and shared memory: LAUNCH_PROBE runs the
+# launchers' own dispatch (with_forward_kernel, backward_kernels in csrc/cuda/correspondence_warp.cuh)
+# with a launch functor that records each launch. The traffic model's tiles are the mma header's constants.
+MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
+MMA_TILES = ("kMmaRows", "kMmaBN")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
-SMEM_PROBE = REPO / "csrc" / "cuda" / "testing" / "smem_probe.cu"
-C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
-PRECISION_ENUM = {None: 0, "ieee": 0, "tf32x3": 1, "tf32": 2}  # enum class Precision (correspondence_warp.h)
+LAUNCH_PROBE = REPO / "csrc" / "cuda" / "testing" / "launch_probe.cu"
+# The probe's nvcc flags beside the build's: kernel stubs of external linkage and default visibility,
+# exported to the dynamic symbol table, where dladdr finds the name of the kernel launched.
+PROBE_FLAGS = ("-static-global-template-stub=false", "-device-entity-has-hidden-visibility=false",
+               "-Xcompiler", "-rdynamic", "-ldl")
 
 
-def mma_headers_text() -> str:
-    """MMA_HEADERS' text, one after the other."""
-    return "\n".join(header.read_text() for header in MMA_HEADERS)
-
-
-def mma_limits(text: str | None = None) -> dict[str, int]:
-    """MMA_LIMITS from `constexpr int NAME = VALUE;` in MMA_HEADERS (or `text`); KeyError names a missing one."""
-    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", mma_headers_text() if text is None else text))
-    missing = [k for k in MMA_LIMITS if k not in found]
+def mma_tiles(text: str | None = None) -> dict[str, int]:
+    """MMA_TILES from `constexpr int NAME = VALUE;` in MMA_HEADER (or `text`); KeyError names a missing one."""
+    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", MMA_HEADER.read_text() if text is None else text))
+    missing = [k for k in MMA_TILES if k not in found]
     if missing:
-        names = " and ".join(header.name for header in MMA_HEADERS)
-        raise KeyError(f"{names} define no {', '.join(missing)}: update MMA_LIMITS")
-    return {k: int(found[k]) for k in MMA_LIMITS}
+        raise KeyError(f"{MMA_HEADER.name} defines no {', '.join(missing)}: update MMA_TILES")
+    return {k: int(found[k]) for k in MMA_TILES}
 
 
 @functools.cache
-def dynamic_shared_memory() -> dict[tuple[str, str], int]:
-    """{(layout, dtype): bytes} of dynamic shared memory the launchers request, as SMEM_PROBE prints them
-    from the kernels' own layout code (compiled with nvcc and run here, once per process), and its
-    {(WIDEST..., dtype): Cv} lines (backward_widest). RuntimeError where it does not build or run."""
+def _launch_probe() -> Path:
+    """LAUNCH_PROBE built with nvcc, once per process (in a temporary directory removed at exit)."""
     from cocos_kernels import build
 
     home = build.cuda_home()
     if home is None:
         raise RuntimeError("no nvcc (no CUDA toolkit found)")
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = Path(tmp) / "smem_probe"
-        proc = subprocess.run([str(Path(home) / "bin" / "nvcc"), *build.NVCC_FLAGS, f"-I{SMEM_PROBE.parents[1]}",
-                               str(SMEM_PROBE), "-o", str(exe)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{SMEM_PROBE} does not build:\n{proc.stderr[-4000:]}")
-        lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split("\n")
-    sizes: dict[tuple[str, str], int] = {}
-    for line in filter(None, lines):
-        layout, dtype, size = line.split()
-        if sizes.setdefault((layout, dtype), int(size)) != int(size):
-            raise RuntimeError(f"{SMEM_PROBE.name}: {layout} {dtype} printed with two sizes")
-    return sizes
+    tmp = tempfile.mkdtemp(prefix="launch_probe-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    exe = Path(tmp) / "launch_probe"
+    proc = subprocess.run([str(Path(home) / "bin" / "nvcc"), *build.NVCC_FLAGS, *PROBE_FLAGS,
+                           f"-I{LAUNCH_PROBE.parents[1]}", str(LAUNCH_PROBE), "-o", str(exe)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{LAUNCH_PROBE} does not build:\n{proc.stderr[-4000:]}")
+    return exe
 
 
-WIDEST = "backward_mma_widest_D"  # SMEM_PROBE's lines of the widest Cv the mma backward takes
+def probe_request(dtype: str, precision: str | None, batch: int, n: int, d: int, cv: int, patch: int,
+                  gradients: str) -> str:
+    """LAUNCH_PROBE's request for these inputs (n queries and keys; d: C for windows) and gradients ("qkv",
+    "-": the forward alone)."""
+    return f"{dtype} {precision or 'ieee'} {batch} {n} {n} {d} {cv} {patch} {gradients}"
 
 
-def backward_widest(probe: dict[tuple[str, str], int], dtype: str, dt: int, cvt: int | None = None) -> int:
-    """The widest Cv the mma backward takes at DT (with the tile class CVT: that class's widest), as SMEM_PROBE
-    prints it from uses_mma_backward and with_mma_tiles; 0 where it takes none."""
-    return probe.get((f"{WIDEST}{dt}" + (f"_Cv{cvt}" if cvt else ""), dtype), 0)
+def item_request(item: dict) -> str:
+    """The request of a headline item: its forward, and with mode forward+backward every gradient."""
+    B, n, C, _, Cv, _ = _shape(item)
+    return probe_request(item["dtype"], item["precision"], B, n, C, Cv, item["patch_size"],
+                         "qkv" if item["mode"] == "forward+backward" else "-")
 
 
-def _mma_d_tile(d: int, max_d: int) -> int:
-    """DT as with_mma_tiles chooses it."""
-    return max_d if max_d > 128 and d > 128 else 128 if max_d > 64 and d > 64 else 64
+def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[str, list[dict]]]:
+    """LAUNCH_PROBE's answer to `requests`: the contextual_loss kernels' {(layout, "float32"): bytes} of dynamic
+    shared memory, and {request: its launches (probe_launch)}. RuntimeError where the probe does not build or run."""
+    proc = subprocess.run([str(_launch_probe())], input="\n".join(requests), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{LAUNCH_PROBE.name}: {proc.stderr[-4000:]}")
+    shared, plans, patch = {}, {}, 1
+    for line in filter(None, proc.stdout.split("\n")):
+        word, rest = line.split(" ", 1)
+        if word == "plan":
+            launches, patch = plans.setdefault(rest, []), int(rest.split()[7])
+        elif word == "launch":
+            launches.append(probe_launch(rest, patch))
+        else:
+            dtype, size = rest.split()
+            shared[word, dtype] = int(size)
+    return shared, plans
 
 
-def backward_tiles(dt: int, cvt: int, cv: int, is_float: bool, lim: dict) -> dict:
-    """MmaBackwardTiles<T, DT, CVT>(cv)'s plan: the value-like rows of its tiles (channels: CVT where dOut and V
-    fragments are held, else Cv padded to 16), the dQ / dK columns a block accumulates (out_d: kMmaDChunk where
-    kChunked), and whether dV goes to dV-only blocks (split, kDvSplit) of dv_chunk channels."""
-    vals_in_registers = not is_float and dt <= 128 and cvt <= 64
-    chunked = not is_float and dt > lim["kMmaDChunk"] and cvt > 64
-    split = cvt > lim["kTf32DvChunk"] if is_float else cvt > 64 or (dt > 128 and cvt > 16)
-    return dict(channels=cvt if vals_in_registers else max(16, math.ceil(cv / 16) * 16),
-                out_d=lim["kMmaDChunk"] if chunked else dt, split=split,
-                dv_chunk=(lim["kTf32DvChunk"] if is_float else lim["kMmaDvChunk"]) if split else cvt)
+def probe_launch(line: str, patch: int) -> dict:
+    """A launch as LAUNCH_PROBE prints it ("blocks=.. smem=.. [grid] [tiles] kernel=<demangled>"), at `patch`:
+    name (the kernel without namespace and arguments), blocks, shared (bytes), rows and chunks (its MmaGrid),
+    channels, out_d, dv_chunk and dv_split (the mma backward's MmaBackwardTiles); kind ("mma": the kernels
+    of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
+    shared-memory kernels), dt and cvt (its tiles' template arguments), role ("forward", "dq", "dkdv"; the
+    split mma backward "dk" and "dv") and layout (the kernel and its tiles, the report's label)."""
+    plan, kernel = line.split(" kernel=", 1)
+    values = {k: int(v) for k, v in (field.split("=") for field in plan.split())}
+    launch = dict(name=re.search(r"cocos_kernels::cuda::(\w+(?:<[^>]*>)?)\(", kernel)[1], blocks=values.pop("blocks"),
+                  shared=values.pop("smem"), **values)
+    base, _, arguments = launch["name"].partition("<")
+    flags = arguments.rstrip(">").split(", ")[2:]  # after T and the precision: the tiles, the launch's flag
+    kind = "streamed" if "_streamed_mma_" in base else "mma" if "_mma_" in base else "fma"
+    last = flags[-1] == "true" if flags else False  # DV_ONLY (mma), DK (streamed)
+    if base.startswith("forward"):
+        role = "forward"
+    elif base.startswith("backward_dq") or (kind == "streamed" and not last):
+        role = "dq"
+    elif kind == "mma":
+        role = "dv" if last else "dk" if launch["dv_split"] else "dkdv"
+    else:
+        role = "dkdv"
+    stem = base.removesuffix("_kernel")
+    if kind == "fma":
+        layout = stem + ("_windows" if role == "dkdv" and patch > 1 else "")
+    elif kind == "streamed":
+        launch["cvt"] = int(flags[0])
+        layout = f"{stem}_Cv{launch['cvt']}"
+    else:
+        launch["dt"], launch["cvt"] = int(flags[0]), int(flags[1])
+        layout = (f"forward_mma_D{launch['dt']}_Cv{launch['cvt']}" if role == "forward" else
+                  f"backward_{role}_mma_D{launch['dt']}_Cv{launch['cvt']}_c{launch['channels']}")
+    return dict(launch, kind=kind, role=role, layout=layout)
 
-
-def _streamed_cvt(cv: int) -> int:
-    """The value chunk with_streamed_tiles chooses."""
-    return 16 if cv <= 16 else 64
-
-
-def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> list[dict]:
-    """The kernels correspondence_warp_forward / _backward<T> launch for a headline item: role, kind ("mma":
-    forward_mma_kernel and the mma backward; "streamed": forward_streamed_mma_kernel and
-    backward_streamed_mma_kernel; "fma": the shared-memory kernels), the tiles (DT, CVT; the mma backward:
-    backward_tiles' plan too), the layout (SMEM_PROBE's name for its shared memory) and the kernel's
-    demangled name (without namespace and arguments). Whether the mma backward takes Cv, and in which tile
-    class: `probe`'s widest Cv (backward_widest). The mma backward (backward_mma): dQ blocks ("dq"), then
-    dK/dV blocks ("dkdv"), or with split dK blocks ("dk") and dV-only blocks ("dv"). The rest on tensor
-    cores up to kStreamedMaxBackwardCv (uses_streamed_mma_backward): the streamed backward's dQ launch,
-    then its dK/dV launch."""
-    _, _, C, taps, Cv, _ = _shape(item)
-    dtype, is_float = item["dtype"], item["dtype"] == "float32"
-    ctype = C_TYPES[dtype]
-    precision = f"(cocos_kernels::cuda::Precision){PRECISION_ENUM[item['precision']]}"
-    tensor = not is_float or item["precision"] != "ieee"
-    max_d = lim["kTf32MaxD"] if is_float else lim["kMmaMaxD"]
-    if not tensor:
-        launches = [dict(role="forward", kind="fma", layout="forward", name=f"forward_kernel<{ctype}>")]
-    elif taps == 1 and C <= max_d:
-        dt = _mma_d_tile(C, max_d)
-        # with_mma_tiles' forward classes: 16 channels (float32 rows at D > 64: always), else 64.
-        cvt = 16 if (is_float and dt > 64) or Cv <= 16 else 64
-        launches = [dict(role="forward", kind="mma", dt=dt, cvt=cvt, layout=f"forward_mma_D{dt}_Cv{cvt}",
-                         name=f"forward_mma_kernel<{ctype}, {precision}, {dt}, {cvt}>")]
-    else:  # windows and wider rows (with_streamed_tiles)
-        cvt = _streamed_cvt(Cv)
-        launches = [dict(role="forward", kind="streamed", cvt=cvt, layout=f"forward_streamed_mma_Cv{cvt}",
-                         name=f"forward_streamed_mma_kernel<{ctype}, {precision}, {cvt}>")]
-    if item["mode"] == "forward":
-        return launches
-    max_d, max_cv = ((lim["kTf32MaxBackwardD"], lim["kTf32MaxBackwardCv"]) if is_float else
-                     (lim["kMmaMaxBackwardD"], lim["kMmaMaxBackwardCv"]))
-    dt = _mma_d_tile(C, max_d)
-    mma = tensor and taps == 1 and C <= max_d and Cv <= backward_widest(probe, dtype, dt)  # uses_mma_backward
-    if tensor and not mma and Cv <= lim["kStreamedMaxBackwardCv"]:
-        cvt = _streamed_cvt(Cv)
-        return launches + [dict(role=role, kind="streamed", cvt=cvt, layout=f"backward_streamed_mma_Cv{cvt}",
-                                name=f"backward_streamed_mma_kernel<{ctype}, {precision}, {cvt}, {dk}>")
-                           for role, dk in (("dq", "false"), ("dkdv", "true"))]
-    if not mma:
-        return launches + [dict(role="dq", kind="fma", layout="backward_dq", name=f"backward_dq_kernel<{ctype}>"),
-                           dict(role="dkdv", kind="fma", layout="backward_dkdv" + ("_windows" if taps > 1 else ""),
-                                name=f"backward_dkdv_kernel<{ctype}>")]
-    # with_mma_tiles' classes: 16 channels; 64 where those tiles fit (16-bit rows); else max_cv.
-    cvt = 16 if Cv <= 16 else 64 if Cv <= backward_widest(probe, dtype, dt, 64) else max_cv
-    plan = backward_tiles(dt, cvt, Cv, is_float, lim)
-    tiles = f"{ctype}, {precision}, {dt}, {cvt}"
-    roles = (("dq", "dq", ""), ("dk", "dkdv", ", false"), ("dv", "dkdv", ", true")) if plan["split"] else (
-        ("dq", "dq", ""), ("dkdv", "dkdv", ", false"))
-    return launches + [dict(plan, role=role, kind="mma", dt=dt, cvt=cvt,
-                            layout=f"backward_{role}_mma_D{dt}_Cv{cvt}_c{plan['channels']}",
-                            name=f"backward_{kernel}_mma_kernel<{tiles}{dv_only}>") for role, kernel, dv_only in roles]
-
-
-def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
-    """(programs, FLOPs as issued, exponentials, traffic) of an mma kernel launch: 128 resident rows per
-    block, the other side streamed in 64-row blocks (both padded); the score products take D in whole k
-    steps (the zero tail of DT is skipped), the dQ / dK products the block's columns in 16-column steps,
-    the value-like products the forward's CVT channels a chunk, the backward's tile channels
-    (backward_tiles). The backward's grid chunks each compute S again over all of D: dQ and dK blocks per
-    chunk of out_d columns (with dP over all of Cv), dV-only blocks per dv_chunk channels (S and P, no
-    dP; dOut of their channels). Every accumulator stays in registers."""
+def _mma_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float, Traffic]:
+    """(programs, FLOPs as issued, exponentials, traffic) of an mma kernel launch (probe_launch: its
+    grid's blocks of rows and chunks, its tiles): 128 resident rows per block, the other side streamed in
+    64-row blocks (both padded); the score products take D in whole k steps (the zero tail of DT is
+    skipped), the dQ / dK products the block's columns in 16-column steps, the value-like products the
+    forward's CVT channels a chunk, the backward's tile channels. The grid's chunks each compute S again
+    over all of D: the forward's per CVT value channels, the backward's dQ and dK blocks per chunk of
+    out_d columns (with dP over all of Cv), its dV-only blocks per dv_chunk channels (S and P, no dP; dOut
+    of their channels). Every accumulator stays in registers."""
     B, n, C, _, Cv, e = _shape(item)
-    rows, bn, role = lim["kMmaRows"], lim["kMmaBN"], launch["role"]
+    rows, bn, role = tiles["kMmaRows"], tiles["kMmaBN"], launch["role"]
     k = 8 if e == 4 else 16
     d_k, d_16 = math.ceil(C / k) * k, math.ceil(C / 16) * 16
-    blocks, pairs = math.ceil(n / rows), math.ceil(n / rows) * rows * math.ceil(n / bn) * bn
+    blocks, chunks = launch["rows"], launch["chunks"]
+    pairs = blocks * rows * math.ceil(n / bn) * bn
     if role == "forward":
-        chunks = math.ceil(Cv / launch["cvt"])
         products = chunks * (d_k + launch["cvt"])
         # Per block, the key rows and a value chunk's columns, and its resident rows once.
         l2 = chunks * blocks * n * C * e + blocks * n * Cv * e + chunks * n * C * e
     elif role == "dv":
-        chunks = math.ceil(Cv / launch["dv_chunk"])
         products = chunks * d_k + launch["channels"]
         # Per block, the query rows, lse and delta, its chunk's dOut columns; its resident rows once (no V).
         l2 = chunks * (blocks * (n * C * e + 8 * n) + n * C * e) + blocks * n * Cv * e
     else:
-        chunks = math.ceil(C / launch["out_d"])
         products = chunks * (d_k + launch["channels"]) + d_16 + (launch["channels"] if role == "dkdv" else 0)
         # Per block, the other side's rows and value-like columns (dK/dV: lse and delta too), and its
         # resident rows and columns once (dQ: lse and delta).
         lse_delta = 8 * n * (1 if role == "dq" else blocks)
         l2 = chunks * ((blocks + 1) * n * (C + Cv) * e + lse_delta)
-    return B * chunks * blocks, 2.0 * B * pairs * products, B * chunks * n * n, Traffic(_io_bytes(item, role), B * l2)
+    return launch["blocks"], 2.0 * B * pairs * products, B * chunks * n * n, Traffic(_io_bytes(item, role), B * l2)
 
 
-def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
+def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float, Traffic]:
     """The same for the kernels of correspondence_warp_streamed_mma.cuh: blocks of 128 resident centres
     walk the other side's 64-centre blocks; per streamed block the score steps (tap, D chunk of 64 columns,
     float32 32) copy the tap-shifted chunk of the 128 resident rows and of the 64 streamed rows to shared
     memory, 192 rows x taps x C in all, and the block's value-like tile. Every block copies these rows,
     which the resident blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k
     steps (the zero tail is skipped).
-    - forward (blocks of 128 queries and a value chunk of CVT channels): O += P V over the CVT channels.
+    - forward (blocks of 128 queries and a value chunk of CVT channels, the grid's chunks): O += P V over
+      the CVT channels.
     - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
       Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the 64
       streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps). The block's
@@ -446,22 +415,22 @@ def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, flo
       the first (accumulator traffic); its resident value-like tile is copied once; dQ reads its rows' lse
       and delta once, dK/dV every query's per streamed block."""
     B, n, C, taps, Cv, e = _shape(item)
-    rows, bn, cvt, role = lim["kMmaRows"], lim["kMmaBN"], launch["cvt"], launch["role"]
+    rows, bn, cvt, role = tiles["kMmaRows"], tiles["kMmaBN"], launch["cvt"], launch["role"]
     k = 8 if e == 4 else 16
-    blocks, key_blocks = math.ceil(n / rows), math.ceil(n / bn)
+    blocks, key_blocks = launch["rows"], math.ceil(n / bn)
     scores = taps * math.ceil(C / k) * k
     copies = blocks * key_blocks * (rows + bn) * taps * C * e  # the score steps' chunks
     if role == "forward":
-        chunks = math.ceil(Cv / cvt)
+        chunks = launch["chunks"]
         l2 = chunks * copies + blocks * n * Cv * e
-        return (B * chunks * blocks, 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
+        return (launch["blocks"], 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
                 B * chunks * n * n, Traffic(_io_bytes(item, "forward"), B * l2))
     dp = math.ceil(Cv / 16) * 16 if e == 4 else cvt  # mma_value_channels
     products = scores + dp + taps * math.ceil(C / 16) * 16 + (cvt if role == "dkdv" else 0)
     lse_delta = 8 * n * (1 if role == "dq" else blocks)
     l2 = copies + blocks * key_blocks * bn * taps * C * e + (blocks + 1) * n * Cv * e + lse_delta
     acc = rows * taps * C * 4
-    return (B * blocks, 2.0 * B * blocks * rows * key_blocks * bn * products, B * n * n,
+    return (launch["blocks"], 2.0 * B * blocks * rows * key_blocks * bn * products, B * n * n,
             Traffic(_io_bytes(item, role), B * l2, B * 2.0 * blocks * (key_blocks - 1) * acc, acc))
 
 
@@ -495,39 +464,39 @@ def _cuda_row(rows: list[dict], arch: int, name: str) -> dict | None:
                 None)
 
 
-def cuda_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tuple[str, str], int]) -> list[dict]:
-    """Per headline item: the CUDA kernels the launchers take, each with its occupancy (blocks per SM from
-    ptxas's registers and the dynamic shared memory its launcher asks for, `smem`: dynamic_shared_memory,
-    whose widest Cv of the mma backward cuda_launches takes too) and estimate."""
-    lim = mma_limits()
-    work = {"mma": lambda launch, item: _mma_work(launch, item, lim),
-            "streamed": lambda launch, item: _streamed_work(launch, item, lim),
+def cuda_roofline(arch: int, rows: list[dict], items: list[dict], plans: dict[str, list[dict]]) -> list[dict]:
+    """Per headline item: the CUDA kernels the launchers take (`plans`: {item_request: launches}, launch_plans;
+    an item without one gets no kernels and no estimate), each with its occupancy (blocks per SM from
+    ptxas's registers and the dynamic shared memory the launch asks for) and estimate."""
+    tiles = mma_tiles()
+    work = {"mma": lambda launch, item: _mma_work(launch, item, tiles),
+            "streamed": lambda launch, item: _streamed_work(launch, item, tiles),
             "fma": _fma_work}
     out = []
     for item in items:
         entry, parts = dict(item, kernels=[]), []
-        for launch in cuda_launches(item, lim, smem):
+        launches = plans.get(item_request(item))
+        if launches is None:
+            parts.append(None)
+        for launch in launches or []:
             row = _cuda_row(rows, arch, launch["name"])
-            shared = smem.get((launch["layout"], item["dtype"]))
-            per_sm = (row and shared is not None and shared <= SHARED_LIMIT[arch]
-                      and blocks_per_sm(arch, row["reg"], shared + row["shared"], 8))
+            per_sm = (row and launch["shared"] <= SHARED_LIMIT[arch]
+                      and blocks_per_sm(arch, row["reg"], launch["shared"] + row["shared"], 8))
             if not per_sm:
-                why = ("not compiled" if row is None else f"no size from {SMEM_PROBE.name}" if shared is None
-                       else "does not fit")
-                entry["kernels"].append(dict(launch, shared=shared, estimate=None, why=why))
+                entry["kernels"].append(dict(launch, estimate=None, why="not compiled" if row is None else "does not fit"))
                 parts.append(None)
                 continue
             programs, flops, exps, traffic = work[launch["kind"]](launch, item)
             rate, path = _matrix_rate(arch, item["dtype"], item["precision"], row["sass"])
             estimate = {"path": path, **roofline_time(arch, flops, rate, exps, traffic, programs, per_sm)}
-            entry["kernels"].append(dict(launch, shared=shared, blocks_per_sm=per_sm, reg=row["reg"], stack=row["stack"],
+            entry["kernels"].append(dict(launch, blocks_per_sm=per_sm, reg=row["reg"], stack=row["stack"],
                                          estimate=estimate))
             parts.append(estimate)
         out.append(entry | _summary(arch, item, parts))
     return out
 
 
-# Each contextual_loss kernel and its layout in SMEM_PROBE's output.
+# Each contextual_loss kernel and its layout in LAUNCH_PROBE's output.
 CONTEXTUAL_KERNELS = {"contextual_forward_kernel": "contextual_forward", "contextual_backward_dx_kernel": "contextual_backward",
                       "contextual_backward_dy_kernel": "contextual_backward"}
 
@@ -553,7 +522,7 @@ def _contextual_work(kernel: str, item: dict) -> tuple[int, float, float, Traffi
 
 def contextual_roofline(arch: int, rows: list[dict], items: list[dict], smem: dict[tuple[str, str], int]) -> list[dict]:
     """Per contextual_loss timing config of the GPU check (forward+backward, float32): the three CUDA kernels'
-    estimates (shared memory: `smem`, as in cuda_roofline) and the share of the FP32 FMA peak (useful FLOPs:
+    estimates (shared memory: `smem`, launch_plans' sizes of their layouts) and the share of the FP32 FMA peak (useful FLOPs:
     benchmarks.bench_contextual_loss.flops)."""
     from benchmarks.bench_contextual_loss import flops
 
@@ -711,10 +680,10 @@ def markdown(arch: int, report: dict) -> str:
     cuda_est = []
     for e in report.get("cuda_roofline", []):
         parts = [f"{_launch_label(k)}: " + (
-            k["why"] + (f" ({k['shared']} B shared)" if k["shared"] is not None else "") if k["estimate"] is None else
+            f"{k['why']} ({k['shared']} B shared)" if k["estimate"] is None else
             f"{k['blocks_per_sm']}/SM, {_bound(k['estimate'])}" + (f", SPILLS {k['stack']} B" if k["stack"] else ""))
             for k in e["kernels"]]
-        cuda_est.append([*_item_cells(e), "; ".join(parts), *_totals(e)])
+        cuda_est.append([*_item_cells(e), "; ".join(parts) or f"no launch plan ({LAUNCH_PROBE.name})", *_totals(e)])
     contextual_est = []
     for e in report.get("contextual_roofline", []):
         done = e["seconds"] < math.inf
@@ -760,12 +729,11 @@ def markdown(arch: int, report: dict) -> str:
              "time / this time.", "",
              *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], triton_est),
              "", f"## Headline configs: CUDA roofline estimate on an {r['card']}", "",
-             "The kernels the launchers take (limits parsed from csrc/cuda/correspondence_warp_mma.cuh and "
-             "correspondence_warp_streamed_mma.cuh: "
-             + ", ".join(f"{k} {v}" for k, v in report.get("mma_limits", {}).items())
-             + "); blocks/SM from ptxas's registers and the dynamic shared memory the launcher requests "
-             "(csrc/cuda/testing/smem_probe.cu); "
-             "time as above.", "",
+             "The kernels the launchers take, with their grids, tiles and dynamic shared memory, as "
+             "csrc/cuda/testing/launch_probe.cu records them from the launchers' own dispatch; blocks/SM from "
+             "ptxas's registers and that shared memory; the mma kernels' blocks ("
+             + ", ".join(f"{k} {v}" for k, v in report.get("mma_tiles", {}).items())
+             + ") parsed from csrc/cuda/correspondence_warp_mma.cuh; time as above.", "",
              *table(["dtype", "grid", "Cv", "patch", "mode", *estimate_header], cuda_est),
              "", f"## contextual_loss: CUDA roofline estimate on an {r['card']}", "",
              "The GPU check's timing configs (forward+backward, float32, batch 1), the forward, dX and dY "
@@ -806,11 +774,28 @@ def contextual_items() -> list[dict]:
             if it["part"] == "timing" and it["impl"] == "cuda"]
 
 
+def add_launch_plans(parts: list[dict], items: list[dict]) -> None:
+    """Gives each target's part a launch plan per item (launch_plans: {item_request: launches}): its saved ones,
+    the others from LAUNCH_PROBE, whose run also gives the contextual_loss kernels' sizes (dynamic_shared, as
+    (layout, dtype, bytes) rows: JSON has no tuple keys). Without the probe (no nvcc) the saved ones only."""
+    requests = [item_request(item) for item in items]
+    if all(r in part.get("launch_plans", {}) for part in parts for r in requests):
+        return
+    try:
+        shared, plans = launch_plans(requests)
+    except RuntimeError as e:
+        print(f"kernel_report: the saved CUDA launch plans only: {e}", file=sys.stderr)
+        return
+    for part in parts:
+        part["launch_plans"] = {r: part.get("launch_plans", {}).get(r, plans[r]) for r in requests}
+        part["dynamic_shared"] = [[*key, size] for key, size in sorted(shared.items())]
+
+
 def estimates(arch: int, part: dict, items: list[dict]) -> dict:
-    """A target's compiled rows (part: triton, cuda) with the estimates and targets added."""
-    part = dict(part, roofline=roofline(arch, part["triton"], items), mma_limits=mma_limits())
+    """A target's compiled rows (part: triton, cuda) and launch plans with the estimates and targets added."""
+    part = dict(part, roofline=roofline(arch, part["triton"], items), mma_tiles=mma_tiles())
     smem = {(layout, dtype): size for layout, dtype, size in part.get("dynamic_shared", [])}
-    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items, smem)
+    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items, part.get("launch_plans", {}))
     part["contextual_roofline"] = contextual_roofline(arch, part["cuda"], contextual_items(), smem)
     part["targets"] = targets(part)
     return part
@@ -832,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_results:
         saved = [json.loads(f.read_text()) for f in args.from_results]
         parts = {part["triton"][0]["arch"]: part for part in saved}
+        add_launch_plans(list(parts.values()), items)
     else:
         archs = [int(a) for a in args.archs.split(",")]
         report = run_matrix(args.matrix, args.jobs, archs=args.archs, sass=True)
@@ -842,14 +828,13 @@ def main(argv: list[str] | None = None) -> int:
             if row.get("ok"):
                 row["blocks_per_sm"] = blocks_per_sm(row["arch"], row.get("reg"), row["shared"], row["num_warps"])
         cuda, cuda_skip = ([], "--no-cuda") if args.no_cuda else cuda_rows(archs, args.jobs)
-        # (layout, dtype, bytes) rows: JSON has no tuple keys; --from-results reads them back.
-        shared = [] if cuda_skip else [[*key, size] for key, size in sorted(dynamic_shared_memory().items())]
         # The tools as this environment's, not this machine's paths: the files are committed.
         env = {k: v.replace(sys.prefix, "<python env>") if isinstance(v, str) else v for k, v in report["env"].items()}
         parts = {arch: {"env": env, "wall_s": report["wall_s"], "jobs": args.jobs, "matrix": args.matrix,
                         "triton": [r for r in report["results"] if r["arch"] == arch],
-                        "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip,
-                        "dynamic_shared": shared} for arch in archs}
+                        "cuda": [r for r in cuda if r["arch"] == arch], "cuda_skip": cuda_skip} for arch in archs}
+        if not cuda_skip:
+            add_launch_plans(list(parts.values()), items)
     for arch, part in parts.items():
         part = estimates(arch, part, items)
         stem = args.out_dir / f"kernels-sm_{arch}"
