@@ -9,8 +9,9 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   -Werror, torch's own headers included as system headers (their warnings are not ours);
 * every kernel's dynamic shared memory fits the card's opt-in limit per block (sm_90: 227 KiB,
   sm_80: 163 KiB), computed by the kernels' own layout code in a host program
-  (`csrc/cuda/testing/smem_probe.cu`, which benchmarks/kernel_report.py also takes its sizes from),
-  and the kernel report's launch plans take exactly the layouts it prints;
+  (`csrc/cuda/testing/launch_probe.cu`: the launchers' own dispatch recording each launch, which
+  benchmarks/kernel_report.py takes its CUDA launches from), over shapes that reach every choice, and
+  its plans name the kernels expected;
 * the kernels' arithmetic, run: `csrc/cuda/testing/host_emulation.h` compiles the kernels with
   the host compiler and runs each block as 256 CPU threads (barriers for __syncthreads, an
   exchange buffer for warp shuffles), with the real launchers' grids (`harness.cpp`; the mma
@@ -142,31 +143,85 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
 
 @needs_toolkit
 def test_shared_memory_fits_the_cards():
-    from benchmarks import kernel_report
+    from benchmarks import kernel_report as kr
 
-    probe = kernel_report.dynamic_shared_memory()  # csrc/cuda/testing/smem_probe.cu, compiled and run
-    sizes = {key: size for key, size in probe.items() if not key[0].startswith(kernel_report.WIDEST)}
+    # The launchers' plans (csrc/cuda/testing/launch_probe.cu, running their dispatch) over shapes that reach
+    # every choice: each dtype and precision, D at each tile width and past the widest, every Cv up to the mma
+    # backward's widest and past it, rows and windows; the forward and every gradient.
+    requests = [kr.probe_request(dtype, precision, 1, 256, d, cv, patch, "qkv")
+                for dtype, precision in (("float32", "ieee"), ("float32", "tf32x3"), ("float32", "tf32"),
+                                         ("float16", None), ("bfloat16", None))
+                for d in (64, 128, 256, 512) for cv in range(1, 258) for patch in (1, 3)]
+    contextual, plans = kr.launch_plans(requests)
+    sizes = {(launch["layout"], request.split()[0]): launch["shared"]
+             for request, launches in plans.items() for launch in launches} | contextual
     print("dynamic shared memory per block (bytes):", sizes)
     for (layout, dtype), size in sizes.items():
         assert size <= min(SMEM_LIMIT.values()), f"{layout} {dtype}: {size} bytes of shared memory > sm_80's limit"
     # The backward on tensor cores up to these Cv per D (16-bit rows; float32 rows with tf32x3), as
     # correspondence_warp_mma.cuh and the docs say.
-    widest = {(d, dtype): kernel_report.backward_widest(probe, dtype, d)
-              for dtype in ("bfloat16", "float16", "float32") for d in (64, 128, 256)}
+    widest = {}
+    for request, launches in plans.items():
+        dtype, precision, _, _, _, d, cv, patch, _ = request.split()
+        if patch == "1" and precision != "tf32" and any(k["name"].startswith("backward_dq_mma_kernel") for k in launches):
+            widest[int(d), dtype] = max(widest.get((int(d), dtype), 0), int(cv))
     assert widest == {**{(d, dtype): cv for dtype in ("bfloat16", "float16") for d, cv in ((64, 256), (128, 224), (256, 176))},
-                      (64, "float32"): 112, (128, "float32"): 80, (256, "float32"): 0}, widest
-    # The kernel report's launch plans, over shapes that reach every kernel the probe prints (the mma
-    # backward's at every Cv padded to 16), take exactly the probe's layouts: each launch finds its size,
-    # and the probe prints none that no launch takes.
-    limits = kernel_report.mma_limits()
-    items = [dict(batch=1, side=16, channels=c, value_channels=cv, patch_size=patch, dtype=dtype, precision=precision,
-                  mode="forward+backward")
-             for dtype, precision in (("float32", "ieee"), ("float32", "tf32x3"), ("float16", None), ("bfloat16", None))
-             for c in (64, 128, 256, 512) for cv in (3, *range(16, 257, 16)) for patch in (1, 3)]
-    taken = {(launch["layout"], item["dtype"]) for item in items
-             for launch in kernel_report.cuda_launches(item, limits, probe)}
-    taken |= {(layout, "float32") for layout in kernel_report.CONTEXTUAL_KERNELS.values()}
-    assert taken == set(sizes), f"launches without a size: {taken - set(sizes)}; sizes no launch takes: {set(sizes) - taken}"
+                      (64, "float32"): 112, (128, "float32"): 80}, widest
+
+
+BF16, TF32X3 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)1"
+HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)2"
+
+
+@needs_toolkit
+@pytest.mark.parametrize("case, names", [
+    # D 256: Cv 3 in dK/dV blocks; Cv 48 (the widest of the 64-channel tiles) and 151 with dV-only blocks.
+    (("bfloat16", None, 256, 3, 1, "qkv"),
+     [f"forward_mma_kernel<{BF16}, 256, 16>", f"backward_dq_mma_kernel<{BF16}, 256, 16>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>"]),
+    (("bfloat16", None, 256, 48, 1, "qkv"),
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 64>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 64, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 64, true>"]),
+    (("bfloat16", None, 256, 151, 1, "qkv"),
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 256>",
+      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
+    (("bfloat16", None, 256, 151, 1, "v"),  # dV alone: the dV-only blocks
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
+    (("bfloat16", None, 256, 177, 1, "qkv"),  # past the widest at D 256
+     [f"forward_mma_kernel<{BF16}, 256, 64>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (("float16", None, 128, 48, 1, "qkv"),
+     [f"forward_mma_kernel<{HALF}, 128, 64>", f"backward_dq_mma_kernel<{HALF}, 128, 64>",
+      f"backward_dkdv_mma_kernel<{HALF}, 128, 64, false>"]),
+    (("float32", "tf32x3", 128, 3, 1, "qkv"),
+     [f"forward_mma_kernel<{TF32X3}, 128, 16>", f"backward_dq_mma_kernel<{TF32X3}, 128, 16>",
+      f"backward_dkdv_mma_kernel<{TF32X3}, 128, 16, false>"]),
+    # Float32 at Cv > 16: the tiles sized by Cv, dK blocks, then dV-only blocks.
+    (("float32", "tf32x3", 64, 48, 1, "qkv"),
+     [f"forward_mma_kernel<{TF32X3}, 64, 64>", f"backward_dq_mma_kernel<{TF32X3}, 64, 256>",
+      f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, true>"]),
+    (("float32", "ieee", 64, 3, 1, "qkv"), ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+    # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
+    # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
+    (("bfloat16", None, 64, 3, 3, "qkv"),
+     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
+    (("float16", None, 300, 48, 1, "qkv"),
+     [f"forward_streamed_mma_kernel<{HALF}, 64>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
+      f"backward_streamed_mma_kernel<{HALF}, 64, true>"]),
+    (("bfloat16", None, 64, 70, 3, "qkv"),
+     [f"forward_streamed_mma_kernel<{BF16}, 64>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (("float32", "tf32", 256, 3, 1, "qkv"),  # D past the float32 mma backward's
+     [f"forward_streamed_mma_kernel<{TF32}, 16>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
+      f"backward_streamed_mma_kernel<{TF32}, 16, true>"]),
+    (("float32", "ieee", 64, 3, 3, "q"), ["forward_kernel<float>", "backward_dq_kernel<float>"]),
+])
+def test_launch_probe_names_the_kernels_launched(case, names):
+    from benchmarks import kernel_report as kr
+
+    dtype, precision, d, cv, patch, gradients = case
+    request = kr.probe_request(dtype, precision, 2, 1000, d, cv, patch, gradients)
+    _, plans = kr.launch_plans([request])
+    assert [launch["name"] for launch in plans[request]] == names
 
 
 @pytest.fixture(scope="module")

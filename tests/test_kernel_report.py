@@ -1,6 +1,6 @@
 """The static roofline model of benchmarks/kernel_report.py on small hand-computed cases (pure Python,
 nothing compiled): the bytes each Triton kernel config moves, where the accumulator traffic goes, the
-kernels the CUDA launchers take, and the limits parsed from the CUDA headers."""
+CUDA launches as read from the launch probe's lines, and the tiles parsed from the CUDA header."""
 import re
 
 import pytest
@@ -55,81 +55,48 @@ def test_the_choice_counts_the_chunked_backward_accumulator_traffic():
     assert entry["_backward_dq_kernel"]["config"].endswith("one_chunk")
 
 
-def test_the_mma_limits_are_parsed_from_the_headers():
-    limits = kr.mma_limits()
-    assert set(limits) == set(kr.MMA_LIMITS) and all(v > 0 for v in limits.values())
-    text = kr.mma_headers_text()
-    assert kr.mma_limits(re.sub(r"kMmaMaxD = \d+", "kMmaMaxD = 512", text))["kMmaMaxD"] == 512
-    for name in ("kTf32MaxD", "kStreamedMaxBackwardCv"):  # one of each header
-        with pytest.raises(KeyError, match=name):
-            kr.mma_limits(text.replace(name, "kRenamed"))
+def test_the_mma_tiles_are_parsed_from_the_header():
+    tiles = kr.mma_tiles()
+    assert set(tiles) == set(kr.MMA_TILES) and all(v > 0 for v in tiles.values())
+    text = kr.MMA_HEADER.read_text()
+    assert kr.mma_tiles(re.sub(r"kMmaBN = \d+", "kMmaBN = 32", text))["kMmaBN"] == 32
+    with pytest.raises(KeyError, match="kMmaRows"):
+        kr.mma_tiles(text.replace("kMmaRows", "kRenamed"))
 
 
-LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=256, kMmaMaxBackwardCv=256, kTf32MaxD=128, kTf32MaxBackwardD=128,
-              kTf32MaxBackwardCv=256, kTf32DvChunk=16, kMmaDvChunk=128, kMmaDChunk=128, kMmaRows=128, kMmaBN=64,
-              kStreamedMaxBackwardCv=64)
-# The probe's lines cuda_launches reads: the widest Cv the mma backward takes per D, and in the 64-channel
-# tile class (16-bit rows).
-PROBE = {(f"{kr.WIDEST}{d}{cls}", dtype): cv for dtype in ("bfloat16", "float16")
-         for d, cls, cv in ((64, "", 256), (128, "", 224), (256, "", 176), (64, "_Cv64", 64), (128, "_Cv64", 64),
-                            (256, "_Cv64", 48))} | {(f"{kr.WIDEST}64", "float32"): 112, (f"{kr.WIDEST}128", "float32"): 80}
-BF16, TF32X3 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)1"
-HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels::cuda::Precision)2"
+TILES = dict(kMmaRows=128, kMmaBN=64)
+BF16 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0"
 
 
-@pytest.mark.parametrize("item, names", [
-    # D 256: Cv 3 in dK/dV blocks; Cv 48 (the widest of the 64-channel tiles) and 151 with dV-only blocks.
-    (dict(channels=256, value_channels=3, dtype="bfloat16", precision=None),
-     [f"forward_mma_kernel<{BF16}, 256, 16>", f"backward_dq_mma_kernel<{BF16}, 256, 16>",
-      f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>"]),
-    (dict(channels=256, value_channels=48, dtype="bfloat16", precision=None),
-     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 64>",
-      f"backward_dkdv_mma_kernel<{BF16}, 256, 64, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 64, true>"]),
-    (dict(channels=256, value_channels=151, dtype="bfloat16", precision=None),
-     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dq_mma_kernel<{BF16}, 256, 256>",
-      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
-    (dict(channels=256, value_channels=177, dtype="bfloat16", precision=None),  # past the widest at D 256
-     [f"forward_mma_kernel<{BF16}, 256, 64>", "backward_dq_kernel<__nv_bfloat16>",
-      "backward_dkdv_kernel<__nv_bfloat16>"]),
-    (dict(channels=128, value_channels=48, dtype="float16", precision=None),
-     ["forward_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
-      "backward_dq_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64>",
-      "backward_dkdv_mma_kernel<__half, (cocos_kernels::cuda::Precision)0, 128, 64, false>"]),
-    # Float32 at Cv > 16: the tiles sized by Cv, dK blocks, then dV-only blocks.
-    (dict(channels=64, value_channels=48, dtype="float32", precision="tf32x3"),
-     [f"forward_mma_kernel<{TF32X3}, 64, 64>", f"backward_dq_mma_kernel<{TF32X3}, 64, 256>",
-      f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, true>"]),
-    (dict(channels=128, value_channels=48, dtype="float32", precision="tf32x3"),
-     [f"forward_mma_kernel<{TF32X3}, 128, 16>", f"backward_dq_mma_kernel<{TF32X3}, 128, 256>",
-      f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 128, 256, true>"]),
-    (dict(channels=64, value_channels=3, dtype="float32", precision="ieee"),
-     ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
-    # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
-    # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
-    (dict(channels=256, value_channels=3, dtype="bfloat16", precision=None, patch_size=3),
-     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
-      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
-    (dict(channels=300, value_channels=3, dtype="bfloat16", precision=None),
-     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
-      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
-    (dict(channels=300, value_channels=48, dtype="float16", precision=None),
-     [f"forward_streamed_mma_kernel<{HALF}, 64>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
-      f"backward_streamed_mma_kernel<{HALF}, 64, true>"]),
-    (dict(channels=64, value_channels=70, dtype="bfloat16", precision=None, patch_size=3),
-     [f"forward_streamed_mma_kernel<{BF16}, 64>", "backward_dq_kernel<__nv_bfloat16>",
-      "backward_dkdv_kernel<__nv_bfloat16>"]),
-    (dict(channels=256, value_channels=3, dtype="float32", precision="tf32"),  # D past kTf32MaxBackwardD
-     [f"forward_streamed_mma_kernel<{TF32}, 16>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
-      f"backward_streamed_mma_kernel<{TF32}, 16, true>"]),
-    (dict(channels=64, value_channels=3, dtype="float32", precision="tf32x3", patch_size=3),
-     [f"forward_streamed_mma_kernel<{TF32X3}, 16>", f"backward_streamed_mma_kernel<{TF32X3}, 16, false>",
-      f"backward_streamed_mma_kernel<{TF32X3}, 16, true>"]),
-    (dict(channels=64, value_channels=3, dtype="float32", precision="ieee", patch_size=3),
-     ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
+def launch(plan: str, kernel: str, patch: int = 1) -> dict:
+    """A launch line as tests/test_cuda_build.py's probe prints it (the kernel's arguments left out)."""
+    return kr.probe_launch(f"{plan} kernel=void cocos_kernels::cuda::{kernel}(...)", patch)
+
+
+@pytest.mark.parametrize("plan, kernel, patch, expected", [
+    ("blocks=3 smem=86016 rows=1 chunks=3", f"forward_mma_kernel<{BF16}, 256, 64>", 1,
+     dict(kind="mma", role="forward", dt=256, cvt=64, layout="forward_mma_D256_Cv64", chunks=3)),
+    # dQ, dK and dV-only blocks (dv_split), dK/dV blocks without.
+    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+     f"backward_dq_mma_kernel<{BF16}, 256, 256>", 1,
+     dict(kind="mma", role="dq", layout="backward_dq_mma_D256_Cv256_c160", shared=157184, channels=160)),
+    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+     f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", 1, dict(role="dk", layout="backward_dk_mma_D256_Cv256_c160")),
+    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+     f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>", 1, dict(role="dv", layout="backward_dv_mma_D256_Cv256_c160")),
+    ("blocks=2 smem=144128 rows=1 chunks=1 channels=16 out_d=256 dv_chunk=16 dv_split=0",
+     f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>", 1, dict(role="dkdv", layout="backward_dkdv_mma_D256_Cv16_c16")),
+    ("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, false>", 3,
+     dict(kind="streamed", role="dq", cvt=16, layout="backward_streamed_mma_Cv16")),
+    ("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, true>", 3,
+     dict(kind="streamed", role="dkdv", layout="backward_streamed_mma_Cv16")),
+    ("blocks=1 smem=71424", "forward_kernel<float>", 1, dict(kind="fma", role="forward", layout="forward")),
+    ("blocks=1 smem=98304", "backward_dq_kernel<float>", 3, dict(role="dq", layout="backward_dq")),
+    ("blocks=1 smem=133120", "backward_dkdv_kernel<float>", 3, dict(role="dkdv", layout="backward_dkdv_windows")),
 ])
-def test_cuda_launches_follow_the_launchers(item, names):
-    item = dict(TINY, mode="forward+backward") | item
-    assert [launch["name"] for launch in kr.cuda_launches(item, LIMITS, PROBE)] == names
+def test_probe_launches_name_their_role_and_layout(plan, kernel, patch, expected):
+    parsed = launch(plan, kernel, patch)
+    assert parsed["name"] == kernel and parsed | expected == parsed
 
 
 def test_chunked_mma_backward_work_by_hand():
@@ -139,14 +106,13 @@ def test_chunked_mma_backward_work_by_hand():
     # dV += P^T dOut over 160 channels in all. L2 of dQ, per chunk: K and V rows and Q and dOut (2 x 4 x 407 x 2 B)
     # and the 4 rows' lse and delta (32 B).
     item = dict(TINY, channels=256, value_channels=151, mode="forward+backward")
-    dq, dk, dv = kr.cuda_launches(item, LIMITS, PROBE)[1:]
-    assert [(x["role"], x["layout"]) for x in (dq, dk, dv)] == [
-        ("dq", "backward_dq_mma_D256_Cv256_c160"), ("dk", "backward_dk_mma_D256_Cv256_c160"),
-        ("dv", "backward_dv_mma_D256_Cv256_c160")]
-    programs, work, exps, traffic = kr._mma_work(dq, item, LIMITS)
+    plan = "blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1"
+    dq, dk, dv = (launch(plan, f"backward_{kernel}_mma_kernel<{BF16}, 256, 256{flag}>")
+                  for kernel, flag in (("dq", ""), ("dkdv", ", false"), ("dkdv", ", true")))
+    programs, work, exps, traffic = kr._mma_work(dq, item, TILES)
     assert (programs, work, exps, traffic.l2) == (2, 2 * 8192 * (2 * (256 + 160) + 256), 32, 2 * (2 * 4 * 407 * 2 + 32))
-    assert kr._mma_work(dk, item, LIMITS)[:3] == (programs, work, exps)
-    programs, work, exps, _ = kr._mma_work(dv, item, LIMITS)
+    assert kr._mma_work(dk, item, TILES)[:3] == (programs, work, exps)
+    programs, work, exps, _ = kr._mma_work(dv, item, TILES)
     assert (programs, work, exps) == (2, 2 * 8192 * (2 * 256 + 160), 32)
 
 
@@ -155,9 +121,8 @@ def test_streamed_forward_work_by_hand():
     # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
     # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
     item = dict(TINY, patch_size=3)
-    (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS, PROBE)
-    assert (launch["kind"], launch["cvt"], launch["layout"]) == ("streamed", 16, "forward_streamed_mma_Cv16")
-    programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
+    forward = launch("blocks=1 smem=87552 rows=1 chunks=1", f"forward_streamed_mma_kernel<{BF16}, 16>", 3)
+    programs, work, exps, traffic = kr._streamed_work(forward, item, TILES)
     assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
     assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
 
@@ -171,13 +136,12 @@ def test_streamed_backward_work_by_hand():
     # lse and delta of 256 queries (2048 B), dK/dV's per block. Planes: 128 x 36 floats a block, read and
     # written for 3 streamed blocks each. HBM: Q, K (4096), dOut, V (3072), lse, delta (2048), dQ's planes (36864).
     item = dict(TINY, side=16, patch_size=3, mode="forward+backward")
-    dq, dkdv = kr.cuda_launches(item, LIMITS, PROBE)[1:]
-    assert [(x["role"], x["kind"], x["cvt"], x["layout"]) for x in (dq, dkdv)] == [
-        ("dq", "streamed", 16, "backward_streamed_mma_Cv16"), ("dkdv", "streamed", 16, "backward_streamed_mma_Cv16")]
+    dq, dkdv = (launch("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, {dk}>", 3)
+                for dk in ("false", "true"))
     acc = 128 * 36 * 4
-    assert kr._streamed_work(dq, item, LIMITS) == (2, 2.0 * 65536 * (144 + 16 + 144), 65536, kr.Traffic(
+    assert kr._streamed_work(dq, item, TILES) == (2, 2.0 * 65536 * (144 + 16 + 144), 65536, kr.Traffic(
         46080, 8 * 18432 + 2 * 1536 + 1536 + 2048, 2 * 2 * 3 * acc, acc))
-    programs, work, exps, traffic = kr._streamed_work(dkdv, item, LIMITS)
+    programs, work, exps, traffic = kr._streamed_work(dkdv, item, TILES)
     assert (programs, work, exps) == (2, 2.0 * 65536 * (144 + 16 + 144 + 16), 65536)
     assert traffic == kr.Traffic(46080 + 256 * 3 * 4, 8 * 18432 + 3 * 1536 + 2 * 2048, 2 * 2 * 3 * acc, acc)
 

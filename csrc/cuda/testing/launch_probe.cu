@@ -101,8 +101,8 @@ int main(int argc, char** argv) {
   std::printf("contextual_backward float32 %zu\n", ContextualBackwardSmem::carve(nullptr, nullptr));
   try {
     if (argc > 1) {
-      std::string line;
-      for (int i = 1; i < argc; ++i) line += (i > 1 ? " " : "") + std::string(argv[i]);
+      std::string line = argv[1];
+      for (int i = 2; i < argc; ++i) line.append(" ").append(argv[i]);
       request(line);
     } else {
       for (std::string line; std::getline(std::cin, line);) {
