@@ -515,7 +515,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Calls run(kernel, blocks, dynamic shared bytes, the kernel's arguments...) with the forward
 // kernel and grid for these inputs and returns what run returns: correspondence_warp_forward
-// launches them, testing/harness.cpp runs them on the CPU. float32 with precision ieee:
+// launches them, testing/harness.cpp runs them on the CPU, testing/launch_probe.cu records them
+// (benchmarks/kernel_report.py's launch plans). float32 with precision ieee:
 // forward_kernel (instantiated for float32 only); else prepared rows up to kMmaForwardD:
 // forward_mma_kernel; windows and wider rows: forward_streamed_mma_kernel.
 template <class T, class Run>
