@@ -323,7 +323,8 @@ def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[
     for line in filter(None, proc.stdout.split("\n")):
         word, rest = line.split(" ", 1)
         if word == "plan":
-            launches, patch = plans.setdefault(rest, []), int(rest.split()[7])
+            plans[rest] = launches = []
+            patch = int(rest.split()[7])
         elif word == "launch":
             launches.append(probe_launch(rest, patch))
         else:
@@ -346,7 +347,7 @@ def probe_launch(line: str, patch: int) -> dict:
     base, _, arguments = launch["name"].partition("<")
     flags = arguments.rstrip(">").split(", ")[2:]  # after T and the precision: the tiles, the launch's flag
     kind = "streamed" if "_streamed_mma_" in base else "mma" if "_mma_" in base else "fma"
-    last = flags[-1] == "true" if flags else False  # DV_ONLY (mma), DK (streamed)
+    last = flags[-1:] == ["true"]  # DV_ONLY (mma), DK (streamed)
     if base.startswith("forward"):
         role = "forward"
     elif base.startswith("backward_dq") or (kind == "streamed" and not last):
@@ -366,6 +367,7 @@ def probe_launch(line: str, patch: int) -> dict:
         layout = (f"forward_mma_D{launch['dt']}_Cv{launch['cvt']}" if role == "forward" else
                   f"backward_{role}_mma_D{launch['dt']}_Cv{launch['cvt']}_c{launch['channels']}")
     return dict(launch, kind=kind, role=role, layout=layout)
+
 
 def _mma_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float, Traffic]:
     """(programs, FLOPs as issued, exponentials, traffic) of an mma kernel launch (probe_launch: its

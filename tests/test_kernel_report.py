@@ -69,7 +69,7 @@ BF16 = "__nv_bfloat16, (cocos_kernels::cuda::Precision)0"
 
 
 def launch(plan: str, kernel: str, patch: int = 1) -> dict:
-    """A launch line as tests/test_cuda_build.py's probe prints it (the kernel's arguments left out)."""
+    """probe_launch of a line as csrc/cuda/testing/launch_probe.cu prints it (the kernel's arguments left out)."""
     return kr.probe_launch(f"{plan} kernel=void cocos_kernels::cuda::{kernel}(...)", patch)
 
 
