@@ -335,7 +335,7 @@ def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[
 
 def probe_launch(line: str, patch: int) -> dict:
     """A launch as LAUNCH_PROBE prints it ("blocks=.. smem=.. [grid] [tiles] kernel=<demangled>"), at `patch`:
-    name (the kernel without namespace and arguments), blocks, shared (bytes), rows and chunks (its MmaGrid),
+    name (the kernel without namespace and arguments), blocks, shared (bytes), row_blocks and cv_chunks (its MmaGrid),
     channels, out_d, dv_chunk and dv_split (the mma backward's MmaBackwardTiles); kind ("mma": the kernels
     of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
     shared-memory kernels), dt and cvt (its tiles' template arguments), role ("forward", "dq", "dkdv"; the
@@ -382,7 +382,7 @@ def _mma_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float,
     rows, bn, role = tiles["kMmaRows"], tiles["kMmaBN"], launch["role"]
     k = 8 if e == 4 else 16
     d_k, d_16 = math.ceil(C / k) * k, math.ceil(C / 16) * 16
-    blocks, chunks = launch["rows"], launch["chunks"]
+    blocks, chunks = launch["row_blocks"], launch["cv_chunks"]
     pairs = blocks * rows * math.ceil(n / bn) * bn
     if role == "forward":
         products = chunks * (d_k + launch["cvt"])
@@ -419,11 +419,11 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
     B, n, C, taps, Cv, e = _shape(item)
     rows, bn, cvt, role = tiles["kMmaRows"], tiles["kMmaBN"], launch["cvt"], launch["role"]
     k = 8 if e == 4 else 16
-    blocks, key_blocks = launch["rows"], math.ceil(n / bn)
+    blocks, key_blocks = launch["row_blocks"], math.ceil(n / bn)
     scores = taps * math.ceil(C / k) * k
     copies = blocks * key_blocks * (rows + bn) * taps * C * e  # the score steps' chunks
     if role == "forward":
-        chunks = launch["chunks"]
+        chunks = launch["cv_chunks"]
         l2 = chunks * copies + blocks * n * Cv * e
         return (launch["blocks"], 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
                 B * chunks * n * n, Traffic(_io_bytes(item, "forward"), B * l2))

@@ -74,21 +74,21 @@ def launch(plan: str, kernel: str, patch: int = 1) -> dict:
 
 
 @pytest.mark.parametrize("plan, kernel, patch, expected", [
-    ("blocks=3 smem=86016 rows=1 chunks=3", f"forward_mma_kernel<{BF16}, 256, 64>", 1,
-     dict(kind="mma", role="forward", dt=256, cvt=64, layout="forward_mma_D256_Cv64", chunks=3)),
+    ("blocks=3 smem=86016 row_blocks=1 cv_chunks=3", f"forward_mma_kernel<{BF16}, 256, 64>", 1,
+     dict(kind="mma", role="forward", dt=256, cvt=64, layout="forward_mma_D256_Cv64", cv_chunks=3)),
     # dQ, dK and dV-only blocks (dv_split), dK/dV blocks without.
-    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+    ("blocks=2 smem=157184 row_blocks=1 cv_chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
      f"backward_dq_mma_kernel<{BF16}, 256, 256>", 1,
      dict(kind="mma", role="dq", layout="backward_dq_mma_D256_Cv256_c160", shared=157184, channels=160)),
-    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+    ("blocks=2 smem=157184 row_blocks=1 cv_chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", 1, dict(role="dk", layout="backward_dk_mma_D256_Cv256_c160")),
-    ("blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
+    ("blocks=2 smem=157184 row_blocks=1 cv_chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1",
      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>", 1, dict(role="dv", layout="backward_dv_mma_D256_Cv256_c160")),
-    ("blocks=2 smem=144128 rows=1 chunks=1 channels=16 out_d=256 dv_chunk=16 dv_split=0",
+    ("blocks=2 smem=144128 row_blocks=1 cv_chunks=1 channels=16 out_d=256 dv_chunk=16 dv_split=0",
      f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>", 1, dict(role="dkdv", layout="backward_dkdv_mma_D256_Cv16_c16")),
-    ("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, false>", 3,
+    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, false>", 3,
      dict(kind="streamed", role="dq", cvt=16, layout="backward_streamed_mma_Cv16")),
-    ("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, true>", 3,
+    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, true>", 3,
      dict(kind="streamed", role="dkdv", layout="backward_streamed_mma_Cv16")),
     ("blocks=1 smem=71424", "forward_kernel<float>", 1, dict(kind="fma", role="forward", layout="forward")),
     ("blocks=1 smem=98304", "backward_dq_kernel<float>", 3, dict(role="dq", layout="backward_dq")),
@@ -106,7 +106,7 @@ def test_chunked_mma_backward_work_by_hand():
     # dV += P^T dOut over 160 channels in all. L2 of dQ, per chunk: K and V rows and Q and dOut (2 x 4 x 407 x 2 B)
     # and the 4 rows' lse and delta (32 B).
     item = dict(TINY, channels=256, value_channels=151, mode="forward+backward")
-    plan = "blocks=2 smem=157184 rows=1 chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1"
+    plan = "blocks=2 smem=157184 row_blocks=1 cv_chunks=2 channels=160 out_d=128 dv_chunk=128 dv_split=1"
     dq, dk, dv = (launch(plan, f"backward_{kernel}_mma_kernel<{BF16}, 256, 256{flag}>")
                   for kernel, flag in (("dq", ""), ("dkdv", ", false"), ("dkdv", ", true")))
     programs, work, exps, traffic = kr._mma_work(dq, item, TILES)
@@ -121,7 +121,7 @@ def test_streamed_forward_work_by_hand():
     # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
     # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
     item = dict(TINY, patch_size=3)
-    forward = launch("blocks=1 smem=87552 rows=1 chunks=1", f"forward_streamed_mma_kernel<{BF16}, 16>", 3)
+    forward = launch("blocks=1 smem=87552 row_blocks=1 cv_chunks=1", f"forward_streamed_mma_kernel<{BF16}, 16>", 3)
     programs, work, exps, traffic = kr._streamed_work(forward, item, TILES)
     assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
     assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
@@ -136,7 +136,7 @@ def test_streamed_backward_work_by_hand():
     # lse and delta of 256 queries (2048 B), dK/dV's per block. Planes: 128 x 36 floats a block, read and
     # written for 3 streamed blocks each. HBM: Q, K (4096), dOut, V (3072), lse, delta (2048), dQ's planes (36864).
     item = dict(TINY, side=16, patch_size=3, mode="forward+backward")
-    dq, dkdv = (launch("blocks=2 smem=91904 rows=2 chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, {dk}>", 3)
+    dq, dkdv = (launch("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, {dk}>", 3)
                 for dk in ("false", "true"))
     acc = 128 * 36 * 4
     assert kr._streamed_work(dq, item, TILES) == (2, 2.0 * 65536 * (144 + 16 + 144), 65536, kr.Traffic(

@@ -6,10 +6,10 @@
 // the row width (windows, patch > 1: the channels C of a tap); gradients those the backward
 // computes, any of q, k and v ("qkv"), or "-" for the forward alone. Per request:
 //   plan <the request>
-//   launch blocks=<B> smem=<bytes> [rows=<R> chunks=<C>] [channels=.. out_d=.. dv_chunk=.. dv_split=..] kernel=<name>
+//   launch blocks=<B> smem=<bytes> [row_blocks=.. cv_chunks=..] [channels=.. out_d=.. dv_chunk=.. dv_split=..] kernel=<name>
 // one launch line per launch in launch order, the forward's, then the backward's: the blocks and
-// dynamic shared memory the launcher asks for; rows and chunks, the kernel's MmaGrid argument
-// (blocks of resident rows; chunks of value channels or of dQ / dK columns); channels, out_d,
+// dynamic shared memory the launcher asks for; row_blocks and cv_chunks, the kernel's MmaGrid
+// argument (blocks of resident rows; chunks of value channels or of dQ / dK columns); channels, out_d,
 // dv_chunk, dv_split, its MmaBackwardTiles argument (the mma backward's value-like rows, dQ / dK
 // columns a block, dV channels a block, dV-only blocks); kernel, the demangled name of the kernel
 // launched, from its host stub's symbol (dladdr: the stubs exported, kernel_report.py's
@@ -37,7 +37,8 @@ using namespace cocos_kernels::cuda;
 template <class A>
 void show(const A&) {}
 void show(const MmaGrid& grid) {
-  std::printf(" rows=%lld chunks=%lld", static_cast<long long>(grid.row_blocks), static_cast<long long>(grid.cv_chunks));
+  std::printf(" row_blocks=%lld cv_chunks=%lld", static_cast<long long>(grid.row_blocks),
+              static_cast<long long>(grid.cv_chunks));
 }
 template <class T, int DT, int CVT>
 void show(const MmaBackwardTiles<T, DT, CVT>& tiles) {
