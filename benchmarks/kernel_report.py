@@ -266,7 +266,7 @@ MMA_HEADERS = (REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh",
                REPO / "csrc" / "cuda" / "correspondence_warp_streamed_mma.cuh")
 MMA_LIMITS = ("kMmaMaxD", "kMmaMaxBackwardD", "kMmaMaxBackwardCv", "kTf32MaxD", "kTf32MaxBackwardD",
               "kTf32MaxBackwardCv", "kTf32DvChunk", "kMmaDvChunk", "kMmaDChunk", "kMmaRows", "kMmaBN",
-              "kStreamedMaxBackwardCv")
+              "kStreamedMaxBackwardCv", "kStreamedForwardBN")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
 SMEM_PROBE = REPO / "csrc" / "cuda" / "testing" / "smem_probe.cu"
 C_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
@@ -342,6 +342,12 @@ def backward_tiles(dt: int, cvt: int, cv: int, is_float: bool, lim: dict) -> dic
 def _streamed_cvt(cv: int) -> int:
     """The value chunk with_streamed_tiles chooses."""
     return 16 if cv <= 16 else 64
+
+
+def _streamed_forward_keys(cvt: int, is_float: bool, lim: dict) -> int:
+    """The streamed forward's key block (kStreamedForwardKeys): kStreamedForwardBN, kMmaBN for float32 rows
+    with value chunks of 64 (their tiles of kStreamedForwardBN keys would not fit sm_80's shared memory)."""
+    return lim["kMmaBN"] if is_float and cvt > 16 else lim["kStreamedForwardBN"]
 
 
 def cuda_launches(item: dict, lim: dict, probe: dict[tuple[str, str], int]) -> list[dict]:
@@ -433,20 +439,21 @@ def _mma_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, T
 
 def _streamed_work(launch: dict, item: dict, lim: dict) -> tuple[int, float, float, Traffic]:
     """The same for the kernels of correspondence_warp_streamed_mma.cuh: blocks of 128 resident centres
-    walk the other side's 64-centre blocks; per streamed block the score steps (tap, D chunk of 64 columns,
-    float32 32) copy the tap-shifted chunk of the 128 resident rows and of the 64 streamed rows to shared
-    memory, 192 rows x taps x C in all, and the block's value-like tile. Every block copies these rows,
-    which the resident blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k
-    steps (the zero tail is skipped).
+    walk the other side's blocks of bn centres (the forward: _streamed_forward_keys, the backward: kMmaBN);
+    per streamed block the score steps (tap, D chunk of 64 columns, float32 32) copy the tap-shifted chunk of
+    the 128 resident rows and of the bn streamed rows to shared memory, 128 + bn rows x taps x C in all, and
+    the block's value-like tile. Every block copies these rows, which the resident blocks read from the L2
+    after the first: L2 traffic. S takes each chunk in whole k steps (the zero tail is skipped).
     - forward (blocks of 128 queries and a value chunk of CVT channels): O += P V over the CVT channels.
     - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
-      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the 64
+      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the bn
       streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps). The block's
       float32 planes (128 rows x taps x C) are read and written in global memory per streamed block after
       the first (accumulator traffic); its resident value-like tile is copied once; dQ reads its rows' lse
       and delta once, dK/dV every query's per streamed block."""
     B, n, C, taps, Cv, e = _shape(item)
-    rows, bn, cvt, role = lim["kMmaRows"], lim["kMmaBN"], launch["cvt"], launch["role"]
+    rows, cvt, role = lim["kMmaRows"], launch["cvt"], launch["role"]
+    bn = _streamed_forward_keys(cvt, e == 4, lim) if role == "forward" else lim["kMmaBN"]
     k = 8 if e == 4 else 16
     blocks, key_blocks = math.ceil(n / rows), math.ceil(n / bn)
     scores = taps * math.ceil(C / k) * k

@@ -67,7 +67,7 @@ def test_the_mma_limits_are_parsed_from_the_headers():
 
 LIMITS = dict(kMmaMaxD=256, kMmaMaxBackwardD=256, kMmaMaxBackwardCv=256, kTf32MaxD=128, kTf32MaxBackwardD=128,
               kTf32MaxBackwardCv=256, kTf32DvChunk=16, kMmaDvChunk=128, kMmaDChunk=128, kMmaRows=128, kMmaBN=64,
-              kStreamedMaxBackwardCv=64)
+              kStreamedMaxBackwardCv=64, kStreamedForwardBN=128)
 # The probe's lines cuda_launches reads: the widest Cv the mma backward takes per D, and in the 64-channel
 # tile class (16-bit rows).
 PROBE = {(f"{kr.WIDEST}{d}{cls}", dtype): cv for dtype in ("bfloat16", "float16")
@@ -151,15 +151,23 @@ def test_chunked_mma_backward_work_by_hand():
 
 
 def test_streamed_forward_work_by_hand():
-    # 3x3 windows of C = 4 (D = 36): one block of 128 centres, one key block of 64, one value chunk of 16.
-    # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
-    # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
+    # 3x3 windows of C = 4 (D = 36): one block of 128 centres, one key block of 128, one value chunk of 16.
+    # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 128 pairs. L2: the key block's
+    # step copies, 256 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
     item = dict(TINY, patch_size=3)
     (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS, PROBE)
     assert (launch["kind"], launch["cvt"], launch["layout"]) == ("streamed", 16, "forward_streamed_mma_Cv16")
     programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
-    assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
-    assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
+    assert (programs, work, exps) == (1, 2 * 128 * 128 * (144 + 16), 16)
+    assert traffic == kr.Traffic(128, 256 * 9 * 4 * 2 + 4 * 3 * 2)
+    # float32 rows with a value chunk of 64 (Cv 17): key blocks of 64. S: 9 taps of one k8 step each (72
+    # columns); L2: 192 rows x 9 taps x 4 columns x 4 B, and the 4 keys' 17 value channels.
+    item = dict(item, dtype="float32", precision="tf32x3", value_channels=17)
+    (launch,) = kr.cuda_launches(dict(item, mode="forward"), LIMITS, PROBE)
+    assert (launch["kind"], launch["cvt"]) == ("streamed", 64)
+    programs, work, exps, traffic = kr._streamed_work(launch, item, LIMITS)
+    assert (programs, work, exps) == (1, 2 * 128 * 64 * (72 + 64), 16)
+    assert traffic.l2 == 192 * 9 * 4 * 4 + 4 * 17 * 4
 
 
 def test_streamed_backward_work_by_hand():

@@ -5,15 +5,15 @@
 // mma.sync m16n8k16, float32 with precision tf32x3 or tf32 through m16n8k8, with the fragments, the
 // online softmax and the epilogue of correspondence_warp_mma.cuh.
 //
-// A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's 64-centre
-// blocks. Per streamed block the score steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32
-// for float32; prepared rows are one tap) build S = R X^T (StreamedScores): each step is a stage
-// of a three-stage cp.async pipeline holding the tap-shifted resident chunk (128 rows) and streamed
-// chunk (64 rows), and adds their product to S (16 x 64 per warp, float registers); the pipeline
-// runs on across blocks, and a block's value-like tile ([c][n]) joins its first step's copies, in
-// one of two buffers by block parity. After the last score step the window factors
-// s = (raw - dwin m_r m_c) a_r a_c are applied in the registers (a lane holds rows g, g + 8 and
-// columns 2t, 2t + 1 of each n8 tile).
+// A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's blocks of
+// BN centres (the forward 128, kStreamedForwardKeys; the backward 64). Per streamed block the score
+// steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32 for float32; prepared rows are one tap)
+// build S = R X^T (StreamedScores): each step is a stage of a three-stage cp.async pipeline holding
+// the tap-shifted resident chunk (128 rows) and streamed chunk (BN rows), and adds their product to
+// S (16 x BN per warp, float registers); the pipeline runs on across blocks, and a block's
+// value-like tile ([c][n]) joins its first step's copies, in one of two buffers by block parity.
+// After the last score step the window factors s = (raw - dwin m_r m_c) a_r a_c are applied in the
+// registers (a lane holds rows g, g + 8 and columns 2t, 2t + 1 of each n8 tile).
 // - forward: 128 queries and a value chunk of CVT channels per block; per key block the mask, the
 //   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
 // - backward (Cv <= 64: dP needs every channel in one block), dQ over query blocks and dK/dV over
@@ -27,10 +27,11 @@
 // Rows past the centres, keys past Nk and columns past D load as zeros; every tap of a centre lies
 // on the padded grid (correspondence_warp.h), so the shifted row ranges need no other bound.
 //
-// Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward: 192 rows
-// x 2304 x 2 B of Q and K copied to shared memory (864 KiB; the value tile adds 2-8 KiB) for
-// 2 x 128 x 64 x 2304 flops of S (37.7 M; O += P V adds 0.3-1 M): ~43 flops per byte copied
-// (float32: ~22). Backward (dQ; dK/dV alike): those 864 KiB, 288 KiB for the second pass over the
+// Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward (128
+// keys): 256 rows x 2304 x 2 B of Q and K copied to shared memory (1152 KiB; the value tile adds
+// 4-16 KiB) for 2 x 128 x 128 x 2304 flops of S (75.5 M; O += P V adds 0.5-2 M): ~64 flops per
+// byte copied (float32: ~32; with value chunks of 64, in 64-key blocks, ~21). Backward (64 keys;
+// dQ and dK/dV alike): 192 rows of Q and K chunks (864 KiB), 288 KiB for the second pass over the
 // streamed chunks and 2304 KiB of plane read-modify-write (128 x 2304 floats read and written) for
 // 75.5 M flops (S and H X_t; dP and dV add up to 2 M): ~0.047 bytes per flop, two thirds of them
 // the planes' (float32: ~0.0625).
@@ -62,7 +63,7 @@ struct StreamedTiles {
 
 // Keys per block of the streamed forward: a key block's score steps copy 128 + 128 rows for
 // 128 x 128 scores (S: 16 x 128 floats a warp, 64 registers), where 64-key blocks copy 192 rows for
-// half the scores. The backward streams blocks of kMmaBN (its registers hold dP and H beside S).
+// half the scores. The backward streams blocks of kMmaBN (S, dP and H of a block in registers).
 constexpr int kStreamedForwardBN = 128;
 // The forward's key block for T and CVT: kMmaBN where the stages and the two value tiles of
 // kStreamedForwardBN keys would not fit sm_80's shared memory (float32 rows with value chunks of 64:
@@ -70,6 +71,7 @@ constexpr int kStreamedForwardBN = 128;
 template <class T, int CVT>
 constexpr int kStreamedForwardKeys =
     StreamedTiles<T, CVT, kStreamedForwardBN>::kBytes <= kMmaSharedLimit ? kStreamedForwardBN : kMmaBN;
+// The tiles of forward_streamed_mma_kernel and of backward_streamed_mma_kernel.
 template <class T, int CVT>
 using StreamedForwardTiles = StreamedTiles<T, CVT, kStreamedForwardKeys<T, CVT>>;
 template <class T, int CVT>
