@@ -70,7 +70,8 @@ void show(const char* dtype) {
         });
       }
       with_streamed_tiles<T>(s, p, [&](auto, auto cvt) {
-        std::printf("forward_streamed_mma_Cv%d %s %zu\n", cvt(), dtype, StreamedForwardTiles<T, decltype(cvt)::value>::kBytes);
+        std::printf("forward_streamed_mma_Cv%d %s %zu\n", cvt(), dtype,
+                    StreamedForwardTiles<T, decltype(cvt)::value>::kBytes);
         std::printf("backward_streamed_mma_Cv%d %s %zu\n", cvt(), dtype,
                     StreamedBackwardTiles<T, decltype(cvt)::value>::kBackwardBytes);
       });
