@@ -338,8 +338,9 @@ def probe_launch(line: str, patch: int) -> dict:
     name (the kernel without namespace and arguments), blocks, shared (bytes), row_blocks and cv_chunks (its MmaGrid),
     channels, out_d, dv_chunk and dv_split (the mma backward's MmaBackwardTiles); kind ("mma": the kernels
     of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
-    shared-memory kernels), dt and cvt (its tiles' template arguments), role ("forward", "dq", "dkdv"; the
-    split mma backward "dk" and "dv") and layout (the kernel and its tiles, the report's label)."""
+    shared-memory kernels), dt, cvt and the streamed forward's key block bn (its tiles' template
+    arguments), role ("forward", "dq", "dkdv"; the split mma backward "dk" and "dv") and layout (the kernel
+    and its tiles, the report's label)."""
     plan, kernel = line.split(" kernel=", 1)
     values = {k: int(v) for k, v in (field.split("=") for field in plan.split())}
     launch = dict(name=re.search(r"cocos_kernels::cuda::(\w+(?:<[^>]*>)?)\(", kernel)[1], blocks=values.pop("blocks"),
@@ -362,6 +363,9 @@ def probe_launch(line: str, patch: int) -> dict:
     elif kind == "streamed":
         launch["cvt"] = int(flags[0])
         layout = f"{stem}_Cv{launch['cvt']}"
+        if role == "forward":  # its key block
+            launch["bn"] = int(flags[1])
+            layout += f"_N{launch['bn']}"
     else:
         launch["dt"], launch["cvt"] = int(flags[0]), int(flags[1])
         layout = (f"forward_mma_D{launch['dt']}_Cv{launch['cvt']}" if role == "forward" else
@@ -403,21 +407,22 @@ def _mma_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float,
 
 def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, float, Traffic]:
     """The same for the kernels of correspondence_warp_streamed_mma.cuh: blocks of 128 resident centres
-    walk the other side's 64-centre blocks; per streamed block the score steps (tap, D chunk of 64 columns,
-    float32 32) copy the tap-shifted chunk of the 128 resident rows and of the 64 streamed rows to shared
-    memory, 192 rows x taps x C in all, and the block's value-like tile. Every block copies these rows,
-    which the resident blocks read from the L2 after the first: L2 traffic. S takes each chunk in whole k
-    steps (the zero tail is skipped).
+    walk the other side's blocks of bn centres (the forward: its kernel's BN, the backward: kMmaBN); per
+    streamed block the score steps (tap, D chunk of 64 columns, float32 32) copy the tap-shifted chunk of
+    the 128 resident rows and of the bn streamed rows to shared memory, 128 + bn rows x taps x C in all,
+    and the block's value-like tile. Every block copies these rows, which the resident blocks read from the
+    L2 after the first: L2 traffic. S takes each chunk in whole k steps (the zero tail is skipped).
     - forward (blocks of 128 queries and a value chunk of CVT channels, the grid's chunks): O += P V over
       the CVT channels.
     - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
-      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the 64
+      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the bn
       streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps). The block's
       float32 planes (128 rows x taps x C) are read and written in global memory per streamed block after
       the first (accumulator traffic); its resident value-like tile is copied once; dQ reads its rows' lse
       and delta once, dK/dV every query's per streamed block."""
     B, n, C, taps, Cv, e = _shape(item)
-    rows, bn, cvt, role = tiles["kMmaRows"], tiles["kMmaBN"], launch["cvt"], launch["role"]
+    rows, cvt, role = tiles["kMmaRows"], launch["cvt"], launch["role"]
+    bn = launch["bn"] if role == "forward" else tiles["kMmaBN"]
     k = 8 if e == 4 else 16
     blocks, key_blocks = launch["row_blocks"], math.ceil(n / bn)
     scores = taps * math.ceil(C / k) * k

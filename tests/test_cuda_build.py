@@ -203,16 +203,18 @@ HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels
     # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
     # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
     (("bfloat16", None, 64, 3, 3, "qkv"),
-     [f"forward_streamed_mma_kernel<{BF16}, 16>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
+     [f"forward_streamed_mma_kernel<{BF16}, 16, 128>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
       f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
     (("float16", None, 300, 48, 1, "qkv"),
-     [f"forward_streamed_mma_kernel<{HALF}, 64>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
+     [f"forward_streamed_mma_kernel<{HALF}, 64, 128>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
       f"backward_streamed_mma_kernel<{HALF}, 64, true>"]),
     (("bfloat16", None, 64, 70, 3, "qkv"),
-     [f"forward_streamed_mma_kernel<{BF16}, 64>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+     [f"forward_streamed_mma_kernel<{BF16}, 64, 128>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
     (("float32", "tf32", 256, 3, 1, "qkv"),  # D past the float32 mma backward's
-     [f"forward_streamed_mma_kernel<{TF32}, 16>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
+     [f"forward_streamed_mma_kernel<{TF32}, 16, 128>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
       f"backward_streamed_mma_kernel<{TF32}, 16, true>"]),
+    (("float32", "tf32x3", 64, 17, 3, "-"),  # float32 windows with a value chunk of 64: key blocks of 64
+     [f"forward_streamed_mma_kernel<{TF32X3}, 64, 64>"]),
     (("float32", "ieee", 64, 3, 3, "q"), ["forward_kernel<float>", "backward_dq_kernel<float>"]),
 ])
 def test_launch_probe_names_the_kernels_launched(case, names):
@@ -614,8 +616,12 @@ WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, maske
     "B2-C20-q9x7-k8x9-Cv5-k3-float16-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "fma"),
     "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "fma"),
     # C 72: 16-byte copies, 2 chunks per tap (64 and 8 columns); 154 query centres (2 blocks), 97 keys
-    # (2 blocks, the second ragged), Cv 17 in a chunk of 64.
+    # (one ragged forward block of 128, 2 backward blocks of 64, the second ragged), Cv 17 in a chunk of 64.
     "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma"),
+    # 130 keys: 2 forward blocks of 128, the second of 2 keys; a fully masked batch element.
+    "B2-C20-q9x7-k11x10-Cv5-k3-bfloat16-mask": (2, 20, (9, 7), (11, 10), 5, 3, torch.bfloat16, True, "fma"),
+    # 64 keys: half a forward block (one backward block), Cv 17 in a chunk of 64.
+    "B1-C72-q9x7-k11x4-Cv17-k3-float16": (1, 72, (9, 7), (11, 4), 17, 3, torch.float16, False, "fma"),
     # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch
     # element; Cv > 64: the backward on the shared-memory kernels.
     "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
@@ -724,12 +730,14 @@ def test_emulated_window_kernels_match_float64(emulation, case):
 # float32 windows with precision tf32x3 and tf32 (the kernels of correspondence_warp_streamed_mma.cuh
 # with m16n8k8), each beside the FMA path (ieee) on the same inputs. Forward: C 40, 16-byte copies,
 # 2 chunks of 32 per tap (32 and 8 columns), ragged query and key blocks, a fully masked batch
-# element; C 37 with 5x5 windows, element copies, Cv 17 in a chunk of 64. Forward and backward
+# element; C 40 with 130 keys, 2 key blocks of 128 (value chunks of 16), the second of 2 keys; C 37
+# with 5x5 windows, element copies, Cv 17 in a chunk of 64 (key blocks of 64). Forward and backward
 # (small: the emulated mma.sync are slow; the backward's blocks, chunks and value widths are covered
 # on rows, TF32_CASES): C 37, element copies, 2 chunks per tap (32 and 5 columns), one block of 28 query
 # and 26 key centres, Cv 5 in a chunk of 16, a mask with a fully masked batch element.
 TF32_WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, masked, backward)
     "B2-C40-q9x7-k8x9-Cv5-k3-mask": (2, 40, (9, 7), (8, 9), 5, 3, True, False),
+    "B1-C40-q9x7-k11x10-Cv5-k3": (1, 40, (9, 7), (11, 10), 5, 3, False, False),
     "B1-C37-q9x7-k6x5-Cv17-k5": (1, 37, (9, 7), (6, 5), 17, 5, False, False),
     "B2-C37-q5x4-k4x5-Cv5-k3-mask-backward": (2, 37, (5, 4), (4, 5), 5, 3, True, True),
 }

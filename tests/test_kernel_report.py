@@ -117,14 +117,24 @@ def test_chunked_mma_backward_work_by_hand():
 
 
 def test_streamed_forward_work_by_hand():
-    # 3x3 windows of C = 4 (D = 36): one block of 128 centres, one key block of 64, one value chunk of 16.
-    # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 64 pairs. L2: the key block's
-    # step copies, 192 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
+    # 3x3 windows of C = 4 (D = 36): one block of 128 centres, one key block of 128, one value chunk of 16.
+    # S: 9 taps of one k16 step each (144 columns), P V: 16 channels, over 128 x 128 pairs. L2: the key block's
+    # step copies, 256 rows x 9 taps x 4 columns x 2 B, and the 4 keys' 3 value channels.
     item = dict(TINY, patch_size=3)
-    forward = launch("blocks=1 smem=87552 row_blocks=1 cv_chunks=1", f"forward_streamed_mma_kernel<{BF16}, 16>", 3)
+    forward = launch("blocks=1 smem=119296 row_blocks=1 cv_chunks=1", f"forward_streamed_mma_kernel<{BF16}, 16, 128>", 3)
+    assert (forward["kind"], forward["cvt"], forward["bn"], forward["layout"]) == (
+        "streamed", 16, 128, "forward_streamed_mma_Cv16_N128")
     programs, work, exps, traffic = kr._streamed_work(forward, item, TILES)
-    assert (programs, work, exps) == (1, 2 * 128 * 64 * (144 + 16), 16)
-    assert traffic == kr.Traffic(128, 192 * 9 * 4 * 2 + 4 * 3 * 2)
+    assert (programs, work, exps) == (1, 2 * 128 * 128 * (144 + 16), 16)
+    assert traffic == kr.Traffic(128, 256 * 9 * 4 * 2 + 4 * 3 * 2)
+    # float32 rows with a value chunk of 64 (Cv 17): key blocks of 64. S: 9 taps of one k8 step each (72
+    # columns); L2: 192 rows x 9 taps x 4 columns x 4 B, and the 4 keys' 17 value channels.
+    item = dict(item, dtype="float32", precision="tf32x3", value_channels=17)
+    tf32x3 = "float, (cocos_kernels::cuda::Precision)1"
+    forward = launch("blocks=1 smem=119808 row_blocks=1 cv_chunks=1", f"forward_streamed_mma_kernel<{tf32x3}, 64, 64>", 3)
+    programs, work, exps, traffic = kr._streamed_work(forward, item, TILES)
+    assert (programs, work, exps) == (1, 2 * 128 * 64 * (72 + 64), 16)
+    assert traffic.l2 == 192 * 9 * 4 * 4 + 4 * 17 * 4
 
 
 def test_streamed_backward_work_by_hand():

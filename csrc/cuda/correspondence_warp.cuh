@@ -542,10 +542,10 @@ auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_
   }
   return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
     constexpr Precision P = decltype(p)::value;
-    constexpr int CVT = decltype(cvt)::value;
+    constexpr int CVT = decltype(cvt)::value, BN = kStreamedForwardKeys<T, CVT>;
     const MmaGrid grid = forward_mma_grid(shape, CVT);
-    return run(forward_streamed_mma_kernel<T, P, CVT>, grid.blocks(shape.batch), StreamedTiles<T, CVT>::kBytes, q,
-               k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
+    return run(forward_streamed_mma_kernel<T, P, CVT, BN>, grid.blocks(shape.batch), StreamedTiles<T, CVT, BN>::kBytes,
+               q, k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
   });
 }
 
@@ -565,7 +565,7 @@ cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T*
     return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int CVT = decltype(cvt)::value;
-      constexpr size_t bytes = StreamedTiles<T, CVT>::kBackwardBytes;
+      constexpr size_t bytes = StreamedBackwardTiles<T, CVT>::kBackwardBytes;
       if (dq != nullptr) {
         const MmaGrid grid = streamed_backward_grid(shape.nq);
         const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, false>, grid.blocks(shape.batch), bytes,

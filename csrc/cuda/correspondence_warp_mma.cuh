@@ -674,12 +674,13 @@ struct QueryColumns {
 // In every kernel, acc[nt][e] of a warp is element (row g + 8 (e / 2), column 8 nt + 2 t + e % 2)
 // of its 16-row tile, g = lane / 4, t = lane % 4.
 
-// Which columns n of the streamed key block at n0 get weight: keys inside Nk that the mask keeps.
+// Which columns n of the streamed block of BN keys at n0 get weight: keys inside Nk that the mask keeps.
+template <int BN>
 struct KeyBlock {
   int keys;
   const uint8_t* mask;
   __device__ KeyBlock(const uint8_t* key_mask, int64_t nk, int64_t n0)
-      : keys(nk - n0 < kMmaBN ? static_cast<int>(nk - n0) : kMmaBN), mask(key_mask == nullptr ? nullptr : key_mask + n0) {}
+      : keys(nk - n0 < BN ? static_cast<int>(nk - n0) : BN), mask(key_mask == nullptr ? nullptr : key_mask + n0) {}
   __device__ bool kept(int n) const { return n < keys && (mask == nullptr || mask[n] != 0); }
 };
 
@@ -717,11 +718,11 @@ struct OnlineSoftmax {
   float row_max[2] = {kNegInf, kNegInf}, row_sum[2] = {0.0f, 0.0f};
   float o[CVT / 8][4] = {};
 
-  // Folds in the scores s of one key block (keys: which get weight), scaled by scale_log2, and
-  // O += P V with the block's value tile vt, stored [c][n] with stride ld.
-  __device__ __forceinline__ void add(float (&s)[kMmaBN / 8][4], const KeyBlock& keys, float scale_log2,
-                                      const T* vt, int ld, int lane) {
-    constexpr int BN = kMmaBN;
+  // Folds in the scores s of one block of BN keys (keys: which get weight), scaled by scale_log2,
+  // and O += P V with the block's value tile vt, stored [c][n] with stride ld.
+  template <int BN>
+  __device__ __forceinline__ void add(float (&s)[BN / 8][4], const KeyBlock<BN>& keys, float scale_log2, const T* vt,
+                                      int ld, int lane) {
     const int t = lane % 4;
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
@@ -820,7 +821,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   stream_blocks<T, DT, CVT>(rs, vs, k, v, nk, d, cv, c0, [&](int64_t n0, const T* kt, const T* vt) {
     float s[BN / 8][4] = {};
     mma_tile<true>(s, qf, kt, L::LD_D, d_steps, BN / 16, lane);
-    softmax.add(s, KeyBlock(key_mask, nk, n0), scale_log2, vt, L::LD_N, lane);
+    softmax.add(s, KeyBlock<BN>(key_mask, nk, n0), scale_log2, vt, L::LD_N, lane);
   });
   softmax.store(out + b * cv * nq, lse + b * nq, m0 + 16 * warp + lane / 4, nq, cv, c0, lane);
 }
@@ -884,7 +885,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float acc[DO / 8][4] = {};
   stream_stages<T, DT>(rs, vs, tiles.val_stage(), tiles.channels, k, v, nk, d, cv, 0,
                        [&](int64_t n0, const T* kt, const T* vt) {
-    const KeyBlock keys(key_mask, nk, n0);
+    const KeyBlock<BN> keys(key_mask, nk, n0);
     // Keys j0 .. j0 + SB - 1 of the block at a time (kSub).
 #pragma unroll 1
     for (int j0 = 0; j0 < BN; j0 += SB) {

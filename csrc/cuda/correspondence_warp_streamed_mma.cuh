@@ -5,15 +5,15 @@
 // mma.sync m16n8k16, float32 with precision tf32x3 or tf32 through m16n8k8, with the fragments, the
 // online softmax and the epilogue of correspondence_warp_mma.cuh.
 //
-// A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's 64-centre
-// blocks. Per streamed block the score steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32
-// for float32; prepared rows are one tap) build S = R X^T (StreamedScores): each step is a stage
-// of a three-stage cp.async pipeline holding the tap-shifted resident chunk (128 rows) and streamed
-// chunk (64 rows), and adds their product to S (16 x 64 per warp, float registers); the pipeline
-// runs on across blocks, and a block's value-like tile ([c][n]) joins its first step's copies, in
-// one of two buffers by block parity. After the last score step the window factors
-// s = (raw - dwin m_r m_c) a_r a_c are applied in the registers (a lane holds rows g, g + 8 and
-// columns 2t, 2t + 1 of each n8 tile).
+// A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's blocks of
+// BN centres (the forward 128, kStreamedForwardKeys; the backward 64). Per streamed block the score
+// steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32 for float32; prepared rows are one tap)
+// build S = R X^T (StreamedScores): each step is a stage of a three-stage cp.async pipeline holding
+// the tap-shifted resident chunk (128 rows) and streamed chunk (BN rows), and adds their product to
+// S (16 x BN per warp, float registers); the pipeline runs on across blocks, and a block's
+// value-like tile ([c][n]) joins its first step's copies, in one of two buffers by block parity.
+// After the last score step the window factors s = (raw - dwin m_r m_c) a_r a_c are applied in the
+// registers (a lane holds rows g, g + 8 and columns 2t, 2t + 1 of each n8 tile).
 // - forward: 128 queries and a value chunk of CVT channels per block; per key block the mask, the
 //   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
 // - backward (Cv <= 64: dP needs every channel in one block), dQ over query blocks and dK/dV over
@@ -27,10 +27,11 @@
 // Rows past the centres, keys past Nk and columns past D load as zeros; every tap of a centre lies
 // on the padded grid (correspondence_warp.h), so the shifted row ranges need no other bound.
 //
-// Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward: 192 rows
-// x 2304 x 2 B of Q and K copied to shared memory (864 KiB; the value tile adds 2-8 KiB) for
-// 2 x 128 x 64 x 2304 flops of S (37.7 M; O += P V adds 0.3-1 M): ~43 flops per byte copied
-// (float32: ~22). Backward (dQ; dK/dV alike): those 864 KiB, 288 KiB for the second pass over the
+// Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward (128
+// keys): 256 rows x 2304 x 2 B of Q and K copied to shared memory (1152 KiB; the value tile adds
+// 4-16 KiB) for 2 x 128 x 128 x 2304 flops of S (75.5 M; O += P V adds 0.5-2 M): ~64 flops per
+// byte copied (float32: ~32; with value chunks of 64, in 64-key blocks, ~21). Backward (64 keys;
+// dQ and dK/dV alike): 192 rows of Q and K chunks (864 KiB), 288 KiB for the second pass over the
 // streamed chunks and 2304 KiB of plane read-modify-write (128 x 2304 floats read and written) for
 // 75.5 M flops (S and H X_t; dP and dV add up to 2 M): ~0.047 bytes per flop, two thirds of them
 // the planes' (float32: ~0.0625).
@@ -45,18 +46,34 @@
 namespace cocos_kernels {
 namespace cuda {
 
-template <class T, int CVT>
+// The shared memory of a kernel streaming blocks of BN centres.
+template <class T, int CVT, int BN>
 struct StreamedTiles {
   static constexpr int DC = kIsFloat<T> ? 32 : 64;  // feature columns per step
   using Rows = MmaTiles<T, DC, CVT>;                  // the strides of forward_mma_kernel's tiles
-  static constexpr int LD_D = Rows::LD_D, LD_N = Rows::LD_N, LD_R = Rows::LD_R;
+  static constexpr int LD_D = Rows::LD_D, LD_R = Rows::LD_R;
+  static constexpr int LD_N = BN + 8;  // value-like tiles [c][BN], padded as Rows::LD_N
   static constexpr int kStages = 3;  // one barrier per step: step i + 2 refills step i - 1's stage
-  static constexpr int STAGE = (kMmaRows + kMmaBN) * LD_D;  // the resident chunk's rows, then the streamed chunk's
-  static constexpr int VAL = CVT * LD_N;                    // a streamed value-like tile, [c][n]
+  static constexpr int STAGE = (kMmaRows + BN) * LD_D;  // the resident chunk's rows, then the streamed chunk's
+  static constexpr int VAL = CVT * LD_N;                // a streamed value-like tile, [c][n]
   static constexpr size_t kBytes = (kStages * STAGE + 2 * VAL) * sizeof(T);
   // The backward adds the resident value-like tile ([c][row]: dOut for dQ, V for dK/dV).
   static constexpr size_t kBackwardBytes = kBytes + CVT * LD_R * sizeof(T);
 };
+
+// Keys per block of the streamed forward: a key block's score steps copy 128 + 128 rows for
+// 128 x 128 scores (S: 16 x 128 floats a warp, 64 registers), where 64-key blocks copy 192 rows for
+// half the scores. The backward streams blocks of kMmaBN (S, dP and H of a block in registers).
+constexpr int kStreamedForwardBN = 128;
+// The forward's key block for T and CVT: kMmaBN where the stages and the two value tiles of
+// kStreamedForwardBN keys would not fit sm_80's shared memory (float32 rows with value chunks of 64:
+// 176 KiB).
+template <class T, int CVT>
+constexpr int kStreamedForwardKeys =
+    StreamedTiles<T, CVT, kStreamedForwardBN>::kBytes <= kMmaSharedLimit ? kStreamedForwardBN : kMmaBN;
+// The tiles of backward_streamed_mma_kernel.
+template <class T, int CVT>
+using StreamedBackwardTiles = StreamedTiles<T, CVT, kMmaBN>;
 
 // dP sums over every value channel in one block.
 constexpr int kStreamedMaxBackwardCv = 64;
@@ -81,10 +98,10 @@ auto with_streamed_tiles(const WarpShape& s, Precision precision, F&& f) {
 }
 
 // The steps of the score product S = R X^T of a block's 128 resident centres (R) and a streamed
-// block of 64 (X): step r is tap r / chunks, columns r % chunks * DC on; a score sums every step.
-template <class T, int CVT>
+// block of BN (X): step r is tap r / chunks, columns r % chunks * DC on; a score sums every step.
+template <class T, int BN>
 struct StreamedScores {
-  using L = StreamedTiles<T, CVT>;
+  using L = StreamedTiles<T, 16, BN>;  // the row tiles do not depend on the value chunk
   static constexpr int DC = L::DC;
   const T *resident, *streamed;  // centre 0's row
   int64_t resident_count, streamed_count, resident_width, streamed_width;
@@ -107,17 +124,17 @@ struct StreamedScores {
       load_tile_async<kMmaRows, DC>(stage, L::LD_D, resident + tap_offset(patch, resident_width, t) * d,
                                     resident_count, d, r0, d0);
     }
-    load_tile_async<kMmaBN, DC>(stage + kMmaRows * L::LD_D, L::LD_D,
-                                streamed + tap_offset(patch, streamed_width, t) * d, streamed_count, d, n0, d0);
+    load_tile_async<BN, DC>(stage + kMmaRows * L::LD_D, L::LD_D, streamed + tap_offset(patch, streamed_width, t) * d,
+                            streamed_count, d, n0, d0);
   }
 
-  // s (the warp's 16 x 64) += step r's product.
+  // s (the warp's 16 x BN) += step r's product.
   template <Precision P>
-  __device__ __forceinline__ void add(float (&s)[kMmaBN / 8][4], const T* stage, int r, int lane) const {
+  __device__ __forceinline__ void add(float (&s)[BN / 8][4], const T* stage, int r, int lane) const {
     const int k_steps = (width(r) + kMmaK<T> - 1) / kMmaK<T>;
     ResidentA<T, P, DC> rf = {};
     row_fragments<T, DC>(rf, stage, L::LD_D, k_steps);
-    mma_tile<true>(s, rf, stage + kMmaRows * L::LD_D, L::LD_D, k_steps, kMmaBN / 16, lane);  // X stored [n][d]
+    mma_tile<true>(s, rf, stage + kMmaRows * L::LD_D, L::LD_D, k_steps, BN / 16, lane);  // X stored [n][d]
   }
 };
 
@@ -161,9 +178,10 @@ struct WindowFactors {
   __device__ float m(int64_t n) const { return centre_factor(mc, count, n); }
   __device__ float a(int64_t n) const { return centre_factor(ac, count, n); }
   // Applies them to the raw scores of the streamed block at n0 (a lane holds columns 2t, 2t + 1 of each n8 tile).
-  __device__ __forceinline__ void apply(float (&s)[kMmaBN / 8][4], int64_t n0, int t) const {
+  template <int NT>
+  __device__ __forceinline__ void apply(float (&s)[NT][4], int64_t n0, int t) const {
 #pragma unroll
-    for (int nt = 0; nt < kMmaBN / 8; ++nt) {
+    for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         const int64_t n = n0 + 8 * nt + 2 * t + c;
@@ -178,13 +196,13 @@ struct WindowFactors {
   }
 };
 
-template <class T, Precision P, int CVT>
+// BN: the key block, kStreamedForwardKeys<T, CVT> (a template argument: the launch plans name it).
+template <class T, Precision P, int CVT, int BN>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_streamed_mma_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                 const uint8_t* __restrict__ key_mask, T* __restrict__ out, float* __restrict__ lse,
                                 WarpShape shape, WarpGeometry geometry, float scale_log2, MmaGrid grid) {
-  using L = StreamedTiles<T, CVT>;
-  constexpr int BN = kMmaBN;
+  using L = StreamedTiles<T, CVT, BN>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
   T* const vs = stages + L::kStages * L::STAGE;  // two value tiles, by key block parity
@@ -200,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const Factors f(geometry, b, nq, nk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t row0 = m0 + 16 * warp + lane / 4;  // the lane's rows row0, row0 + 8
-  const StreamedScores<T, CVT> scores(q, nq, geometry.width_q, k, nk, geometry.width_k, d, geometry.patch);
+  const StreamedScores<T, BN> scores(q, nq, geometry.width_q, k, nk, geometry.width_k, d, geometry.patch);
   const WindowFactors factors(f.mq, f.aq, nq, row0, f.mk, f.ak, nk, f.dwin);
 
   // Steps per key block: at least 2 (patch > 1, or D > kMmaForwardD > DC), so a value buffer is
@@ -222,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[BN / 8][4] = {};
     for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
     if (windowed(geometry)) factors.apply(s, j * BN, lane % 4);
-    softmax.add(s, KeyBlock(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
+    softmax.add(s, KeyBlock<BN>(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
   }
   softmax.store(out + b * cv * nq, lse + b * nq, row0, nq, cv, c0, lane);
 }
@@ -244,7 +262,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  float* __restrict__ grad, float* __restrict__ dv, float* __restrict__ sums,
                                  WarpShape shape, WarpGeometry geometry, float scale, MmaGrid grid) {
-  using L = StreamedTiles<T, CVT>;
+  using L = StreamedBackwardTiles<T, CVT>;
   constexpr int BN = kMmaBN, DC = L::DC, K = kMmaK<T>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
@@ -268,10 +286,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int t = lane % 4;
   const int64_t row0 = r0 + 16 * warp + lane / 4;  // the lane's rows row0, row0 + 8
-  const StreamedScores<T, CVT> scores = DK ? StreamedScores<T, CVT>(k, nk, geometry.width_k, q, nq, geometry.width_q,
-                                                                    d, geometry.patch)
-                                           : StreamedScores<T, CVT>(q, nq, geometry.width_q, k, nk, geometry.width_k,
-                                                                    d, geometry.patch);
+  const StreamedScores<T, BN> scores = DK ? StreamedScores<T, BN>(k, nk, geometry.width_k, q, nq, geometry.width_q,
+                                                                  d, geometry.patch)
+                                          : StreamedScores<T, BN>(q, nq, geometry.width_q, k, nk, geometry.width_k,
+                                                                  d, geometry.patch);
   const WindowFactors factors = DK ? WindowFactors(f.mk, f.ak, nk, row0, f.mq, f.aq, nq, f.dwin)
                                    : WindowFactors(f.mq, f.aq, nq, row0, f.mk, f.ak, nk, f.dwin);
   const float scale_log2 = scale * kLog2e;
@@ -326,7 +344,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mma_value_channels<T, CVT>(dp, vf, vt, L::LD_N, cv, lane);  // dP, the streamed tile stored [c][n]
       // dK/dV: the streamed query columns' lse and delta.
       const QueryColumns columns = DK ? QueryColumns(lse, delta, n0, nq, lane) : QueryColumns{};
-      const KeyBlock keys(key_mask, nk, n0);
+      const KeyBlock<BN> keys(key_mask, nk, n0);
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
