@@ -29,16 +29,16 @@ last wave's fill. The bytes (`Traffic`, by `triton_traffic` and the CUDA kernels
 the L2 the operand tiles every program loads per block (the other side's rows, its own rows again
 per block where D is chunked or streamed), which the programs resident together read from the L2
 after the first; the float32 accumulators of the chunked backward (the streamed CUDA backward's
-gradient planes), read and written once per (streamed block, D chunk), go to the L2 while the
-resident programs' accumulators fit in it, else to HBM. Triton: per kernel the config that fits
-and spills least (spills of up to SMALL_SPILL bytes a thread count as none), then the fastest by
-this estimate. CUDA: the launches the launchers make for the item, their kernels, grids, tiles and
-dynamic shared memory, as csrc/cuda/testing/launch_probe.cu records them from the launchers' own
-dispatch (`launch_plans`: built with nvcc and run here; saved in the JSON for `--from-results`), with
-blocks per SM from ptxas's registers and that shared memory. Shares: the useful FLOPs
-(benchmarks.bench_correspondence_warp.flops) per second of the summed kernels, against the card's
-bf16 peak (contextual_loss: the FP32 FMA peak). The reference (`reference_seconds`): its n x n
-matrices through HBM op by op.
+gradient planes), read and written once per (streamed block, D chunk; the planes per group of
+streamed blocks), go to the L2 while the resident programs' accumulators fit in it, else to HBM.
+Triton: per kernel the config that fits and spills least (spills of up to SMALL_SPILL bytes a thread
+count as none), then the fastest by this estimate. CUDA: the launches the launchers make for the
+item, their kernels, grids, tiles and dynamic shared memory, as csrc/cuda/testing/launch_probe.cu
+records them from the launchers' own dispatch (`launch_plans`: built with nvcc and run here; saved
+in the JSON for `--from-results`), with blocks per SM from ptxas's registers and that shared memory.
+Shares: the useful FLOPs (benchmarks.bench_correspondence_warp.flops) per second of the summed
+kernels, against the card's bf16 peak (contextual_loss: the FP32 FMA peak). The reference
+(`reference_seconds`): its n x n matrices through HBM op by op.
 
 Rates (`CARDS`: dense datasheet numbers, the GPU check measures the real ones): sm_90 an H200,
 sm_80 an A100. Assumed, not datasheet: the L2 bandwidth (10 TB/s sm_90, 5 TB/s sm_80), and an
@@ -338,9 +338,9 @@ def probe_launch(line: str, patch: int) -> dict:
     name (the kernel without namespace and arguments), blocks, shared (bytes), row_blocks and cv_chunks (its MmaGrid),
     channels, out_d, dv_chunk and dv_split (the mma backward's MmaBackwardTiles); kind ("mma": the kernels
     of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
-    shared-memory kernels), dt, cvt and the streamed forward's key block bn (its tiles' template
-    arguments), role ("forward", "dq", "dkdv"; the split mma backward "dk" and "dv") and layout (the kernel
-    and its tiles, the report's label)."""
+    shared-memory kernels), dt, cvt, the streamed forward's key block bn and the streamed backward's group
+    (streamed blocks per plane pass) (its template arguments), role ("forward", "dq", "dkdv"; the split mma
+    backward "dk" and "dv") and layout (the kernel and its tiles, the report's label)."""
     plan, kernel = line.split(" kernel=", 1)
     values = {k: int(v) for k, v in (field.split("=") for field in plan.split())}
     launch = dict(name=re.search(r"cocos_kernels::cuda::(\w+(?:<[^>]*>)?)\(", kernel)[1], blocks=values.pop("blocks"),
@@ -366,6 +366,9 @@ def probe_launch(line: str, patch: int) -> dict:
         if role == "forward":  # its key block
             launch["bn"] = int(flags[1])
             layout += f"_N{launch['bn']}"
+        else:
+            launch["group"] = int(flags[1])
+            layout += f"_G{launch['group']}"
     else:
         launch["dt"], launch["cvt"] = int(flags[0]), int(flags[1])
         layout = (f"forward_mma_D{launch['dt']}_Cv{launch['cvt']}" if role == "forward" else
@@ -416,10 +419,11 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
       the CVT channels.
     - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
       Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the bn
-      streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps). The block's
-      float32 planes (128 rows x taps x C) are read and written in global memory per streamed block after
-      the first (accumulator traffic); its resident value-like tile is copied once; dQ reads its rows' lse
-      and delta once, dK/dV every query's per streamed block."""
+      streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps), one pass per
+      group of the kernel's group streamed blocks. The block's float32 planes (128 rows x taps x C) are
+      read and written in global memory per group after the first (accumulator traffic); its resident
+      value-like tile is copied once; dQ reads its rows' lse and delta once, dK/dV every query's per
+      streamed block."""
     B, n, C, taps, Cv, e = _shape(item)
     rows, cvt, role = tiles["kMmaRows"], launch["cvt"], launch["role"]
     bn = launch["bn"] if role == "forward" else tiles["kMmaBN"]
@@ -436,9 +440,9 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
     products = scores + dp + taps * math.ceil(C / 16) * 16 + (cvt if role == "dkdv" else 0)
     lse_delta = 8 * n * (1 if role == "dq" else blocks)
     l2 = copies + blocks * key_blocks * bn * taps * C * e + (blocks + 1) * n * Cv * e + lse_delta
-    acc = rows * taps * C * 4
+    acc, groups = rows * taps * C * 4, math.ceil(key_blocks / launch["group"])
     return (launch["blocks"], 2.0 * B * blocks * rows * key_blocks * bn * products, B * n * n,
-            Traffic(_io_bytes(item, role), B * l2, B * 2.0 * blocks * (key_blocks - 1) * acc, acc))
+            Traffic(_io_bytes(item, role), B * l2, B * 2.0 * blocks * (groups - 1) * acc, acc))
 
 
 def _fma_work(launch: dict, item: dict) -> tuple[int, float, float, Traffic]:

@@ -203,16 +203,16 @@ HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels
     # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
     # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
     (("bfloat16", None, 64, 3, 3, "qkv"),
-     [f"forward_streamed_mma_kernel<{BF16}, 16, 128>", f"backward_streamed_mma_kernel<{BF16}, 16, false>",
-      f"backward_streamed_mma_kernel<{BF16}, 16, true>"]),
+     [f"forward_streamed_mma_kernel<{BF16}, 16, 128>", f"backward_streamed_mma_kernel<{BF16}, 16, 3, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 16, 3, true>"]),
     (("float16", None, 300, 48, 1, "qkv"),
-     [f"forward_streamed_mma_kernel<{HALF}, 64, 128>", f"backward_streamed_mma_kernel<{HALF}, 64, false>",
-      f"backward_streamed_mma_kernel<{HALF}, 64, true>"]),
+     [f"forward_streamed_mma_kernel<{HALF}, 64, 128>", f"backward_streamed_mma_kernel<{HALF}, 64, 3, false>",
+      f"backward_streamed_mma_kernel<{HALF}, 64, 3, true>"]),
     (("bfloat16", None, 64, 70, 3, "qkv"),
      [f"forward_streamed_mma_kernel<{BF16}, 64, 128>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
     (("float32", "tf32", 256, 3, 1, "qkv"),  # D past the float32 mma backward's
-     [f"forward_streamed_mma_kernel<{TF32}, 16, 128>", f"backward_streamed_mma_kernel<{TF32}, 16, false>",
-      f"backward_streamed_mma_kernel<{TF32}, 16, true>"]),
+     [f"forward_streamed_mma_kernel<{TF32}, 16, 128>", f"backward_streamed_mma_kernel<{TF32}, 16, 2, false>",
+      f"backward_streamed_mma_kernel<{TF32}, 16, 2, true>"]),
     (("float32", "tf32x3", 64, 17, 3, "-"),  # float32 windows with a value chunk of 64: key blocks of 64
      [f"forward_streamed_mma_kernel<{TF32X3}, 64, 64>"]),
     (("float32", "ieee", 64, 3, 3, "q"), ["forward_kernel<float>", "backward_dq_kernel<float>"]),

@@ -86,10 +86,10 @@ def launch(plan: str, kernel: str, patch: int = 1) -> dict:
      f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>", 1, dict(role="dv", layout="backward_dv_mma_D256_Cv256_c160")),
     ("blocks=2 smem=144128 row_blocks=1 cv_chunks=1 channels=16 out_d=256 dv_chunk=16 dv_split=0",
      f"backward_dkdv_mma_kernel<{BF16}, 256, 16, false>", 1, dict(role="dkdv", layout="backward_dkdv_mma_D256_Cv16_c16")),
-    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, false>", 3,
-     dict(kind="streamed", role="dq", cvt=16, layout="backward_streamed_mma_Cv16")),
-    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, true>", 3,
-     dict(kind="streamed", role="dkdv", layout="backward_streamed_mma_Cv16")),
+    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 3, false>", 3,
+     dict(kind="streamed", role="dq", cvt=16, group=3, layout="backward_streamed_mma_Cv16_G3")),
+    ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 3, true>", 3,
+     dict(kind="streamed", role="dkdv", layout="backward_streamed_mma_Cv16_G3")),
     ("blocks=1 smem=71424", "forward_kernel<float>", 1, dict(kind="fma", role="forward", layout="forward")),
     ("blocks=1 smem=98304", "backward_dq_kernel<float>", 3, dict(role="dq", layout="backward_dq")),
     ("blocks=1 smem=133120", "backward_dkdv_kernel<float>", 3, dict(role="dkdv", layout="backward_dkdv_windows")),
@@ -144,16 +144,19 @@ def test_streamed_backward_work_by_hand():
     # streamed block): the score steps' 192 rows and the second pass's 64, x 9 taps x 4 columns x 2 B (18432);
     # per block every streamed value-like column (256 x 3 x 2 B) and its resident ones (once in all: 1536);
     # lse and delta of 256 queries (2048 B), dK/dV's per block. Planes: 128 x 36 floats a block, read and
-    # written for 3 streamed blocks each. HBM: Q, K (4096), dOut, V (3072), lse, delta (2048), dQ's planes (36864).
+    # written per group of streamed blocks after the first: groups of 3 (blocks 1-3, then 4) once, groups of 1
+    # three times. HBM: Q, K (4096), dOut, V (3072), lse, delta (2048), dQ's planes (36864).
     item = dict(TINY, side=16, patch_size=3, mode="forward+backward")
-    dq, dkdv = (launch("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, {dk}>", 3)
+    dq, dkdv = (launch("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 3, {dk}>", 3)
                 for dk in ("false", "true"))
     acc = 128 * 36 * 4
     assert kr._streamed_work(dq, item, TILES) == (2, 2.0 * 65536 * (144 + 16 + 144), 65536, kr.Traffic(
-        46080, 8 * 18432 + 2 * 1536 + 1536 + 2048, 2 * 2 * 3 * acc, acc))
+        46080, 8 * 18432 + 2 * 1536 + 1536 + 2048, 2 * 2 * 1 * acc, acc))
     programs, work, exps, traffic = kr._streamed_work(dkdv, item, TILES)
     assert (programs, work, exps) == (2, 2.0 * 65536 * (144 + 16 + 144 + 16), 65536)
-    assert traffic == kr.Traffic(46080 + 256 * 3 * 4, 8 * 18432 + 3 * 1536 + 2 * 2048, 2 * 2 * 3 * acc, acc)
+    assert traffic == kr.Traffic(46080 + 256 * 3 * 4, 8 * 18432 + 3 * 1536 + 2 * 2048, 2 * 2 * 1 * acc, acc)
+    ungrouped = launch("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 1, false>", 3)
+    assert kr._streamed_work(ungrouped, item, TILES)[3].rmw == 2 * 2 * 3 * acc
 
 
 def test_contextual_backward_bytes_by_hand():

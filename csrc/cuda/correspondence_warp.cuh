@@ -564,18 +564,18 @@ cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T*
   if (uses_streamed_mma_backward<T>(shape, geometry, precision)) {
     return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
       constexpr Precision P = decltype(p)::value;
-      constexpr int CVT = decltype(cvt)::value;
+      constexpr int CVT = decltype(cvt)::value, G = kStreamedBackwardGroup<T, P, CVT>;
       constexpr size_t bytes = StreamedBackwardTiles<T, CVT>::kBackwardBytes;
       if (dq != nullptr) {
         const MmaGrid grid = streamed_backward_grid(shape.nq);
-        const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, false>, grid.blocks(shape.batch), bytes,
-                                       grad_out, q, k, v, key_mask, lse, delta, dq, nullptr, sums_q, shape,
+        const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, G, false>, grid.blocks(shape.batch),
+                                       bytes, grad_out, q, k, v, key_mask, lse, delta, dq, nullptr, sums_q, shape,
                                        geometry, scale, grid);
         if (err != cudaSuccess) return err;
       }
       if (dk == nullptr && dv == nullptr) return cudaSuccess;
       const MmaGrid grid = streamed_backward_grid(shape.nk);
-      return launch(backward_streamed_mma_kernel<T, P, CVT, true>, grid.blocks(shape.batch), bytes, grad_out, q,
+      return launch(backward_streamed_mma_kernel<T, P, CVT, G, true>, grid.blocks(shape.batch), bytes, grad_out, q,
                     k, v, key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, grid);
     });
   }

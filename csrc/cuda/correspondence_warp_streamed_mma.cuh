@@ -75,6 +75,14 @@ constexpr int kStreamedForwardKeys =
 template <class T, int CVT>
 using StreamedBackwardTiles = StreamedTiles<T, CVT, kMmaBN>;
 
+// Streamed blocks per plane pass of the backward for T, P and CVT: the plane pieces of a group of G
+// blocks, [H_1 .. H_G] times the chunks of their G x kMmaBN rows (one stage: G <= 3), go to the
+// planes in one read-modify-write. The group's H fragments stay in registers (a block's: 16 for
+// 16-bit T, 32 floats for float32); what ptxas -v fits without spills on sm_80 and sm_90a: 16-bit 3,
+// float32 2, tf32x3 with value chunks of 64 1.
+template <class T, Precision P, int CVT>
+constexpr int kStreamedBackwardGroup = !kIsFloat<T> ? 3 : P == Precision::kTf32x3 && CVT == 64 ? 1 : 2;
+
 // dP sums over every value channel in one block.
 constexpr int kStreamedMaxBackwardCv = 64;
 
@@ -116,16 +124,17 @@ struct StreamedScores {
   __device__ int column(int r) const { return r % chunks * DC; }
   __device__ int width(int r) const { return d - column(r) < DC ? d - column(r) : DC; }  // the rest of DC is zeros
 
-  // Copies step r's streamed chunk (rows n0 ..) to its stage and, with RESIDENT, the resident chunk (r0 ..).
-  template <bool RESIDENT>
+  // Copies step r's resident chunk (rows r0 ..) and streamed chunk (n0 ..) to its stage.
   __device__ __forceinline__ void fetch(T* stage, int r, int64_t r0, int64_t n0) const {
-    const int t = tap(r), d0 = column(r);
-    if (RESIDENT) {
-      load_tile_async<kMmaRows, DC>(stage, L::LD_D, resident + tap_offset(patch, resident_width, t) * d,
-                                    resident_count, d, r0, d0);
-    }
-    load_tile_async<BN, DC>(stage + kMmaRows * L::LD_D, L::LD_D, streamed + tap_offset(patch, streamed_width, t) * d,
-                            streamed_count, d, n0, d0);
+    load_tile_async<kMmaRows, DC>(stage, L::LD_D, resident + tap_offset(patch, resident_width, tap(r)) * d,
+                                  resident_count, d, r0, column(r));
+    fetch_streamed<BN>(stage + kMmaRows * L::LD_D, r, n0);
+  }
+  // Copies step r's chunk of N streamed rows (n0 ..) to dst, stride L::LD_D.
+  template <int N>
+  __device__ __forceinline__ void fetch_streamed(T* dst, int r, int64_t n0) const {
+    load_tile_async<N, DC>(dst, L::LD_D, streamed + tap_offset(patch, streamed_width, tap(r)) * d, streamed_count,
+                           d, n0, column(r));
   }
 
   // s (the warp's 16 x BN) += step r's product.
@@ -229,7 +238,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto fetch = [&](int64_t i, T* stage) {
     const int64_t j = i / steps;
     const int r = static_cast<int>(i % steps);
-    scores.template fetch<true>(stage, r, m0, j * BN);
+    scores.fetch(stage, r, m0, j * BN);
     if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, v, cv, nk, c0, j * BN);
   };
 
@@ -255,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 // streamed block overwrites): planes (taps, B, rows, D), one tap for prepared rows. sums (2, B,
 // rows), windows, written with grad: [sum_c H_rc m_c, sum_c dS_rc s_rc]. grad null: no second
 // pass (dV only); dv null: no dV.
-template <class T, Precision P, int CVT, bool DK>
+template <class T, Precision P, int CVT, int G, bool DK>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_streamed_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
                                  const T* __restrict__ v, const uint8_t* __restrict__ key_mask,
@@ -264,6 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  WarpShape shape, WarpGeometry geometry, float scale, MmaGrid grid) {
   using L = StreamedBackwardTiles<T, CVT>;
   constexpr int BN = kMmaBN, DC = L::DC, K = kMmaK<T>;
+  static_assert(G * BN <= kMmaRows + BN, "a plane step's G blocks of streamed rows fill one stage");
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
   T* const vs = stages + L::kStages * L::STAGE;  // two streamed value-like tiles, by block parity
@@ -308,21 +318,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  // Steps per streamed block: the score steps, then (with grad) the plane steps; at least 2
-  // (patch > 1, or D > DC), so a value-like buffer is refilled only after the block two back is
-  // done with it.
-  const int steps = scores.steps(), plane_steps = grad != nullptr ? steps : 0, per_block = steps + plane_steps;
-  const int64_t blocks = ceil_div(cols, BN), total = blocks * per_block;
+  // Per group of G streamed blocks (the last one: what is left) the score steps of each block, then
+  // (with grad) the plane steps over the group's rows. Score steps per block: at least 2 (patch > 1,
+  // or D > DC), so a value-like buffer is refilled only after the block two back is done with it.
+  const int steps = scores.steps(), plane_steps = grad != nullptr ? steps : 0;
+  const int64_t blocks = ceil_div(cols, BN), groups = ceil_div(blocks, G);
+  const int64_t per_group = G * steps + plane_steps, total = blocks * steps + groups * plane_steps;
   auto fetch = [&](int64_t i, T* stage) {
-    const int64_t j = i / per_block, n0 = j * BN;
-    const int r = static_cast<int>(i % per_block);
+    const int64_t j0 = i / per_group * G;  // the step's group (every one before it is whole), its first block
+    const int group_blocks = blocks - j0 < G ? static_cast<int>(blocks - j0) : G;
+    const int r = static_cast<int>(i % per_group);
     if (i == 0) load_tile_async<CVT, kMmaRows>(vr, L::LD_R, row_vals, cv, rows, 0, r0);
-    if (r >= steps) {
-      scores.template fetch<false>(stage, r - steps, r0, n0);
+    if (r >= group_blocks * steps) {
+      scores.template fetch_streamed<G * BN>(stage, r - group_blocks * steps, j0 * BN);
       return;
     }
-    scores.template fetch<true>(stage, r, r0, n0);
-    if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, col_vals, cv, cols, 0, n0);
+    const int64_t j = j0 + r / steps, n0 = j * BN;
+    scores.fetch(stage, r % steps, r0, n0);
+    if (r % steps == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, col_vals, cv, cols, 0, n0);
   };
 
   float hm[2] = {}, es[2] = {};  // this lane's shares of the rows' sums
@@ -331,11 +344,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (grad != nullptr) grad += b * rows * d;
   start_pipeline<L>(stages, total, fetch);
   int64_t i = 0;
-  for (int64_t j = 0; j < blocks; ++j) {
-    const int64_t n0 = j * BN;
-    const T* const vt = vs + j % 2 * L::VAL;
-    AccumulatorA<T, P, BN> hf;
-    {
+  for (int64_t j0 = 0; j0 < blocks; j0 += G) {
+    const int group_blocks = blocks - j0 < G ? static_cast<int>(blocks - j0) : G;
+    AccumulatorA<T, P, BN> hf[G];  // the group's H, block by block (unrolled: in registers)
+#pragma unroll
+    for (int jj = 0; jj < G; ++jj) {
+      if (jj >= group_blocks) break;
+      const int64_t n0 = (j0 + jj) * BN;
+      const T* const vt = vs + (j0 + jj) % 2 * L::VAL;
       float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
       for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
       if (windows) factors.apply(s, n0, t);
@@ -375,12 +391,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         to_a_fragments<T>(pf, s);
         mma_tile<true>(acc_dv, pf, vt, L::LD_N, BN / K, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
       }
-      to_a_fragments<T>(hf, dp);
+      to_a_fragments<T>(hf[jj], dp);
     }
     for (int r = 0; r < plane_steps; ++r, ++i) {
-      const T* const xs = next_stage<L>(stages, i, total, fetch) + kMmaRows * L::LD_D;
+      const T* const xs = next_stage<L>(stages, i, total, fetch);  // the group's rows, block jj's from row jj BN
+      const int n_pairs = (scores.width(r) + 15) / 16;
       float acc[DC / 8][4] = {};
-      mma_tile<false>(acc, hf, xs, L::LD_D, BN / K, (scores.width(r) + 15) / 16, lane);  // H X_t, X stored [n][d]
+#pragma unroll
+      for (int jj = 0; jj < G; ++jj) {  // [H_1 .. H_G] X_t, X stored [n][d]
+        if (jj < group_blocks) mma_tile<false>(acc, hf[jj], xs + jj * BN * L::LD_D, L::LD_D, BN / K, n_pairs, lane);
+      }
       float* const dst = grad + scores.tap(r) * plane + scores.column(r);
 #pragma unroll
       for (int nt = 0; nt < DC / 8; ++nt) {
@@ -390,7 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int col = 8 * nt + 2 * t + e % 2;
           if (n >= rows || col >= scores.width(r)) continue;
           float* const x = dst + n * d + col;
-          *x = j == 0 ? acc[nt][e] : *x + acc[nt][e];
+          *x = j0 == 0 ? acc[nt][e] : *x + acc[nt][e];
         }
       }
     }
