@@ -297,8 +297,12 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq65-Nk131-D64-Cv17-bfloat16": (1, 65, 131, 64, 17, torch.bfloat16, False, "fma"),
     "B2-Nq136-Nk64-D128-Cv64-float16-mask": (2, 136, 64, 128, 64, torch.float16, True, "fma"),
     # D 300: 5 chunks of 64 (the last of 44 columns), 16-byte copies, ragged query and key blocks, a
-    # fully masked batch element.
+    # fully masked batch element; the backward's plane passes per group of 3 streamed blocks: dQ one
+    # group, dK/dV a group of 2. Then 5 and 4 streamed blocks: dQ groups of 3 and 2, dK/dV 3 and 1, with
+    # value chunks of 16 and 64.
     "B2-Nq70-Nk131-D300-Cv5-bfloat16-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "fma"),
+    "B1-Nq200-Nk260-D300-Cv5-float16": (1, 200, 260, 300, 5, torch.float16, False, "fma"),
+    "B1-Nq200-Nk260-D300-Cv17-bfloat16": (1, 200, 260, 300, 17, torch.bfloat16, False, "fma"),
     # The backward's wider plans (MmaBackwardTiles). D 256 with Cv 3: Q and K read per k step,
     # 32-row sub-blocks, dK and dV in one block, a fully masked batch element. D 200 with Cv 48:
     # ragged D at DT 256, dV-only blocks, 2 resident key blocks and 2 query blocks, both ragged.
@@ -549,7 +553,8 @@ def test_emulated_backward_of_one_gradient(emulation, case):
 # copied element by element, a masked key block. D 100 with Cv 3: the backward at DT 128 with Q and
 # K read per k step, ragged D. D 48 with Cv 112: the backward's most channels, 7 dV-only blocks.
 # D 300: the streamed forward and backward (correspondence_warp_streamed_mma.cuh, 10 chunks of 32,
-# the last of 12 columns).
+# the last of 12 columns; one group of 2 streamed blocks). D 136 (4 chunks of 32 and one of 8) over 3
+# streamed blocks: groups of 2 and 1 (tf32x3 with value chunks of 64: groups of 1), Cv 3 and 17.
 TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B2-Nq70-Nk131-D37-Cv3-mask": (2, 70, 131, 37, 3, True),
     "B1-Nq130-Nk72-D100-Cv48": (1, 130, 72, 100, 48, False),
@@ -560,6 +565,8 @@ TF32_CASES = {  # id: (B, Nq, Nk, D, Cv, masked)
     "B1-Nq70-Nk72-D100-Cv3": (1, 70, 72, 100, 3, False),
     "B1-Nq65-Nk64-D48-Cv112": (1, 65, 64, 48, 112, False),
     "B1-Nq70-Nk72-D300-Cv3": (1, 70, 72, 300, 3, False),
+    "B1-Nq130-Nk150-D136-Cv3": (1, 130, 150, 136, 3, False),
+    "B1-Nq130-Nk150-D136-Cv17": (1, 130, 150, 136, 17, False),
 }
 
 
