@@ -18,11 +18,12 @@
 //   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
 // - backward (Cv <= 64: dP needs every channel in one block), dQ over query blocks and dK/dV over
 //   key blocks (backward_streamed_mma_kernel): per streamed block P, dP, dS and H = dS a_r a_c in
-//   registers (dK/dV: dV += P^T dOut), then a second pass of steps streams the other side's chunks
-//   again, X_t[:, chunk] per (tap, chunk), for the plane pieces H X_t (9 taps x C accumulators do
-//   not fit in registers): each piece (16 x DC a warp) is added to the float32 plane of its tap in
-//   global memory, read and written by the owning block only (its first streamed block
-//   overwrites): no atomics, deterministic. 16-bit P and H enter their products rounded to T.
+//   registers (dK/dV: dV += P^T dOut); per group of G streamed blocks (kStreamedBackwardGroup) a
+//   second pass of steps streams the group's rows again, X_t[:, chunk] of G x 64 rows per (tap,
+//   chunk), for the plane pieces [H_1 .. H_G] X_t (9 taps x C accumulators do not fit in
+//   registers): each piece (16 x DC a warp) is added to the float32 plane of its tap in global
+//   memory, read and written by the owning block only (its first group overwrites): no atomics,
+//   deterministic. 16-bit P and H enter their products rounded to T.
 //
 // Rows past the centres, keys past Nk and columns past D load as zeros; every tap of a centre lies
 // on the padded grid (correspondence_warp.h), so the shifted row ranges need no other bound.
@@ -32,9 +33,10 @@
 // 4-16 KiB) for 2 x 128 x 128 x 2304 flops of S (75.5 M; O += P V adds 0.5-2 M): ~64 flops per
 // byte copied (float32: ~32; with value chunks of 64, in 64-key blocks, ~21). Backward (64 keys;
 // dQ and dK/dV alike): 192 rows of Q and K chunks (864 KiB), 288 KiB for the second pass over the
-// streamed chunks and 2304 KiB of plane read-modify-write (128 x 2304 floats read and written) for
-// 75.5 M flops (S and H X_t; dP and dV add up to 2 M): ~0.047 bytes per flop, two thirds of them
-// the planes' (float32: ~0.0625).
+// streamed chunks and a third of the planes' read-modify-write (128 x 2304 floats read and written
+// per group of 3 blocks: 2304 KiB, 768 KiB a block) for 75.5 M flops (S and H X_t; dP and dV add up
+// to 2 M): ~0.026 bytes per flop, 40% of them the planes' (a group of one block: ~0.047, two thirds
+// the planes'). Float32 (twice the chunk bytes): ~0.047 in groups of 2, ~0.0625 in groups of 1.
 #pragma once
 
 #include "correspondence_warp.h"
@@ -258,12 +260,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 // streamed K and V); DK true, dK/dV over key-centre blocks (resident K and V, streamed Q and
 // dOut). Resident row r, streamed column c: s = S_rc (windowed), P = exp2(s scale_log2 - lse2)
 // (0 for masked keys and centres past Nq or Nk), dP (dOut V^T, or V dOut^T), dS = P (dP - delta)
-// scale, H = dS a_r a_c (dS for prepared rows); dK/dV adds dV += P^T dOut. Then per step
-// (tap t, chunk) of a second pass over the streamed rows the plane piece H X_t[:, chunk] (16 x DC
-// a warp) is added to grad's plane t in global memory, whose rows only this block owns (its first
-// streamed block overwrites): planes (taps, B, rows, D), one tap for prepared rows. sums (2, B,
-// rows), windows, written with grad: [sum_c H_rc m_c, sum_c dS_rc s_rc]. grad null: no second
-// pass (dV only); dv null: no dV.
+// scale, H = dS a_r a_c (dS for prepared rows); dK/dV adds dV += P^T dOut. Then per group of G
+// streamed blocks, per step (tap t, chunk) of a second pass over the group's rows, the plane piece
+// [H_1 .. H_G] X_t[:, chunk] (16 x DC a warp) is added to grad's plane t in global memory, whose
+// rows only this block owns (its first group overwrites): planes (taps, B, rows, D), one tap for
+// prepared rows. sums (2, B, rows), windows, written with grad: [sum_c H_rc m_c, sum_c dS_rc s_rc].
+// grad null: no second pass (dV only); dv null: no dV. G: kStreamedBackwardGroup<T, P, CVT> (a
+// template argument: the launch plans name it).
 template <class T, Precision P, int CVT, int G, bool DK>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_streamed_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
@@ -324,9 +327,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int steps = scores.steps(), plane_steps = grad != nullptr ? steps : 0;
   const int64_t blocks = ceil_div(cols, BN), groups = ceil_div(blocks, G);
   const int64_t per_group = G * steps + plane_steps, total = blocks * steps + groups * plane_steps;
+  auto group_size = [&](int64_t j0) { return blocks - j0 < G ? static_cast<int>(blocks - j0) : G; };  // from block j0
   auto fetch = [&](int64_t i, T* stage) {
     const int64_t j0 = i / per_group * G;  // the step's group (every one before it is whole), its first block
-    const int group_blocks = blocks - j0 < G ? static_cast<int>(blocks - j0) : G;
+    const int group_blocks = group_size(j0);
     const int r = static_cast<int>(i % per_group);
     if (i == 0) load_tile_async<CVT, kMmaRows>(vr, L::LD_R, row_vals, cv, rows, 0, r0);
     if (r >= group_blocks * steps) {
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   start_pipeline<L>(stages, total, fetch);
   int64_t i = 0;
   for (int64_t j0 = 0; j0 < blocks; j0 += G) {
-    const int group_blocks = blocks - j0 < G ? static_cast<int>(blocks - j0) : G;
+    const int group_blocks = group_size(j0);
     AccumulatorA<T, P, BN> hf[G];  // the group's H, block by block (unrolled: in registers)
 #pragma unroll
     for (int jj = 0; jj < G; ++jj) {
