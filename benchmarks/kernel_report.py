@@ -475,11 +475,11 @@ def _cuda_row(rows: list[dict], arch: int, name: str) -> dict | None:
                 None)
 
 
-def cuda_roofline(arch: int, rows: list[dict], items: list[dict], plans: dict[str, list[dict]]) -> list[dict]:
+def cuda_roofline(arch: int, rows: list[dict], items: list[dict], plans: dict[str, list[dict]],
+                  tiles: dict[str, int]) -> list[dict]:
     """Per headline item: the CUDA kernels the launchers take (`plans`: {item_request: launches}, launch_plans;
     an item without one gets no kernels and no estimate), each with its occupancy (blocks per SM from
-    ptxas's registers and the dynamic shared memory the launch asks for) and estimate."""
-    tiles = mma_tiles()
+    ptxas's registers and the dynamic shared memory the launch asks for) and estimate (`tiles`: mma_tiles)."""
     work = {"mma": lambda launch, item: _mma_work(launch, item, tiles),
             "streamed": lambda launch, item: _streamed_work(launch, item, tiles),
             "fma": _fma_work}
@@ -806,7 +806,7 @@ def estimates(arch: int, part: dict, items: list[dict]) -> dict:
     """A target's compiled rows (part: triton, cuda) and launch plans with the estimates and targets added."""
     part = dict(part, roofline=roofline(arch, part["triton"], items), mma_tiles=mma_tiles())
     smem = {(layout, dtype): size for layout, dtype, size in part.get("dynamic_shared", [])}
-    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items, part.get("launch_plans", {}))
+    part["cuda_roofline"] = cuda_roofline(arch, part["cuda"], items, part.get("launch_plans", {}), part["mma_tiles"])
     part["contextual_roofline"] = contextual_roofline(arch, part["cuda"], contextual_items(), smem)
     part["targets"] = targets(part)
     return part
