@@ -265,6 +265,7 @@ MMA_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_mma.cuh"
 MMA_TILES = ("kMmaRows", "kMmaBN")
 FMA_TILE = 64  # BM = BN = BCV of correspondence_warp.cuh's shared-memory kernels
 LAUNCH_PROBE = REPO / "csrc" / "cuda" / "testing" / "launch_probe.cu"
+STREAMED_HEADER = REPO / "csrc" / "cuda" / "correspondence_warp_streamed_mma.cuh"
 # The probe's nvcc flags beside the build's: kernel stubs of external linkage and default visibility,
 # exported to the dynamic symbol table, where dladdr finds the name of the kernel launched.
 PROBE_FLAGS = ("-static-global-template-stub=false", "-device-entity-has-hidden-visibility=false",
@@ -333,6 +334,12 @@ def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[
     return shared, plans
 
 
+@functools.cache
+def _streamed_held_cv() -> int:
+    """kStreamedHeldCv of STREAMED_HEADER: the streamed backward's widest value tiles with dV in the dK/dV blocks."""
+    return int(re.search(r"constexpr\s+int\s+kStreamedHeldCv\s*=\s*(\d+)\s*;", STREAMED_HEADER.read_text())[1])
+
+
 def probe_launch(line: str, patch: int) -> dict:
     """A launch as LAUNCH_PROBE prints it ("blocks=.. smem=.. [grid] [tiles] kernel=<demangled>"), at `patch`:
     name (the kernel without namespace and arguments), blocks, shared (bytes), row_blocks and cv_chunks (its MmaGrid),
@@ -340,7 +347,8 @@ def probe_launch(line: str, patch: int) -> dict:
     of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
     shared-memory kernels), dt, cvt, the streamed forward's key block bn and the streamed backward's group
     (streamed blocks per plane pass) (its template arguments), role ("forward", "dq", "dkdv"; the split mma
-    backward "dk" and "dv") and layout (the kernel and its tiles, the report's label)."""
+    backward "dk" and "dv", as the streamed backward's wide class: dK blocks (cvt above STREAMED_HELD_CV) and
+    dV-only blocks (group 0)) and layout (the kernel and its tiles, the report's label)."""
     plan, kernel = line.split(" kernel=", 1)
     values = {k: int(v) for k, v in (field.split("=") for field in plan.split())}
     launch = dict(name=re.search(r"cocos_kernels::cuda::(\w+(?:<[^>]*>)?)\(", kernel)[1], blocks=values.pop("blocks"),
@@ -355,6 +363,9 @@ def probe_launch(line: str, patch: int) -> dict:
         role = "dq"
     elif kind == "mma":
         role = "dv" if last else "dk" if launch["dv_split"] else "dkdv"
+    elif kind == "streamed":
+        # The wide value tiles (wider than kStreamedHeldCv): dK blocks, and dV-only blocks (group 0).
+        role = "dv" if int(flags[1]) == 0 else "dk" if int(flags[0]) > _streamed_held_cv() else "dkdv"
     else:
         role = "dkdv"
     stem = base.removesuffix("_kernel")
@@ -417,13 +428,15 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
     L2 after the first: L2 traffic. S takes each chunk in whole k steps (the zero tail is skipped).
     - forward (blocks of 128 queries and a value chunk of CVT channels, the grid's chunks): O += P V over
       the CVT channels.
-    - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks): dP over the CVT channels (float32:
-      Cv in 16-channel steps), dK/dV's dV += P^T dOut over CVT, and a second pass of the steps copies the bn
-      streamed rows' chunks again for the plane pieces H X_t (each chunk in 16-column steps), one pass per
-      group of the kernel's group streamed blocks. The block's float32 planes (128 rows x taps x C) are
-      read and written in global memory per group after the first (accumulator traffic); its resident
-      value-like tile is copied once; dQ reads its rows' lse and delta once, dK/dV every query's per
-      streamed block."""
+    - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks; the wide value tiles: dK, "dk"):
+      dP over the CVT channels (float32 and the wide tiles: Cv in 16-channel steps), dK/dV's dV += P^T dOut
+      over CVT, and a second pass of the steps copies the bn streamed rows' chunks again for the plane
+      pieces H X_t (each chunk in 16-column steps), one pass per group of the kernel's group streamed
+      blocks. The block's float32 planes (128 rows x taps x C) are read and written in global memory per
+      group after the first (accumulator traffic); its resident value-like tile is copied once; dQ reads
+      its rows' lse and delta once, dK/dV every query's per streamed block.
+    - dV-only blocks ("dv", key blocks and the grid's chunks of CVT channels): S and dV += P^T dOut over
+      the chunk's channels (Cv padded to 16), no dP and no second pass; the grid's chunks each compute S."""
     B, n, C, taps, Cv, e = _shape(item)
     rows, cvt, role = tiles["kMmaRows"], launch["cvt"], launch["role"]
     bn = launch["bn"] if role == "forward" else tiles["kMmaBN"]
@@ -436,7 +449,13 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
         l2 = chunks * copies + blocks * n * Cv * e
         return (launch["blocks"], 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
                 B * chunks * n * n, Traffic(_io_bytes(item, "forward"), B * l2))
-    dp = math.ceil(Cv / 16) * 16 if e == 4 else cvt  # mma_value_channels
+    cv16 = math.ceil(Cv / 16) * 16
+    if role == "dv":
+        chunks = launch["cv_chunks"]
+        l2 = chunks * (copies + 8 * n * blocks) + blocks * n * Cv * e  # every query's lse and delta per block
+        return (launch["blocks"], 2.0 * B * blocks * rows * key_blocks * bn * (chunks * scores + cv16),
+                B * chunks * n * n, Traffic(_io_bytes(item, "dv"), B * l2))
+    dp = cv16 if e == 4 or cvt > _streamed_held_cv() else cvt  # mma_value_channels
     products = scores + dp + taps * math.ceil(C / 16) * 16 + (cvt if role == "dkdv" else 0)
     lse_delta = 8 * n * (1 if role == "dq" else blocks)
     l2 = copies + blocks * key_blocks * bn * taps * C * e + (blocks + 1) * n * Cv * e + lse_delta

@@ -11,8 +11,9 @@ gradient plane per tap. Spatial centring with patches unfolds in PyTorch (it has
 `precision=` ("ieee", "tf32x3", "tf32", as triton's) says how float32 rows' tile products run:
 float32 FMAs, or tensor cores on tf32 inputs split in two (near float32) or rounded once, in every
 forward (rows and windows), in the backward on rows with D <= 128 (Cv <= 112 at D <= 64, Cv <= 80
-at D <= 128) and in every other backward with Cv <= 64; FMAs elsewhere. Half inputs ignore it. contextual_loss takes float32 rows (the op layer prepares
-half inputs in float32).
+at D <= 128) and in every other backward with Cv <= 64; FMAs elsewhere. Half inputs ignore it: tensor
+cores everywhere (mma.sync; the backward beyond the register-resident kernels with Cv <= 192, WMMA
+tiles above). contextual_loss takes float32 rows (the op layer prepares half inputs in float32).
 
 The extension is, in this order: the module `cocos_kernels._cuda` that `setup.py` built at install
 time, or a JIT build of the same sources with ninja (`torch.utils.cpp_extension.load`, cached in a
@@ -131,7 +132,7 @@ class CudaKernels:
         requested: the per-tap gradient planes w.r.t. the padded rows through the window products (the op
         layer adds them, windows.sum_tap_planes), and per centre [sum_j H_ij m_j, sum_j dS_ij logit_ij]
         (see csrc/cpu/correspondence_warp.h). `precision` as for `correspondence_warp_windows_forward`
-        (tensor cores with Cv <= 64, FMAs above)."""
+        (tensor cores with Cv <= 64, FMAs above; half inputs on tensor cores with Cv <= 192, WMMA above)."""
         return extension().correspondence_warp_windows_backward(
             grad_out, xq, mq, aq, xk, mk, ak, v, out, lse.float().contiguous(), int(patch), int(width_q), int(width_k),
             float(scale), bool(need_dq), bool(need_dk), bool(need_dv), key_mask, precision,

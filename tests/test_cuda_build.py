@@ -24,14 +24,15 @@ test_contextual_loss.py run the "cuda" backend with `--device cuda`). What is ch
   patches on small padded grids, as the op layer prepares them: forward out, lse; backward dxq,
   dxk summed from the per-tap planes, dv and the per-centre sums rows, cols) likewise, against
   autograd over the unfolded windows of the same rows in float64, the half windows' forward, their
-  backward with Cv <= 64 and those of rows wider than 256 (backward: 128) on the streamed
-  tensor-core kernels of `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
+  backward with Cv <= 192 (above 64 the wide value tiles: dQ, dK and dV-only blocks) and those of
+  the rows the register-resident kernels do not take (D > 256; the backward also Cv past its tiles)
+  on the streamed tensor-core kernels of `correspondence_warp_streamed_mma.cuh`; contextual_loss's forward
   (m, argmin, s, t) and backward (dx, dy, each alone too) likewise, over ragged tiles and exact
   ties in the row minimum (the lowest index must win and carry the minimum's gradient);
 * float32 rows and windows with precision tf32x3 and tf32 (mma.sync m16n8k8 on tf32, its lane
   layouts and cvt.rna.tf32 emulated and checked against the PTX ISA's tables; windows, the forward
-  of rows wider than 128 and their backward wider than 64 streamed) beside the FMA path on the
-  same inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
+  of rows wider than 128 and their backward wider than 64 streamed, with Cv <= 64) beside the FMA
+  path on the same inputs: tf32x3 near float32, tf32 at the error its 10-bit mantissas give;
 * the loader: toolkit discovery through the nvcc wrapper script, and a clear refusal (no build)
   on a machine without a CUDA device.
 
@@ -136,8 +137,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path):
     # each a dQ and a dK (or dK/dV) kernel, and dV-only kernels for Cv 256 and for D 256 with
     # Cv 64; float32 (tf32x3 and tf32) the forward's 3, dQ and dK/dV at D 64 and 128 (Cv 16,
     # 256), and the dV-only kernels at Cv 256; per 16-bit dtype and float32 precision the streamed
-    # forward's 2 value chunks (16, 64) and the streamed backward's 4 (dQ, dK/dV per chunk).
-    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4 + 2 + 4) + 2 * (3 + 4 + 4 + 2 + 2 + 4)), sorted(mma)
+    # forward's 2 value chunks (16, 64) and the streamed backward's 4 (dQ, dK/dV per chunk), per 16-bit
+    # dtype 3 more for its wide value tiles (dQ, dK, dV-only).
+    assert len(mma) == 2 * (2 * (6 + 9 + 9 + 4 + 2 + 7) + 2 * (3 + 4 + 4 + 2 + 2 + 4)), sorted(mma)
     assert not any(mma.values()), f"register spills in the register-resident kernels: {mma}"
 
 
@@ -187,7 +189,10 @@ HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels
       f"backward_dkdv_mma_kernel<{BF16}, 256, 256, false>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
     (("bfloat16", None, 256, 151, 1, "v"),  # dV alone: the dV-only blocks
      [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_dkdv_mma_kernel<{BF16}, 256, 256, true>"]),
-    (("bfloat16", None, 256, 177, 1, "qkv"),  # past the widest at D 256
+    (("bfloat16", None, 256, 177, 1, "qkv"),  # past the widest at D 256: the streamed backward's wide value tiles
+     [f"forward_mma_kernel<{BF16}, 256, 64>", f"backward_streamed_mma_kernel<{BF16}, 192, 3, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 192, 3, true>", f"backward_streamed_mma_kernel<{BF16}, 192, 0, true>"]),
+    (("bfloat16", None, 256, 193, 1, "qkv"),  # past the streamed backward's too
      [f"forward_mma_kernel<{BF16}, 256, 64>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
     (("float16", None, 128, 48, 1, "qkv"),
      [f"forward_mma_kernel<{HALF}, 128, 64>", f"backward_dq_mma_kernel<{HALF}, 128, 64>",
@@ -200,16 +205,30 @@ HALF, TF32 = "__half, (cocos_kernels::cuda::Precision)0", "float, (cocos_kernels
      [f"forward_mma_kernel<{TF32X3}, 64, 64>", f"backward_dq_mma_kernel<{TF32X3}, 64, 256>",
       f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, false>", f"backward_dkdv_mma_kernel<{TF32X3}, 64, 256, true>"]),
     (("float32", "ieee", 64, 3, 1, "qkv"), ["forward_kernel<float>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
-    # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 on
-    # tensor cores, the streamed backward (dQ, then dK/dV); else the FMA backward.
+    # Windows, and rows wider than the resident kernels take: the streamed forward and, up to Cv 64 (16-bit:
+    # 192) on tensor cores, the streamed backward (dQ, then dK/dV; at Cv > 64 the wide value tiles: dQ, dK,
+    # then dV-only blocks, group 0); else the FMA backward.
     (("bfloat16", None, 64, 3, 3, "qkv"),
      [f"forward_streamed_mma_kernel<{BF16}, 16, 128>", f"backward_streamed_mma_kernel<{BF16}, 16, 3, false>",
       f"backward_streamed_mma_kernel<{BF16}, 16, 3, true>"]),
     (("float16", None, 300, 48, 1, "qkv"),
      [f"forward_streamed_mma_kernel<{HALF}, 64, 128>", f"backward_streamed_mma_kernel<{HALF}, 64, 3, false>",
       f"backward_streamed_mma_kernel<{HALF}, 64, 3, true>"]),
-    (("bfloat16", None, 64, 70, 3, "qkv"),
+    # CoCosNet on ADE20K: C 256 a tap, 3 image channels and 151 labels.
+    (("bfloat16", None, 256, 154, 3, "qkv"),
+     [f"forward_streamed_mma_kernel<{BF16}, 64, 128>", f"backward_streamed_mma_kernel<{BF16}, 192, 3, false>",
+      f"backward_streamed_mma_kernel<{BF16}, 192, 3, true>", f"backward_streamed_mma_kernel<{BF16}, 192, 0, true>"]),
+    (("bfloat16", None, 256, 154, 3, "k"), [f"forward_streamed_mma_kernel<{BF16}, 64, 128>",
+                                            f"backward_streamed_mma_kernel<{BF16}, 192, 3, true>"]),
+    (("bfloat16", None, 256, 154, 3, "v"), [f"forward_streamed_mma_kernel<{BF16}, 64, 128>",
+                                            f"backward_streamed_mma_kernel<{BF16}, 192, 0, true>"]),
+    (("float16", None, 64, 70, 3, "qkv"),
+     [f"forward_streamed_mma_kernel<{HALF}, 64, 128>", f"backward_streamed_mma_kernel<{HALF}, 192, 3, false>",
+      f"backward_streamed_mma_kernel<{HALF}, 192, 3, true>", f"backward_streamed_mma_kernel<{HALF}, 192, 0, true>"]),
+    (("bfloat16", None, 64, 193, 3, "qkv"),
      [f"forward_streamed_mma_kernel<{BF16}, 64, 128>", "backward_dq_kernel<__nv_bfloat16>", "backward_dkdv_kernel<__nv_bfloat16>"]),
+    (("float32", "tf32x3", 64, 65, 3, "qkv"),  # float32 past Cv 64: the FMA backward
+     [f"forward_streamed_mma_kernel<{TF32X3}, 64, 64>", "backward_dq_kernel<float>", "backward_dkdv_kernel<float>"]),
     (("float32", "tf32", 256, 3, 1, "qkv"),  # D past the float32 mma backward's
      [f"forward_streamed_mma_kernel<{TF32}, 16, 128>", f"backward_streamed_mma_kernel<{TF32}, 16, 2, false>",
       f"backward_streamed_mma_kernel<{TF32}, 16, 2, true>"]),
@@ -280,10 +299,10 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B1-Nq5-Nk7-D3-Cv3-float32": (1, 5, 7, 3, 3, torch.float32, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-float16-fma": (1, 65, 64, 80, 48, torch.float16, False, "fma"),
     "B1-Nq65-Nk64-D80-Cv48-bfloat16-fma": (1, 65, 64, 80, 48, torch.bfloat16, False, "fma"),
-    # The tensor-core branch of the shared-memory kernels, where the mma kernels stop (D > 256;
-    # the backward at Cv > 224 with D <= 128): every operand orientation of both backward kernels,
-    # D and Cv in several chunks.
-    "B2-Nq70-Nk131-D264-Cv70-float16-wmma-mask": (2, 70, 131, 264, 70, torch.float16, True, "wmma"),
+    # The tensor-core branch of the shared-memory kernels, where the mma kernels stop (the backward
+    # at Cv > 224 with D <= 128, at Cv > 192 with D > 256): every operand orientation of both backward
+    # kernels, D and Cv in several chunks.
+    "B2-Nq70-Nk131-D264-Cv200-float16-wmma-mask": (2, 70, 131, 264, 200, torch.float16, True, "wmma"),
     "B1-Nq65-Nk64-D80-Cv240-bfloat16-wmma": (1, 65, 64, 80, 240, torch.bfloat16, False, "wmma"),
     # The half kernels on rows of correspondence_warp_mma.cuh: forward with D <= 256, backward with
     # D <= 256 and Cv up to 256 / 224 / 176 (D <= 64 / 128 / 256). D 80 above (tiles of 128,
@@ -303,6 +322,11 @@ EMULATED_CASES = {  # id: (B, Nq, Nk, D, Cv, dtype, masked, tiles)
     "B2-Nq70-Nk131-D300-Cv5-bfloat16-mask": (2, 70, 131, 300, 5, torch.bfloat16, True, "fma"),
     "B1-Nq200-Nk260-D300-Cv5-float16": (1, 200, 260, 300, 5, torch.float16, False, "fma"),
     "B1-Nq200-Nk260-D300-Cv17-bfloat16": (1, 200, 260, 300, 17, torch.bfloat16, False, "fma"),
+    # The streamed backward's wide value tiles (Cv > 64): dP in 16-channel steps over Cv padded to 16, dK
+    # blocks without dV, dV-only blocks. Cv 154 (160: CoCosNet's ADE20K channels) with a fully masked batch
+    # element, ragged blocks; Cv 80 over 5 and 4 streamed blocks (groups of 3 and 2, 3 and 1).
+    "B2-Nq70-Nk131-D300-Cv154-bfloat16-mask": (2, 70, 131, 300, 154, torch.bfloat16, True, "fma"),
+    "B1-Nq200-Nk260-D300-Cv80-float16": (1, 200, 260, 300, 80, torch.float16, False, "fma"),
     # The backward's wider plans (MmaBackwardTiles). D 256 with Cv 3: Q and K read per k step,
     # 32-row sub-blocks, dK and dV in one block, a fully masked batch element. D 200 with Cv 48:
     # ragged D at DT 256, dV-only blocks, 2 resident key blocks and 2 query blocks, both ragged.
@@ -508,9 +532,10 @@ def test_emulated_kernels_match_float64(emulation, case):
 
 # The mma backward's launches for one gradient alone (correspondence_warp_mma.cuh: backward_mma):
 # D 40 with Cv 100 (dK blocks and dV-only blocks), D 256 with Cv 3 (dK and dV in one block); D 300
-# the streamed backward (correspondence_warp_streamed_mma.cuh: dV without the second pass).
+# the streamed backward (correspondence_warp_streamed_mma.cuh: dV without the second pass; with Cv 80
+# the wide value tiles: dK blocks alone, dV-only blocks alone).
 SUBSET_CASES = {"D40-Cv100-bfloat16": (40, 100, torch.bfloat16), "D256-Cv3-float16": (256, 3, torch.float16),
-                "D300-Cv5-bfloat16": (300, 5, torch.bfloat16)}
+                "D300-Cv5-bfloat16": (300, 5, torch.bfloat16), "D300-Cv80-bfloat16": (300, 80, torch.bfloat16)}
 
 
 @pytest.mark.parametrize("case", SUBSET_CASES.values(), ids=SUBSET_CASES.keys())
@@ -630,8 +655,16 @@ WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, maske
     # 64 keys: half a forward block (one backward block), Cv 17 in a chunk of 64.
     "B1-C72-q9x7-k11x4-Cv17-k3-float16": (1, 72, (9, 7), (11, 4), 17, 3, torch.float16, False, "fma"),
     # 5x5 windows with C 24 (16-byte copies), Cv 70 in 2 value chunks, a mask with a fully masked batch
-    # element; Cv > 64: the backward on the shared-memory kernels.
+    # element; Cv > 64: the backward's wide value tiles (80 channels: dQ, dK, dV-only blocks).
     "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
+    # CoCosNet's ADE20K value channels (154, tiles of 160), C 72 (2 chunks per tap), 154 query centres
+    # (2 blocks), 97 keys (2 backward blocks, the second ragged), a fully masked batch element.
+    "B2-C72-q12x11-k9x9-Cv154-k3-bfloat16-mask": (2, 72, (12, 11), (9, 9), 154, 3, torch.bfloat16, True, "fma"),
+    # Cv 192, the wide tiles' most; then Cv 193, past them: the shared-memory backward. float16: with
+    # bfloat16 the rows' sums [sum H m, sum dS s] of either backward lose ~7% here (dP - delta cancels,
+    # delta from the rounded out over 192 channels).
+    "B1-C20-q9x7-k8x9-Cv192-k3-float16": (1, 20, (9, 7), (8, 9), 192, 3, torch.float16, False, "fma"),
+    "B1-C20-q5x4-k4x5-Cv193-k3-float16": (1, 20, (5, 4), (4, 5), 193, 3, torch.float16, False, "fma"),
 }
 
 

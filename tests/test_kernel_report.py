@@ -90,6 +90,11 @@ def launch(plan: str, kernel: str, patch: int = 1) -> dict:
      dict(kind="streamed", role="dq", cvt=16, group=3, layout="backward_streamed_mma_Cv16_G3")),
     ("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 3, true>", 3,
      dict(kind="streamed", role="dkdv", layout="backward_streamed_mma_Cv16_G3")),
+    # The wide value tiles (Cv > 64): dK blocks, then dV-only blocks (group 0).
+    ("blocks=2 smem=144896 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 192, 3, true>", 3,
+     dict(kind="streamed", role="dk", cvt=192, group=3, layout="backward_streamed_mma_Cv192_G3")),
+    ("blocks=2 smem=129024 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 192, 0, true>", 3,
+     dict(kind="streamed", role="dv", cvt=192, group=0, layout="backward_streamed_mma_Cv192_G0")),
     ("blocks=1 smem=71424", "forward_kernel<float>", 1, dict(kind="fma", role="forward", layout="forward")),
     ("blocks=1 smem=98304", "backward_dq_kernel<float>", 3, dict(role="dq", layout="backward_dq")),
     ("blocks=1 smem=133120", "backward_dkdv_kernel<float>", 3, dict(role="dkdv", layout="backward_dkdv_windows")),
@@ -157,6 +162,22 @@ def test_streamed_backward_work_by_hand():
     assert traffic == kr.Traffic(46080 + 256 * 3 * 4, 8 * 18432 + 3 * 1536 + 2 * 2048, 2 * 2 * 1 * acc, acc)
     ungrouped = launch("blocks=2 smem=91904 row_blocks=2 cv_chunks=1", f"backward_streamed_mma_kernel<{BF16}, 16, 1, false>", 3)
     assert kr._streamed_work(ungrouped, item, TILES)[3].rmw == 2 * 2 * 3 * acc
+
+
+def test_wide_streamed_backward_work_by_hand():
+    # The same windows with Cv 70 (the wide value tiles, Cv padded to 80). dK blocks: dP over 80 channels, no dV;
+    # every streamed dOut column (256 x 70 x 2 B) per block, its resident V once. dV-only blocks (one chunk):
+    # S and dV over 80 channels, no second pass and no planes; L2 per (block, streamed block) the score steps'
+    # 192 rows x 9 taps x 4 columns x 2 B (13824), lse and delta of 256 queries per block, dOut's columns.
+    # HBM: Q, K (4096), dOut, V (2 x 256 x 70 x 2 B), lse, delta (2048), and dK's planes or dV (256 x 70 floats).
+    item = dict(TINY, side=16, patch_size=3, value_channels=70, mode="forward+backward")
+    plan = "blocks=2 smem=129024 row_blocks=2 cv_chunks=1"
+    dk, dv = (launch(plan, f"backward_streamed_mma_kernel<{BF16}, 192, {g}, true>", 3) for g in (3, 0))
+    acc, io = 128 * 36 * 4, 4096 + 2 * 256 * 70 * 2 + 2048
+    assert kr._streamed_work(dk, item, TILES) == (2, 2.0 * 65536 * (144 + 80 + 144), 65536, kr.Traffic(
+        io + 36864, 8 * 18432 + 3 * 256 * 70 * 2 + 2 * 2048, 2 * 2 * 1 * acc, acc))
+    assert kr._streamed_work(dv, item, TILES) == (2, 2.0 * 65536 * (144 + 80), 65536, kr.Traffic(
+        io + 256 * 70 * 4, 8 * 13824 + 2 * 2048 + 2 * 256 * 70 * 2))
 
 
 def test_contextual_backward_bytes_by_hand():

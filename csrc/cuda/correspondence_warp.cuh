@@ -11,10 +11,11 @@
 // float16/bfloat16 inputs, and float32 ones with precision tf32x3 or tf32, take the tensor-core
 // kernels instead: on prepared rows those of correspondence_warp_mma.cuh, with their tiles in
 // registers, where they fit (uses_mma_forward, uses_mma_backward); every other forward (windows,
-// wider rows) forward_streamed_mma_kernel, every other backward with Cv <= 64
+// wider rows) forward_streamed_mma_kernel, every other backward with Cv <= 64 (16-bit: 192)
 // backward_streamed_mma_kernel (correspondence_warp_streamed_mma.cuh). The forward here runs
 // float32 with precision ieee; the backward here float32 with precision ieee and every input with
-// Cv > 64 the register-resident backward does not take, windows included.
+// Cv beyond those (float32 > 64, 16-bit > 192) the register-resident backward does not take,
+// windows included.
 //
 // Windows (patch k > 1): score_tile sums the k*k taps' tile products, each tap's rows loaded from
 // the tap-shifted row range in C-wide chunks (no D-wide copy), then applies the per-centre means
@@ -551,8 +552,8 @@ auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_
 
 // Runs the backward kernels for these inputs through launch(kernel, blocks, dynamic shared bytes,
 // the kernel's arguments...) -> cudaError_t, as with_forward_kernel: rows that fit the
-// register-resident kernels take backward_mma; windows and other rows with Cv <= 64 (16-bit, or
-// float32 with tf32x3 / tf32) backward_streamed_mma_kernel; the rest the shared-memory kernels.
+// register-resident kernels take backward_mma; windows and other rows with Cv <= 64 (float32 with
+// tf32x3 / tf32) or Cv <= 192 (16-bit) backward_streamed_mma_kernel; the rest the shared-memory kernels.
 template <class T, class Launch>
 cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T* v, const uint8_t* key_mask,
                              const float* lse, const float* delta, float* dq, float* dk, float* dv, float* sums_q,
@@ -562,10 +563,11 @@ cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T*
     return backward_mma(grad_out, q, k, v, key_mask, lse, delta, dq, dk, dv, shape, scale, precision, launch);
   }
   if (uses_streamed_mma_backward<T>(shape, geometry, precision)) {
-    return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
+    return with_streamed_backward_tiles<T>(shape, precision, [&](auto p, auto cvt) {
       constexpr Precision P = decltype(p)::value;
       constexpr int CVT = decltype(cvt)::value, G = kStreamedBackwardGroup<T, P, CVT>;
-      constexpr size_t bytes = StreamedBackwardTiles<T, CVT>::kBackwardBytes;
+      using L = StreamedBackwardTiles<T, CVT, G>;
+      const size_t bytes = L(shape.cv).bytes();
       if (dq != nullptr) {
         const MmaGrid grid = streamed_backward_grid(shape.nq);
         const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, G, false>, grid.blocks(shape.batch),
@@ -573,10 +575,23 @@ cudaError_t backward_kernels(const T* grad_out, const T* q, const T* k, const T*
                                        geometry, scale, grid);
         if (err != cudaSuccess) return err;
       }
-      if (dk == nullptr && dv == nullptr) return cudaSuccess;
-      const MmaGrid grid = streamed_backward_grid(shape.nk);
-      return launch(backward_streamed_mma_kernel<T, P, CVT, G, true>, grid.blocks(shape.batch), bytes, grad_out, q,
-                    k, v, key_mask, lse, delta, dk, dv, sums_k, shape, geometry, scale, grid);
+      // The wide class: dK blocks, then dV-only blocks (G 0).
+      if (dk != nullptr || (dv != nullptr && !L::kWide)) {
+        const MmaGrid grid = streamed_backward_grid(shape.nk);
+        const cudaError_t err = launch(backward_streamed_mma_kernel<T, P, CVT, G, true>, grid.blocks(shape.batch),
+                                       bytes, grad_out, q, k, v, key_mask, lse, delta, dk, L::kWide ? nullptr : dv,
+                                       sums_k, shape, geometry, scale, grid);
+        if (err != cudaSuccess) return err;
+      }
+      if constexpr (L::kWide) {
+        if (dv != nullptr) {
+          const MmaGrid grid = streamed_dv_grid(shape, CVT);
+          return launch(backward_streamed_mma_kernel<T, P, CVT, 0, true>, grid.blocks(shape.batch),
+                        StreamedBackwardTiles<T, CVT, 0>(shape.cv).bytes(), grad_out, q, k, v, key_mask, lse, delta,
+                        nullptr, dv, nullptr, shape, geometry, scale, grid);
+        }
+      }
+      return cudaSuccess;
     });
   }
   if (dq != nullptr) {

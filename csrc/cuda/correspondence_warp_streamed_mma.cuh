@@ -8,7 +8,8 @@
 // A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's blocks of
 // BN centres (the forward 128, kStreamedForwardKeys; the backward 64). Per streamed block the score
 // steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32 for float32; prepared rows are one tap)
-// build S = R X^T (StreamedScores): each step is a stage of a three-stage cp.async pipeline holding
+// build S = R X^T (StreamedScores): each step is a stage of a cp.async pipeline (three stages; the
+// backward's wide dQ and dK blocks two, StreamedBackwardTiles) holding
 // the tap-shifted resident chunk (128 rows) and streamed chunk (BN rows), and adds their product to
 // S (16 x BN per warp, float registers); the pipeline runs on across blocks, and a block's
 // value-like tile ([c][n]) joins its first step's copies, in one of two buffers by block parity.
@@ -16,9 +17,10 @@
 // registers (a lane holds rows g, g + 8 and columns 2t, 2t + 1 of each n8 tile).
 // - forward: 128 queries and a value chunk of CVT channels per block; per key block the mask, the
 //   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
-// - backward (Cv <= 64: dP needs every channel in one block), dQ over query blocks and dK/dV over
-//   key blocks (backward_streamed_mma_kernel): per streamed block P, dP, dS and H = dS a_r a_c in
-//   registers (dK/dV: dV += P^T dOut); per group of G streamed blocks (kStreamedBackwardGroup) a
+// - backward (Cv <= 64, 16-bit Cv <= 192: dP needs every channel in one block), dQ over query
+//   blocks and dK/dV over key blocks (backward_streamed_mma_kernel): per streamed block P, dP, dS and
+//   H = dS a_r a_c in registers (dK/dV: dV += P^T dOut; at Cv > 64 the wide value tiles, dV in
+//   dV-only blocks that recompute S and P); per group of G streamed blocks (kStreamedBackwardGroup) a
 //   second pass of steps streams the group's rows again, X_t[:, chunk] of G x 64 rows per (tap,
 //   chunk), for the plane pieces [H_1 .. H_G] X_t (9 taps x C accumulators do not fit in
 //   registers): each piece (16 x DC a warp) is added to the float32 plane of its tap in global
@@ -36,7 +38,10 @@
 // streamed chunks and a third of the planes' read-modify-write (128 x 2304 floats read and written
 // per group of 3 blocks: 2304 KiB, 768 KiB a block) for 75.5 M flops (S and H X_t; dP and dV add up
 // to 2 M): ~0.026 bytes per flop, 40% of them the planes' (a group of one block: ~0.047, two thirds
-// the planes'). Float32 (twice the chunk bytes): ~0.047 in groups of 2, ~0.0625 in groups of 1.
+// the planes'). Float32 (twice the chunk bytes): ~0.047 in groups of 2, ~0.0625 in groups of 1. With
+// the wide value tiles (ADE20K's Cv 154, 160 channels) dP adds 2.6 M flops a block, and the dV-only
+// blocks' 864 KiB of chunks for S (37.7 M flops) and P^T dOut (2.6 M): the backward's flops grow by
+// a quarter (S thrice where it was twice, beside H X_t twice).
 #pragma once
 
 #include "correspondence_warp.h"
@@ -48,19 +53,18 @@
 namespace cocos_kernels {
 namespace cuda {
 
-// The shared memory of a kernel streaming blocks of BN centres.
-template <class T, int CVT, int BN>
+// The shared memory of a kernel streaming blocks of BN centres through STAGES pipeline stages.
+template <class T, int CVT, int BN, int STAGES = 3>
 struct StreamedTiles {
   static constexpr int DC = kIsFloat<T> ? 32 : 64;  // feature columns per step
   using Rows = MmaTiles<T, DC, CVT>;                  // the strides of forward_mma_kernel's tiles
   static constexpr int LD_D = Rows::LD_D, LD_R = Rows::LD_R;
   static constexpr int LD_N = BN + 8;  // value-like tiles [c][BN], padded as Rows::LD_N
-  static constexpr int kStages = 3;  // one barrier per step: step i + 2 refills step i - 1's stage
+  // One barrier per step: step i + STAGES - 1 refills step i - 1's stage.
+  static constexpr int kStages = STAGES;
   static constexpr int STAGE = (kMmaRows + BN) * LD_D;  // the resident chunk's rows, then the streamed chunk's
   static constexpr int VAL = CVT * LD_N;                // a streamed value-like tile, [c][n]
   static constexpr size_t kBytes = (kStages * STAGE + 2 * VAL) * sizeof(T);
-  // The backward adds the resident value-like tile ([c][row]: dOut for dQ, V for dK/dV).
-  static constexpr size_t kBackwardBytes = kBytes + CVT * LD_R * sizeof(T);
 };
 
 // Keys per block of the streamed forward: a key block's score steps copy 128 + 128 rows for
@@ -73,9 +77,35 @@ constexpr int kStreamedForwardBN = 128;
 template <class T, int CVT>
 constexpr int kStreamedForwardKeys =
     StreamedTiles<T, CVT, kStreamedForwardBN>::kBytes <= kMmaSharedLimit ? kStreamedForwardBN : kMmaBN;
-// The tiles of backward_streamed_mma_kernel.
-template <class T, int CVT>
-using StreamedBackwardTiles = StreamedTiles<T, CVT, kMmaBN>;
+
+// The backward's value-like tiles: classes of 16 and 64 channels (dP from value fragments held in
+// registers, dV accumulated beside dK), and for 16-bit T the wide class of kStreamedWideCv: tiles
+// of Cv padded to 16 (sized at run time; ADE20K's 151 labels and 3 image channels take 160), dP in
+// 16-channel steps whose A fragments are read from the resident tile per step (the registers of the
+// 16-channel class), and dV in dV-only blocks (G 0): 16 x 192 dV floats a warp (96 registers)
+// do not fit beside S, dP and the group's H. Float32 value tiles that wide would not fit beside
+// the stages (twice the bytes): float32 with Cv > 64 takes the shared-memory kernels.
+constexpr int kStreamedHeldCv = 64;
+constexpr int kStreamedWideCv = 192;
+template <class T>
+constexpr int kStreamedMaxBackwardCv = kIsFloat<T> ? kStreamedHeldCv : kStreamedWideCv;
+
+// The tiles of backward_streamed_mma_kernel for class CVT and group G (0: dV-only blocks) at a
+// launch's Cv: value-like tiles of `channels` rows, and for dQ and dK the resident value-like tile
+// ([c][row]: dOut for dQ, V for dK/dV). The wide dQ and dK blocks run two stages: with three their
+// tiles fit sm_80 up to 144 channels only (168.5 KiB at 160); 192 channels take 159 KiB with two.
+template <class T, int CVT, int G>
+struct StreamedBackwardTiles : StreamedTiles<T, CVT, kMmaBN, (CVT > kStreamedHeldCv && G > 0) ? 2 : 3> {
+  using Base = StreamedTiles<T, CVT, kMmaBN, (CVT > kStreamedHeldCv && G > 0) ? 2 : 3>;
+  static constexpr bool kWide = CVT > kStreamedHeldCv;
+  int channels;  // CVT, or (wide) Cv padded to 16
+  __host__ __device__ explicit StreamedBackwardTiles(int cv)
+      : channels(!kWide ? CVT : (cv + 15) / 16 * 16 < CVT ? (cv + 15) / 16 * 16 : CVT) {}
+  __host__ __device__ int val() const { return channels * Base::LD_N; }  // a streamed value-like tile
+  __host__ __device__ size_t bytes() const {
+    return (Base::kStages * Base::STAGE + 2 * val() + (G > 0 ? channels * Base::LD_R : 0)) * sizeof(T);
+  }
+};
 
 // Streamed blocks per plane pass of the backward for T, P and CVT: the plane pieces of a group of G
 // blocks, [H_1 .. H_G] times the chunks of their G x kMmaBN rows (one stage: G <= 3), go to the
@@ -85,19 +115,19 @@ using StreamedBackwardTiles = StreamedTiles<T, CVT, kMmaBN>;
 template <class T, Precision P, int CVT>
 constexpr int kStreamedBackwardGroup = !kIsFloat<T> ? 3 : P == Precision::kTf32x3 && CVT == 64 ? 1 : 2;
 
-// dP sums over every value channel in one block.
-constexpr int kStreamedMaxBackwardCv = 64;
-
 // Whether correspondence_warp_backward<T> runs the streamed backward: windows and the prepared rows
-// the register-resident backward does not take, on tensor cores (float32 ieee takes FMAs).
+// the register-resident backward does not take, on tensor cores (float32 ieee takes FMAs), with Cv
+// up to kStreamedMaxBackwardCv<T>.
 template <class T>
 bool uses_streamed_mma_backward(const WarpShape& s, const WarpGeometry& g, Precision p) {
-  return (!kIsFloat<T> || p != Precision::kIeee) && s.cv <= kStreamedMaxBackwardCv && !uses_mma_backward<T>(s, g, p);
+  return (!kIsFloat<T> || p != Precision::kIeee) && s.cv <= kStreamedMaxBackwardCv<T> &&
+         !uses_mma_backward<T>(s, g, p);
 }
 
 // The backward's grid: one block per 128 resident centres (query centres for dQ, key centres for
-// dK/dV) and batch element.
+// dK/dV) and batch element; dV-only blocks add chunks of CVT channels.
 inline MmaGrid streamed_backward_grid(int64_t rows) { return {ceil_div(rows, kMmaRows), 1}; }
+inline MmaGrid streamed_dv_grid(const WarpShape& s, int cvt) { return {ceil_div(s.nk, kMmaRows), ceil_div(s.cv, cvt)}; }
 
 // Calls f(P, CVT) (std::integral_constant) with the precision and the value chunk's width.
 template <class T, class F>
@@ -105,6 +135,17 @@ auto with_streamed_tiles(const WarpShape& s, Precision precision, F&& f) {
   return with_precision<T>(precision, [&](auto p) {
     return s.cv <= 16 ? f(p, std::integral_constant<int, 16>{}) : f(p, std::integral_constant<int, 64>{});
   });
+}
+
+// The same for the backward: at Cv > 64 (16-bit T) the wide class.
+template <class T, class F>
+auto with_streamed_backward_tiles(const WarpShape& s, Precision precision, F&& f) {
+  if constexpr (!kIsFloat<T>) {
+    if (s.cv > kStreamedHeldCv) {
+      return with_precision<T>(precision, [&](auto p) { return f(p, std::integral_constant<int, kStreamedWideCv>{}); });
+    }
+  }
+  return with_streamed_tiles<T>(s, precision, f);
 }
 
 // The steps of the score product S = R X^T of a block's 128 resident centres (R) and a streamed
@@ -266,7 +307,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // rows only this block owns (its first group overwrites): planes (taps, B, rows, D), one tap for
 // prepared rows. sums (2, B, rows), windows, written with grad: [sum_c H_rc m_c, sum_c dS_rc s_rc].
 // grad null: no second pass (dV only); dv null: no dV. G: kStreamedBackwardGroup<T, P, CVT> (a
-// template argument: the launch plans name it).
+// template argument: the launch plans name it). The wide class (CVT kStreamedWideCv) holds no dV:
+// G 0 (DK) are its dV-only blocks, per (128 keys, chunk of CVT channels: the grid's chunks),
+// P^T dOut without dP, dS or a second pass.
 template <class T, Precision P, int CVT, int G, bool DK>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_streamed_mma_kernel(const T* __restrict__ grad_out, const T* __restrict__ q, const T* __restrict__ k,
@@ -274,15 +317,21 @@ __global__ void __launch_bounds__(kThreads, 1)
                                  const float* __restrict__ lse, const float* __restrict__ delta,
                                  float* __restrict__ grad, float* __restrict__ dv, float* __restrict__ sums,
                                  WarpShape shape, WarpGeometry geometry, float scale, MmaGrid grid) {
-  using L = StreamedBackwardTiles<T, CVT>;
+  using L = StreamedBackwardTiles<T, CVT, G>;
   constexpr int BN = kMmaBN, DC = L::DC, K = kMmaK<T>;
+  constexpr bool DV_ONLY = G == 0, WITH_DV = DK && (DV_ONLY || !L::kWide);
+  constexpr int GB = DV_ONLY ? 1 : G;  // streamed blocks a group
   static_assert(G * BN <= kMmaRows + BN, "a plane step's G blocks of streamed rows fill one stage");
+  static_assert(!DV_ONLY || (DK && L::kWide), "dV-only blocks are the wide class's");
+  const L tiles(shape.cv);
+  const int val = tiles.val();
   extern __shared__ __align__(128) unsigned char smem[];
   T* const stages = reinterpret_cast<T*>(smem);
   T* const vs = stages + L::kStages * L::STAGE;  // two streamed value-like tiles, by block parity
-  T* const vr = vs + 2 * L::VAL;                 // the resident value-like tile, [c][row]
+  T* const vr = vs + 2 * val;                    // the resident value-like tile, [c][row] (not DV_ONLY)
 
   const int64_t r0 = grid.row0(blockIdx.x), b = grid.batch(blockIdx.x);
+  const int c0 = DV_ONLY ? static_cast<int>(grid.chunk(blockIdx.x)) * CVT : 0;  // dV-only blocks' channels
   const int64_t nq = shape.nq, nk = shape.nk, rows = DK ? nk : nq, cols = DK ? nq : nk;
   const int d = shape.d, cv = shape.cv;
   q += (b * geometry.len_q + geometry.lo_q) * d;  // centre 0's row
@@ -324,44 +373,47 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Per group of G streamed blocks (the last one: what is left) the score steps of each block, then
   // (with grad) the plane steps over the group's rows. Score steps per block: at least 2 (patch > 1,
   // or D > DC), so a value-like buffer is refilled only after the block two back is done with it.
-  const int steps = scores.steps(), plane_steps = grad != nullptr ? steps : 0;
-  const int64_t blocks = ceil_div(cols, BN), groups = ceil_div(blocks, G);
-  const int64_t per_group = G * steps + plane_steps, total = blocks * steps + groups * plane_steps;
-  auto group_size = [&](int64_t j0) { return blocks - j0 < G ? static_cast<int>(blocks - j0) : G; };  // from block j0
+  const int steps = scores.steps(), plane_steps = !DV_ONLY && grad != nullptr ? steps : 0;
+  const int64_t blocks = ceil_div(cols, BN), groups = ceil_div(blocks, GB);
+  const int64_t per_group = GB * steps + plane_steps, total = blocks * steps + groups * plane_steps;
+  auto group_size = [&](int64_t j0) { return blocks - j0 < GB ? static_cast<int>(blocks - j0) : GB; };  // from block j0
   auto fetch = [&](int64_t i, T* stage) {
-    const int64_t j0 = i / per_group * G;  // the step's group (every one before it is whole), its first block
+    const int64_t j0 = i / per_group * GB;  // the step's group (every one before it is whole), its first block
     const int group_blocks = group_size(j0);
     const int r = static_cast<int>(i % per_group);
-    if (i == 0) load_tile_async<CVT, kMmaRows>(vr, L::LD_R, row_vals, cv, rows, 0, r0);
+    if (!DV_ONLY && i == 0) load_tile_async<CVT, kMmaRows>(vr, L::LD_R, row_vals, cv, rows, 0, r0, tiles.channels);
     if (r >= group_blocks * steps) {
-      scores.template fetch_streamed<G * BN>(stage, r - group_blocks * steps, j0 * BN);
+      scores.template fetch_streamed<GB * BN>(stage, r - group_blocks * steps, j0 * BN);
       return;
     }
     const int64_t j = j0 + r / steps, n0 = j * BN;
     scores.fetch(stage, r % steps, r0, n0);
-    if (r % steps == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, col_vals, cv, cols, 0, n0);
+    if (r % steps == 0) load_tile_async<CVT, BN>(vs + j % 2 * val, L::LD_N, col_vals, cv, cols, c0, n0, tiles.channels);
   };
 
   float hm[2] = {}, es[2] = {};  // this lane's shares of the rows' sums
-  float acc_dv[DK ? CVT / 8 : 1][4] = {};
+  float acc_dv[WITH_DV ? CVT / 8 : 1][4] = {};
   const int64_t plane = shape.batch * rows * d;
   if (grad != nullptr) grad += b * rows * d;
   start_pipeline<L>(stages, total, fetch);
   int64_t i = 0;
-  for (int64_t j0 = 0; j0 < blocks; j0 += G) {
+  for (int64_t j0 = 0; j0 < blocks; j0 += GB) {
     const int group_blocks = group_size(j0);
-    AccumulatorA<T, P, BN> hf[G];  // the group's H, block by block (unrolled: in registers)
+    AccumulatorA<T, P, BN> hf[GB];  // the group's H, block by block (unrolled: in registers)
 #pragma unroll
-    for (int jj = 0; jj < G; ++jj) {
+    for (int jj = 0; jj < GB; ++jj) {
       if (jj >= group_blocks) break;
       const int64_t n0 = (j0 + jj) * BN;
-      const T* const vt = vs + (j0 + jj) % 2 * L::VAL;
+      const T* const vt = vs + (j0 + jj) % 2 * val;
       float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
       for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
       if (windows) factors.apply(s, n0, t);
-      ResidentA<T, P, CVT> vf;
-      column_fragments<T, CVT>(vf, vr, L::LD_R);
-      mma_value_channels<T, CVT>(dp, vf, vt, L::LD_N, cv, lane);  // dP, the streamed tile stored [c][n]
+      if constexpr (!DV_ONLY) {
+        // The resident tile's A fragments: held (CVT <= 64), or (wide) read per 16-channel step.
+        ColumnA<T, P, CVT, L::kWide> vf;
+        column_fragments<T, CVT>(vf, vr, L::LD_R);
+        mma_value_channels<T, CVT>(dp, vf, vt, L::LD_N, cv, lane);  // dP, the streamed tile stored [c][n]
+      }
       // dK/dV: the streamed query columns' lse and delta.
       const QueryColumns columns = DK ? QueryColumns(lse, delta, n0, nq, lane) : QueryColumns{};
       const KeyBlock<BN> keys(key_mask, nk, n0);
@@ -370,7 +422,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {  // the lane's columns n0 + 8 nt + 2 t + c
           const int col = 8 * nt + 2 * t + c;
-          const float mc = windows ? factors.m(n0 + col) : 0.0f, ac = windows ? factors.a(n0 + col) : 0.0f;
+          const bool factored = !DV_ONLY && windows;
+          const float mc = factored ? factors.m(n0 + col) : 0.0f, ac = factored ? factors.a(n0 + col) : 0.0f;
           float cl = 0.0f, cd = 0.0f;
           if (DK) columns.get(4 * nt + t, c, cl, cd);
 #pragma unroll
@@ -379,30 +432,32 @@ __global__ void __launch_bounds__(kThreads, 1)
             const float x = s[nt][e];
             const bool keep = DK ? kept[h] && n0 + col < nq : keys.kept(col);
             const float p = keep ? exp2f(x * scale_log2 - (DK ? cl : lse2[h])) : 0.0f;
+            s[nt][e] = p;
+            if constexpr (DV_ONLY) continue;
             float ds = p * (dp[nt][e] - (DK ? cd : dlt[h])) * scale;
             if (windows) {  // H = dS a_r a_c: the part through the window products
               es[h] += ds * x;
               ds *= factors.ar[h] * ac;
               hm[h] += ds * mc;
             }
-            s[nt][e] = p;
             dp[nt][e] = ds;
           }
         }
       }
-      if constexpr (DK) {
+      if constexpr (WITH_DV) {
         AccumulatorA<T, P, BN> pf;
         to_a_fragments<T>(pf, s);
-        mma_tile<true>(acc_dv, pf, vt, L::LD_N, BN / K, CVT / 16, lane);  // dV += P^T dOut, dOut stored [c][m]
+        // dV += P^T dOut, dOut stored [c][m]
+        mma_tile<true>(acc_dv, pf, vt, L::LD_N, BN / K, tiles.channels / 16, lane);
       }
-      to_a_fragments<T>(hf[jj], dp);
+      if constexpr (!DV_ONLY) to_a_fragments<T>(hf[jj], dp);
     }
     for (int r = 0; r < plane_steps; ++r, ++i) {
       const T* const xs = next_stage<L>(stages, i, total, fetch);  // the group's rows, block jj's from row jj BN
       const int n_pairs = (scores.width(r) + 15) / 16;
       float acc[DC / 8][4] = {};
 #pragma unroll
-      for (int jj = 0; jj < G; ++jj) {  // [H_1 .. H_G] X_t, X stored [n][d]
+      for (int jj = 0; jj < GB; ++jj) {  // [H_1 .. H_G] X_t, X stored [n][d]
         if (jj < group_blocks) mma_tile<false>(acc, hf[jj], xs + jj * BN * L::LD_D, L::LD_D, BN / K, n_pairs, lane);
       }
       float* const dst = grad + scores.tap(r) * plane + scores.column(r);
@@ -420,8 +475,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  if (DK && dv != nullptr) store_accumulators<true>(dv + b * cv * nk, acc_dv, row0, nk, cv, nk);
-  if (windows && grad != nullptr) {
+  if (WITH_DV && dv != nullptr) store_accumulators<true>(dv + (b * cv + c0) * nk, acc_dv, row0, nk, cv - c0, nk);
+  if (!DV_ONLY && windows && grad != nullptr) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       hm[h] = quad_sum(hm[h]);

@@ -9,9 +9,9 @@
 // operand orientation the backward needs. (The half forward on rows keeps its fragments in
 // registers instead, with raw mma.sync: correspondence_warp_mma.cuh; the kernels on windows and
 // wider rows stream their operands to mma.sync: correspondence_warp_streamed_mma.cuh, whose
-// backward takes Cv <= 64.) float32 products here are plain FMAs in float32 (precision ieee, and
-// the float32 backward with Cv > 64 that the register-resident kernels do not take; tf32 is in
-// those two files).
+// backward takes Cv <= 64, 16-bit Cv <= 192.) float32 products here are plain FMAs in float32
+// (precision ieee, and the float32 backward with Cv > 64 that the register-resident kernels do not
+// take; tf32 is in those two files).
 #pragma once
 
 #include <cuda_bf16.h>
