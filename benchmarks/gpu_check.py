@@ -13,7 +13,8 @@ The plan, in this order; every measured row is written to --out-dir (gpu_check_<
            triton.testing.do_bench): the yardsticks of the targets;
   timing:  the headline rows, triton first: bfloat16 forward and forward+backward at
            --headline-side^2 (256^2), C=256, Cv=3 and 48, batch 4; 3x3 windows (CoCosNet's
-           match_kernel) at --window-sides (64^2, 128^2: the feature grids of 256/512 px images);
+           match_kernel) at --window-sides (64^2, 128^2: the feature grids of 256/512 px images), and
+           at the first with Cv=151 (ADE20K's labels, CoCosNet's warp mask);
            float32 at tf32x3 and ieee at --float32-side^2 (128^2); then the same rows on the cuda
            backend (once its build is done; the peers first while it is not), and the peers:
            the materialised reference, SDPA cuDNN, flash with the value padded to C, memory-efficient
@@ -93,6 +94,9 @@ TIMING_RTOL = {"float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
 FUSED_GPU = ("triton", "cuda")
 # The headline rows' peers (benchmarks/bench_correspondence_warp.py's implementations).
 PEERS = ("reference", "sdpa-cudnn", "sdpa-flash-pad-C", "sdpa-efficient-pad-8")
+# CoCosNet's ADE20K warp mask: the exemplar's one-hot labels warped at the smallest window grid (a
+# headline row of its own: the value tiles past 64 channels take other kernels than Cv = 3).
+ADE20K_LABELS = 151
 # The tests phase: these files, filtered by -k GPU_TEST_FILTER (pytest's keyword matching on the test
 # ids): the fused backends only (the reference and cpu rows test nothing GPU-specific), the
 # parametrised sweeps at one or two shapes and temperatures instead of all of them.
@@ -228,6 +232,7 @@ def timing_items(args, more: bool = False) -> list[dict]:
     cv = args.value_channels[0]
     headline = [config("bfloat16", args.headline_side, c) for c in args.value_channels]
     headline += [config("bfloat16", side, cv, patch=3) for side in args.window_sides]
+    headline += [config("bfloat16", args.window_sides[0], ADE20K_LABELS, patch=3)]
     headline += [config("float32", args.float32_side, cv, precision=p) for p in ("tf32x3", "ieee")]
     if not more:
         configs, impls = headline, (*FUSED_GPU, *PEERS)
@@ -1025,7 +1030,7 @@ def report_targets(results: dict) -> list[str]:
         if r.get("status") != "ok" or r["impl"] != "triton" or r["dtype"] != "bfloat16" or not bf16:
             continue
         target = shares.get((r["patch_size"], r["mode"]))
-        if target is None or (r["patch_size"] == 1 and r["value_channels"] != 3):
+        if target is None or r["value_channels"] != 3:
             continue
         share = r["tflops"] / bf16
         what = "3x3 windows" if r["patch_size"] == 3 else "bfloat16"

@@ -647,7 +647,7 @@ def targets(report: dict) -> list[dict]:
     add("Triton bf16 forward+backward, 256^2, Cv 3: share", find(report["roofline"], mode="forward+backward", **head),
         "share_of_bf16_peak", 0.35)
     for e in report["roofline"]:
-        if e["patch_size"] > 1:
+        if e["patch_size"] > 1 and e["value_channels"] == 3:
             add(f"Triton bf16 3x3 windows, {e['side']}^2, {e['mode']}: share", e, "share_of_bf16_peak", 0.30)
     for e in report["roofline"]:
         if e.get("precision") == "tf32x3":

@@ -48,7 +48,7 @@ def test_headline_plan_order():
               for it in items if it["impl"] == "triton"]
     assert triton[:4] == [("bfloat16", None, 256, 3, 1, "forward"), ("bfloat16", None, 256, 3, 1, "forward+backward"),
                           ("bfloat16", None, 256, 48, 1, "forward"), ("bfloat16", None, 256, 48, 1, "forward+backward")]
-    assert [t[2] for t in triton if t[4] == 3] == [64, 64, 128, 128]
+    assert [t[2:4] for t in triton if t[4] == 3] == [(64, 3)] * 2 + [(128, 3)] * 2 + [(64, 151)] * 2
     assert [(t[1], t[2]) for t in triton if t[0] == "float32"][::2] == [("tf32x3", 128), ("ieee", 128)]
     assert all(it["batch"] == 4 and it["channels"] == 256 for it in items)
     assert [it for it in items if it["impl"] == "cuda" and it["precision"] == "tf32x3"]  # tensor-core float32

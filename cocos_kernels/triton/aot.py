@@ -112,7 +112,7 @@ def in_default(key: dict, config_index: int) -> bool:
 
 def in_headline(key: dict, config_index: int) -> bool:
     """What the GPU check's headline rows compile (benchmarks/gpu_check.py in a clone, C=256): bfloat16 at
-    D=256, Cv=3 and 48; 3x3 windows (D=256 rows, PATCH=3) at Cv=3, the forward with either output
+    D=256, Cv=3 and 48; 3x3 windows (D=256 rows, PATCH=3) at Cv=3 and 151, the forward with either output
     (a key split writes float32); float32 tf32x3 and ieee at Cv=3; every autotune config of each;
     the prologue at C=256; contextual_loss at its VGG-19 widths."""
     if key["module"] == "contextual_loss":
@@ -123,7 +123,7 @@ def in_headline(key: dict, config_index: int) -> bool:
         return False
     if key["dtype"] == "bfloat16":
         if key["patch"] == 3:
-            return key["CV"] == 3
+            return key["CV"] in (3, 151)
         return key["CV"] in (3, 48) and key.get("out", "bf16") == "bf16"
     return key["dtype"] == "float32" and key["precision"] in ("tf32x3", "ieee") and key["CV"] == 3 and key["patch"] == 1
 
