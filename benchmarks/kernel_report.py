@@ -335,6 +335,21 @@ def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[
 
 
 @functools.cache
+def _streamed_wide_forward_cv() -> int:
+    """kStreamedWideForwardCv of STREAMED_HEADER: the streamed forward's wide value class."""
+    return int(re.search(r"constexpr\s+int\s+kStreamedWideForwardCv\s*=\s*(\d+)\s*;", STREAMED_HEADER.read_text())[1])
+
+
+def _streamed_forward_channels(cvt: int, chunks: int, Cv: int) -> int:
+    """The value channels O += P V takes over the streamed forward's chunks (StreamedForwardChunk): cvt each,
+    or for the wide class Cv split evenly over the chunks, padded to 16, each chunk up to Cv padded to 16."""
+    if cvt != _streamed_wide_forward_cv():
+        return chunks * cvt
+    width = math.ceil(math.ceil(Cv / chunks) / 16) * 16
+    return sum(min(width, math.ceil((Cv - i * width) / 16) * 16) for i in range(chunks))
+
+
+@functools.cache
 def _streamed_held_cv() -> int:
     """kStreamedHeldCv of STREAMED_HEADER: the streamed backward's widest value tiles with dV in the dK/dV blocks."""
     return int(re.search(r"constexpr\s+int\s+kStreamedHeldCv\s*=\s*(\d+)\s*;", STREAMED_HEADER.read_text())[1])
@@ -426,8 +441,8 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
     the 128 resident rows and of the bn streamed rows to shared memory, 128 + bn rows x taps x C in all,
     and the block's value-like tile. Every block copies these rows, which the resident blocks read from the
     L2 after the first: L2 traffic. S takes each chunk in whole k steps (the zero tail is skipped).
-    - forward (blocks of 128 queries and a value chunk of CVT channels, the grid's chunks): O += P V over
-      the CVT channels.
+    - forward (blocks of 128 queries and a value chunk, the grid's chunks): O += P V over the chunk's CVT
+      channels (the wide class: Cv split evenly over the chunks, up to Cv padded to 16).
     - backward, dQ ("dq", query blocks) and dK/dV ("dkdv", key blocks; the wide value tiles: dK, "dk"):
       dP over the CVT channels (float32 and the wide tiles: Cv in 16-channel steps), dK/dV's dV += P^T dOut
       over CVT, and a second pass of the steps copies the bn streamed rows' chunks again for the plane
@@ -447,7 +462,8 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
     if role == "forward":
         chunks = launch["cv_chunks"]
         l2 = chunks * copies + blocks * n * Cv * e
-        return (launch["blocks"], 2.0 * B * chunks * blocks * rows * key_blocks * bn * (scores + cvt),
+        products = chunks * scores + _streamed_forward_channels(cvt, chunks, Cv)
+        return (launch["blocks"], 2.0 * B * blocks * rows * key_blocks * bn * products,
                 B * chunks * n * n, Traffic(_io_bytes(item, "forward"), B * l2))
     cv16 = math.ceil(Cv / 16) * 16
     if role == "dv":

@@ -138,7 +138,7 @@ def test_matches_float64_reference(backend, dtype, shape, opts, device):
 # The shapes that pick each tensor-core kernel class of the CUDA backend (csrc/cuda): C 17 with Cv 48
 # the register-resident kernels at D 64; C 256 at D 256 (the forward's widest tiles, the backward's
 # 32-row sub-blocks); Cv 151 (ADE20K's labels) the backward's run-time value tiles; 3x3 windows the
-# streamed kernels.
+# streamed kernels (with Cv 151 their wide value classes).
 TENSOR_CORE_SHAPES = ("B2-C17-Cv48-q7x5-k9x11", "B2-C256-Cv3-q12x11-k13x10", "B3-C64-Cv151-q5x7-k6x4")
 
 

@@ -142,6 +142,21 @@ def test_streamed_forward_work_by_hand():
     assert traffic.l2 == 192 * 9 * 4 * 4 + 4 * 17 * 4
 
 
+def test_wide_streamed_forward_work_by_hand():
+    # The same windows with Cv 151 (16-bit): the wide value class in 64-key blocks, two chunks of 80 channels
+    # (the second 71, padded to 80). Per chunk S over 9 taps of one k16 step (144 columns) and P V over 80
+    # channels, over 128 x 64 pairs. L2: each chunk's step copies, 192 rows x 9 taps x 4 columns x 2 B, and the
+    # 4 keys' 151 value channels. Cv 130: chunks of 80 and 64 (50 channels padded to 16).
+    item = dict(TINY, patch_size=3, value_channels=151)
+    forward = launch("blocks=2 smem=119808 row_blocks=1 cv_chunks=2", f"forward_streamed_mma_kernel<{BF16}, 128, 64>", 3)
+    assert (forward["cvt"], forward["bn"], forward["layout"]) == (128, 64, "forward_streamed_mma_Cv128_N64")
+    programs, work, exps, traffic = kr._streamed_work(forward, item, TILES)
+    assert (programs, work, exps) == (2, 2.0 * 128 * 64 * (2 * 144 + 80 + 80), 32)
+    assert traffic.l2 == 2 * 192 * 9 * 4 * 2 + 4 * 151 * 2
+    item = dict(item, value_channels=130)
+    assert kr._streamed_work(forward, item, TILES)[1] == 2.0 * 128 * 64 * (2 * 144 + 80 + 64)
+
+
 def test_streamed_backward_work_by_hand():
     # 3x3 windows of C = 4 (D = 36) over 16 x 16 = 256 centres: 2 blocks of 128 resident centres, 4 streamed
     # blocks of 64 (65536 pairs), value chunk 16. Per pair S over 9 taps of one k16 step (144 columns), dP over

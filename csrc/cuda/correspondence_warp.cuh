@@ -544,7 +544,7 @@ auto with_forward_kernel(const T* q, const T* k, const T* v, const uint8_t* key_
   return with_streamed_tiles<T>(shape, precision, [&](auto p, auto cvt) {
     constexpr Precision P = decltype(p)::value;
     constexpr int CVT = decltype(cvt)::value, BN = kStreamedForwardKeys<T, CVT>;
-    const MmaGrid grid = forward_mma_grid(shape, CVT);
+    const MmaGrid grid = forward_mma_grid(shape, StreamedForwardChunk<CVT>(shape.cv).width);
     return run(forward_streamed_mma_kernel<T, P, CVT, BN>, grid.blocks(shape.batch), StreamedTiles<T, CVT, BN>::kBytes,
                q, k, v, key_mask, out, lse, shape, geometry, scale_log2, grid);
   });

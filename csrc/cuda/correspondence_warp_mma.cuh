@@ -719,10 +719,11 @@ struct OnlineSoftmax {
   float o[CVT / 8][4] = {};
 
   // Folds in the scores s of one block of BN keys (keys: which get weight), scaled by scale_log2,
-  // and O += P V with the block's value tile vt, stored [c][n] with stride ld.
+  // and O += P V with the block's value tile vt, stored [c][n] with stride ld, over its first
+  // 16 channel_pairs channels (the streamed forward's wide class sizes its chunk at run time).
   template <int BN>
   __device__ __forceinline__ void add(float (&s)[BN / 8][4], const KeyBlock<BN>& keys, float scale_log2, const T* vt,
-                                      int ld, int lane) {
+                                      int ld, int lane, int channel_pairs = CVT / 16) {
     const int t = lane % 4;
     float tile_max[2] = {kNegInf, kNegInf};
 #pragma unroll
@@ -759,12 +760,12 @@ struct OnlineSoftmax {
     }
     AccumulatorA<T, P, BN> pf;
     to_a_fragments<T>(pf, s);
-    mma_tile<true>(o, pf, vt, ld, BN / kMmaK<T>, CVT / 16, lane);  // O += P V, V stored [c][n]
+    mma_tile<true>(o, pf, vt, ld, BN / kMmaK<T>, channel_pairs, lane);  // O += P V, V stored [c][n]
   }
 
-  // Writes channels c0 .. of out (Cv, Nq) for the warp's rows (row g being row0), and from the
-  // first chunk's blocks (c0 = 0) their lse (natural log); out and lse at the batch element.
-  __device__ __forceinline__ void store(T* out, float* lse, int64_t row0, int64_t nq, int cv, int64_t c0, int lane) {
+  // Writes channels c0 .. c_end - 1 of out (Cv, Nq) for the warp's rows (row g being row0), and
+  // from the first chunk's blocks (c0 = 0) their lse (natural log); out and lse at the batch element.
+  __device__ __forceinline__ void store(T* out, float* lse, int64_t row0, int64_t nq, int c_end, int64_t c0, int lane) {
     const int t = lane % 4;
     float inv[2];
 #pragma unroll
@@ -777,7 +778,7 @@ struct OnlineSoftmax {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t m = row0 + 8 * (e / 2), ch = c0 + 8 * c + 2 * t + e % 2;
-        if (m < nq && ch < cv) out[ch * nq + m] = from_float<T>(o[c][e] * inv[e / 2]);
+        if (m < nq && ch < c_end) out[ch * nq + m] = from_float<T>(o[c][e] * inv[e / 2]);
       }
     }
     if (c0 == 0 && t == 0) {

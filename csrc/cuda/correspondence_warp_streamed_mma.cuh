@@ -6,17 +6,19 @@
 // online softmax and the epilogue of correspondence_warp_mma.cuh.
 //
 // A block of 8 warps owns 128 resident centres (16 per warp) and walks the other side's blocks of
-// BN centres (the forward 128, kStreamedForwardKeys; the backward 64). Per streamed block the score
-// steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32 for float32; prepared rows are one tap)
-// build S = R X^T (StreamedScores): each step is a stage of a cp.async pipeline (three stages; the
-// backward's wide dQ and dK blocks two, StreamedBackwardTiles) holding
-// the tap-shifted resident chunk (128 rows) and streamed chunk (BN rows), and adds their product to
-// S (16 x BN per warp, float registers); the pipeline runs on across blocks, and a block's
-// value-like tile ([c][n]) joins its first step's copies, in one of two buffers by block parity.
+// BN centres (the forward 128, or 64 with the wide value class, kStreamedForwardKeys; the backward
+// 64). Per streamed block the score steps (tap, D chunk of DC columns: 64 for 16-bit rows, 32 for
+// float32; prepared rows are one tap) build S = R X^T (StreamedScores): each step is a stage of a
+// cp.async pipeline (three stages; the backward's wide dQ and dK blocks two, StreamedBackwardTiles)
+// holding the tap-shifted resident chunk (128 rows) and streamed chunk (BN rows), and adds their
+// product to S (16 x BN per warp, float registers); the pipeline runs on across blocks, and a
+// block's value-like tile ([c][n]) joins its first step's copies, in one of two buffers by block
+// parity.
 // After the last score step the window factors s = (raw - dwin m_r m_c) a_r a_c are applied in the
 // registers (a lane holds rows g, g + 8 and columns 2t, 2t + 1 of each n8 tile).
-// - forward: 128 queries and a value chunk of CVT channels per block; per key block the mask, the
-//   online softmax and O += P V (OnlineSoftmax, as forward_mma_kernel).
+// - forward: 128 queries and a value chunk per block (16 or 64 channels; Cv > 64: up to 128,
+//   StreamedForwardChunk); per key block the mask, the online softmax and O += P V (OnlineSoftmax, as
+//   forward_mma_kernel). Each chunk computes all of S again.
 // - backward (Cv <= 64, 16-bit Cv <= 192: dP needs every channel in one block), dQ over query
 //   blocks and dK/dV over key blocks (backward_streamed_mma_kernel): per streamed block P, dP, dS and
 //   H = dS a_r a_c in registers (dK/dV: dV += P^T dOut; at Cv > 64 the wide value tiles, dV in
@@ -33,7 +35,9 @@
 // Static estimates, C = 256 with 3x3 windows (D 2304), 16-bit, per streamed block. Forward (128
 // keys): 256 rows x 2304 x 2 B of Q and K copied to shared memory (1152 KiB; the value tile adds
 // 4-16 KiB) for 2 x 128 x 128 x 2304 flops of S (75.5 M; O += P V adds 0.5-2 M): ~64 flops per
-// byte copied (float32: ~32; with value chunks of 64, in 64-key blocks, ~21). Backward (64 keys;
+// byte copied (float32: ~32; with value chunks of 64, in 64-key blocks, ~21). The wide value class
+// (64 keys): 192 rows (864 KiB) for 37.7 M flops of S, ~43 flops per byte; at ADE20K's Cv 151 its
+// 2 chunks copy what 3 chunks of 64 in 128-key blocks did, for two thirds of their S. Backward (64 keys;
 // dQ and dK/dV alike): 192 rows of Q and K chunks (864 KiB), 288 KiB for the second pass over the
 // streamed chunks and a third of the planes' read-modify-write (128 x 2304 floats read and written
 // per group of 3 blocks: 2304 KiB, 768 KiB a block) for 75.5 M flops (S and H X_t; dP and dV add up
@@ -71,12 +75,45 @@ struct StreamedTiles {
 // 128 x 128 scores (S: 16 x 128 floats a warp, 64 registers), where 64-key blocks copy 192 rows for
 // half the scores. The backward streams blocks of kMmaBN (S, dP and H of a block in registers).
 constexpr int kStreamedForwardBN = 128;
-// The forward's key block for T and CVT: kMmaBN where the stages and the two value tiles of
-// kStreamedForwardBN keys would not fit sm_80's shared memory (float32 rows with value chunks of 64:
-// 176 KiB).
+// The forward's wide value class (Cv > kStreamedHeldCv): every value chunk recomputes all of S, so
+// Cv 65..256 takes ceil(Cv / 128) chunks of O (16 x 128 floats a warp, 64 registers) in 64-key
+// blocks (S: 32 registers), the registers of value chunks of 64 beside 128-key blocks. The chunks
+// are sized at run time (StreamedForwardChunk). Float32 too: its three stages and two value tiles
+// take 153 KiB.
+constexpr int kStreamedWideForwardCv = 128;
+// The forward's key block for T and CVT: kMmaBN for the wide class (its registers) and where the
+// stages and the two value tiles of kStreamedForwardBN keys would not fit sm_80's shared memory
+// (float32 rows with value chunks of 64: 176 KiB).
 template <class T, int CVT>
 constexpr int kStreamedForwardKeys =
-    StreamedTiles<T, CVT, kStreamedForwardBN>::kBytes <= kMmaSharedLimit ? kStreamedForwardBN : kMmaBN;
+    CVT != kStreamedWideForwardCv && StreamedTiles<T, CVT, kStreamedForwardBN>::kBytes <= kMmaSharedLimit
+        ? kStreamedForwardBN
+        : kMmaBN;
+
+// The forward's value chunks for class CVT at a launch's Cv: CVT channels, or (wide class) Cv split
+// evenly over ceil(Cv / CVT) chunks, padded to 16 (Cv 151: two of 80, not 128 and 23); the grid's
+// chunk i starts at channel i * width. The wide class's value tile and O += P V take a chunk's
+// channels up to Cv padded to 16, no mma past them; the classes of 16 and 64 take all CVT (bounds
+// known at compile time).
+template <int CVT>
+struct StreamedForwardChunk {
+  static constexpr bool kWide = CVT == kStreamedWideForwardCv;
+  int width;
+  __host__ __device__ explicit StreamedForwardChunk(int cv) : width(CVT) {
+    if (kWide) {  // Cv > kStreamedHeldCv
+      const int chunks = (cv + CVT - 1) / CVT;
+      width = ((cv + chunks - 1) / chunks + 15) / 16 * 16;  // ceil(Cv / width) is chunks too
+    }
+  }
+  // The channels of the chunk at c0 that the value tile and O += P V take.
+  __host__ __device__ int channels(int cv, int c0) const {
+    const int rest = (cv - c0 + 15) / 16 * 16;
+    return !kWide ? CVT : rest < width ? rest : width;
+  }
+  // The end of the output channels the chunk at c0 writes (the wide class's O holds the next chunk's
+  // channels as zeros).
+  __host__ __device__ int end(int cv, int c0) const { return kWide && c0 + width < cv ? c0 + width : cv; }
+};
 
 // The backward's value-like tiles: classes of 16 and 64 channels (dP from value fragments held in
 // registers, dV accumulated beside dK), and for 16-bit T the wide class of kStreamedWideCv: tiles
@@ -129,15 +166,25 @@ bool uses_streamed_mma_backward(const WarpShape& s, const WarpGeometry& g, Preci
 inline MmaGrid streamed_backward_grid(int64_t rows) { return {ceil_div(rows, kMmaRows), 1}; }
 inline MmaGrid streamed_dv_grid(const WarpShape& s, int cvt) { return {ceil_div(s.nk, kMmaRows), ceil_div(s.cv, cvt)}; }
 
-// Calls f(P, CVT) (std::integral_constant) with the precision and the value chunk's width.
+// Calls f(P, CVT) (std::integral_constant) with the precision and the value class: 16, 64.
 template <class T, class F>
-auto with_streamed_tiles(const WarpShape& s, Precision precision, F&& f) {
+auto with_streamed_held_tiles(const WarpShape& s, Precision precision, F&& f) {
   return with_precision<T>(precision, [&](auto p) {
     return s.cv <= 16 ? f(p, std::integral_constant<int, 16>{}) : f(p, std::integral_constant<int, 64>{});
   });
 }
 
-// The same for the backward: at Cv > 64 (16-bit T) the wide class.
+// The same for the forward: at Cv > 64 its wide class, kStreamedWideForwardCv.
+template <class T, class F>
+auto with_streamed_tiles(const WarpShape& s, Precision precision, F&& f) {
+  if (s.cv > kStreamedHeldCv) {
+    return with_precision<T>(precision,
+                             [&](auto p) { return f(p, std::integral_constant<int, kStreamedWideForwardCv>{}); });
+  }
+  return with_streamed_held_tiles<T>(s, precision, f);
+}
+
+// The same for the backward: at Cv > 64 (16-bit T) its wide class, kStreamedWideCv.
 template <class T, class F>
 auto with_streamed_backward_tiles(const WarpShape& s, Precision precision, F&& f) {
   if constexpr (!kIsFloat<T>) {
@@ -145,7 +192,7 @@ auto with_streamed_backward_tiles(const WarpShape& s, Precision precision, F&& f
       return with_precision<T>(precision, [&](auto p) { return f(p, std::integral_constant<int, kStreamedWideCv>{}); });
     }
   }
-  return with_streamed_tiles<T>(s, precision, f);
+  return with_streamed_held_tiles<T>(s, precision, f);
 }
 
 // The steps of the score product S = R X^T of a block's 128 resident centres (R) and a streamed
@@ -260,9 +307,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   T* const vs = stages + L::kStages * L::STAGE;  // two value tiles, by key block parity
 
   const int64_t block = blockIdx.x;
-  const int64_t m0 = grid.row0(block), c0 = grid.chunk(block) * CVT, b = grid.batch(block);
-  const int64_t nq = shape.nq, nk = shape.nk;
   const int d = shape.d, cv = shape.cv;
+  const StreamedForwardChunk<CVT> chunk(cv);
+  const int64_t m0 = grid.row0(block), c0 = grid.chunk(block) * chunk.width, b = grid.batch(block);
+  const int channels = chunk.channels(cv, static_cast<int>(c0));  // the value tile's rows, and O += P V's
+  const int64_t nq = shape.nq, nk = shape.nk;
   q += (b * geometry.len_q + geometry.lo_q) * d;  // centre 0's row
   k += (b * geometry.len_k + geometry.lo_k) * d;
   v += b * cv * nk;
@@ -282,7 +331,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t j = i / steps;
     const int r = static_cast<int>(i % steps);
     scores.fetch(stage, r, m0, j * BN);
-    if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, v, cv, nk, c0, j * BN);
+    if (r == 0) load_tile_async<CVT, BN>(vs + j % 2 * L::VAL, L::LD_N, v, cv, nk, c0, j * BN, channels);
   };
 
   OnlineSoftmax<T, P, CVT> softmax;
@@ -292,9 +341,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float s[BN / 8][4] = {};
     for (int r = 0; r < steps; ++r, ++i) scores.template add<P>(s, next_stage<L>(stages, i, total, fetch), r, lane);
     if (windowed(geometry)) factors.apply(s, j * BN, lane % 4);
-    softmax.add(s, KeyBlock<BN>(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane);
+    softmax.add(s, KeyBlock<BN>(key_mask, nk, j * BN), scale_log2, vs + j % 2 * L::VAL, L::LD_N, lane, channels / 16);
   }
-  softmax.store(out + b * cv * nq, lse + b * nq, row0, nq, cv, c0, lane);
+  softmax.store(out + b * cv * nq, lse + b * nq, row0, nq, chunk.end(cv, static_cast<int>(c0)), c0, lane);
 }
 
 // The backward, one kernel per role: DK false, dQ over query-centre blocks (resident Q and dOut,
