@@ -291,10 +291,11 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace nvcuda
 
 namespace emu {
-// Runs body() as `blocks` blocks of `threads` threads, block by block.
+// Runs body() as `blocks` blocks of `threads` threads, block by block, the last first: a block that
+// writes outside its own outputs is then overwritten by no later block and shows in the results.
 template <class Body>
 void launch(long long blocks, int threads, Body body) {
-  for (long long b = 0; b < blocks; ++b) {
+  for (long long b = blocks - 1; b >= 0; --b) {
     block_index = {static_cast<unsigned>(b), 0, 0};
     std::barrier<> block(threads);
     std::vector<std::unique_ptr<std::barrier<>>> warps;
