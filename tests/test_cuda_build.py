@@ -663,37 +663,41 @@ def _reference_windows(wq, wk, v, patch, scale, mask):
     return (*_softmax_warp(scale * scores, v, mask), scores)
 
 
-WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, masked, tiles)
+WINDOW_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, masked, tiles, backward)
     # 79 query / 86 key centres: 2 ragged blocks each; C 40: 2 chunks of 32 per tap; batch 1 fully masked.
-    "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma"),
-    "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma"),
+    "B2-C40-q9x7-k8x9-Cv5-k3-float32-mask": (2, 40, (9, 7), (8, 9), 5, 3, torch.float32, True, "fma", True),
+    "B1-C20-q9x7-k9x7-Cv3-k5-float32": (1, 20, (9, 7), (9, 7), 3, 5, torch.float32, False, "fma", True),
     # Half windows: forward and backward on tensor cores (correspondence_warp_streamed_mma.cuh).
     # C 20: element copies, one chunk of 64 per tap; a fully masked batch element.
-    "B2-C20-q9x7-k8x9-Cv5-k3-float16-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "fma"),
-    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "fma"),
+    "B2-C20-q9x7-k8x9-Cv5-k3-float16-mask": (2, 20, (9, 7), (8, 9), 5, 3, torch.float16, True, "fma", True),
+    "B1-C20-q9x7-k6x5-Cv3-k5-bfloat16": (1, 20, (9, 7), (6, 5), 3, 5, torch.bfloat16, False, "fma", True),
     # C 72: 16-byte copies, 2 chunks per tap (64 and 8 columns); 154 query centres (2 blocks), 97 keys
     # (one ragged forward block of 128, 2 backward blocks of 64, the second ragged), Cv 17 in a chunk of 64.
-    "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma"),
+    "B1-C72-q12x11-k9x9-Cv17-k3-bfloat16": (1, 72, (12, 11), (9, 9), 17, 3, torch.bfloat16, False, "fma", True),
     # 130 keys: 2 forward blocks of 128, the second of 2 keys; a fully masked batch element.
-    "B2-C20-q9x7-k11x10-Cv5-k3-bfloat16-mask": (2, 20, (9, 7), (11, 10), 5, 3, torch.bfloat16, True, "fma"),
+    "B2-C20-q9x7-k11x10-Cv5-k3-bfloat16-mask": (2, 20, (9, 7), (11, 10), 5, 3, torch.bfloat16, True, "fma", True),
     # 64 keys: half a forward block (one backward block), Cv 17 in a chunk of 64.
-    "B1-C72-q9x7-k11x4-Cv17-k3-float16": (1, 72, (9, 7), (11, 4), 17, 3, torch.float16, False, "fma"),
+    "B1-C72-q9x7-k11x4-Cv17-k3-float16": (1, 72, (9, 7), (11, 4), 17, 3, torch.float16, False, "fma", True),
     # 5x5 windows with C 24 (16-byte copies), a mask with a fully masked batch element; Cv > 64: the
     # forward's wide value class (one chunk of 80 channels) and the backward's wide value tiles (80
     # channels: dQ, dK, dV-only blocks).
-    "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma"),
+    "B2-C24-q9x7-k8x9-Cv70-k5-float16-mask": (2, 24, (9, 7), (8, 9), 70, 5, torch.float16, True, "fma", True),
     # CoCosNet's ADE20K value channels (154, tiles of 160; the forward's two chunks of 80), C 72 (2 chunks
     # per tap), 154 query centres (2 blocks), 97 keys (2 blocks of 64, the second ragged), a fully masked
     # batch element.
-    "B2-C72-q12x11-k9x9-Cv154-k3-bfloat16-mask": (2, 72, (12, 11), (9, 9), 154, 3, torch.bfloat16, True, "fma"),
+    "B2-C72-q12x11-k9x9-Cv154-k3-bfloat16-mask": (2, 72, (12, 11), (9, 9), 154, 3, torch.bfloat16, True, "fma", True),
     # Cv 130: the forward's two chunks of 80, the second of 50 channels (64 padded), 154 keys: 3 key blocks
     # (64, 64, 26).
-    "B1-C20-q9x7-k13x10-Cv130-k3-float16": (1, 20, (9, 7), (13, 10), 130, 3, torch.float16, False, "fma"),
+    "B1-C20-q9x7-k13x10-Cv130-k3-float16": (1, 20, (9, 7), (13, 10), 130, 3, torch.float16, False, "fma", True),
     # Cv 192, the wide tiles' most; then Cv 193, past them: the shared-memory backward. float16: with
     # bfloat16 the rows' sums [sum H m, sum dS s] of either backward lose ~7% here (dP - delta cancels,
     # delta from the rounded out over 192 channels).
-    "B1-C20-q9x7-k8x9-Cv192-k3-float16": (1, 20, (9, 7), (8, 9), 192, 3, torch.float16, False, "fma"),
-    "B1-C20-q5x4-k4x5-Cv193-k3-float16": (1, 20, (5, 4), (4, 5), 193, 3, torch.float16, False, "fma"),
+    "B1-C20-q9x7-k8x9-Cv192-k3-float16": (1, 20, (9, 7), (8, 9), 192, 3, torch.float16, False, "fma", True),
+    "B1-C20-q5x4-k4x5-Cv193-k3-float16": (1, 20, (5, 4), (4, 5), 193, 3, torch.float16, False, "fma", True),
+    # The forward alone. ADE20K's 151 labels in bfloat16: two chunks of 80 (the second of 71 channels), 108
+    # keys in 64-key blocks (64, 44), a key mask with a fully masked batch element. (Its backward's rows' sums
+    # lose 6% here, as at Cv 192 above.)
+    "B2-C24-q9x7-k10x9-Cv151-k3-bfloat16-mask": (2, 24, (9, 7), (10, 9), 151, 3, torch.bfloat16, True, "fma", False),
 }
 
 
@@ -789,26 +793,12 @@ def _emulated_window_kernels(emulated, problem, patch, q_hw, precision="ieee", b
 
 @pytest.mark.parametrize("case", WINDOW_CASES.values(), ids=WINDOW_CASES.keys())
 def test_emulated_window_kernels_match_float64(emulation, case):
-    q_hw, patch, dtype, tiles = case[2], case[5], case[6], case[8]
-    mine, theirs = _emulated_window_kernels(emulation(tiles), _window_problem(*case[:8]), patch, q_hw)
+    q_hw, patch, dtype, tiles, backward = case[2], case[5], case[6], case[8], case[9]
+    mine, theirs = _emulated_window_kernels(emulation(tiles), _window_problem(*case[:8]), patch, q_hw,
+                                            backward=backward)
     print(case, {name: _relative_error(mine[name], theirs[name]) for name in mine})
     for name in mine:
         assert_close(mine[name], theirs[name], name=name, rtol=RTOL[dtype] / (100.0 if name == "lse" else 1.0))
-
-
-# The window forward alone. ADE20K's 151 labels in bfloat16: two chunks of 80 (the second of 71 channels),
-# 108 keys in 64-key blocks (64, 44), a key mask with a fully masked batch element. (Its backward's rows'
-# sums lose 6% here, as at Cv 192 above.)
-WINDOW_FORWARD_CASES = {  # id: (B, C, query (H, W), key (H, W), Cv, patch, dtype, masked)
-    "B2-C24-q9x7-k10x9-Cv151-k3-bfloat16-mask": (2, 24, (9, 7), (10, 9), 151, 3, torch.bfloat16, True),
-}
-
-
-@pytest.mark.parametrize("case", WINDOW_FORWARD_CASES.values(), ids=WINDOW_FORWARD_CASES.keys())
-def test_emulated_window_forward_matches_float64(emulation, case):
-    mine, theirs = _emulated_window_kernels(emulation("fma"), _window_problem(*case), case[5], case[2], backward=False)
-    for name in mine:
-        assert_close(mine[name], theirs[name], name=name, rtol=RTOL[case[6]] / (100.0 if name == "lse" else 1.0))
 
 
 # float32 windows with precision tf32x3 and tf32 (the kernels of correspondence_warp_streamed_mma.cuh
