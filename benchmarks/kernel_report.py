@@ -272,13 +272,27 @@ PROBE_FLAGS = ("-static-global-template-stub=false", "-device-entity-has-hidden-
                "-Xcompiler", "-rdynamic", "-ldl")
 
 
+def header_constants(text: str) -> dict[str, int]:
+    """Every `constexpr int NAME = VALUE;` of a header's text."""
+    return {name: int(value) for name, value in re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", text)}
+
+
 def mma_tiles(text: str | None = None) -> dict[str, int]:
-    """MMA_TILES from `constexpr int NAME = VALUE;` in MMA_HEADER (or `text`); KeyError names a missing one."""
-    found = dict(re.findall(r"constexpr\s+int\s+(\w+)\s*=\s*(\d+)\s*;", MMA_HEADER.read_text() if text is None else text))
+    """MMA_TILES from MMA_HEADER (or `text`); KeyError names a missing one."""
+    found = header_constants(MMA_HEADER.read_text() if text is None else text)
     missing = [k for k in MMA_TILES if k not in found]
     if missing:
         raise KeyError(f"{MMA_HEADER.name} defines no {', '.join(missing)}: update MMA_TILES")
-    return {k: int(found[k]) for k in MMA_TILES}
+    return {k: found[k] for k in MMA_TILES}
+
+
+@functools.cache
+def _streamed_constant(name: str) -> int:
+    """`constexpr int name` of STREAMED_HEADER (its value classes); KeyError names a missing one."""
+    found = header_constants(STREAMED_HEADER.read_text())
+    if name not in found:
+        raise KeyError(f"{STREAMED_HEADER.name} defines no {name}")
+    return found[name]
 
 
 @functools.cache
@@ -334,25 +348,13 @@ def launch_plans(requests: list[str]) -> tuple[dict[tuple[str, str], int], dict[
     return shared, plans
 
 
-@functools.cache
-def _streamed_wide_forward_cv() -> int:
-    """kStreamedWideForwardCv of STREAMED_HEADER: the streamed forward's wide value class."""
-    return int(re.search(r"constexpr\s+int\s+kStreamedWideForwardCv\s*=\s*(\d+)\s*;", STREAMED_HEADER.read_text())[1])
-
-
 def _streamed_forward_channels(cvt: int, chunks: int, Cv: int) -> int:
     """The value channels O += P V takes over the streamed forward's chunks (StreamedForwardChunk): cvt each,
     or for the wide class Cv split evenly over the chunks, padded to 16, each chunk up to Cv padded to 16."""
-    if cvt != _streamed_wide_forward_cv():
+    if cvt != _streamed_constant("kStreamedWideForwardCv"):
         return chunks * cvt
     width = math.ceil(math.ceil(Cv / chunks) / 16) * 16
     return sum(min(width, math.ceil((Cv - i * width) / 16) * 16) for i in range(chunks))
-
-
-@functools.cache
-def _streamed_held_cv() -> int:
-    """kStreamedHeldCv of STREAMED_HEADER: the streamed backward's widest value tiles with dV in the dK/dV blocks."""
-    return int(re.search(r"constexpr\s+int\s+kStreamedHeldCv\s*=\s*(\d+)\s*;", STREAMED_HEADER.read_text())[1])
 
 
 def probe_launch(line: str, patch: int) -> dict:
@@ -362,7 +364,7 @@ def probe_launch(line: str, patch: int) -> dict:
     of correspondence_warp_mma.cuh, "streamed": of correspondence_warp_streamed_mma.cuh, "fma": the
     shared-memory kernels), dt, cvt, the streamed forward's key block bn and the streamed backward's group
     (streamed blocks per plane pass) (its template arguments), role ("forward", "dq", "dkdv"; the split mma
-    backward "dk" and "dv", as the streamed backward's wide class: dK blocks (cvt above STREAMED_HELD_CV) and
+    backward "dk" and "dv", as the streamed backward's wide class: dK blocks (cvt above kStreamedHeldCv) and
     dV-only blocks (group 0)) and layout (the kernel and its tiles, the report's label)."""
     plan, kernel = line.split(" kernel=", 1)
     values = {k: int(v) for k, v in (field.split("=") for field in plan.split())}
@@ -380,7 +382,7 @@ def probe_launch(line: str, patch: int) -> dict:
         role = "dv" if last else "dk" if launch["dv_split"] else "dkdv"
     elif kind == "streamed":
         # The wide value tiles (wider than kStreamedHeldCv): dK blocks, and dV-only blocks (group 0).
-        role = "dv" if int(flags[1]) == 0 else "dk" if int(flags[0]) > _streamed_held_cv() else "dkdv"
+        role = "dv" if int(flags[1]) == 0 else "dk" if int(flags[0]) > _streamed_constant("kStreamedHeldCv") else "dkdv"
     else:
         role = "dkdv"
     stem = base.removesuffix("_kernel")
@@ -471,7 +473,7 @@ def _streamed_work(launch: dict, item: dict, tiles: dict) -> tuple[int, float, f
         l2 = chunks * (copies + 8 * n * blocks) + blocks * n * Cv * e  # every query's lse and delta per block
         return (launch["blocks"], 2.0 * B * blocks * rows * key_blocks * bn * (chunks * scores + cv16),
                 B * chunks * n * n, Traffic(_io_bytes(item, "dv"), B * l2))
-    dp = cv16 if e == 4 or cvt > _streamed_held_cv() else cvt  # mma_value_channels
+    dp = cv16 if e == 4 or cvt > _streamed_constant("kStreamedHeldCv") else cvt  # mma_value_channels
     products = scores + dp + taps * math.ceil(C / 16) * 16 + (cvt if role == "dkdv" else 0)
     lse_delta = 8 * n * (1 if role == "dq" else blocks)
     l2 = copies + blocks * key_blocks * bn * taps * C * e + (blocks + 1) * n * Cv * e + lse_delta
